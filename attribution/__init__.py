@@ -1,0 +1,1 @@
+"""Token attribution and risky-token scanning (installed as ``diffmem.attribution``)."""

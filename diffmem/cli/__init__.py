@@ -1,0 +1,84 @@
+"""The ``diffmem`` command line.
+
+Thin by design: each command lives in its own module of this package, parses its arguments and
+calls one library function. A command module defines ``ORDER`` (its place in ``--help``) and
+``register(subparsers)``, which adds a parser whose ``handler`` default takes the parsed
+arguments and returns an exit code. Command modules import heavy libraries (torch, diffusers)
+inside their handlers so that ``diffmem --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from diffmem import __version__
+from diffmem.errors import DiffMemError
+
+log = logging.getLogger("diffmem")
+
+
+def _command_modules():
+    mods = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(mod, "register"):
+            mods.append(mod)
+    return sorted(mods, key=lambda m: (getattr(m, "ORDER", 100), m.__name__))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, every command registered."""
+    parser = argparse.ArgumentParser(
+        prog="diffmem",
+        description="Find, explain and mitigate training-data memorization in text-to-image "
+                    "diffusion models for chest X-rays.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffmem {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only warnings and errors; no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _command_modules():
+        mod.register(sub)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"
+                                           if verbose else "%(message)s"))
+    root = logging.getLogger("diffmem")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    if args.quiet:
+        import os
+
+        os.environ["DIFFMEM_NO_PROGRESS"] = "1"
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.handler(args) or 0)
+    except DiffMemError as e:
+        print(f"diffmem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"diffmem {args.command}: interrupted", file=sys.stderr)
+        return 130

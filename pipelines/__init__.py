@@ -1,0 +1,1 @@
+"""CXR text-to-image diffusion pipelines (installed as ``diffmem.pipelines``)."""
