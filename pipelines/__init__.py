@@ -1,1 +1,36 @@
-"""CXR text-to-image diffusion pipelines (installed as ``diffmem.pipelines``)."""
+"""CXR text-to-image diffusion pipelines (installed as ``diffmem.pipelines``).
+
+* :class:`CXRDiffusionPipeline` - the diffusers pipeline (pixel or latent space), saved and loaded
+  as a standard diffusers folder;
+* :func:`build_pipeline`, :func:`load_preset`, :func:`list_presets` - model sizes as JSON presets
+  (``tiny``, ``demo``, ``base``);
+* :func:`train_tokenizer` - a WordPiece tokenizer that keeps de-identification markers
+  (``___``, ``XXXX``, ``[** ... **]``) as single tokens.
+
+Importing this package is cheap: torch and diffusers load on first use of the pipeline class.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from diffmem.pipelines.presets import PipelinePreset, build_pipeline, list_presets, load_preset
+from diffmem.pipelines.tokenizer import MARKER_TOKENS, train_tokenizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffmem.pipelines.pipeline_cxr import (CXRDiffusionPipeline, CXRPipelineOutput,
+                                                check_pipeline_folder)
+
+_LAZY = {"CXRDiffusionPipeline", "CXRPipelineOutput", "check_pipeline_folder"}
+
+__all__ = ["CXRDiffusionPipeline", "CXRPipelineOutput", "MARKER_TOKENS", "PipelinePreset",
+           "build_pipeline", "check_pipeline_folder", "list_presets", "load_preset",
+           "train_tokenizer"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from diffmem.pipelines import pipeline_cxr
+
+        return getattr(pipeline_cxr, name)
+    raise AttributeError(f"module 'diffmem.pipelines' has no attribute {name!r}")

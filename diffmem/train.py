@@ -1,0 +1,632 @@
+"""Train a :class:`~diffmem.pipelines.CXRDiffusionPipeline` from scratch on a chest X-ray dataset.
+
+Epsilon-prediction DDPM loss (Ho et al., NeurIPS 2020) with caption dropout for classifier-free
+guidance (Ho & Salimans, 2022), built on :mod:`accelerate` so that the same code runs in one
+process here and in several (``accelerate launch --num_processes N -m diffmem train ...``).
+
+Determinism and resuming
+------------------------
+Nothing random is drawn from a global generator. Step ``k`` draws its batch order, its noise,
+its timesteps and its caption-dropout decisions from generators seeded by ``(seed, k)``, for the
+*global* batch; each process then takes its slice. So
+
+* a run killed at any point and resumed from its last checkpoint (``resume=True``) ends at the
+  same weights as an uninterrupted run (checkpoints hold weights, optimizer and learning-rate
+  scheduler state, all as safetensors/JSON: nothing is unpickled), and
+* N processes with a global batch of B compute the same gradient as one process with batch B
+  (up to floating-point reduction order).
+
+Output folder
+-------------
+``OUT/`` becomes a diffusers pipeline folder (``model_index.json``, ``unet/``, ...) when training
+ends, plus ``OUT/checkpoints/step-XXXXXXX/``, ``OUT/train_log.jsonl`` (one JSON record every
+``log_every`` steps), ``OUT/model_card.json`` and ``OUT/README.md`` (the model card: data
+fingerprint, preset, steps, seed, package versions).
+
+Hooks
+-----
+Two hooks let training-time mitigations plug in without touching the loop:
+
+``caption_transform(prompt, study, generator) -> str``
+    Applied to each sample's prompt before tokenization (caption randomization, de-id marker
+    randomization). ``generator`` is a seeded ``torch.Generator`` for that step.
+``loss_filter(batch) -> torch.BoolTensor``
+    Receives a :class:`LossFilterBatch` with per-sample losses and can drop samples from the
+    loss (Wen et al.'s filter uses ``batch.eps_uncond()``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffmem.data import CXRDataset, Study
+from diffmem.errors import ConfigError, DataError, TrainingError
+from diffmem.utils import prepare_out_dir, progress, write_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_PREFIX = "step-"
+_SEED_STRIDE = 1_000_003
+_IN_MEMORY_LIMIT = 512 * 2**20  # bytes of images kept in RAM; beyond that they stream from disk
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings. ``None`` means "the preset's ``training`` default".
+
+    Attributes
+    ----------
+    preset : str
+        Model preset name or JSON path (see :func:`diffmem.pipelines.list_presets`).
+    lr, steps, batch_size, caption_dropout : optional
+        Peak learning rate (AdamW), optimizer steps, *global* batch size, and the probability
+        of replacing a caption by ``""`` (trains the unconditional branch for CFG).
+    warmup_steps, weight_decay, grad_clip : optional
+        Linear warm-up length, AdamW weight decay, gradient-norm clip (0 disables).
+    seed : int
+        Seeds the weights' initialization and every random draw of training.
+    checkpoint_every : int
+        Steps between checkpoints (the last step is always checkpointed).
+    keep_checkpoints : int
+        How many checkpoints to keep (older ones are deleted).
+    ema : float
+        EMA decay of the weights (0 disables); with EMA the saved pipeline has the EMA weights.
+    log_every : int
+        Steps between training-log records.
+    split : str
+        Which split to train on.
+    """
+
+    preset: str = "demo"
+    lr: float | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    caption_dropout: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    ema: float = 0.0
+    log_every: int = 10
+    split: str = "train"
+
+    def resolved(self, training_defaults: dict[str, Any]) -> TrainConfig:
+        """A copy with every ``None`` replaced by the preset default (validated)."""
+        values = asdict(self)
+        defaults = {"warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.0, **training_defaults}
+        for key in ("lr", "steps", "batch_size", "caption_dropout", "warmup_steps",
+                    "weight_decay", "grad_clip"):
+            if values[key] is None:
+                values[key] = defaults.get(key)
+        cfg = TrainConfig(**values)
+        _check_range("lr", cfg.lr, 0, None, strict_low=True)
+        _check_range("steps", cfg.steps, 1, None)
+        _check_range("batch_size", cfg.batch_size, 1, None)
+        _check_range("caption_dropout", cfg.caption_dropout, 0, 1)
+        _check_range("warmup_steps", cfg.warmup_steps, 0, None)
+        _check_range("weight_decay", cfg.weight_decay, 0, None)
+        _check_range("grad_clip", cfg.grad_clip, 0, None)
+        _check_range("checkpoint_every", cfg.checkpoint_every, 1, None)
+        _check_range("keep_checkpoints", cfg.keep_checkpoints, 1, None)
+        _check_range("ema", cfg.ema, 0, 1, strict_high=True)
+        _check_range("log_every", cfg.log_every, 1, None)
+        cfg.steps, cfg.batch_size = int(cfg.steps), int(cfg.batch_size)
+        cfg.warmup_steps = int(cfg.warmup_steps)
+        return cfg
+
+
+def _check_range(name, value, low, high, *, strict_low=False, strict_high=False):
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r}; expected a number")
+    if (value <= low if strict_low else value < low) or \
+            (high is not None and (value >= high if strict_high else value > high)):
+        lo = f"> {low}" if strict_low else f">= {low}"
+        hi = "" if high is None else (f" and < {high}" if strict_high else f" and <= {high}")
+        raise ConfigError(f"{name}={value!r} is out of range; use a value {lo}{hi}")
+
+
+@dataclass
+class LossFilterBatch:
+    """What a ``loss_filter`` hook sees for one (local) batch.
+
+    Attributes
+    ----------
+    losses : torch.Tensor
+        ``(B,)`` per-sample MSE between predicted and true noise.
+    x_t, timesteps, noise, eps_pred, cond : torch.Tensor
+        Noisy inputs, their timesteps, the true noise, the prediction and the text embeddings.
+    prompts : list of str
+        The (transformed, possibly dropped) prompts of the batch.
+    studies : list of Study
+    step : int
+    """
+
+    losses: torch.Tensor
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    eps_pred: torch.Tensor
+    cond: torch.Tensor
+    prompts: list[str]
+    studies: list[Study]
+    step: int
+    _eps_uncond_fn: Callable[[], torch.Tensor] = field(repr=False, default=None)
+
+    def eps_uncond(self) -> torch.Tensor:
+        """The model's unconditional noise prediction at the same ``(x_t, t)`` (no gradient)."""
+        return self._eps_uncond_fn()
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced."""
+
+    out: str
+    steps: int
+    final_loss: float
+    wall_seconds: float
+    resumed_from: int | None
+    filtered_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Denoiser(torch.nn.Module):
+    """Text encoder + UNet as one module, so that one DDP wrapper syncs both."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+    def forward(self, x_t, timesteps, input_ids):
+        cond = self.encode(input_ids)
+        return self.unet(x_t, timesteps, encoder_hidden_states=cond, return_dict=False)[0], cond
+
+
+class _ImageSource:
+    """Training images at the model's resolution, kept in memory when they fit."""
+
+    def __init__(self, dataset: CXRDataset, size: int):
+        self.dataset, self.size = dataset, size
+        self._cache: np.ndarray | None = None
+        if len(dataset) * size * size * 4 <= _IN_MEMORY_LIMIT:
+            chunks = []
+            for _, imgs in progress(dataset.iter_images(size=size, batch_size=64),
+                                    desc="loading images", total=math.ceil(len(dataset) / 64),
+                                    unit="chunk"):
+                chunks.append(imgs.astype(np.float32))
+            self._cache = np.concatenate(chunks) if chunks else np.zeros((0, size, size), np.float32)
+
+    def get(self, indices: Sequence[int]) -> torch.Tensor:
+        if self._cache is not None:
+            arr = self._cache[list(indices)]
+        else:
+            arr = np.stack([self.dataset.load_image(i, size=self.size) for i in indices])
+        return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1)
+
+
+def _note_conversion(dataset: CXRDataset, size: int) -> None:
+    """Log once when stored images are not already ``size`` x ``size`` grayscale."""
+    from PIL import Image
+
+    path = dataset[0].image
+    if path.lower().endswith(".dcm"):
+        log.info("DICOM images are windowed, converted to grayscale in [0, 1] and resized to "
+                 "%d x %d px for training", size, size)
+        return
+    try:
+        with Image.open(path) as im:
+            w, h, mode = im.width, im.height, im.mode
+    except OSError:
+        return  # read_image will raise a clear error when the image is read
+    if (w, h) != (size, size) or mode not in ("L", "I;16", "I"):
+        log.info("images are stored at %d x %d px (mode %s); converted to %d x %d grayscale "
+                 "(centre crop, area resize) for training", w, h, mode, size, size)
+
+
+def _step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * _SEED_STRIDE + step) * 8 + stream)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * _SEED_STRIDE
+                                                                    + 7919 * (epoch + 1)))
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The global batch of ``step``: epochs are seeded permutations of the training set."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = _epoch_permutation(n, seed, epoch)
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset:offset + take].tolist())
+        pos += take
+    return out
+
+
+def _package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("diffmem", "torch", "diffusers", "transformers", "tokenizers", "accelerate",
+                 "safetensors", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    root = out / CHECKPOINT_DIR
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith(_STEP_PREFIX) and (p / "state.json").exists():
+                try:
+                    found.append((int(p.name[len(_STEP_PREFIX):]), p))
+                except ValueError:
+                    continue
+    return sorted(found)
+
+
+def _optimizer_to_safetensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_safetensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                                meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(extra)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_checkpoint(out: Path, step: int, model: _Denoiser, ema: dict[str, torch.Tensor] | None,
+                     opt: torch.optim.Optimizer, sched, run_meta: dict, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    root = out / CHECKPOINT_DIR
+    root.mkdir(exist_ok=True)
+    final = root / f"{_STEP_PREFIX}{step:07d}"
+    tmp = root / f".tmp-{_STEP_PREFIX}{step:07d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+    opt_tensors, opt_meta = _optimizer_to_safetensors(opt)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    write_json(tmp / "optimizer.json", opt_meta)
+    write_json(tmp / "state.json", {"step": step, "lr_scheduler": sched.state_dict(), **run_meta})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in _list_checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(path: Path, model: _Denoiser, opt, sched) -> tuple[int, dict | None, dict]:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    _optimizer_from_safetensors(opt, load_file(str(path / "optimizer.safetensors")),
+                                json.loads((path / "optimizer.json").read_text()))
+    sched.load_state_dict(state["lr_scheduler"])
+    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None
+    return int(state["step"]), ema, state
+
+
+# ---------------------------------------------------------------------------- training
+def _make_tokenizer(out: Path, prompts: list[str], preset, *, resume: bool, is_main: bool, acc):
+    from transformers import PreTrainedTokenizerFast
+
+    from diffmem.pipelines import train_tokenizer
+
+    tok_dir = out / CHECKPOINT_DIR / "tokenizer"
+    if resume and tok_dir.is_dir():
+        return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    if is_main:
+        tok = train_tokenizer(prompts, vocab_size=int(preset.tokenizer["vocab_size"]),
+                              model_max_length=int(preset.tokenizer["model_max_length"]))
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(tok_dir))
+    acc.wait_for_everyone()
+    return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+
+
+def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
+          config: TrainConfig | None = None, resume: bool = False,
+          caption_transform: Callable[[str, Study, torch.Generator], str] | None = None,
+          loss_filter: Callable[[LossFilterBatch], torch.Tensor] | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train a CXR diffusion pipeline from scratch and save it as a diffusers folder.
+
+    Parameters
+    ----------
+    data : CXRDataset or path
+        The dataset (a path is read with :func:`diffmem.data.load`); its ``config.split``
+        records are trained on.
+    out : path
+        The model folder to write (see the module docstring). It must not lie inside the data.
+    config : TrainConfig, optional
+        Settings; defaults are the preset's.
+    resume : bool
+        Continue from the newest checkpoint in ``out`` (the run's settings and data must match).
+        Without it, a folder that already holds checkpoints is refused.
+    caption_transform, loss_filter : callable, optional
+        Training-time hooks (see the module docstring).
+    stop_after : int, optional
+        Stop (after checkpointing) once this step is reached, without finishing; the run can
+        be resumed later. Used to run a long schedule in pieces.
+
+    Returns
+    -------
+    TrainResult
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from diffmem.data import load
+    from diffmem.pipelines import build_pipeline, load_preset
+
+    t_start = time.time()
+    config = config or TrainConfig()
+    preset = load_preset(config.preset)
+    cfg = config.resolved(dict(preset.training))
+
+    dataset = data if isinstance(data, CXRDataset) else load(data)
+    out = Path(out)
+    prepare_out_dir(out, inputs=[dataset.root])
+    train_set = dataset.subset(split=cfg.split)
+    if len(train_set) == 0:
+        raise DataError(f"no {cfg.split!r} records to train on (splits present: "
+                        f"{dict(dataset.split_counts())})", path=dataset.root)
+    fingerprint = train_set.fingerprint()
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {world} "
+                          "processes; use a multiple of the process count")
+    local_bs = cfg.batch_size // world
+
+    checkpoints = _list_checkpoints(out)
+    if checkpoints and not resume:
+        raise TrainingError(f"{out} already holds checkpoints (newest: step "
+                            f"{checkpoints[-1][0]}); pass --resume to continue that run or "
+                            "choose a new --out")
+    if resume and not checkpoints:
+        log.warning("--resume given but %s has no checkpoint yet: starting from step 0", out)
+
+    run_meta = {
+        "preset": preset.name, "data_fingerprint": fingerprint, "seed": cfg.seed,
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
+        "caption_dropout": cfg.caption_dropout, "ema": cfg.ema,
+        "transform": getattr(caption_transform, "__name__", None) if caption_transform else None,
+        "loss_filter": getattr(loss_filter, "__name__", None) if loss_filter else None,
+    }
+    if checkpoints and resume:
+        saved = json.loads((checkpoints[-1][1] / "state.json").read_text())
+        diffs = {k: (saved.get(k), v) for k, v in run_meta.items() if saved.get(k) != v}
+        if diffs:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+            raise TrainingError(f"cannot resume {out}: the run's settings or data changed "
+                                f"({detail}); resume with the same settings or use a new --out")
+
+    set_seed(cfg.seed)
+    tokenizer = _make_tokenizer(out, train_set.prompts, preset, resume=resume,
+                                is_main=acc.is_main_process, acc=acc)
+    pipe = build_pipeline(preset, tokenizer=tokenizer, seed=cfg.seed)
+    if pipe.vae is not None:
+        pipe.vae.requires_grad_(False)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    model = _Denoiser(pipe.unet, pipe.text_encoder)
+    size = preset.resolution
+    _note_conversion(train_set, size)
+    images = _ImageSource(train_set, size)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_scheduler("constant_with_warmup", optimizer=opt,
+                          num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+
+    start_step, ema_state, resumed_from = 0, None, None
+    if checkpoints and resume:
+        start_step, ema_state, _ = _load_checkpoint(checkpoints[-1][1], model, opt, sched)
+        resumed_from = start_step
+        log.info("resuming %s from step %d", out, start_step)
+    if cfg.ema and ema_state is None:
+        ema_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    ddp_model, opt = acc.prepare(model, opt)
+    log_path = out / "train_log.jsonl"
+    if acc.is_main_process and not resume and log_path.exists():
+        log_path.unlink()
+
+    alphas = noise_sched.alphas_cumprod
+    n = len(train_set)
+    end_step = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
+    last_loss, filtered_total = float("nan"), 0
+    bar = progress(range(start_step, end_step), desc="training", total=end_step - start_step,
+                   unit="step", disable=None if acc.is_main_process else True)
+    ddp_model.train()
+    for step in bar:
+        # 1. the global batch, its noise, timesteps and caption decisions (all seeded by step)
+        idx = _batch_indices(n, cfg.batch_size, cfg.seed, step)
+        g = _step_generator(cfg.seed, step, 0)
+        x0_all = images.get(idx)
+        noise_all = torch.randn((len(idx), *pipe.sample_shape), generator=g)
+        t_all = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
+        drop_all = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+        sl = slice(rank * local_bs, (rank + 1) * local_bs)
+        studies = [train_set[i] for i in idx[sl]]
+        prompts = []
+        tg = _step_generator(cfg.seed, step, 1)
+        for study, drop in zip(studies, drop_all[sl].tolist()):
+            text = caption_transform(study.prompt, study, tg) if caption_transform else study.prompt
+            prompts.append("" if drop else text)
+
+        # 2. forward process and loss
+        with torch.no_grad():
+            x0 = pipe.encode_images(x0_all[sl], generator=_step_generator(cfg.seed, step, 2))
+        noise, t = noise_all[sl].to(x0.dtype), t_all[sl]
+        x_t = noise_sched.add_noise(x0, noise, t)
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        eps_pred, cond = ddp_model(x_t.to(acc.device), t.to(acc.device), ids.to(acc.device))
+        losses = F.mse_loss(eps_pred.float(), noise.to(acc.device).float(),
+                            reduction="none").mean(dim=(1, 2, 3))
+        keep = torch.ones_like(losses, dtype=torch.bool)
+        if loss_filter is not None:
+            def _uncond(x_t=x_t, t=t):
+                with torch.no_grad():
+                    empty = tokenizer([""] * len(prompts), padding="max_length",
+                                      max_length=tokenizer.model_max_length, truncation=True,
+                                      return_tensors="pt").input_ids.to(acc.device)
+                    inner = acc.unwrap_model(ddp_model)
+                    return inner.unet(x_t.to(acc.device), t.to(acc.device),
+                                      encoder_hidden_states=inner.encode(empty),
+                                      return_dict=False)[0]
+            keep = loss_filter(LossFilterBatch(
+                losses=losses.detach(), x_t=x_t, timesteps=t, noise=noise, eps_pred=eps_pred.detach(),
+                cond=cond.detach(), prompts=prompts, studies=studies, step=step,
+                _eps_uncond_fn=_uncond)).to(losses.device).bool()
+            filtered_total += int((~keep).sum())
+        # mean over the kept samples of the *global* batch size keeps processes consistent
+        loss = (losses * keep).sum() / local_bs
+
+        # 3. optimizer step
+        if not torch.isfinite(loss.detach()):
+            good = _list_checkpoints(out)
+            where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written yet"
+            raise TrainingError(f"the loss became {float(loss.detach())} at step {step}; training stopped "
+                                f"and nothing further was saved ({where}); lower --lr or check the data")
+        acc.backward(loss)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema_state is not None:
+            with torch.no_grad():
+                for k, v in acc.unwrap_model(ddp_model).state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema_state[k].mul_(cfg.ema).add_(v.detach(), alpha=1 - cfg.ema)
+                    else:
+                        ema_state[k].copy_(v)
+
+        # 4. logging and checkpoints
+        done = step + 1
+        last_loss = float(acc.reduce(loss.detach(), reduction="mean"))
+        if acc.is_main_process:
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+            if done % cfg.log_every == 0 or done == end_step:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": done, "loss": last_loss,
+                                        "lr": sched.get_last_lr()[0],
+                                        "filtered": filtered_total,
+                                        "elapsed_s": round(time.time() - t_start, 2)}) + "\n")
+        if done % cfg.checkpoint_every == 0 or done == end_step:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                _save_checkpoint(out, done, acc.unwrap_model(ddp_model), ema_state, opt, sched,
+                                 {**run_meta, "num_processes": world}, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+
+    final_step = max(start_step, end_step)
+    if end_step == cfg.steps and acc.is_main_process:
+        inner = acc.unwrap_model(ddp_model)
+        if ema_state is not None:
+            inner.load_state_dict(ema_state)
+        pipe.unet, pipe.text_encoder = inner.unet, inner.text_encoder
+        pipe.save_pretrained(str(out))
+        _write_model_card(out, preset, cfg, fingerprint, train_set, final_step, last_loss,
+                          time.time() - t_start, resumed_from)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return TrainResult(out=str(out), steps=final_step, final_loss=last_loss,
+                       wall_seconds=round(time.time() - t_start, 2), resumed_from=resumed_from,
+                       filtered_samples=filtered_total)
+
+
+def _write_model_card(out: Path, preset, cfg: TrainConfig, fingerprint: str, train_set: CXRDataset,
+                      steps: int, loss: float, seconds: float, resumed_from: int | None) -> None:
+    card = {
+        "model": "CXRDiffusionPipeline",
+        "preset": preset.name,
+        "preset_config": preset.to_dict(),
+        "training": asdict(cfg),
+        "steps": steps,
+        "final_loss": loss,
+        "wall_seconds_last_session": round(seconds, 1),
+        "resumed_from": resumed_from,
+        "data": {"root": str(train_set.root), "format": train_set.format,
+                 "fingerprint": fingerprint, "records": len(train_set),
+                 "patients": len({s.patient_id for s in train_set})},
+        "versions": _package_versions(),
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
+    }
+    write_json(out / "model_card.json", card)
+    lines = [
+        "# Model card: CXRDiffusionPipeline trained by diffmem", "",
+        f"- preset: `{preset.name}` — {preset.description}",
+        f"- steps: {steps}, global batch {cfg.batch_size}, lr {cfg.lr}, caption dropout "
+        f"{cfg.caption_dropout}, seed {cfg.seed}, EMA {cfg.ema or 'off'}",
+        f"- data: {len(train_set)} `{cfg.split}` records from `{train_set.root}` "
+        f"({train_set.format}), fingerprint `{fingerprint}`",
+        f"- final training loss: {loss:.4f}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items()), "",
+        "This model was trained on patient images and may reproduce them: run `diffmem detect` "
+        "before sharing it or its samples.", "",
+        "Load it with `diffmem.models.load_model(folder)` or "
+        "`CXRDiffusionPipeline.from_pretrained(folder)`.",
+    ]
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

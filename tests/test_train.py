@@ -1,0 +1,199 @@
+"""The accelerate trainer: outputs, exact resume after kill -9, two processes, NaN stop, hooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffmem.errors import ConfigError, TrainingError
+from diffmem.train import TrainConfig, _batch_indices, train
+
+PROMPTS = [
+    "Small left pleural effusion.",
+    "No acute cardiopulmonary process.",
+    "Dr. ___ was notified at ___ on ___.",
+    "Interval placement of right IJ line with tip at ___.",
+    "Mild cardiomegaly without edema.",
+    "Right lower lobe consolidation, compared to ___.",
+]
+
+
+@pytest.fixture()
+def manifest_data(tmp_path: Path) -> Path:
+    """Six 48 px RGB images (converted by the loader) with short MIMIC-like prompts."""
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["image,prompt,patient_id,split"]
+    for i, prompt in enumerate(PROMPTS):
+        arr = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(root / f"img{i}.png")
+        rows.append(f'img{i}.png,"{prompt}",p{i},train')
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(preset="tiny", steps=6, batch_size=4, lr=1e-3, checkpoint_every=2, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_writes_a_loadable_pipeline_and_card(manifest_data, tmp_path, caplog):
+    from diffmem.pipelines import CXRDiffusionPipeline
+
+    out = tmp_path / "model"
+    caplog.set_level("INFO", logger="diffmem")
+    result = train(manifest_data, out, config=_cfg())
+    assert result.steps == 6 and np.isfinite(result.final_loss)
+    # the RGB 48 px images are converted, and the log says so once
+    assert sum("converted to 32 x 32 grayscale" in r.getMessage() for r in caplog.records) == 1
+    pipe = CXRDiffusionPipeline.from_pretrained(out)
+    images = pipe(PROMPTS[0], num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 1)
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["preset"] == "tiny" and card["steps"] == 6 and card["training"]["seed"] == 3
+    assert card["data"]["records"] == 6 and len(card["data"]["fingerprint"]) == 16
+    assert card["versions"]["torch"] == torch.__version__.split("+")[0] or card["versions"]["torch"]
+    log_lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_lines] == [6] or log_lines[-1]["step"] == 6
+    # the trained weights differ from the initial ones: training did something
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert [p.name for p in ckpts] == ["step-0000004", "step-0000006"]  # keep_checkpoints=2
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pkl"))
+
+
+def test_same_seed_same_weights_and_refuses_overwrite(manifest_data, tmp_path):
+    train(manifest_data, tmp_path / "a", config=_cfg(steps=3, checkpoint_every=3))
+    train(manifest_data, tmp_path / "b", config=_cfg(steps=3, checkpoint_every=3))
+    wa = load_file(str(tmp_path / "a/unet/diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(tmp_path / "b/unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(TrainingError, match="already holds checkpoints.*--resume"):
+        train(manifest_data, tmp_path / "a", config=_cfg(steps=3))
+
+
+def test_resume_refuses_changed_settings(manifest_data, tmp_path):
+    out = tmp_path / "m"
+    train(manifest_data, out, config=_cfg(steps=4), stop_after=2)
+    with pytest.raises(TrainingError, match="lr: checkpoint 0.001 vs now 0.002"):
+        train(manifest_data, out, config=_cfg(steps=4, lr=2e-3), resume=True)
+
+
+def test_stop_and_resume_equals_uninterrupted(manifest_data, tmp_path):
+    full = tmp_path / "full"
+    train(manifest_data, full, config=_cfg())
+    parts = tmp_path / "parts"
+    train(manifest_data, parts, config=_cfg(), stop_after=3)  # checkpoint at 2 and 3
+    res = train(manifest_data, parts, config=_cfg(), resume=True)
+    assert res.resumed_from == 3
+    for comp in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(full / comp)), load_file(str(parts / comp))
+        assert all(torch.equal(a[k], b[k]) for k in a), comp
+
+
+def test_kill_9_then_resume_matches_uninterrupted(manifest_data, tmp_path):
+    """A run killed with SIGKILL mid-training and resumed ends at the same weights (exactly)."""
+    full = tmp_path / "full"
+    train(manifest_data, full, config=_cfg(steps=40, checkpoint_every=5))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "diffmem", "-q", "train", "--data", str(manifest_data), "--out",
+           str(out), "--preset", "tiny", "--steps", "40", "--batch-size", "4", "--lr", "1e-3",
+           "--checkpoint-every", "5", "--seed", "3"]
+    env = {**os.environ, "DIFFMEM_NO_PROGRESS": "1"}
+    errlog = tmp_path / "stderr.txt"
+    with open(errlog, "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if list((out / "checkpoints").glob("step-0000010")):
+                break
+            time.sleep(0.02)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert alive, "the run finished before it could be killed: " + errlog.read_text()
+    assert not (out / "model_index.json").exists()
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    for comp in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(full / comp)), load_file(str(out / comp))
+        # same seeds per step, same order of float operations: bit-identical on CPU
+        assert all(torch.equal(a[k], b[k]) for k in a), comp
+
+
+def test_nan_loss_stops_with_error_and_keeps_checkpoint(manifest_data, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match="loss became .* at step .*last good checkpoint"):
+        # an absurd learning rate blows the output layer up to inf within a few steps
+        train(manifest_data, out, config=_cfg(steps=50, lr=1e30, grad_clip=0.0, checkpoint_every=1))
+    assert list((out / "checkpoints").glob("step-*"))
+    assert not (out / "model_index.json").exists()
+
+
+def test_hooks_caption_transform_and_loss_filter(manifest_data, tmp_path):
+    seen = []
+
+    def shout(prompt, study, generator):
+        seen.append(prompt)
+        return prompt.upper()
+
+    def drop_all_but_first(batch):
+        keep = torch.zeros_like(batch.losses, dtype=torch.bool)
+        keep[0] = True
+        assert batch.eps_uncond().shape == batch.eps_pred.shape
+        return keep
+
+    res = train(manifest_data, tmp_path / "h", config=_cfg(steps=2, checkpoint_every=2),
+                caption_transform=shout, loss_filter=drop_all_but_first)
+    assert len(seen) == 8 and set(seen) <= set(PROMPTS)
+    assert res.filtered_samples == 6
+
+
+def test_bad_settings():
+    with pytest.raises(ConfigError, match="caption_dropout=1.5 is out of range"):
+        TrainConfig(caption_dropout=1.5).resolved({"lr": 1e-3, "steps": 1, "batch_size": 1})
+    with pytest.raises(ConfigError, match="lr=0 is out of range"):
+        TrainConfig(lr=0).resolved({"steps": 1, "batch_size": 1, "caption_dropout": 0})
+
+
+def test_batches_cover_each_epoch():
+    n, bs = 10, 4
+    seen = sum((_batch_indices(n, bs, 0, s) for s in range(5)), [])
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+
+
+def test_two_processes_match_one(manifest_data, tmp_path):
+    """``accelerate launch`` with 2 CPU processes: same global batch, same gradients, same weights."""
+    one = tmp_path / "one"
+    train(manifest_data, one, config=_cfg(steps=5, seed=1, checkpoint_every=5))
+    two = tmp_path / "two"
+    launcher = Path(sys.executable).with_name("accelerate")
+    # accelerate's launcher spawns several processes through torch.distributed.run only with
+    # --multi_gpu; without GPUs the processes run on the CPU and talk over gloo
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffmem", "-q", "train",
+           "--data", str(manifest_data), "--out", str(two), "--preset", "tiny", "--steps", "5",
+           "--batch-size", "4", "--lr", "1e-3", "--seed", "1", "--checkpoint-every", "5"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DIFFMEM_NO_PROGRESS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = json.loads((two / "checkpoints/step-0000005/state.json").read_text())
+    assert state["batch_size"] == 4 and state["num_processes"] == 2
+    for comp in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(one / comp)), load_file(str(two / comp))
+        # gradients are averaged across processes: equal up to float reduction order
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst < 1e-4, (comp, worst)
