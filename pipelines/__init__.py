@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diffmem.pipelines.presets import PipelinePreset, build_pipeline, list_presets, load_preset
+from diffmem.pipelines.presets import (PipelinePreset, build_pipeline, default_model_dir,
+                                       list_presets, load_preset)
 from diffmem.pipelines.tokenizer import MARKER_TOKENS, train_tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _LAZY = {"CXRDiffusionPipeline", "CXRPipelineOutput", "check_pipeline_folder"}
 
 __all__ = ["CXRDiffusionPipeline", "CXRPipelineOutput", "MARKER_TOKENS", "PipelinePreset",
-           "build_pipeline", "check_pipeline_folder", "list_presets", "load_preset",
+           "build_pipeline", "check_pipeline_folder", "default_model_dir", "list_presets", "load_preset",
            "train_tokenizer"]
 
 

@@ -305,3 +305,27 @@ def build_pipeline(preset: str | os.PathLike | PipelinePreset, *, tokenizer, see
 
 def _count(module) -> int:
     return sum(t.numel() for t in module.parameters())
+
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: a ``demo``-preset pipeline folder shipped with diffmem.
+
+    It was produced by ``diffmem train --preset demo`` on ``diffmem synth --preset demo
+    --seed 0`` (its ``model_card.json`` records the exact settings and the data fingerprint),
+    so it memorizes that dataset's planted duplicates: it exists to be probed.
+
+    Raises
+    ------
+    ModelError
+        When the package was installed without it.
+    """
+    from diffmem.errors import ModelError
+
+    if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        raise ModelError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
+                         "reinstall diffmem, or train one with `diffmem synth --out D --preset "
+                         "demo && diffmem train --data D --out M --preset demo` and pass --model M")
+    return DEFAULT_MODEL_DIR

@@ -246,8 +246,9 @@ def render_grid(dataset: CXRDataset, out_png: str | os.PathLike, *, n_patients: 
                 per_patient: int = 6, size: int = 128, dpi: int = 100) -> Path:
     """Draw each selected patient's studies in one row and write a PNG.
 
-    Patients with the most studies come first (the follow-ups of intensive care patients,
-    whose images look alike and are the likeliest to be memorized), ties by patient id. Each
+    Rows span the range of studies per patient, from the patient with the most studies (the
+    follow-ups of intensive care patients, whose images look alike and are the likeliest to be
+    memorized) down to single-study outpatients, ties by patient id. Each
     cell is the first frontal (PA/AP) image of one study, or its first image; studies are
     ordered by StudyDate/StudyTime when the metadata has them, else by study id.
 
@@ -290,7 +291,19 @@ def render_grid(dataset: CXRDataset, out_png: str | os.PathLike, *, n_patients: 
         studies_of[s.patient_id][s.study_id].append(i)
     if not studies_of:
         raise DataError("cannot draw a grid of an empty dataset", path=dataset.root)
-    chosen = sorted(studies_of, key=lambda p: (-len(studies_of[p]), p))[:n_patients]
+    ranked = sorted(studies_of, key=lambda p: (-len(studies_of[p]), p))
+    # rows span the range of studies per patient: for evenly spaced values among the distinct
+    # study counts (largest first), the first patient with that count
+    counts = sorted({len(v) for v in studies_of.values()}, reverse=True)
+    n_rows = min(n_patients, len(ranked))
+    wanted = [counts[round(j * (len(counts) - 1) / max(n_rows - 1, 1))] for j in range(n_rows)]
+    chosen: list[str] = []
+    for c in wanted:
+        p = next(p for p in ranked if len(studies_of[p]) == c and p not in chosen) \
+            if any(len(studies_of[p]) == c and p not in chosen for p in ranked) else None
+        if p is not None:
+            chosen.append(p)
+    chosen += [p for p in ranked if p not in chosen][:n_rows - len(chosen)]
 
     rows = []
     for patient in chosen:
