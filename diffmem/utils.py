@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,18 +47,30 @@ def stable_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it",
-             disable: bool | None = None) -> Iterator[T]:
-    """Wrap ``iterable`` in a tqdm progress bar (on stderr).
+def _tqdm_kwargs(desc: str, unit: str, disable: bool | None) -> dict[str, Any]:
+    if disable is None:
+        disable = bool(os.environ.get("DIFFMEM_NO_PROGRESS"))
+    return dict(desc=desc, unit=unit, disable=disable, leave=False, dynamic_ncols=True)
 
+
+def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it",
+             disable: bool | None = None):
+    """Wrap ``iterable`` in a tqdm progress bar (on stderr) and return the bar.
+
+    Iterate over the result as over ``iterable``; ``set_postfix`` shows running values.
     Bars are hidden when ``DIFFMEM_NO_PROGRESS`` is set or ``disable`` is true.
     """
     from tqdm.auto import tqdm
 
-    if disable is None:
-        disable = bool(os.environ.get("DIFFMEM_NO_PROGRESS"))
-    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, leave=False,
-                     dynamic_ncols=True))
+    return tqdm(iterable, total=total, **_tqdm_kwargs(desc, unit, disable))
+
+
+def progress_bar(*, total: int, desc: str, unit: str = "it", disable: bool | None = None):
+    """A manually advanced tqdm bar (``bar.update(n)``, ``bar.close()``), same settings as
+    :func:`progress`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, **_tqdm_kwargs(desc, unit, disable))
 
 
 def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:

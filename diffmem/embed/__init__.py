@@ -1,0 +1,40 @@
+"""In-domain image-report encoder (open_clip, trained from scratch on a dataset's pairs) and the
+utility metrics built on it.
+
+* :func:`train_encoder` / :func:`load_encoder` -> :class:`InDomainEncoder` (``embed_images``,
+  ``embed_texts``; calling it embeds images, so it plugs into the detector's ``embedding``
+  similarity backend);
+* :func:`embed_dataset` - embeddings of a dataset's images;
+* :func:`frechet_distance` (in-domain FID-like) and :func:`alignment_score` (in-domain
+  CLIPScore-like), pure NumPy/SciPy;
+* :func:`list_presets` / :func:`load_preset` - encoder sizes as JSON presets (``tiny``, ``demo``).
+
+Importing this package is cheap: torch and open_clip load on first use of the encoder.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from diffmem.embed.metrics import (alignment_score, feature_stats, frechet_distance,
+                                   frechet_distance_from_stats)
+from diffmem.embed.presets import EncoderPreset, list_presets, load_preset
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffmem.embed.encoder import (EncoderResult, InDomainEncoder, embed_dataset,
+                                       load_encoder, open_clip_config, train_encoder)
+
+_LAZY = {"EncoderResult", "InDomainEncoder", "embed_dataset", "load_encoder", "open_clip_config",
+         "train_encoder"}
+
+__all__ = ["EncoderPreset", "EncoderResult", "InDomainEncoder", "alignment_score",
+           "embed_dataset", "feature_stats", "frechet_distance", "frechet_distance_from_stats",
+           "list_presets", "load_encoder", "load_preset", "open_clip_config", "train_encoder"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from diffmem.embed import encoder
+
+        return getattr(encoder, name)
+    raise AttributeError(f"module 'diffmem.embed' has no attribute {name!r}")
