@@ -155,3 +155,22 @@ def test_cli_bad_input_raises_or_skips(kind, mimic_jpg, copy_tree, tmp_path, cap
     assert summary["skipped"]["count"] == 1, summary["skipped"]
     assert pattern in summary["skipped"]["examples"][0]["reason"]
     assert "skipped 1 record(s)" in captured.err  # the logged, counted warning
+
+
+def test_inspect_reports_dicom_header_phi(tmp_path, capsys):
+    """`diffmem inspect` on a DICOM dataset counts the identifying header elements it holds."""
+    from diffmem.data import write_dicom
+
+    root = tmp_path / "dcm"
+    study = root / "files" / "p10" / "p10000032" / "s50414267"
+    write_dicom(study / "a.dcm", xray(0), phi={"PatientName": "Doe^Jane", "PatientID": "123"},
+                private={0x10: "site code 7"})
+    write_dicom(study / "b.dcm", xray(1))
+    (root / "files" / "p10" / "p10000032" / "s50414267.txt").write_text(
+        "FINDINGS: Clear lungs.\n IMPRESSION: No acute process.\n")
+    summary = summarize(load(root))
+    phi = summary["dicom_phi"]
+    assert phi["files"] == 2 and phi["files_with_phi"] == 1
+    assert phi["by_keyword"]["PatientName"] == 1 and phi["by_keyword"]["private"] == 1
+    assert main(["inspect", str(root)]) == 0
+    assert "1 of 2 files carry identifying header elements" in capsys.readouterr().out

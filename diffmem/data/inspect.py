@@ -152,6 +152,27 @@ def _cluster_report(dataset: CXRDataset, clusters: list[list[int]],
     }
 
 
+def dicom_phi_summary(dataset: CXRDataset, *, examples: int = 3) -> dict[str, Any]:
+    """Identifying DICOM header elements over a dataset's DICOM files (headers only).
+
+    Returns counts: files scanned, files with at least one finding, findings per keyword
+    (``"private"`` for private tags) and a few examples (values truncated).
+    """
+    from diffmem.data.dicom import scan_dicom_phi
+
+    by_keyword: Counter = Counter()
+    files_with = 0
+    first: list[dict[str, str]] = []
+    files = sorted({s.image for s in dataset})
+    for f in progress(files, desc="scanning DICOM headers for PHI", unit="file"):
+        found = scan_dicom_phi(f)
+        files_with += bool(found)
+        by_keyword.update(x.keyword for x in found)
+        first.extend(x.to_dict() for x in found[:max(0, examples - len(first))])
+    return {"files": len(files), "files_with_phi": files_with,
+            "by_keyword": dict(by_keyword.most_common()), "examples": first}
+
+
 def summarize(dataset: CXRDataset, *, images: bool = True, thumb_size: int = 16,
               near_threshold: float = 0.1, examples: int = 3) -> dict[str, Any]:
     """Describe a dataset: sizes, splits, views, prompts, markers, duplicates, skips.
@@ -228,6 +249,8 @@ def summarize(dataset: CXRDataset, *, images: bool = True, thumb_size: int = 16,
             **_cluster_report(dataset, near, examples),
             "threshold": near_threshold, "thumb_size": thumb_size,
         }
+    if dataset.format == "dicom":
+        out["dicom_phi"] = dicom_phi_summary(dataset, examples=examples)
     out["skipped"] = {
         "count": len(dataset.skipped),
         "by_kind": skip_counts(dataset.skipped),
@@ -421,6 +444,12 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{n['cross_patient_clusters']} across patients; distance <= "
                      f"{n['threshold']:g} on {n['thumb_size']}px thumbnails); largest "
                      f"{n['largest']}")
+    if "dicom_phi" in s:
+        d = s["dicom_phi"]
+        lines.append(f"DICOM PHI    {d['files_with_phi']} of {d['files']} files carry identifying "
+                     "header elements" + (": " + ", ".join(f"{k} {v}" for k, v in
+                                                           list(d["by_keyword"].items())[:8])
+                                          if d["by_keyword"] else ""))
     k = s["skipped"]
     if k["count"]:
         lines.append(f"skipped      {k['count']} record(s): "
