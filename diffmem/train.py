@@ -486,8 +486,12 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
 
     ddp_model, opt = acc.prepare(model, opt)
     log_path = out / "train_log.jsonl"
-    if acc.is_main_process and not resume and log_path.exists():
-        log_path.unlink()
+    if acc.is_main_process and log_path.exists():
+        # a fresh run starts a new log; a resumed one drops what the killed run logged after
+        # its last checkpoint (those steps are trained again)
+        kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+                if resume and line.strip() and json.loads(line).get("step", 0) <= start_step]
+        log_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
     alphas = noise_sched.alphas_cumprod
     n = len(train_set)

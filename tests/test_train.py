@@ -128,6 +128,9 @@ def test_kill_9_then_resume_matches_uninterrupted(manifest_data, tmp_path):
     assert not (out / "model_index.json").exists()
     resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    # the training log has each step once, even those the killed run logged past its checkpoint
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
     for comp in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = load_file(str(full / comp)), load_file(str(out / comp))
         # same seeds per step, same order of float operations: bit-identical on CPU
