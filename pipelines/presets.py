@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import ConfigError
+from diffmem.presets import preset_names, read_preset_json
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def list_presets() -> list[str]:
     >>> list_presets()
     ['base', 'demo', 'tiny']
     """
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return preset_names(PRESET_DIR)
 
 
 def load_preset(name_or_path: str | os.PathLike | PipelinePreset) -> PipelinePreset:
@@ -123,24 +124,7 @@ def load_preset(name_or_path: str | os.PathLike | PipelinePreset) -> PipelinePre
     """
     if isinstance(name_or_path, PipelinePreset):
         return name_or_path
-    text = str(name_or_path)
-    if text in list_presets():
-        path = PRESET_DIR / f"{text}.json"
-    elif text.endswith(".json") or os.sep in text or "/" in text:
-        path = Path(text)
-        if not path.is_file():
-            raise ConfigError(f"preset file {text!r} does not exist; pass a built-in preset name "
-                              f"({', '.join(list_presets())}) or the path of a preset JSON file")
-    else:
-        raise ConfigError(f"unknown model preset {text!r}; known presets: "
-                          f"{', '.join(list_presets())} (or pass the path of a preset JSON file)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read preset file {str(path)!r}: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"preset file {str(path)!r} must hold a JSON object, "
-                          f"got {type(data).__name__}")
+    _, path, data = read_preset_json(name_or_path, PRESET_DIR, kind="model")
     preset = _from_dict(data, name=path.stem, source=str(path))
     _validate(preset)
     return preset

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import ConfigError
+from diffmem.presets import preset_names, read_preset_json
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 _KEYS = ("description", "image_size", "model", "tokenizer", "training", "augment")
@@ -90,7 +91,7 @@ def list_presets() -> list[str]:
     >>> list_presets()
     ['demo', 'tiny']
     """
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return preset_names(PRESET_DIR)
 
 
 def load_preset(name_or_path: str | os.PathLike | EncoderPreset) -> EncoderPreset:
@@ -120,25 +121,7 @@ def load_preset(name_or_path: str | os.PathLike | EncoderPreset) -> EncoderPrese
     """
     if isinstance(name_or_path, EncoderPreset):
         return name_or_path
-    text = str(name_or_path)
-    if text in list_presets():
-        path = PRESET_DIR / f"{text}.json"
-    elif text.endswith(".json") or os.sep in text or "/" in text:
-        path = Path(text)
-        if not path.is_file():
-            raise ConfigError(f"encoder preset file {text!r} does not exist; pass a built-in "
-                              f"preset name ({', '.join(list_presets())}) or the path of a "
-                              "preset JSON file")
-    else:
-        raise ConfigError(f"unknown encoder preset {text!r}; known presets: "
-                          f"{', '.join(list_presets())} (or pass the path of a preset JSON file)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read encoder preset file {str(path)!r}: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"encoder preset file {str(path)!r} must hold a JSON object, "
-                          f"got {type(data).__name__}")
+    _, path, data = read_preset_json(name_or_path, PRESET_DIR, kind="encoder")
     missing = [k for k in _KEYS if k not in data]
     unknown = sorted(set(data) - set(_KEYS) - {"name"})
     if missing or unknown:

@@ -7,7 +7,6 @@ take the defaults below, unknown keys are an error. The shipped presets live in
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from diffmem.data.synth.reports import ReportStyle as ReportConfig
 from diffmem.errors import ConfigError
+from diffmem.presets import preset_names, read_preset_json
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 SPLIT_NAMES = ("train", "validate", "test")
@@ -273,7 +273,7 @@ def list_presets() -> list[str]:
     >>> {"tiny", "demo", "benchmark"} <= set(list_presets())
     True
     """
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return preset_names(PRESET_DIR)
 
 
 def load_preset(name_or_path: str | os.PathLike | SynthConfig) -> SynthConfig:
@@ -302,23 +302,8 @@ def load_preset(name_or_path: str | os.PathLike | SynthConfig) -> SynthConfig:
     """
     if isinstance(name_or_path, SynthConfig):
         return name_or_path
-    text = os.fspath(name_or_path)
-    path = Path(text)
-    if text.endswith(".json") or os.sep in text or (os.altsep and os.altsep in text):
-        if not path.is_file():
-            raise ConfigError(f"preset file {text!r} not found; pass an existing .json file or "
-                              f"one of the preset names {list_presets()}")
-        source = text
-    else:
-        path = PRESET_DIR / f"{text}.json"
-        if not path.is_file():
-            raise ConfigError(f"unknown synthetic-data preset {text!r}; known presets: "
-                              f"{', '.join(list_presets())} (or pass a path to a .json file)")
-        source = f"preset {text!r}"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{source}: cannot read the preset as JSON: {e}") from None
+    name, path, data = read_preset_json(name_or_path, PRESET_DIR, kind="synthetic-data")
+    source = f"preset {name!r}" if path.parent == PRESET_DIR else str(path)
     if isinstance(data, dict) and "name" not in data:
         data["name"] = path.stem
     return config_from_dict(data, source=source)
