@@ -1,1 +1,69 @@
-"""Token attribution and risky-token scanning (installed as ``diffmem.attribution``)."""
+"""Token attribution and risky-token scanning (installed as ``diffmem.attribution``).
+
+Which words of a prompt make a model copy its training image, and which tokens of a prompt
+dataset are risky before a model exists (Dutt et al., 2025: MIMIC-CXR's ``___`` marker).
+
+* per prompt: :func:`attribute` with a registered method (:func:`gradient`, :func:`occlusion`,
+  :func:`attention`; :func:`list_methods`) returns a :class:`TokenAttribution` over units
+  (words, de-identification markers, PHI-like spans; subword tokens pooled by
+  :func:`pool_tokens`); :func:`render_html`, :func:`render_png`, :func:`save_attribution` draw
+  it;
+* faithfulness: :func:`deletion_test` (top-ranked unit vs a random unit);
+* dataset: :func:`scan_prompts` (model-free markers, PHI-like text, duplicate clusters,
+  log-odds enrichment; plus model-based attribution when given a model), :func:`write_scan`,
+  :func:`run_scan` (what ``diffmem scan`` runs); :func:`find_markers`, :func:`segment`;
+* :func:`run_attribute` (what ``diffmem attribute`` runs), :func:`format_ranking`.
+
+Importing this package is cheap; torch loads with the attribution methods on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from diffmem.attribution.markers import (
+    MARKER_CONVENTIONS,
+    PHI_PATTERNS,
+    PLACEHOLDER_DETECTORS,
+    Span,
+    find_markers,
+    marker_summary,
+    segment,
+)
+from diffmem.attribution.units import Unit, pool_tokens
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffmem.attribution.commands import format_ranking, run_attribute
+    from diffmem.attribution.faithfulness import DeletionResult, deletion_test
+    from diffmem.attribution.methods import (attention, attribute, get_method, gradient,
+                                             list_methods, occlusion, register_method)
+    from diffmem.attribution.render import (html_page, render_html, render_png,
+                                            save_attribution)
+    from diffmem.attribution.result import TokenAttribution
+    from diffmem.attribution.scan import (PromptClusters, ScanResult, log_odds_enrichment,
+                                          prompt_clusters, read_prompts, run_scan, scan_prompts,
+                                          write_scan)
+
+_LAZY = {
+    "diffmem.attribution.commands": ("format_ranking", "run_attribute"),
+    "diffmem.attribution.faithfulness": ("DeletionResult", "deletion_test"),
+    "diffmem.attribution.methods": ("attention", "attribute", "get_method", "gradient",
+                                    "list_methods", "occlusion", "register_method"),
+    "diffmem.attribution.render": ("html_page", "render_html", "render_png", "save_attribution"),
+    "diffmem.attribution.result": ("TokenAttribution",),
+    "diffmem.attribution.scan": ("PromptClusters", "ScanResult", "log_odds_enrichment",
+                                 "prompt_clusters", "read_prompts", "run_scan", "scan_prompts",
+                                 "write_scan"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+__all__ = sorted(["MARKER_CONVENTIONS", "PHI_PATTERNS", "PLACEHOLDER_DETECTORS", "Span", "Unit",
+                  "find_markers", "marker_summary", "pool_tokens", "segment", *_WHERE])
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'diffmem.attribution' has no attribute {name!r}")

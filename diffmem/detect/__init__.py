@@ -1,5 +1,6 @@
-"""Memorization detection: similarity backends, nearest training images, calibrated copy
-verdicts and evaluation (AUC, TPR at low FPR).
+"""Memorization detection: model-based scores, similarity backends, nearest training images,
+calibrated copy verdicts, evaluation (AUC, TPR at low FPR), the end-to-end scan and its
+benchmark.
 
 Scores are functions ("higher = more memorized"); verdicts (thresholds calibrated on held-out
 real images) and evaluation live apart from them, and results go to :mod:`diffmem.store`.
@@ -14,7 +15,11 @@ from diffmem.detect.calibrate import (
     ratio_criterion,
 )
 from diffmem.detect.evaluate import Evaluation, evaluate, tpr_at_fpr
-from diffmem.detect.neighbors import NeighborResult, ReferenceFeatures, nearest_neighbors
+from diffmem.detect.neighbors import (
+    NeighborResult,
+    ReferenceFeatures,
+    nearest_neighbors,
+)
 from diffmem.detect.similarity import (
     SimilarityBackend,
     get_backend,
@@ -22,21 +27,63 @@ from diffmem.detect.similarity import (
     register_backend,
 )
 
+# Model-based scores and the end-to-end run import torch: loaded on first use, so that the
+# numpy-only parts above stay cheap to import.
+_LAZY = {
+    "attention_entropy": "diffmem.detect.scores",
+    "default_guidance": "diffmem.detect.scores",
+    "noise_magnitude": "diffmem.detect.scores",
+    "noise_magnitude_from_embeddings": "diffmem.detect.scores",
+    "noise_magnitude_per_step": "diffmem.detect.scores",
+    "DetectionConfig": "diffmem.detect.detector",
+    "DetectionResult": "diffmem.detect.detector",
+    "GenerationMatch": "diffmem.detect.detector",
+    "PromptResult": "diffmem.detect.detector",
+    "detect": "diffmem.detect.detector",
+    "read_prompts": "diffmem.detect.detector",
+    "bench_detect": "diffmem.detect.bench",
+    "list_scenarios": "diffmem.detect.bench",
+    "load_scenario": "diffmem.detect.bench",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'diffmem.detect' has no attribute {name!r}")
+
+
 __all__ = [
+    "DetectionConfig",
+    "DetectionResult",
     "Evaluation",
+    "GenerationMatch",
     "NeighborResult",
+    "PromptResult",
     "ReferenceFeatures",
     "SimilarityBackend",
     "Threshold",
+    "attention_entropy",
+    "bench_detect",
     "calibrate_on_heldout",
     "calibrate_threshold",
     "copy_verdicts",
+    "default_guidance",
+    "detect",
     "evaluate",
     "fixed_threshold",
     "get_backend",
     "list_backends",
+    "list_scenarios",
+    "load_scenario",
     "nearest_neighbors",
+    "noise_magnitude",
+    "noise_magnitude_from_embeddings",
+    "noise_magnitude_per_step",
     "ratio_criterion",
+    "read_prompts",
     "register_backend",
     "tpr_at_fpr",
 ]

@@ -199,8 +199,19 @@ def _weight_problems(sub: Path, name: str, variant: str | None) -> list[str]:
     return [f"{name}/ has no weight file (*.safetensors)"]
 
 
+def _hide_loading_bars() -> None:
+    """diffusers and transformers draw their own loading bars; ``--quiet`` hides them too."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _from_folder(folder: Path, kind: str, *, variant: str | None) -> Any:
     kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
+    if os.environ.get("DIFFMEM_NO_PROGRESS"):
+        _hide_loading_bars()
     if variant is not None:
         kwargs["variant"] = variant
     try:

@@ -1,0 +1,125 @@
+"""``diffmem detect``: which prompts make a model reproduce a training image?"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+ORDER = 40
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "detect", help="scan prompts for memorization (noise magnitude, attention, copies)",
+        description="Score every prompt (Wen et al.'s noise magnitude, Ren et al.'s attention "
+                    "entropy), generate seeded images and compare them with the training images "
+                    "(copy threshold calibrated on held-out images at --fpr). Writes "
+                    "OUT/scores.csv, copies.csv, summary.json, results.sqlite (resumable: run "
+                    "again to finish an interrupted scan) and PNG figures. Several processes: "
+                    "accelerate launch --num_processes N -m diffmem detect ...")
+    p.add_argument("--model", required=True, help="model folder (diffusers pipeline)")
+    p.add_argument("--data", required=True,
+                   help="the training data (dataset folder or manifest); its validate/test "
+                        "splits calibrate the copy threshold")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (outside the data)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="prompts to scan, one per line (default: the training split's unique "
+                        "prompts)")
+    p.add_argument("--methods", default="noise,attention,nn",
+                   help="comma-separated: noise, attention, nn (default all)")
+    p.add_argument("--generations", type=int, default=1,
+                   help="seeded noises per prompt for the noise/attention scores (default 1)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="first sampling steps the noise/attention scores average (default 1)")
+    p.add_argument("--num-inference-steps", type=int, default=50,
+                   help="DDIM schedule length the score steps come from (default 50)")
+    p.add_argument("--nn-generations", type=int, default=4,
+                   help="images generated per prompt for the copy verdicts (default 4)")
+    p.add_argument("--sample-steps", type=int, default=50,
+                   help="DDIM steps of those images (default 50)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (default: the pipeline's own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="generations per UNet call")
+    p.add_argument("--backend", default="pixel",
+                   help="similarity backend: pixel (default), tiled_l2, ssim, embedding")
+    p.add_argument("--backend-size", type=int,
+                   help="image side the pixel backends compare at (default: the backend's)")
+    p.add_argument("--encoder", metavar="ENC_DIR",
+                   help="encoder folder for --backend embedding (from `diffmem embed train`)")
+    p.add_argument("--fpr", type=float, default=0.01,
+                   help="false-positive rate of the copy threshold (default 0.01)")
+    p.add_argument("--threshold", type=float,
+                   help="fixed copy threshold (backend similarity) instead of calibrating one")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="held-out real images (dataset or image folder) to calibrate on")
+    p.add_argument("--unconditional", type=int, default=16,
+                   help="generations from the empty prompt (default 16; 0 = none)")
+    p.add_argument("--unrelated", type=int, default=8,
+                   help="held-out prompts to generate from (default 8; 0 = none)")
+    p.add_argument("--chunk-size", type=int, default=64,
+                   help="prompts per commit to the results store (default 64)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per process (default: torch's choice; 1 is often much "
+                        "faster on a machine shared with other jobs)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffmem.detect.detector import DetectionConfig, detect
+
+    options = {}
+    if args.backend_size is not None:
+        options["size"] = args.backend_size
+    if args.encoder is not None:
+        options["encoder"] = args.encoder
+    config = DetectionConfig(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        generations=args.generations, steps=args.steps,
+        num_inference_steps=args.num_inference_steps, nn_generations=args.nn_generations,
+        sample_steps=args.sample_steps, guidance=args.guidance, seed=args.seed,
+        batch_size=args.batch_size, backend=args.backend, backend_options=options,
+        fpr=args.fpr, threshold=args.threshold, unconditional=args.unconditional,
+        unrelated=args.unrelated, chunk_size=args.chunk_size, threads=args.threads)
+    import sys
+
+    result = detect(args.model, args.data, args.out, config=config, prompts=args.prompts,
+                    calibration=args.calibration, command=["diffmem", *sys.argv[1:]])
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(format_summary(result))
+    return 0
+
+
+def format_summary(result) -> str:
+    """A few lines for the terminal: counts, threshold, evaluation, files."""
+    lines = []
+    main = result.of_kind("train", "prompt")
+    lines.append(f"scanned {len(main)} prompt(s) with {', '.join(result.config.methods)} "
+                 f"({result.world_size} process(es))")
+    if result.threshold is not None:
+        t = result.threshold
+        how = (f"calibrated on {t.n} held-out image(s) at FPR {t.fpr:g}" if t.fpr is not None
+               else "fixed")
+        lines.append(f"copy threshold: {t.value:.4f} ({result.config.backend} similarity, {how})")
+        flagged = [p for p in main if p.memorized]
+        lines.append(f"memorized prompts: {len(flagged)} of {len(main)}")
+        for kind in ("unrelated", "unconditional"):
+            r = result.rates.get(kind)
+            if r:
+                lines.append(f"copies from {kind} prompts: {r['copies']} of {r['generations']} "
+                             f"generation(s)" + (f" (studies {', '.join(r['copied_studies'][:5])})"
+                                                 if r["copies"] else ""))
+    for name, ev in result.evaluations.items():
+        lines.append(f"{name:18s} AUC {ev.auc:.3f}  TPR@1%FPR {ev.tpr_at_1pct_fpr:.3f}  "
+                     f"(planted {ev.n_pos}, not planted {ev.n_neg})")
+    for key in ("planted", "not_planted"):
+        r = result.rates.get(key)
+        if r:
+            lines.append(f"nn verdicts, {key.replace('_', ' ')}: {r['memorized']}/{r['prompts']} "
+                         f"flagged ({r['rate']:.1%}); ratio criterion {r['ratio_criterion']}")
+    for w in result.warnings:
+        lines.append(f"warning: {w}")
+    if result.out is not None:
+        lines.append(f"results: {result.out / 'scores.csv'}")
+    return "\n".join(lines)
