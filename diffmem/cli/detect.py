@@ -16,7 +16,7 @@ def register(subparsers) -> None:
                     "(copy threshold calibrated on held-out images at --fpr). Writes "
                     "OUT/scores.csv, copies.csv, summary.json, results.sqlite (resumable: run "
                     "again to finish an interrupted scan) and PNG figures. Several processes: "
-                    "accelerate launch --num_processes N -m diffmem detect ...")
+                    "accelerate launch [--multi_gpu] --num_processes N -m diffmem detect ...")
     p.add_argument("--model", required=True, help="model folder (diffusers pipeline)")
     p.add_argument("--data", required=True,
                    help="the training data (dataset folder or manifest); its validate/test "

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a CXR diffusion pipeline from scratch (accelerate)",
         description="Train a CXRDiffusionPipeline on a dataset's training split and save it as a "
-                    "diffusers folder. Multi-process: accelerate launch --num_processes N -m "
+                    "diffusers folder. Multi-process: accelerate launch --multi_gpu --num_processes N -m "
                     "diffmem train ...")
     p.add_argument("--data", help="dataset folder or manifest")
     p.add_argument("--out", help="model folder to write (outside the data)")
