@@ -39,6 +39,7 @@ Examples
 
 from __future__ import annotations
 
+import abc
 import inspect
 import logging
 import math
@@ -211,7 +212,7 @@ def _chord(similarity: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(2.0 - 2.0 * np.asarray(similarity, dtype=np.float64), 0.0))
 
 
-class SimilarityBackend:
+class SimilarityBackend(abc.ABC):
     """Base class of similarity backends (see the module docstring for the registry).
 
     Subclasses set ``name`` and implement :meth:`features`, :meth:`similarity`,
@@ -232,21 +233,21 @@ class SimilarityBackend:
     inner_product: ClassVar[bool] = False
     max_similarity: ClassVar[float] = 1.0
 
+    @abc.abstractmethod
     def features(self, images: np.ndarray) -> np.ndarray:
         """Features ``(N, D)`` float32 of an ``(N, H, W)`` image batch in [0, 1]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def similarity(self, query: np.ndarray, reference: np.ndarray) -> np.ndarray:
         """Similarity matrix ``(Q, R)`` float64 between two feature arrays; higher = closer."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def to_distance(self, similarity: np.ndarray) -> np.ndarray:
         """The distance (>= 0, 0 for identical images) that a similarity stands for."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def params(self) -> dict[str, Any]:
         """JSON-ready settings that define the features (for hashing and caching)."""
-        raise NotImplementedError
 
     def cache_key(self) -> dict[str, Any] | None:
         """What identifies the features for an on-disk cache; ``None`` when unknown."""
