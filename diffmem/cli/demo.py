@@ -9,8 +9,9 @@ ORDER = 90
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run everything on the embedded default (make demo)",
-                       description="Synthesize the demo dataset, inspect it and run the later "
-                                   "stages on the embedded default model; writes into --out.")
+                       description="Synthesize the demo dataset, inspect it, rank risky prompt "
+                                   "tokens and detect memorized prompts with the embedded "
+                                   "default model; writes into --out.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     p.set_defaults(handler=run)
 
@@ -22,4 +23,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo finished in {sum(result.seconds.values()):.0f} s; outputs in {result.out}:")
     for name, path in result.artifacts.items():
         print(f"  {name:10s} {path}")
+    top = result.facts.get("top_token") or {}
+    if top.get("token"):
+        print(f"riskiest prompt token: {top['token']!r}"
+              + (" (a de-identification marker)" if top.get("is_deid_marker") else ""))
+    det = result.facts.get("detection")
+    if det:
+        for kind in ("planted", "not_planted"):
+            r = det["rates"].get(kind)
+            if r:
+                print(f"memorized {kind.replace('_', ' ')} prompts: {r['memorized']}/{r['prompts']}")
+        for name, ev in det["evaluations"].items():
+            print(f"  {name:18s} AUC {ev['auc']:.3f}  TPR@1%FPR {ev['tpr_at_1pct_fpr']:.3f}")
     return 0
