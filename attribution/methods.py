@@ -158,31 +158,17 @@ class _Prepared:
     params: dict[str, Any]
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name}={value!r}; use a positive integer")
-    return int(value)
-
-
 def _prepare(adapter: DiffusionModelAdapter, prompt: str, *, generations: int, steps: int,
              num_inference_steps: int, guidance: float | None, seed: int, batch_size: int,
              truncate: bool) -> _Prepared:
-    from diffmem.detect.scores import default_guidance
+    from diffmem.detect.scores import check_trajectory
 
     # 1. check inputs
     if not isinstance(prompt, str):
         raise PromptError(f"prompt must be a string; got {type(prompt).__name__}")
-    generations = _positive("generations", generations)
-    steps = _positive("steps", steps)
-    num_inference_steps = _positive("num_inference_steps", num_inference_steps)
-    batch_size = _positive("batch_size", batch_size)
-    if steps > num_inference_steps:
-        raise ConfigError(f"steps={steps} but num_inference_steps={num_inference_steps}; "
-                          "attribution can only average over steps the sampler takes: lower "
-                          "steps or raise num_inference_steps")
-    guidance = default_guidance(adapter) if guidance is None else float(guidance)
-    if not np.isfinite(guidance):
-        raise ConfigError(f"guidance={guidance!r}; use a finite number")
+    generations, steps, num_inference_steps, batch_size, guidance = check_trajectory(
+        adapter, generations=generations, steps=steps, num_inference_steps=num_inference_steps,
+        batch_size=batch_size, guidance=guidance)
 
     # 2. units
     units, tokens = pool_tokens(prompt, adapter.tokenizer, max_length=adapter.max_length,

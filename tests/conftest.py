@@ -209,3 +209,13 @@ def _quiet_and_clean_logging(monkeypatch):
     logger.handlers[:] = []
     logger.propagate = True
     logger.setLevel(logging.NOTSET)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory) -> Path:
+    """A tiny Stable Diffusion pipeline saved as a diffusers folder (safetensors)."""
+    from diffmem.models.tiny import tiny_stable_diffusion
+
+    folder = tmp_path_factory.mktemp("sd") / "model"
+    tiny_stable_diffusion(seed=0).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -42,13 +42,6 @@ def sd64():
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd") / "model"
-    tiny_stable_diffusion(seed=0).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def bert_tokenizer(tmp_path_factory):
     """A BERT WordPiece tokenizer without marker handling: ``___`` becomes three ``_``."""
     from transformers import BertTokenizerFast

@@ -21,13 +21,6 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd") / "model"
-    tiny_stable_diffusion(seed=0).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def cxr_folder(tmp_path_factory):
     from diffmem.pipelines import build_pipeline, train_tokenizer
 

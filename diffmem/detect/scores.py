@@ -94,6 +94,30 @@ def _positive(name: str, value: Any) -> int:
     return int(value)
 
 
+def check_trajectory(adapter: DiffusionModelAdapter, *, generations: Any, steps: Any,
+                     num_inference_steps: Any, batch_size: Any, guidance: Any,
+                     ) -> tuple[int, int, int, int, float]:
+    """Validate the settings of a scored trajectory (shared by scores and attribution).
+
+    Returns ``(generations, steps, num_inference_steps, batch_size, guidance)`` with the
+    guidance defaulted by :func:`default_guidance`; raises :class:`ConfigError` naming the bad
+    setting.
+    """
+    generations = _positive("generations", generations)
+    steps = _positive("steps", steps)
+    num_inference_steps = _positive("num_inference_steps", num_inference_steps)
+    batch_size = _positive("batch_size", batch_size)
+    if steps > num_inference_steps:
+        raise ConfigError(f"steps={steps} but num_inference_steps={num_inference_steps}; a "
+                          "score can only average over steps the sampler takes: lower steps or "
+                          "raise num_inference_steps")
+    guidance = default_guidance(adapter) if guidance is None else float(guidance)
+    if not np.isfinite(guidance):
+        raise ConfigError(f"guidance={guidance!r}; use a finite number (e.g. 7.5 for Stable "
+                          "Diffusion, 4 for diffmem's CXR models)")
+    return generations, steps, num_inference_steps, batch_size, guidance
+
+
 def _epsilon_scheduler(adapter: DiffusionModelAdapter, num_inference_steps: int) -> Any:
     """A fresh copy of the adapter's inference scheduler that takes epsilon predictions.
 
@@ -135,18 +159,9 @@ def _walk(adapter: DiffusionModelAdapter, prompts: list[str], *, generations: in
     batch's UNet calls (attention); ``token_mask`` is the ``(B, L)`` mask of the rows' prompts.
     Returns the guidance scale used.
     """
-    generations = _positive("generations", generations)
-    steps = _positive("steps", steps)
-    num_inference_steps = _positive("num_inference_steps", num_inference_steps)
-    batch_size = _positive("batch_size", batch_size)
-    if steps > num_inference_steps:
-        raise ConfigError(f"steps={steps} but num_inference_steps={num_inference_steps}; the "
-                          "score can only average over steps the sampler takes: lower steps or "
-                          "raise num_inference_steps")
-    guidance = default_guidance(adapter) if guidance is None else float(guidance)
-    if not np.isfinite(guidance):
-        raise ConfigError(f"guidance={guidance!r}; use a finite number (e.g. 7.5 for Stable "
-                          "Diffusion, 4 for diffmem's CXR models)")
+    generations, steps, num_inference_steps, batch_size, guidance = check_trajectory(
+        adapter, generations=generations, steps=steps, num_inference_steps=num_inference_steps,
+        batch_size=batch_size, guidance=guidance)
     rows = [(p, j) for p in range(len(prompts)) for j in range(generations)]
     batches = [list(range(i, min(len(rows), i + batch_size)))
                for i in range(0, len(rows), batch_size)]

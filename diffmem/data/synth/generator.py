@@ -299,31 +299,26 @@ def _replace_impression(report: str, old: str, new: str) -> str:
     return head + format_report([("IMPRESSION", new)]).split("\n", 1)[1]
 
 
+def _unique(draw, used: set):
+    """Call ``draw()`` until it gives a value not in ``used``; record and return it."""
+    while (value := draw()) in used:
+        pass
+    used.add(value)
+    return value
+
+
 def _assign_ids(records: list[_Record], patients: list[_Patient], seed: int) -> None:
     rng = np.random.default_rng([seed, _IDS])
-    used: set[int] = set()
+    used_subjects: set[int] = set()
     for p in patients:
-        while True:
-            sid = int(rng.integers(10_000_000, 20_000_000))
-            if sid not in used:
-                used.add(sid)
-                p.subject_id = sid
-                break
+        p.subject_id = _unique(lambda: int(rng.integers(10_000_000, 20_000_000)), used_subjects)
     used_studies: set[int] = set()
     used_dicoms: set[str] = set()
     for r in records:
-        while True:
-            st = int(rng.integers(50_000_000, 60_000_000))
-            if st not in used_studies:
-                used_studies.add(st)
-                r.study_id = st
-                break
-        while True:
-            did = "-".join(f"{int(x):08x}" for x in rng.integers(0, 2**32, size=5))
-            if did not in used_dicoms:
-                used_dicoms.add(did)
-                r.dicom_id = did
-                break
+        r.study_id = _unique(lambda: int(rng.integers(50_000_000, 60_000_000)), used_studies)
+        r.dicom_id = _unique(lambda: "-".join(f"{int(x):08x}"
+                                              for x in rng.integers(0, 2**32, size=5)),
+                             used_dicoms)
 
 
 def plan_dataset(cfg: SynthConfig, seed: int) -> list[_Record]:
