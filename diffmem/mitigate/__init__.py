@@ -1,0 +1,1 @@
+"""Inference-time mitigations of memorization and their memorization-vs-utility comparison."""
