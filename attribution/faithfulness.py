@@ -112,13 +112,13 @@ class DeletionResult:
 def deletion_test(adapter: DiffusionModelAdapter, prompts: Sequence[str], *,
                   method: str = "gradient", generations: int = 4, steps: int = 1,
                   num_inference_steps: int = 50, guidance: float | None = None, seed: int = 0,
-                  batch_size: int = 32, truncate: bool = False,
+                  batch_size: int = 32, truncate: bool = False, deletion: str = "remove",
                   attributions: Sequence[TokenAttribution] | None = None) -> DeletionResult:
     """Deletion test of an attribution method on the noise-magnitude memorization score.
 
     For each prompt ``p``: rank its units with ``method``, then measure with the same initial
     noises the noise magnitude ``M`` (Wen et al., 2024) of ``p`` with each unit deleted
-    (:func:`~diffmem.attribution.occlusion`, ``mode="remove"``). A faithful attribution's top
+    (:func:`~diffmem.attribution.occlusion` with ``mode=deletion``). A faithful attribution's top
     unit lowers ``M`` more than a random unit: ``ratio = drop_top / drop_random`` is above 1.
     With ``method="occlusion"`` the test is circular (its top unit is by definition the largest
     drop); use it as an upper bound for the other methods.
@@ -133,6 +133,11 @@ def deletion_test(adapter: DiffusionModelAdapter, prompts: Sequence[str], *,
     generations, steps, num_inference_steps, guidance, seed, batch_size, truncate
         As for :func:`~diffmem.attribution.gradient`; the same settings serve the attribution
         and the deletions.
+    deletion : {"remove", "pad"}, optional
+        How a unit is deleted: ``"remove"`` drops its tokens, so every later token moves up a
+        position; ``"pad"`` replaces them with padding tokens, so no other token moves. Removing
+        a prompt's first word shifts the whole prompt, which a position-sensitive model can feel
+        more than the word itself; ``"pad"`` separates the two effects.
     attributions : sequence of TokenAttribution, optional
         Attributions computed earlier, one per prompt, in order (their method is used).
 
@@ -160,7 +165,7 @@ def deletion_test(adapter: DiffusionModelAdapter, prompts: Sequence[str], *,
     kept, tops, mems, d_top, d_rand, skipped = [], [], [], [], [], []
     for i, prompt in enumerate(progress(prompts, desc="deletion test", unit="prompt")):
         try:
-            deleted = occlusion(adapter, prompt, mode="remove", **options)
+            deleted = occlusion(adapter, prompt, mode=deletion, **options)
             if attributions is not None:
                 ranked = attributions[i]
             elif method == "occlusion":
@@ -183,6 +188,6 @@ def deletion_test(adapter: DiffusionModelAdapter, prompts: Sequence[str], *,
     d_top_a, d_rand_a = np.asarray(d_top, dtype=np.float64), np.asarray(d_rand, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = np.where(d_rand_a > 0, d_top_a / np.where(d_rand_a > 0, d_rand_a, 1.0), np.nan)
-    params = {k: v for k, v in options.items() if k != "batch_size"}
+    params = {**{k: v for k, v in options.items() if k != "batch_size"}, "deletion": deletion}
     return DeletionResult(kept, method, tops, np.asarray(mems, dtype=np.float64), d_top_a,
                           d_rand_a, ratios, skipped, params)

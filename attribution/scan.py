@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 #: Columns of ``tokens.csv``, in order (the first seven are the documented interface).
+#: Per-prompt attributions of a scan with a model, one JSON object a line.
+ATTRIBUTIONS_JSONL = "attributions.jsonl"
 TOKEN_COLUMNS = ("token", "rank", "score", "count", "prompts_with_token", "enrichment",
                  "is_deid_marker", "kind", "convention", "count_duplicated", "count_rest",
                  "enrichment_rank", "model_score", "model_rank", "model_prompts", "model_lift")
@@ -369,10 +371,14 @@ class ScanResult:
     summary : dict
         Prompt counts, markers by convention, generic placeholders, PHI-like patterns,
         duplicate clusters, enrichment settings, the model part and the ranking rule.
+    attributions : list of TokenAttribution
+        With a model: the attribution of every attributed distinct prompt, the most memorized
+        (highest noise magnitude) first. Empty for a model-free scan.
     """
 
     tokens: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
+    attributions: list[Any] = field(default_factory=list)
 
     def rank_of(self, token: str) -> int | None:
         """The rank of ``token`` (1 = riskiest), or None when it does not occur."""
@@ -523,7 +529,7 @@ def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "
                        "tokens_duplicated": int(a.sum()), "tokens_rest": int(b.sum())},
         "model": None if model_part is None else {k: v for k, v in model_part.items()
                                                  if k not in ("scores", "prompts", "kinds",
-                                                              "lift")},
+                                                              "lift", "attributions")},
         "ranking": {"rule": RANKING_NOTE, "min_count": int(min_count),
                     "components": ["enrichment"] + (["model"] if model_part else [])},
         "seconds": round(time.perf_counter() - t0, 2),
@@ -531,7 +537,8 @@ def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "
     markers_ranked = [r for r in rows if r["is_deid_marker"]]
     summary["top_marker"] = None if not markers_ranked else {
         "token": markers_ranked[0]["token"], "rank": markers_ranked[0]["rank"]}
-    return ScanResult(rows, summary)
+    return ScanResult(rows, summary,
+                      [] if model_part is None else model_part["attributions"])
 
 
 def _scaled(x: np.ndarray, eligible: np.ndarray) -> np.ndarray:
@@ -575,6 +582,7 @@ def _model_scores(adapter: Any, prompts: list[str], *, method: str, max_prompts:
     total_weight = 0.0
     skipped: Counter[str] = Counter()
     memorization = []
+    attributions = []
     n_truncated = 0
     for prompt in progress(distinct, desc=f"attribution ({method})", unit="prompt"):
         try:
@@ -588,6 +596,7 @@ def _model_scores(adapter: Any, prompts: list[str], *, method: str, max_prompts:
         n_truncated += int(adapter.count_tokens(prompt) > adapter.max_length)
         weight = copies[prompt] * max(float(result.memorization), 0.0)
         memorization.append(float(result.memorization))
+        attributions.append(result)
         total_weight += weight
         shares = result.shares
         seen = set()
@@ -610,6 +619,7 @@ def _model_scores(adapter: Any, prompts: list[str], *, method: str, max_prompts:
     mem = np.asarray(memorization) if memorization else np.zeros(1)
     return {
         "method": method, "scores": scores, "prompts": dict(with_key), "kinds": kinds,
+        "attributions": sorted(attributions, key=lambda r: (-float(r.memorization), r.prompt)),
         "lift": {k: lift[k] / w for k, w in occurrence_weight.items() if w > 0},
         "distinct_prompts": len(copies), "attributed": len(memorization),
         "sampled": max_prompts is not None and len(distinct) < len(copies),
@@ -628,6 +638,10 @@ def _model_scores(adapter: Any, prompts: list[str], *, method: str, max_prompts:
 def write_scan(result: ScanResult, out: str | os.PathLike, *,
                inputs: Sequence[str | os.PathLike] = (), plots: bool = True) -> dict[str, Path]:
     """Write ``tokens.csv``, ``scan.json`` and the plots of a scan into the folder ``out``.
+
+    A scan with a model also writes ``attributions.jsonl``: one
+    :meth:`TokenAttribution.to_dict` per attributed distinct prompt, the most memorized first
+    (the report draws its heat-coloured prompts from it).
 
     Parameters
     ----------
@@ -652,6 +666,11 @@ def write_scan(result: ScanResult, out: str | os.PathLike, *,
         writer.writeheader()
         for row in result.tokens:
             writer.writerow({k: ("" if row[k] is None else row[k]) for k in TOKEN_COLUMNS})
+    if result.attributions:
+        paths["attributions"] = out / ATTRIBUTIONS_JSONL
+        with open(paths["attributions"], "w", encoding="utf-8") as f:
+            for attribution in result.attributions:
+                f.write(json.dumps(attribution.to_dict(), ensure_ascii=False) + "\n")
     if plots:
         from diffmem.attribution.render import plot_enrichment, plot_token_ranking
 

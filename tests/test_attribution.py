@@ -17,6 +17,7 @@ from diffmem.attribution import (
     deletion_test,
     html_page,
     list_methods,
+    occlusion,
     pool_tokens,
     render_html,
     render_png,
@@ -231,8 +232,16 @@ def test_deletion_test(sd):
     assert grad.drop_random == pytest.approx(res.drop_random)  # same deletions, same noise
     assert set(json.loads(json.dumps(grad.to_dict()))) >= {"mean_ratio", "ratio_of_means",
                                                              "per_prompt"}
+    # position-preserving deletion: the same drops as occlusion with padding
+    pad = deletion_test(sd, prompts[:1], method="occlusion", deletion="pad", **FAST)
+    padded = occlusion(sd, prompts[0], mode="pad", **FAST)
+    assert pad.drop_random[0] == pytest.approx(padded.scores.mean())
+    assert pad.drop_random[0] != pytest.approx(res.drop_random[0])
+    assert pad.params["deletion"] == "pad"
     with pytest.raises(ConfigError, match="no prompts"):
         deletion_test(sd, [])
+    with pytest.raises(ConfigError, match="occlusion mode"):
+        deletion_test(sd, prompts[:1], deletion="blank", **FAST)
 
 
 # ---------------------------------------------------------------------------- rendering

@@ -18,6 +18,7 @@ from diffmem.attribution import (
     read_prompts,
     scan_prompts,
     segment,
+    write_scan,
 )
 from diffmem.cli import main
 from diffmem.errors import ConfigError, DataError, OutputError
@@ -175,8 +176,32 @@ def test_scan_with_model():
     scored = [r for r in result.tokens if r["model_prompts"]]
     assert scored and all(r["model_score"] >= 0 and r["model_rank"] >= 1 for r in scored)
     assert sum(r["model_score"] for r in result.tokens) == pytest.approx(1.0)
+    # every attributed prompt's attribution is kept, the most memorized first
+    assert len(result.attributions) == model["attributed"]
+    mem = [a.memorization for a in result.attributions]
+    assert mem == sorted(mem, reverse=True)
+    assert {a.method for a in result.attributions} == {"attention"}
     with pytest.raises(ConfigError, match="known methods"):
         scan_prompts(prompts, adapter=sd, method="shap")
+
+
+def test_scan_writes_attributions(tmp_path):
+    import json
+
+    from diffmem.models import load_model
+    from diffmem.models.tiny import tiny_stable_diffusion
+
+    sd = load_model(tiny_stable_diffusion(seed=0))
+    result = scan_prompts(_corpus("___"), adapter=sd, method="attention", generations=1,
+                          max_prompts=3, seed=0)
+    paths = write_scan(result, tmp_path / "scan", plots=False)
+    lines = paths["attributions"].read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["prompt"] for r in rows] == [a.prompt for a in result.attributions]
+    assert all(abs(sum(u["share"] for u in r["units"]) - 1) < 1e-6 for r in rows)
+    model_free = write_scan(scan_prompts(_corpus("___")), tmp_path / "free", plots=False)
+    assert "attributions" not in model_free and not (tmp_path / "free" /
+                                                     "attributions.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------- input
@@ -221,7 +246,8 @@ def test_bad_inputs(tmp_path, mimic_jpg, capsys):
 def test_demo_scenario_must_show(tmp_path):
     """On the demo data and the embedded default model: ``___`` ranks first in tokens.csv, and
     deleting the gradient's top unit of the planted (memorized) prompts lowers the noise
-    magnitude at least twice as much as deleting a random unit."""
+    magnitude at least twice as much as deleting a random unit, whether the unit is dropped or
+    replaced by padding."""
     import torch
 
     from diffmem.attribution import deletion_test, run_scan
@@ -243,10 +269,14 @@ def test_demo_scenario_must_show(tmp_path):
         with open(data / "ground_truth.csv", newline="", encoding="utf-8") as f:
             planted = sorted({r["prompt"] for r in csv.DictReader(f)
                               if r["planted"] == "1" and r["split"] == "train"})
-        res = deletion_test(model, planted, method="gradient", truncate=True)
+        removed = deletion_test(model, planted, method="gradient", truncate=True)
+        padded = deletion_test(model, planted, method="gradient", truncate=True, deletion="pad")
     finally:
         torch.set_num_threads(threads)
     with open(paths["tokens"], newline="", encoding="utf-8") as f:
         top = next(csv.DictReader(f))
     assert (top["token"], top["rank"], top["is_deid_marker"]) == ("___", "1", "True")
-    assert res.mean_ratio >= 2 and res.ratio_of_means >= 2
+    assert paths["attributions"].is_file()
+    # both ways of deleting a unit: dropping it (later tokens shift) and padding it (none move)
+    for res in (removed, padded):
+        assert res.mean_ratio >= 2 and res.ratio_of_means >= 2
