@@ -1,0 +1,70 @@
+"""``diffmem report``: the privacy report (report.html + report.json) from the results of the
+other commands."""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 90
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="write the privacy report (report.html, report.json) from results",
+        description="Read the results of diffmem detect, scan, mitigate and study and write "
+                    "OUT/report.html (one self-contained file: figures embedded, no network "
+                    "requests) and OUT/report.json (the same facts). The report runs no model: "
+                    "it fingerprints --model and --data and refuses results computed on "
+                    "others. A section whose results are missing says what to run.")
+    p.add_argument("--model", required=True, help="model folder the results were computed on")
+    p.add_argument("--data", required=True, help="its training data (dataset or manifest)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (new, empty, or a previous report's)")
+    p.add_argument("--results", metavar="DIR",
+                   help="a folder laid out like `diffmem demo --out DIR` writes it (detect/, "
+                        "scan/, mitigate/, study/<name>/); the flags below override its parts")
+    p.add_argument("--detect", metavar="DIR", help="the --out folder of `diffmem detect`")
+    p.add_argument("--scan", metavar="DIR", help="the --out folder of `diffmem scan`")
+    p.add_argument("--mitigate", metavar="DIR", help="the --out folder of `diffmem mitigate`")
+    p.add_argument("--study", metavar="DIR", action="append", default=[],
+                   help="the --out folder of a `diffmem study` run (repeat for several)")
+    images = p.add_mutually_exclusive_group()
+    images.add_argument("--no-images", dest="images", action="store_const", const="omit",
+                        help="leave every patient image out: no training image and no "
+                             "generation flagged as a copy of one is in the file")
+    images.add_argument("--blur-images", dest="images", action="store_const", const="blur",
+                        help="blur training images and the generations that copy them")
+    p.set_defaults(images="include")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing folder that is not a previous report (only "
+                        "report.html and report.json are written there)")
+    p.set_defaults(handler=run)
+
+
+def command_line(args: argparse.Namespace) -> list[str]:
+    """The ``diffmem report`` command line of parsed ``args`` (recorded in the report)."""
+    cmd = ["diffmem", "report", "--model", str(args.model), "--data", str(args.data), "--out",
+           str(args.out)]
+    for flag in ("results", "detect", "scan", "mitigate"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag}", str(getattr(args, flag))]
+    for study in args.study:
+        cmd += ["--study", str(study)]
+    cmd += {"omit": ["--no-images"], "blur": ["--blur-images"]}.get(args.images, [])
+    return cmd + (["--overwrite"] if args.overwrite else [])
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffmem.report import build_report
+
+    result = build_report(args.out, model=args.model, data=args.data, detect=args.detect,
+                          scan=args.scan, mitigate=args.mitigate, studies=args.study,
+                          images=args.images, overwrite=args.overwrite, results=args.results,
+                          command=command_line(args))
+    missing = [k for k, v in result.sections.items() if v != "included"]
+    print(f"risk level: {result.risk}")
+    if missing:
+        print(f"sections without results: {', '.join(missing)} (the report says what to run)")
+    print(f"report: {result.html}")
+    print(f"facts:  {result.json}")
+    return 0
