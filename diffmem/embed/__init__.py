@@ -28,8 +28,9 @@ _LAZY = {"EncoderResult", "InDomainEncoder", "embed_dataset", "load_encoder", "o
          "train_encoder"}
 
 __all__ = ["EncoderPreset", "EncoderResult", "InDomainEncoder", "alignment_score",
-           "embed_dataset", "feature_stats", "frechet_distance", "frechet_distance_from_stats",
-           "list_presets", "load_encoder", "load_preset", "open_clip_config", "train_encoder"]
+           "default_encoder_dir", "embed_dataset", "feature_stats", "frechet_distance",
+           "frechet_distance_from_stats", "list_presets", "load_encoder", "load_preset",
+           "open_clip_config", "train_encoder"]
 
 
 def __getattr__(name: str):
@@ -38,3 +39,33 @@ def __getattr__(name: str):
 
         return getattr(encoder, name)
     raise AttributeError(f"module 'diffmem.embed' has no attribute {name!r}")
+
+
+def default_encoder_dir():
+    """The embedded default in-domain encoder: a ``demo``-preset encoder folder shipped with
+    diffmem.
+
+    It was trained with ``diffmem embed train --preset demo --seed 0`` on ``diffmem synth
+    --preset demo --seed 0`` (its ``encoder_config.json`` records the settings and the data
+    fingerprint), the data the embedded default model was trained on, so it measures utility for
+    that model (:func:`diffmem.mitigate.compare_mitigations`).
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    ModelError
+        When the package was installed without it.
+    """
+    from pathlib import Path
+
+    from diffmem.errors import ModelError
+
+    folder = Path(__file__).parent / "default_encoder"
+    if not (folder / "encoder_config.json").is_file():
+        raise ModelError(f"the embedded default encoder is missing from {folder}; reinstall "
+                         "diffmem, or train one with `diffmem embed train --data DATA --out ENC` "
+                         "and pass --encoder ENC")
+    return folder

@@ -65,7 +65,11 @@ class SamplingHooks:
         the denoising loop with ``(B, L, D)`` embeddings, one row per generation, and the list of
         each row's prompt. If the callable has a parameter named ``generators`` it also gets the
         rows' ``torch.Generator`` objects (seeded per generation, already used for the initial
-        noise), for randomness that does not depend on batch composition.
+        noise), for randomness that does not depend on batch composition; a parameter named
+        ``latents`` gets the batch's initial noise ``(B, C, h, w)`` (standard normal scale, as
+        drawn or as ``initial_latents`` gave it) and one named ``timesteps`` the 1-D tensor of
+        the call's sampling timesteps (what prompt-embedding optimization needs: ``x_T`` and
+        the first ``t``). A ``**kwargs`` parameter receives all three.
     guidance_scale : callable, optional
         ``guidance_scale(step_index, t, default) -> float``: the classifier-free guidance scale
         of step ``step_index`` (timestep ``t``), given the call's ``guidance``. A scale of 0
@@ -124,9 +128,9 @@ def combine_hooks(*hooks: SamplingHooks | None) -> SamplingHooks:
     embeds, scales, steps = pick("prompt_embeds"), pick("guidance_scale"), pick("on_step")
     logits, probs = pick("attention_logits"), pick("attention_probs")
 
-    def prompt_embeds(cond, uncond, prompts, generators=None):
+    def prompt_embeds(cond, uncond, prompts, generators=None, **extra):
         for fn in embeds:
-            cond, uncond = _call_prompt_embeds(fn, cond, uncond, prompts, generators)
+            cond, uncond = _call_prompt_embeds(fn, cond, uncond, prompts, generators, **extra)
         return cond, uncond
 
     def guidance_scale(step_index, t, default):
@@ -156,13 +160,15 @@ def combine_hooks(*hooks: SamplingHooks | None) -> SamplingHooks:
         attention_probs=attention_probs if probs else None)
 
 
-def _call_prompt_embeds(fn: Callable, cond, uncond, prompts, generators):
+def _call_prompt_embeds(fn: Callable, cond, uncond, prompts, generators, **extra):
+    offered = {"generators": generators, **extra}
     try:
         params = inspect.signature(fn).parameters
-        wants = "generators" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        any_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in offered.items() if any_kw or k in params}
     except (TypeError, ValueError):  # builtins without a signature
-        wants = False
-    out = fn(cond, uncond, prompts, generators=generators) if wants else fn(cond, uncond, prompts)
+        kwargs = {}
+    out = fn(cond, uncond, prompts, **kwargs)
     if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(x, torch.Tensor)
                                                               for x in out)):
         raise ModelError("the prompt_embeds hook must return a (cond, uncond) pair of tensors; "
@@ -703,7 +709,9 @@ class DiffusionModelAdapter:
             cond, uncond = table[cond_ids], table[uncond_ids]
             if hooks.prompt_embeds is not None:
                 cond, uncond = _call_prompt_embeds(hooks.prompt_embeds, cond, uncond,
-                                                   [prompts[rows[i][0]] for i in part], generators)
+                                                   [prompts[rows[i][0]] for i in part], generators,
+                                                   latents=noise,
+                                                   timesteps=self._sampling_timesteps(int(steps)))
             token_mask = torch.cat([masks[uncond_ids], masks[cond_ids]])
 
             # 4. denoising loop
@@ -720,6 +728,12 @@ class DiffusionModelAdapter:
             generation_index=np.array([j for _, j in rows], dtype=np.int64),
             seeds=np.array(seeds, dtype=np.int64), prompts=prompts,
             latents=torch.cat(latents_out) if return_latents else None)
+
+    def _sampling_timesteps(self, steps: int) -> torch.Tensor:
+        """The timesteps a ``steps``-step :meth:`sample` call visits, in order."""
+        scheduler = self.new_scheduler()
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler.timesteps.clone()
 
     def _denoise(self, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
                  token_mask: torch.Tensor, generators: list[torch.Generator], *, steps: int,

@@ -1,0 +1,875 @@
+"""The memorization-vs-utility comparison behind ``diffmem mitigate``.
+
+:func:`compare_mitigations` answers "what does each mitigation buy, and what does it cost?" on
+one model and its training data:
+
+1. **check inputs**: methods and strengths (unknown name or out-of-range strength fail before
+   anything runs), the data's train split and held-out (validate/test) images, the in-domain
+   encoder;
+2. **copy threshold and prompt sets**: either from a previous ``diffmem detect`` run
+   (``detect_dir``: its ``scores.csv`` verdicts and ``summary.json`` threshold and backend) or
+   detected here with the detector's building blocks: training prompts ranked by Wen et al.'s
+   noise magnitude, the top candidates generated (with a seed *different* from the comparison's,
+   so the baseline is not selected on its own images) and checked against the training images
+   at a threshold calibrated on the held-out images. The *memorized* set holds prompts with a
+   copy; the *control* set is a seeded sample of non-memorized training prompts;
+3. **each method x strength** (and the ``none`` baseline) on each set: seeded generations
+   (the same initial noises for every method), their nearest training image (copy verdicts at
+   the threshold), the text-conditional noise magnitude at the first step (with the method's
+   embedding and attention changes), in-domain embeddings of the images; each unit is
+   committed to ``results.sqlite`` as soon as it is done, so a killed run resumes;
+4. **metrics and verdicts**: memorization rate, mean nearest similarity, noise magnitude; an
+   in-domain Fréchet distance to the held-out real images and prompt-image alignment (both with
+   the in-domain open_clip encoder: *not* Inception FID or OpenAI CLIPScore), seconds per image;
+   the Pareto front of memorization rate against the chosen utility;
+5. **write** ``mitigations.csv``, ``summary.json`` and ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffmem.errors import ConfigError, DataError, OutputError
+from diffmem.mitigate.registry import get_mitigation, list_mitigations
+from diffmem.store import ResultsStore, params_hash
+from diffmem.utils import prepare_out_dir, progress, write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CSV_COLUMNS", "ComparisonConfig", "MitigationComparison", "compare_mitigations",
+           "pareto_front", "parse_strengths"]
+
+CSV_NAME = "mitigations.csv"
+SUMMARY_NAME = "summary.json"
+PLOT_NAME = "pareto.png"
+STORE_NAME = "results.sqlite"
+BASELINE = "none"
+SETS = ("memorized", "control")
+#: Utility metrics and whether higher is better.
+UTILITIES = {"fid_in_domain": False, "alignment": True}
+CSV_COLUMNS = ("method", "strength", "prompt_set", "n_prompts", "n_generations",
+               "memorization_rate", "prompt_memorization_rate", "mean_nn_similarity",
+               "noise_magnitude", "fid_in_domain", "alignment", "seconds_per_image", "pareto")
+#: Offset of the seed the comparison detects memorized prompts with, when it does so itself.
+DETECT_SEED_OFFSET = 1000
+
+
+# ---------------------------------------------------------------------------- configuration
+@dataclass
+class ComparisonConfig:
+    """Settings of a comparison (all keyword; defaults are the product's).
+
+    Attributes
+    ----------
+    methods : str or sequence of str
+        ``"all"`` (default) or mitigation names (:func:`~diffmem.mitigate.list_mitigations`).
+    strengths : mapping or sequence or None
+        ``None``: each method at its preset (paper) strength. A sequence of numbers: those
+        strengths for every method. A mapping ``name -> numbers``: per method (methods not in
+        it use their default). See :func:`parse_strengths` for the CLI syntax.
+    n_prompts : int
+        Prompts per set (memorized and control; default 8).
+    generations : int
+        Images per prompt and configuration (default 2).
+    steps : int
+        DDIM steps of every generation (default 20; the papers use 50).
+    guidance : float or None
+        Classifier-free guidance scale (default: the pipeline's own).
+    seed : int
+        Seed of the generations (the same initial noise for every method) and of the methods'
+        own randomness.
+    batch_size : int
+        Generations per UNet call.
+    candidates : int or None
+        Self-detection only: how many top noise-magnitude training prompts are generated from
+        and checked for copies (default ``3 * n_prompts``).
+    detect_generations : int
+        Self-detection only: images per candidate (default 2).
+    backend : str
+        Similarity backend of the copy verdicts when detecting here (default ``pixel``; with
+        ``detect_dir`` the detect run's backend is used).
+    backend_options : dict
+    fpr : float
+        False-positive rate of the copy threshold calibrated here (default 0.01).
+    utility : str
+        Utility axis of the Pareto front and the recommendation: ``fid_in_domain`` (default)
+        or ``alignment``.
+    fid_tolerance : float
+        The recommendation keeps utility within this fraction of the baseline's (default 0.25:
+        in-domain FID at most 25 % worse, or alignment at most 25 % lower).
+    """
+
+    methods: str | Sequence[str] = "all"
+    strengths: Mapping[str, Sequence[float]] | Sequence[float] | None = None
+    n_prompts: int = 8
+    generations: int = 2
+    steps: int = 20
+    guidance: float | None = None
+    seed: int = 0
+    batch_size: int = 16
+    candidates: int | None = None
+    detect_generations: int = 2
+    backend: str = "pixel"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    fpr: float = 0.01
+    utility: str = "fid_in_domain"
+    fid_tolerance: float = 0.25
+
+    def validated(self) -> ComparisonConfig:
+        """A checked copy with ``methods`` a tuple of names and ``strengths`` a dict
+        ``name -> tuple of floats`` (every strength range-checked).
+
+        Raises
+        ------
+        ConfigError
+            Unknown method (lists the registered ones), strength out of range (gives the
+            range), bad number.
+        """
+        methods = self.methods
+        if isinstance(methods, str):
+            methods = list_mitigations() if methods.strip() == "all" else \
+                [m.strip() for m in methods.split(",") if m.strip()]
+        methods = tuple(dict.fromkeys(m for m in methods if m != BASELINE))
+        if not methods:
+            raise ConfigError(f"methods={self.methods!r} names no mitigation; use 'all' or "
+                              f"some of {', '.join(list_mitigations())} (comma-separated)")
+        for m in methods:
+            get_mitigation(m)  # unknown name -> ConfigError listing the registered ones
+        strengths = _resolve_strengths(methods, self.strengths)
+        for name, low in (("n_prompts", 1), ("generations", 1), ("steps", 1),
+                          ("batch_size", 1), ("detect_generations", 1), ("seed", 0)):
+            _check_int(name, getattr(self, name), low)
+        if self.candidates is not None:
+            _check_int("candidates", self.candidates, 1)
+        if self.generations * self.n_prompts < 2:
+            raise ConfigError("n_prompts * generations must be at least 2 (a Fréchet distance "
+                              "needs two images per set)")
+        if self.utility not in UTILITIES:
+            raise ConfigError(f"utility={self.utility!r}; choose {' or '.join(UTILITIES)}")
+        if not isinstance(self.fpr, (int, float)) or not 0 < float(self.fpr) < 1:
+            raise ConfigError(f"fpr={self.fpr!r}; use a false-positive rate in (0, 1)")
+        if self.guidance is not None and not math.isfinite(float(self.guidance)):
+            raise ConfigError(f"guidance={self.guidance!r}; use a finite number")
+        return replace(self, methods=methods, strengths=strengths,
+                       backend_options=dict(self.backend_options))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (tuples as lists, an encoder object by its repr)."""
+        return json.loads(json.dumps(asdict(self), default=repr))
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name}={value!r}; use an integer >= {low}")
+
+
+def _resolve_strengths(methods: tuple[str, ...], strengths: Any) -> dict[str, tuple[float, ...]]:
+    if isinstance(strengths, Mapping):
+        unknown = sorted(set(strengths) - set(methods))
+        if unknown:
+            raise ConfigError(f"strengths given for {', '.join(unknown)}, which is not among the "
+                              f"compared methods ({', '.join(methods)})")
+        table = {m: tuple(strengths.get(m) or (get_mitigation(m).default_strength,))
+                 for m in methods}
+    elif strengths is None:
+        table = {m: (get_mitigation(m).default_strength,) for m in methods}
+    else:
+        values = tuple(strengths)
+        if not values:
+            raise ConfigError("strengths is empty; give at least one strength or None for the "
+                              "defaults")
+        table = {m: values for m in methods}
+    out = {}
+    for m, values in table.items():
+        checked = [get_mitigation(m).check_strength(v) for v in values]
+        out[m] = tuple(dict.fromkeys(v for v in checked if v != 0))  # 0 is the baseline row
+        if not out[m]:
+            raise ConfigError(f"only strength 0 given for {m}; strength 0 is the plain pipeline "
+                              "(the 'none' baseline row): give a positive strength")
+    return out
+
+
+def parse_strengths(specs: Sequence[str] | str | None) -> Mapping[str, list[float]] | list[float] | None:
+    """Parse the CLI's ``--strengths``: ``default``; ``0.1,0.5`` (for every method); or
+    ``NAME=0.1,0.5`` items (per method, several allowed).
+
+    Examples
+    --------
+    >>> parse_strengths(["0.1,0.2"])
+    [0.1, 0.2]
+    >>> parse_strengths(["guidance_delay=0.3,0.5", "opposite_guidance=0.35"])
+    {'guidance_delay': [0.3, 0.5], 'opposite_guidance': [0.35]}
+    """
+    if specs is None:
+        return None
+    if isinstance(specs, str):
+        specs = [specs]
+    specs = [s for spec in specs for s in spec.split() if s]
+    if not specs or specs == ["default"]:
+        return None
+
+    def numbers(text: str, where: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--strengths {where!r}: not a comma-separated list of numbers; "
+                              "use e.g. 0.1,0.5 or NAME=0.1,0.5") from None
+
+    if all("=" not in s for s in specs):
+        return [v for s in specs for v in numbers(s, s)]
+    if any("=" not in s for s in specs):
+        raise ConfigError(f"--strengths {' '.join(specs)!r} mixes NAME=VALUES items with bare "
+                          "values; use one form")
+    table: dict[str, list[float]] = {}
+    for s in specs:
+        name, _, values = s.partition("=")
+        table.setdefault(name.strip(), []).extend(numbers(values, s))
+    return table
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class MitigationComparison:
+    """The outcome of :func:`compare_mitigations`.
+
+    Attributes
+    ----------
+    rows : list of dict
+        One per (method, strength, prompt set), with :data:`CSV_COLUMNS`; the ``none`` baseline
+        (strength 0) first.
+    pareto_front : list of str
+        Configurations on the front (``method`` or ``method@strength`` when several strengths
+        of a method were compared), in order of memorization rate.
+    recommended : str or None
+    recommendation_reason : str
+    notes : list of str
+    config : ComparisonConfig
+    threshold : dict
+    encoder : dict
+    prompts : dict
+        The prompts of each set.
+    utility_reference : dict
+        The same utility metrics for real training images (what "as good as real" scores).
+    seconds : float
+    out : pathlib.Path or None
+    files : dict
+    """
+
+    rows: list[dict[str, Any]]
+    pareto_front: list[str]
+    recommended: str | None
+    recommendation_reason: str
+    notes: list[str]
+    config: ComparisonConfig
+    threshold: dict[str, Any]
+    encoder: dict[str, Any]
+    prompts: dict[str, list[str]]
+    utility_reference: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: str = ""
+    data_fingerprint: str = ""
+    seconds: float = 0.0
+    out: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> dict[str, dict[str, Any]]:
+        """The ``none`` rows by prompt set."""
+        return {r["prompt_set"]: r for r in self.rows if r["method"] == BASELINE}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``summary.json`` content."""
+        return {
+            "baseline": self.baseline,
+            "rows": [dict(r) for r in self.rows],
+            "pareto_front": list(self.pareto_front),
+            "recommended": self.recommended,
+            "recommendation_reason": self.recommendation_reason,
+            "notes": list(self.notes),
+            "config": self.config.to_dict(),
+            "encoder": dict(self.encoder),
+            "threshold": dict(self.threshold),
+            "prompts": {k: list(v) for k, v in self.prompts.items()},
+            "utility_reference": dict(self.utility_reference),
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "metrics": METRIC_NOTES,
+            "seconds": round(float(self.seconds), 3),
+            "files": dict(self.files),
+        }
+
+
+METRIC_NOTES = {
+    "memorization_rate": "fraction of generations whose nearest training image is more similar "
+                         "than the calibrated copy threshold (the detector's verdict)",
+    "prompt_memorization_rate": "fraction of prompts with at least one copy generation",
+    "mean_nn_similarity": "mean similarity of each generation to its nearest training image "
+                          "(the threshold's backend)",
+    "noise_magnitude": "mean ||eps(x_T, c) - eps(x_T, '')|| at the first sampling step with "
+                       "the method's embedding and attention changes (Wen et al., ICLR 2024); "
+                       "guidance schedules leave it unchanged",
+    "fid_in_domain": "Fréchet distance between the in-domain encoder embeddings of the "
+                     "generations and of the held-out real images (FID formula on our own "
+                     "chest X-ray encoder, NOT Inception FID; biased upwards for small sets, "
+                     "compare rows of equal size only)",
+    "alignment": "mean cosine of each generation's in-domain image embedding with its "
+                 "original prompt's text embedding (CLIPScore-like, in-domain encoder)",
+    "seconds_per_image": "wall time of the generations (mitigation included) per image, on "
+                         "this machine",
+}
+
+
+# ---------------------------------------------------------------------------- the run
+def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
+                        methods: str | Sequence[str] = "all",
+                        strengths: Mapping[str, Sequence[float]] | Sequence[float] | None = None,
+                        detect_dir: str | os.PathLike | None = None,
+                        encoder: Any = None, config: ComparisonConfig | None = None,
+                        command: str | Sequence[str] | None = None,
+                        **options: Any) -> MitigationComparison:
+    """Compare inference-time mitigations on memorized and control prompts: memorization
+    (copy verdicts, nearest similarity, noise magnitude) against utility (in-domain FID-like
+    distance, alignment, time), and write ``mitigations.csv``, ``summary.json``,
+    ``pareto.png`` to ``out``.
+
+    Parameters
+    ----------
+    model : path or DiffusionModelAdapter
+    data : path or CXRDataset
+        The model's training data (train split: the copy reference; validate/test: the
+        threshold's calibration and the real images of the Fréchet distance).
+    out : path
+        Output folder (never inside the data). Holds ``results.sqlite``: the same command again
+        skips finished configurations.
+    methods, strengths
+        See :class:`ComparisonConfig` (these two override ``config``'s).
+    detect_dir : path, optional
+        A ``diffmem detect`` output folder: reuse its verdicts (memorized prompts), threshold
+        and backend instead of detecting here.
+    encoder : path or InDomainEncoder, optional
+        The in-domain encoder of the utility metrics. Default: the embedded one
+        (:func:`diffmem.embed.default_encoder_dir`), only when the model card says the model
+        was trained on the data that encoder was trained on.
+    config : ComparisonConfig, optional
+    command : str or sequence, optional
+        The command line, recorded in the store.
+    **options
+        Any other :class:`ComparisonConfig` field (``n_prompts=4, generations=1, steps=10``
+        make a fast run).
+
+    Returns
+    -------
+    MitigationComparison
+
+    Raises
+    ------
+    ConfigError
+        Unknown method or option, strength out of range, no usable encoder.
+    DataError
+        No train split or no held-out images; a ``detect_dir`` without its files.
+    OutputError
+        ``out`` inside the data or not writable.
+    """
+    started = time.perf_counter()
+    # 1. check inputs (cheap first)
+    unknown = sorted(set(options) - {f for f in ComparisonConfig.__dataclass_fields__})
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(ComparisonConfig.__dataclass_fields__)}")
+    config = replace(config or ComparisonConfig(), methods=methods, strengths=strengths,
+                     **options).validated()
+    from diffmem.data import CXRDataset, load
+
+    dataset = data if isinstance(data, CXRDataset) else load(data)
+    train_set = dataset.subset(split="train")
+    heldout = dataset.subset(split=["validate", "test"])
+    if len(train_set) < 2:
+        raise DataError("the data has fewer than 2 training images; the copy verdicts compare "
+                        "generations with the images the model was trained on", path=dataset.root)
+    if len(heldout) < 2:
+        raise DataError("the data has fewer than 2 validate/test images; they calibrate the copy "
+                        "threshold and are the real images of the Fréchet distance",
+                        path=dataset.root)
+    detect_info = _read_detect_dir(Path(detect_dir)) if detect_dir is not None else None
+    model_source = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    inputs = [dataset.root] + [p for p in (model_source, detect_dir) if p is not None]
+    out = prepare_out_dir(out, inputs=inputs)
+    notes: list[str] = []
+
+    # 2. model and encoder
+    from diffmem.detect.scores import default_guidance
+    from diffmem.models import load_model
+
+    adapter = model if hasattr(model, "sample") and hasattr(model, "fingerprint") \
+        else load_model(model)
+    enc, enc_info = _resolve_encoder(encoder, adapter, model_source)
+    guidance = default_guidance(adapter) if config.guidance is None else float(config.guidance)
+    model_fp, data_fp = adapter.fingerprint(), train_set.fingerprint()
+
+    # 3. threshold, reference features, prompt sets
+    backend, reference, threshold = _verdict_setup(config, detect_info, train_set, heldout, out)
+    if detect_info is not None:
+        sets = _sets_from_detect(detect_info, config, model_fp, notes)
+    else:
+        sets = _detect_sets(adapter, dataset, config, guidance, backend, reference, threshold)
+    if not sets["memorized"]:
+        notes.append("no memorized prompts found" + (
+            f" among the {detect_info['n_scanned']} prompts of the detect run"
+            if detect_info else f" among the top {config.candidates or 3 * config.n_prompts} "
+            "noise-magnitude training prompts") + "; the comparison ran on the control set only")
+    notes.append(f"utility is measured with the in-domain encoder {enc_info['path']} (not "
+                 "Inception FID, not OpenAI CLIP): compare values only within this encoder")
+    notes.append(f"{config.steps} DDIM steps, {config.generations} generation(s) per prompt, "
+                 f"{config.n_prompts} prompts per set: smaller than the papers' 50 steps and "
+                 "hundreds of prompts; read small differences as noise")
+    real = _real_features(enc, heldout, train_set, config)
+
+    # 4. every configuration on every set, resumable through the store
+    configs = [(BASELINE, 0.0)] + [(m, s) for m in config.methods for s in config.strengths[m]]
+    peo_target = None
+    store = ResultsStore(out / STORE_NAME)
+    try:
+        run_id = store.start_run(model_fp, data_fingerprint=data_fp, command=command,
+                                 params={**config.to_dict(), "guidance": guidance})
+        units: dict[tuple[str, float, str], dict[str, Any]] = {}
+        work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
+        for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
+            params = {}
+            if method == "prompt_embedding_optimization" and \
+                    get_mitigation(method).params.get("target") is None:
+                if peo_target is None:
+                    base = units.get((BASELINE, 0.0, "control")) or \
+                        units.get((BASELINE, 0.0, "memorized"))
+                    peo_target = float(np.median(base["noise_magnitude"]))
+                params["target"] = peo_target
+            units[(method, strength, set_name)] = _unit(
+                store, run_id, adapter, method, strength, params, sets[set_name], set_name,
+                config, guidance, backend, reference, enc, model_fp, data_fp)
+    finally:
+        store.close()
+    if peo_target is not None:
+        notes.append(f"prompt_embedding_optimization stops at the median first-step noise "
+                     f"magnitude of the baseline control prompts ({peo_target:.4g})")
+
+    # 5. metrics, front, recommendation
+    rows = [_row(method, strength, set_name, unit, threshold, real, sets[set_name], enc)
+            for (method, strength, set_name), unit in units.items()]
+    multi = {m for m in config.methods if len(config.strengths[m]) > 1}
+    front = pareto_front(rows, utility=config.utility,
+                         prompt_set="memorized" if sets["memorized"] else "control")
+    for r in rows:
+        r["pareto"] = (r["method"], r["strength"]) in front
+    labels = [_label(m, s, multi) for m, s in front]
+    recommended, reason = _recommend(rows, front, config, multi,
+                                     "memorized" if sets["memorized"] else "control")
+    result = MitigationComparison(
+        rows=rows, pareto_front=labels, recommended=recommended, recommendation_reason=reason,
+        notes=notes, config=config, threshold=threshold.to_dict(), encoder=enc_info,
+        prompts={k: list(v) for k, v in sets.items()}, utility_reference=real["reference"],
+        model_fingerprint=model_fp, data_fingerprint=data_fp, out=out)
+
+    # 6. files
+    result.seconds = time.perf_counter() - started
+    _write_outputs(result, out, multi)
+    return result
+
+
+# ---------------------------------------------------------------------------- inputs
+def _read_detect_dir(folder: Path) -> dict[str, Any]:
+    scores, summary = folder / "scores.csv", folder / "summary.json"
+    for f in (scores, summary):
+        if not f.is_file():
+            raise DataError(f"{f.name} is missing; --detect takes the --out folder of a finished "
+                            "`diffmem detect` run (with the nn method)", path=folder)
+    try:
+        info = json.loads(summary.read_text(encoding="utf-8"))
+        with open(scores, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the detect run's files ({e})", path=folder) from None
+    if not info.get("threshold") or "nn" not in (info.get("config") or {}).get("methods", []):
+        raise DataError("this detect run has no copy threshold (it ran without the nn method); "
+                        "run `diffmem detect` with --methods including nn", path=folder)
+    main = [r for r in rows if r.get("kind") in ("train", "prompt")]
+    return {"folder": folder, "summary": info, "rows": main, "n_scanned": len(main)}
+
+
+def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None):
+    from diffmem.embed import default_encoder_dir, load_encoder
+
+    if encoder is not None:
+        enc = encoder if hasattr(encoder, "embed_images") else load_encoder(encoder)
+        return enc, {"path": str(enc.path or repr(enc)), "fingerprint": enc.fingerprint(),
+                     "default": False, "data_fingerprint": (enc.config.get("data") or {})
+                     .get("fingerprint")}
+    folder = default_encoder_dir()
+    enc_data = json.loads((folder / "encoder_config.json").read_text(encoding="utf-8"))
+    enc_fp = (enc_data.get("data") or {}).get("fingerprint")
+    card_dir = model_source or (Path(adapter.source) if getattr(adapter, "source", None)
+                                else None)
+    card_fp = None
+    if card_dir is not None and (card_dir / "model_card.json").is_file():
+        try:
+            card = json.loads((card_dir / "model_card.json").read_text(encoding="utf-8"))
+            card_fp = (card.get("data") or {}).get("fingerprint")
+        except (OSError, ValueError):
+            card_fp = None
+    if card_fp is None or card_fp != enc_fp:
+        raise ConfigError(
+            "the utility metrics need an in-domain encoder trained on this model's data: the "
+            f"embedded default encoder was trained on data {enc_fp}, and the model's card says "
+            f"{card_fp or 'nothing (no model_card.json)'}. Train one with `diffmem embed train "
+            "--data DATA --out ENC` and pass --encoder ENC")
+    enc = load_encoder(folder)
+    return enc, {"path": str(folder), "fingerprint": enc.fingerprint(), "default": True,
+                 "data_fingerprint": enc_fp}
+
+
+def _verdict_setup(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
+                   heldout: Any, out: Path):
+    """Backend, training-image features (cached in ``out/cache``) and copy threshold."""
+    from diffmem.detect.calibrate import calibrate_threshold, fixed_threshold
+    from diffmem.detect.neighbors import ReferenceFeatures, nearest_neighbors
+    from diffmem.detect.similarity import get_backend
+
+    if detect_info is not None:
+        dconf = detect_info["summary"]["config"]
+        name, options = dconf.get("backend", "pixel"), dict(dconf.get("backend_options") or {})
+    else:
+        name, options = config.backend, dict(config.backend_options)
+    if name == "embedding" and isinstance(options.get("encoder"), (str, os.PathLike)):
+        from diffmem.embed import load_encoder
+
+        options["encoder"] = load_encoder(options["encoder"])
+    backend = get_backend(name, **options)
+    reference = ReferenceFeatures.from_dataset(train_set, backend, split="train",
+                                               cache_dir=out / "cache")
+    if detect_info is not None:
+        t = detect_info["summary"]["threshold"]
+        threshold = fixed_threshold(float(t["value"]))
+        threshold = replace(threshold, fpr=t.get("fpr"), n=int(t.get("n") or 0),
+                            method=f"from detect run ({t.get('method', 'heldout-quantile')})")
+        return backend, reference, threshold
+    nn = nearest_neighbors(heldout, reference, backend=backend, k=1)
+    return backend, reference, calibrate_threshold(nn.similarities[:, 0], fpr=config.fpr)
+
+
+def _sets_from_detect(info: dict, config: ComparisonConfig, model_fp: str,
+                      notes: list[str]) -> dict[str, list[str]]:
+    summary = info["summary"]
+    if summary.get("model_fingerprint") and summary["model_fingerprint"] != model_fp:
+        raise ConfigError(f"the detect run {info['folder']} scanned model "
+                          f"{summary['model_fingerprint']}, not this one ({model_fp}); its "
+                          "verdicts do not apply: pass that model or run detection again")
+    rows = info["rows"]
+
+    def sim(r):
+        try:
+            return float(r.get("nn_similarity") or "nan")
+        except ValueError:
+            return math.nan
+
+    memorized = sorted((r for r in rows if str(r.get("memorized")) == "1"),
+                       key=lambda r: (-sim(r), r["prompt"]))
+    clean = [r["prompt"] for r in rows if str(r.get("memorized")) == "0"]
+    if int((summary.get("config") or {}).get("seed", -1)) == config.seed:
+        notes.append("the detect run used the comparison's seed: the baseline's memorized-set "
+                     "rate is measured on the same initial noises the prompts were selected "
+                     "with (optimistic for the baseline; pass another --seed to avoid it)")
+    return {"memorized": [r["prompt"] for r in memorized[:config.n_prompts]],
+            "control": _sample(clean, config.n_prompts, config.seed)}
+
+
+def _sample(prompts: list[str], n: int, seed: int) -> list[str]:
+    prompts = sorted(set(prompts))
+    if len(prompts) <= n:
+        return prompts
+    rng = np.random.default_rng(seed)
+    return [prompts[i] for i in sorted(rng.choice(len(prompts), size=n, replace=False))]
+
+
+def _detect_sets(adapter: Any, dataset: Any, config: ComparisonConfig, guidance: float,
+                 backend: Any, reference: Any, threshold: Any) -> dict[str, list[str]]:
+    """Memorized and control prompts found with the detector's building blocks."""
+    from diffmem.detect.detector import training_prompts
+    from diffmem.detect.neighbors import nearest_neighbors
+    from diffmem.detect.scores import noise_magnitude
+
+    prompts = list(training_prompts(dataset))
+    if not prompts:
+        raise DataError("the training split has no non-empty prompt", path=dataset.root)
+    scores = noise_magnitude(adapter, prompts, num_inference_steps=config.steps,
+                             seed=config.seed, batch_size=max(config.batch_size, 32))
+    order = np.argsort(-scores, kind="stable")
+    n_cand = min(len(prompts), config.candidates or 3 * config.n_prompts)
+    candidates = [prompts[i] for i in order[:n_cand]]
+    sample = adapter.sample(candidates, n_per_prompt=config.detect_generations,
+                            steps=config.steps, guidance=guidance,
+                            seed=config.seed + DETECT_SEED_OFFSET, batch_size=config.batch_size)
+    nn = nearest_neighbors(sample.images, reference, backend=backend, k=1)
+    best = np.full(len(candidates), -np.inf)
+    copies = np.zeros(len(candidates), dtype=bool)
+    for r, p in enumerate(sample.prompt_index):
+        best[p] = max(best[p], nn.similarities[r, 0])
+        copies[p] |= bool(nn.similarities[r, 0] > threshold.value)
+    flagged = sorted((i for i in range(len(candidates)) if copies[i]), key=lambda i: -best[i])
+    memorized = [candidates[i] for i in flagged[:config.n_prompts]]
+    below = set(prompts[i] for i in order[len(order) // 2:]) - set(candidates)
+    return {"memorized": memorized, "control": _sample(list(below), config.n_prompts,
+                                                       config.seed)}
+
+
+def _real_features(enc: Any, heldout: Any, train_set: Any, config: ComparisonConfig):
+    """Held-out real images' embeddings (the Fréchet reference) and the utility metrics of
+    real training images of the same count as a set's generations (the "as real" level)."""
+    from diffmem.embed import alignment_score, frechet_distance
+
+    size = int(enc.image_size)
+    held = np.concatenate([imgs for _, imgs in heldout.iter_images(size=size, batch_size=128)])
+    held_emb = enc.embed_images(held)
+    n = config.n_prompts * config.generations
+    rng = np.random.default_rng(config.seed)
+    pick = sorted(rng.choice(len(train_set), size=min(n, len(train_set)), replace=False))
+    train_imgs = np.concatenate([imgs for _, imgs in train_set.iter_images(
+        size=size, batch_size=128, indices=np.array(pick))])
+    train_emb = enc.embed_images(train_imgs)
+    texts = enc.embed_texts([train_set[int(i)].prompt for i in pick])
+    reference = {
+        "n_heldout": int(len(held)),
+        "n_real": int(len(pick)),
+        "fid_in_domain_real_train": round(frechet_distance(train_emb, held_emb), 6)
+        if len(pick) >= 2 else None,
+        "alignment_real_train": round(float(alignment_score(train_emb, texts).mean()), 6),
+        "note": "the same metrics for real training images (as many as one set's generations) "
+                "against the held-out images: the level of a perfect generator",
+    }
+    return {"heldout": held_emb, "reference": reference}
+
+
+# ---------------------------------------------------------------------------- one unit
+def _unit(store: ResultsStore, run_id: int, adapter: Any, method: str, strength: float,
+          params: dict, prompts: list[str], set_name: str, config: ComparisonConfig,
+          guidance: float, backend: Any, reference: Any, enc: Any, model_fp: str,
+          data_fp: str) -> dict[str, Any]:
+    """Generate one (method, strength, set), or read it from the store."""
+    key = {"method": method, "strength": strength, "params": params, "prompts": prompts,
+           "generations": config.generations, "steps": config.steps, "guidance": guidance,
+           "seed": config.seed, "backend": backend.params(), "reference": data_fp,
+           "encoder": enc.fingerprint(),
+           "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
+    h = store.put_params(key)
+    name = f"{set_name}:{method}:{strength:g}"
+    stored = store.get(model_fp, name, "mitigate", h)
+    if stored is not None:
+        return stored["value"]
+    value = measure(adapter, prompts, method=method, strength=strength, params=params,
+                    generations=config.generations, steps=config.steps, guidance=guidance,
+                    seed=config.seed, batch_size=config.batch_size, backend=backend,
+                    reference=reference, encoder=enc)
+    store.put_many([{"model_fingerprint": model_fp, "prompt": name, "method": "mitigate",
+                     "params_hash": h, "value": value}], run_id=run_id)
+    return value
+
+
+def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: float,
+            params: Mapping[str, Any] | None = None, generations: int, steps: int,
+            guidance: float, seed: int, batch_size: int, backend: Any, reference: Any,
+            encoder: Any) -> dict[str, Any]:
+    """Generate with one mitigation and measure every generation (no files written).
+
+    Returns a JSON-ready dict of per-generation lists: ``prompt_index``, ``similarity``
+    (to the nearest training image), ``study_id``, ``noise_magnitude`` (first step), the
+    image embeddings ``embedding``, and ``seconds`` (wall time of the sampling).
+    """
+    import torch
+
+    from diffmem.detect.neighbors import nearest_neighbors
+    from diffmem.mitigate.registry import mitigation_hooks
+    from diffmem.models import SamplingHooks, combine_hooks
+
+    hooks = SamplingHooks() if method == BASELINE else \
+        mitigation_hooks(method, adapter, strength, seed=seed, **dict(params or {}))
+    probe = _FirstStepProbe(adapter)
+    started = time.perf_counter()
+    sample = adapter.sample(list(prompts), n_per_prompt=generations, steps=steps,
+                            guidance=guidance, seed=seed, batch_size=batch_size,
+                            hooks=combine_hooks(hooks, probe.hooks()))
+    seconds = time.perf_counter() - started
+    nn = nearest_neighbors(sample.images, reference, backend=backend, k=1)
+    emb = encoder.embed_images(sample.images)
+    magnitudes = torch.cat(probe.values).tolist() if probe.values else []
+    return {"prompt_index": sample.prompt_index.tolist(),
+            "similarity": [float(x) for x in nn.similarities[:, 0]],
+            "study_id": [str(x) for x in nn.study_ids[:, 0]] if nn.study_ids is not None
+            else [],
+            "noise_magnitude": [float(x) for x in magnitudes],
+            "embedding": np.round(emb.astype(np.float64), 6).tolist(),
+            "seconds": round(seconds, 4)}
+
+
+class _FirstStepProbe:
+    """Records ``||eps_c - eps_u||`` at the first step of every batch, as sampled (with the
+    mitigation's embeddings and attention hooks). When the first step skips the conditional
+    branch (guidance 0), it is computed from the batch's final embeddings and ``x_T``."""
+
+    def __init__(self, adapter: Any):
+        self.adapter = adapter
+        self.values: list[Any] = []
+        self._embeds: tuple[Any, Any] | None = None
+
+    def hooks(self):
+        from diffmem.models import SamplingHooks
+
+        def prompt_embeds(cond, uncond, prompts):
+            self._embeds = (cond, uncond)
+            return cond, uncond
+
+        def on_step(step_index, t, latents, eps_u, eps_c):
+            if step_index != 0:
+                return
+            if eps_c is None:
+                from diffmem.detect.scores import noise_magnitude_from_embeddings
+
+                cond, uncond = self._embeds
+                self.values.append(noise_magnitude_from_embeddings(
+                    self.adapter, cond, uncond, latents, t).cpu())
+            else:
+                self.values.append((eps_c.float() - eps_u.float()).flatten(1).norm(dim=1).cpu())
+
+        return SamplingHooks(prompt_embeds=prompt_embeds, on_step=on_step)
+
+
+# ---------------------------------------------------------------------------- metrics
+def _row(method: str, strength: float, set_name: str, unit: Mapping[str, Any], threshold: Any,
+         real: Mapping[str, Any], prompts: list[str], enc: Any) -> dict[str, Any]:
+    from diffmem.embed import alignment_score, frechet_distance
+
+    sims = np.asarray(unit["similarity"], dtype=np.float64)
+    copies = sims > threshold.value
+    index = np.asarray(unit["prompt_index"], dtype=np.int64)
+    emb = np.asarray(unit["embedding"], dtype=np.float64)
+    texts = enc.embed_texts([prompts[i] for i in index])
+    per_prompt = [bool(copies[index == p].any()) for p in range(len(prompts))]
+    return {
+        "method": method,
+        "strength": float(strength),
+        "prompt_set": set_name,
+        "n_prompts": len(prompts),
+        "n_generations": int(len(sims)),
+        "memorization_rate": round(float(copies.mean()), 6),
+        "prompt_memorization_rate": round(float(np.mean(per_prompt)), 6),
+        "mean_nn_similarity": round(float(sims.mean()), 6),
+        "noise_magnitude": round(float(np.mean(unit["noise_magnitude"])), 6)
+        if unit["noise_magnitude"] else None,
+        "fid_in_domain": round(frechet_distance(emb, real["heldout"]), 6),
+        "alignment": round(float(alignment_score(emb, texts).mean()), 6),
+        "seconds_per_image": round(float(unit["seconds"]) / max(1, len(sims)), 6),
+        "pareto": False,
+    }
+
+
+def pareto_front(rows: Sequence[Mapping[str, Any]], *, utility: str = "fid_in_domain",
+                 prompt_set: str = "memorized") -> list[tuple[str, float]]:
+    """Configurations ``(method, strength)`` not dominated in (memorization rate, utility) on
+    ``prompt_set``: no other configuration is at least as good on both and better on one.
+
+    Lower memorization is better; ``fid_in_domain`` lower, ``alignment`` higher. Sorted by
+    memorization rate, then utility.
+
+    Examples
+    --------
+    >>> rows = [dict(method="none", strength=0.0, prompt_set="memorized", memorization_rate=1.0,
+    ...              fid_in_domain=1.0),
+    ...         dict(method="a", strength=1.0, prompt_set="memorized", memorization_rate=0.5,
+    ...              fid_in_domain=2.0),
+    ...         dict(method="b", strength=1.0, prompt_set="memorized", memorization_rate=0.5,
+    ...              fid_in_domain=3.0)]
+    >>> pareto_front(rows)
+    [('a', 1.0), ('none', 0.0)]
+    """
+    if utility not in UTILITIES:
+        raise ConfigError(f"utility={utility!r}; choose {' or '.join(UTILITIES)}")
+    sign = -1.0 if UTILITIES[utility] else 1.0
+    points = [(r["method"], float(r["strength"]), float(r["memorization_rate"]),
+               sign * float(r[utility])) for r in rows if r["prompt_set"] == prompt_set]
+    front = []
+    for m, s, x, y in points:
+        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for _, _, x2, y2 in points)
+        if not dominated:
+            front.append((x, y, m, s))
+    return [(m, s) for x, y, m, s in sorted(front)]
+
+
+def _label(method: str, strength: float, multi: set[str]) -> str:
+    return f"{method}@{strength:g}" if method in multi else method
+
+
+def _recommend(rows: list[dict[str, Any]], front: list[tuple[str, float]],
+               config: ComparisonConfig, multi: set[str], prompt_set: str):
+    by_key = {(r["method"], r["strength"]): r for r in rows if r["prompt_set"] == prompt_set}
+    base = by_key[(BASELINE, 0.0)]
+    u = config.utility
+    higher = UTILITIES[u]
+    tol = float(config.fid_tolerance)
+
+    def acceptable(r):
+        if higher:
+            return r[u] >= base[u] - tol * abs(base[u])
+        return r[u] <= base[u] * (1 + tol)
+
+    options = [by_key[k] for k in front if k[0] != BASELINE
+               and by_key[k]["memorization_rate"] < base["memorization_rate"]
+               and acceptable(by_key[k])]
+    if not options:
+        if base["memorization_rate"] == 0:
+            return None, (f"the baseline copies nothing on the {prompt_set} prompts at this "
+                          "threshold: no mitigation is needed there")
+        return None, (f"no mitigation lowers the memorization rate of the {prompt_set} prompts "
+                      f"below the baseline's {base['memorization_rate']:.2f} while keeping "
+                      f"{u} within {tol:.0%} of the baseline's ({base[u]:.4g})")
+    best = min(options, key=lambda r: (r["memorization_rate"], -r[u] if higher else r[u]))
+    label = _label(best["method"], best["strength"], multi)
+    return label, (f"on the Pareto front, lowest memorization rate on the {prompt_set} prompts "
+                   f"({best['memorization_rate']:.2f} vs {base['memorization_rate']:.2f} "
+                   f"without mitigation) with {u} {best[u]:.4g} within {tol:.0%} of the "
+                   f"baseline's {base[u]:.4g}")
+
+
+# ---------------------------------------------------------------------------- files
+def _write_outputs(result: MitigationComparison, out: Path, multi: set[str]) -> None:
+    from diffmem.mitigate.plots import plot_pareto
+
+    tmp = out / (CSV_NAME + ".tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+            w.writeheader()
+            for r in result.rows:
+                w.writerow({k: ("" if r[k] is None else
+                                str(r[k]).lower() if isinstance(r[k], bool) else r[k])
+                            for k in CSV_COLUMNS})
+        os.replace(tmp, out / CSV_NAME)
+    except OSError as e:
+        raise OutputError(f"cannot write {out / CSV_NAME}: {e.strerror}") from None
+    prompt_set = "memorized" if result.prompts.get("memorized") else "control"
+    result.files = {"csv": str(out / CSV_NAME), "summary": str(out / SUMMARY_NAME),
+                    "store": str(out / STORE_NAME)}
+    result.files["pareto"] = str(plot_pareto(
+        result.rows, out / PLOT_NAME, prompt_set=prompt_set, utility=result.config.utility,
+        labels={(m, s): _label(m, s, multi) for m, s in
+                {(r["method"], r["strength"]) for r in result.rows}}))
+    try:
+        write_json(out / SUMMARY_NAME, result.to_dict())
+    except OSError as e:
+        raise OutputError(f"cannot write {out / SUMMARY_NAME}: {e.strerror}") from None
+
