@@ -181,13 +181,16 @@ def test_bad_input(model, data, encoder, tmp_path):
 
 
 def test_pareto_front_against_a_hand_computed_case():
+    """Memorization on the memorized prompts, utility on the control prompts."""
+    table = (("none", 1.0, 9.0, 1.0, 0.9), ("a", 0.5, 9.0, 2.0, 0.8), ("b", 0.5, 1.0, 3.0, 0.85),
+             ("c", 0.0, 9.0, 5.0, 0.1), ("d", 1.0, 1.0, 1.5, 0.2))
     rows = [dict(method=m, strength=1.0, prompt_set="memorized", memorization_rate=x,
-                 fid_in_domain=y, alignment=a)
-            for m, x, y, a in (("none", 1.0, 1.0, 0.9), ("a", 0.5, 2.0, 0.8),
-                               ("b", 0.5, 3.0, 0.85), ("c", 0.0, 5.0, 0.1),
-                               ("d", 1.0, 1.5, 0.2))]
+                 fid_in_domain=fm, alignment=0.0) for m, x, fm, _, _ in table]
+    rows += [dict(method=m, strength=1.0, prompt_set="control", memorization_rate=0.0,
+                  fid_in_domain=fc, alignment=a) for m, _, _, fc, a in table]
     assert pareto_front(rows) == [("c", 1.0), ("a", 1.0), ("none", 1.0)]
     assert pareto_front(rows, utility="alignment") == [("c", 1.0), ("b", 1.0), ("none", 1.0)]
+    assert pareto_front(rows, utility_set="memorized") == [("c", 1.0), ("b", 1.0)]  # b beats d
 
 
 def test_parse_strengths_and_config_checks():

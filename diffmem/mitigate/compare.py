@@ -48,7 +48,7 @@ from diffmem.utils import prepare_out_dir, progress, write_json
 log = logging.getLogger(__name__)
 
 __all__ = ["CSV_COLUMNS", "ComparisonConfig", "MitigationComparison", "compare_mitigations",
-           "pareto_front", "parse_strengths"]
+           "pareto_front", "parse_strengths", "points"]
 
 CSV_NAME = "mitigations.csv"
 SUMMARY_NAME = "summary.json"
@@ -465,13 +465,13 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     rows = [_row(method, strength, set_name, unit, threshold, real, sets[set_name], enc)
             for (method, strength, set_name), unit in units.items()]
     multi = {m for m in config.methods if len(config.strengths[m]) > 1}
-    front = pareto_front(rows, utility=config.utility,
-                         prompt_set="memorized" if sets["memorized"] else "control")
+    axes = ("memorized" if sets["memorized"] else "control", "control")
+    front = pareto_front(rows, utility=config.utility, memorization_set=axes[0],
+                         utility_set=axes[1])
     for r in rows:
         r["pareto"] = (r["method"], r["strength"]) in front
     labels = [_label(m, s, multi) for m, s in front]
-    recommended, reason = _recommend(rows, front, config, multi,
-                                     "memorized" if sets["memorized"] else "control")
+    recommended, reason = _recommend(rows, front, config, multi, axes)
     result = MitigationComparison(
         rows=rows, pareto_front=labels, recommended=recommended, recommendation_reason=reason,
         notes=notes, config=config, threshold=threshold.to_dict(), encoder=enc_info,
@@ -778,34 +778,55 @@ def _row(method: str, strength: float, set_name: str, unit: Mapping[str, Any], t
     }
 
 
+def points(rows: Sequence[Mapping[str, Any]], *, utility: str = "fid_in_domain",
+           memorization_set: str = "memorized", utility_set: str = "control",
+           ) -> list[dict[str, Any]]:
+    """One point per configuration: its memorization rate on ``memorization_set`` and its
+    ``utility`` on ``utility_set`` (a configuration missing either is left out).
+
+    By default memorization is read on the memorized prompts and utility on the control
+    prompts: a deployed mitigation runs on every prompt, most of which are not memorized, and
+    on memorized prompts the baseline's utility is distorted by the copies themselves (a set of
+    near-identical copies has a large Fréchet distance to varied real images).
+    """
+    if utility not in UTILITIES:
+        raise ConfigError(f"utility={utility!r}; choose {' or '.join(UTILITIES)}")
+    mem = {(r["method"], float(r["strength"])): r for r in rows
+           if r["prompt_set"] == memorization_set}
+    use = {(r["method"], float(r["strength"])): r for r in rows if r["prompt_set"] == utility_set}
+    return [{"method": k[0], "strength": k[1], "memorization_rate": mem[k]["memorization_rate"],
+             "utility": use[k][utility]} for k in mem if k in use]
+
+
 def pareto_front(rows: Sequence[Mapping[str, Any]], *, utility: str = "fid_in_domain",
-                 prompt_set: str = "memorized") -> list[tuple[str, float]]:
-    """Configurations ``(method, strength)`` not dominated in (memorization rate, utility) on
-    ``prompt_set``: no other configuration is at least as good on both and better on one.
+                 memorization_set: str = "memorized", utility_set: str = "control",
+                 ) -> list[tuple[str, float]]:
+    """Configurations ``(method, strength)`` not dominated in (memorization rate on
+    ``memorization_set``, ``utility`` on ``utility_set``): no other configuration is at least
+    as good on both and better on one (see :func:`points`).
 
     Lower memorization is better; ``fid_in_domain`` lower, ``alignment`` higher. Sorted by
     memorization rate, then utility.
 
     Examples
     --------
-    >>> rows = [dict(method="none", strength=0.0, prompt_set="memorized", memorization_rate=1.0,
-    ...              fid_in_domain=1.0),
-    ...         dict(method="a", strength=1.0, prompt_set="memorized", memorization_rate=0.5,
-    ...              fid_in_domain=2.0),
-    ...         dict(method="b", strength=1.0, prompt_set="memorized", memorization_rate=0.5,
-    ...              fid_in_domain=3.0)]
+    >>> rows = [dict(method=m, strength=s, prompt_set=p, memorization_rate=x, fid_in_domain=y)
+    ...         for m, s, p, x, y in [("none", 0.0, "memorized", 1.0, 9.0),
+    ...                               ("none", 0.0, "control", 0.0, 1.0),
+    ...                               ("a", 1.0, "memorized", 0.5, 9.0),
+    ...                               ("a", 1.0, "control", 0.0, 2.0),
+    ...                               ("b", 1.0, "memorized", 0.5, 1.0),
+    ...                               ("b", 1.0, "control", 0.0, 3.0)]]
     >>> pareto_front(rows)
     [('a', 1.0), ('none', 0.0)]
     """
-    if utility not in UTILITIES:
-        raise ConfigError(f"utility={utility!r}; choose {' or '.join(UTILITIES)}")
     sign = -1.0 if UTILITIES[utility] else 1.0
-    points = [(r["method"], float(r["strength"]), float(r["memorization_rate"]),
-               sign * float(r[utility])) for r in rows if r["prompt_set"] == prompt_set]
+    pts = [(p["method"], p["strength"], float(p["memorization_rate"]), sign * float(p["utility"]))
+           for p in points(rows, utility=utility, memorization_set=memorization_set,
+                           utility_set=utility_set)]
     front = []
-    for m, s, x, y in points:
-        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for _, _, x2, y2 in points)
-        if not dominated:
+    for m, s, x, y in pts:
+        if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for _, _, x2, y2 in pts):
             front.append((x, y, m, s))
     return [(m, s) for x, y, m, s in sorted(front)]
 
@@ -815,34 +836,37 @@ def _label(method: str, strength: float, multi: set[str]) -> str:
 
 
 def _recommend(rows: list[dict[str, Any]], front: list[tuple[str, float]],
-               config: ComparisonConfig, multi: set[str], prompt_set: str):
-    by_key = {(r["method"], r["strength"]): r for r in rows if r["prompt_set"] == prompt_set}
+               config: ComparisonConfig, multi: set[str], sets: tuple[str, str]):
+    u, (mem_set, use_set) = config.utility, sets
+    by_key = {(p["method"], p["strength"]): p for p in points(
+        rows, utility=u, memorization_set=mem_set, utility_set=use_set)}
     base = by_key[(BASELINE, 0.0)]
-    u = config.utility
-    higher = UTILITIES[u]
-    tol = float(config.fid_tolerance)
+    higher, tol = UTILITIES[u], float(config.fid_tolerance)
 
-    def acceptable(r):
+    def acceptable(p):
         if higher:
-            return r[u] >= base[u] - tol * abs(base[u])
-        return r[u] <= base[u] * (1 + tol)
+            return p["utility"] >= base["utility"] - tol * abs(base["utility"])
+        return p["utility"] <= base["utility"] * (1 + tol)
 
     options = [by_key[k] for k in front if k[0] != BASELINE
                and by_key[k]["memorization_rate"] < base["memorization_rate"]
                and acceptable(by_key[k])]
     if not options:
         if base["memorization_rate"] == 0:
-            return None, (f"the baseline copies nothing on the {prompt_set} prompts at this "
+            return None, (f"the baseline copies nothing on the {mem_set} prompts at this "
                           "threshold: no mitigation is needed there")
-        return None, (f"no mitigation lowers the memorization rate of the {prompt_set} prompts "
+        return None, (f"no mitigation lowers the memorization rate of the {mem_set} prompts "
                       f"below the baseline's {base['memorization_rate']:.2f} while keeping "
-                      f"{u} within {tol:.0%} of the baseline's ({base[u]:.4g})")
-    best = min(options, key=lambda r: (r["memorization_rate"], -r[u] if higher else r[u]))
+                      f"{u} on the {use_set} prompts within {tol:.0%} of the baseline's "
+                      f"({base['utility']:.4g})")
+    best = min(options, key=lambda p: (p["memorization_rate"],
+                                       -p["utility"] if higher else p["utility"]))
     label = _label(best["method"], best["strength"], multi)
-    return label, (f"on the Pareto front, lowest memorization rate on the {prompt_set} prompts "
+    return label, (f"on the Pareto front, lowest memorization rate on the {mem_set} prompts "
                    f"({best['memorization_rate']:.2f} vs {base['memorization_rate']:.2f} "
-                   f"without mitigation) with {u} {best[u]:.4g} within {tol:.0%} of the "
-                   f"baseline's {base[u]:.4g}")
+                   f"without mitigation) with {u} on the {use_set} prompts "
+                   f"{best['utility']:.4g}, within {tol:.0%} of the baseline's "
+                   f"{base['utility']:.4g}")
 
 
 # ---------------------------------------------------------------------------- files
@@ -861,11 +885,15 @@ def _write_outputs(result: MitigationComparison, out: Path, multi: set[str]) -> 
         os.replace(tmp, out / CSV_NAME)
     except OSError as e:
         raise OutputError(f"cannot write {out / CSV_NAME}: {e.strerror}") from None
-    prompt_set = "memorized" if result.prompts.get("memorized") else "control"
+    mem_set = "memorized" if result.prompts.get("memorized") else "control"
     result.files = {"csv": str(out / CSV_NAME), "summary": str(out / SUMMARY_NAME),
                     "store": str(out / STORE_NAME)}
+    primary = result.config.utility
+    panels = {u: points(result.rows, utility=u, memorization_set=mem_set)
+              for u in (primary, *(u for u in UTILITIES if u != primary))}
     result.files["pareto"] = str(plot_pareto(
-        result.rows, out / PLOT_NAME, prompt_set=prompt_set, utility=result.config.utility,
+        panels, out / PLOT_NAME, memorization_set=mem_set,
+        front={(r["method"], r["strength"]) for r in result.rows if r["pareto"]},
         labels={(m, s): _label(m, s, multi) for m, s in
                 {(r["method"], r["strength"]) for r in result.rows}}))
     try:

@@ -1,11 +1,11 @@
 """The comparison's figure: memorization rate against utility for every (method, strength),
-the Pareto front joined and named. Takes computed rows, writes one PNG (matplotlib's Agg
+the Pareto front joined and named. Takes computed points, writes one PNG (matplotlib's Agg
 canvas); computes nothing."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +17,40 @@ _AXES = {"fid_in_domain": "in-domain Fréchet distance to held-out images (lower
          "alignment": "in-domain prompt-image alignment (higher = better)"}
 
 
-def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                prompt_set: str = "memorized", utility: str = "fid_in_domain",
+def plot_pareto(panels: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, *,
+                front: Collection[tuple[str, float]], memorization_set: str = "memorized",
+                utility_set: str = "control",
                 labels: Mapping[tuple[str, float], str] | None = None) -> Path:
-    """Memorization rate (y) against each utility metric (x), one panel per metric, for the
-    rows of ``prompt_set``; points with ``pareto`` true are joined (front of ``utility``) and
-    labelled. Returns the PNG path."""
-    fig = _figure(11.0, 4.6)
-    points = [r for r in rows if r["prompt_set"] == prompt_set]
+    """One panel per utility metric: memorization rate (y, on ``memorization_set``) against the
+    metric (x, on ``utility_set``), one point per configuration (from
+    :func:`~diffmem.mitigate.compare.points`). The first panel's metric defines ``front``:
+    those points are joined and named in bold. Returns the PNG path."""
+    fig = _figure(5.5 * len(panels), 4.6)
     labels = labels or {}
-    for k, metric in enumerate(("fid_in_domain", "alignment")):
-        ax = fig.add_subplot(1, 2, k + 1)
-        for r in points:
-            name = labels.get((r["method"], r["strength"]), r["method"])
-            base = r["method"] == "none"
-            on_front = bool(r["pareto"]) and metric == utility
-            ax.scatter([r[metric]], [r["memorization_rate"]], s=60 if on_front else 36,
+    for k, (metric, pts) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        for p in pts:
+            key = (p["method"], p["strength"])
+            on_front = key in front and k == 0
+            base = p["method"] == "none"
+            ax.scatter([p["utility"]], [p["memorization_rate"]], s=70 if on_front else 36,
                        marker="*" if base else "o", zorder=3,
                        color="#c0392b" if on_front else ("#7f8c8d" if base else "#2e86c1"))
-            ax.annotate(name, (r[metric], r["memorization_rate"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points",
+            ax.annotate(labels.get(key, p["method"]), (p["utility"], p["memorization_rate"]),
+                        fontsize=7, xytext=(4, 3), textcoords="offset points",
                         fontweight="bold" if on_front else "normal")
-        if metric == utility:
-            front = sorted((r for r in points if r["pareto"]), key=lambda r: r[metric])
-            if len(front) > 1:
-                ax.plot([r[metric] for r in front], [r["memorization_rate"] for r in front],
+        if k == 0:
+            line = sorted((p for p in pts if (p["method"], p["strength"]) in front),
+                          key=lambda p: p["memorization_rate"])
+            if len(line) > 1:
+                ax.plot([p["utility"] for p in line], [p["memorization_rate"] for p in line],
                         color="#c0392b", lw=1, zorder=2, label="Pareto front")
                 ax.legend(fontsize=8, loc="best")
-        ax.set_xlabel(_AXES[metric], fontsize=8)
-        ax.set_ylabel(f"memorization rate ({prompt_set} prompts)", fontsize=8)
+        ax.set_xlabel(f"{_AXES.get(metric, metric)}\n({utility_set} prompts)", fontsize=8)
+        ax.set_ylabel(f"memorization rate ({memorization_set} prompts)", fontsize=8)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Mitigations: memorization vs utility ({prompt_set} prompts; "
-                 "in-domain encoder, not Inception)", fontsize=10)
+    fig.suptitle("Mitigations: memorization vs utility (in-domain encoder, not Inception)",
+                 fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
