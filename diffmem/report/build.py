@@ -78,19 +78,18 @@ REFERENCES = {
     "heusel2017": "M. Heusel, H. Ramsauer, T. Unterthiner, B. Nessler, S. Hochreiter. GANs "
                   "Trained by a Two Time-Scale Update Rule Converge to a Local Nash "
                   "Equilibrium. NeurIPS 2017 (the Frechet distance).",
-    "jain2025": "A. Jain et al. Classifier-free guidance with opposite and delayed guidance "
-                "against memorization (dynamic guidance). 2025.",
+    "jain2025": "A. Jain et al. Classifier-Free Guidance inside the Attraction Basin May "
+                "Cause Memorization. CVPR 2025.",
     "wu2025": "Y.-H. Wu, P. Marion, G. Biau, C. Boyer. Taking a Big Step: Large Learning Rates "
               "in Denoising Score Matching Prevent Memorization. COLT 2025.",
 }
 
 #: The methods behind the numbers, with the references they follow (shown in the report).
 METHODS = (
-    {"name": "Noise magnitude", "section": "detection", "refs": ["wen2024"],
+    {"name": "Noise magnitude", "section": "detection", "refs": ["wen2024", "iglewicz1993"],
      "how": "Norm of the difference between the text-conditional and unconditional noise "
             "predictions at the first sampling step(s); higher = more memorized. Flagged: a "
-            f"robust z-score >= {OUTLIER_Z:g} over the scanned prompts.",
-     "extra_refs": ["iglewicz1993"]},
+            f"robust z-score >= {OUTLIER_Z:g} over the scanned prompts."},
     {"name": "Cross-attention entropy", "section": "detection", "refs": ["ren2024"],
      "how": "Entropy of the cross-attention over prompt tokens; low entropy (concentrated "
             "attention) goes with memorization."},
@@ -238,7 +237,8 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     _check_match(ident, dataset, det, scn, mit)
 
     # 3. facts of every section
-    fill = {"model": str(model), "data": str(data)}
+    fill = {"model": str(model), "data": str(data),
+            "results": str(results) if results is not None else "RESULTS"}
     todo = {k: v.format(**fill) for k, v in COMMANDS.items()}
     ds = _dataset_facts(dataset, scn)
     detection = _detection_facts(det) if det else None

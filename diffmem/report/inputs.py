@@ -28,14 +28,14 @@ __all__ = ["ReportInputs", "read_detect", "read_mitigate", "read_scan", "read_st
 
 #: What to run when a section's results are missing (``{model}``, ``{data}`` filled in).
 COMMANDS = {
-    "detect": "diffmem detect --model {model} --data {data} --out RESULTS/detect",
-    "scan": "diffmem scan {data} --model {model} --out RESULTS/scan",
-    "attributions": "diffmem scan {data} --model {model} --out RESULTS/scan  (a scan with "
+    "detect": "diffmem detect --model {model} --data {data} --out {results}/detect",
+    "scan": "diffmem scan {data} --model {model} --out {results}/scan",
+    "attributions": "diffmem scan {data} --model {model} --out {results}/scan  (a scan with "
                     "--model writes the per-prompt attributions, attributions.jsonl)",
-    "mitigate": "diffmem mitigate --model {model} --data {data} --out RESULTS/mitigate",
-    "study": "diffmem study toy --out RESULTS/study/toy;  diffmem study lr --data {data} --out "
-             "RESULTS/study/lr;  diffmem study train-mitigations --data {data} --out "
-             "RESULTS/study/train-mitigations",
+    "mitigate": "diffmem mitigate --model {model} --data {data} --out {results}/mitigate",
+    "study": "diffmem study toy --out {results}/study/toy;  diffmem study lr --data {data} --out "
+             "{results}/study/lr;  diffmem study train-mitigations --data {data} --out "
+             "{results}/study/train-mitigations",
 }
 
 
