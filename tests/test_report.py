@@ -257,6 +257,8 @@ def test_report_has_every_section_and_the_same_facts_as_json(full):
         "model_fingerprint", facts["reproducibility"]["model_fingerprint"])
     assert len(facts["attribution"]["heat"]) == 5
     assert "diffmem-attribution" in html  # heat-coloured prompts
+    # copies from the empty and unrelated prompts are shown too (2 + 1 generations)
+    assert html.count('class="panel orphan"') == 3
     assert "deid_marker_randomization" in html and "Toy score matching" in html
     assert "&lt;b&gt;study&lt;/b&gt;" in html  # study titles are escaped too
     assert facts["studies"][0]["figures"] == ["toy.png"]  # the missing figure is left out
@@ -416,3 +418,26 @@ def test_report_renders_in_headless_chromium(full, tmp_path):
     assert 'id="pwned"' not in dom
     assert "&lt;script&gt;document.title='pwned'" in dom  # it is shown as text
     assert re.search(r'id="risk-level">high<', dom)
+
+
+def test_dicom_header_phi_is_counted_without_its_values(make_mimic_tree, model, tmp_path):
+    from diffmem.data.dicom import write_dicom
+
+    from conftest import xray
+
+    root = make_mimic_tree(kind="dicom")
+    target = sorted((root / "files").rglob("*.dcm"))[0]
+    write_dicom(target, xray(0), phi={"PatientName": "Doe^Jane", "PatientID": "98765432"},
+                attributes={"ViewPosition": "PA"})
+    result = build_report(tmp_path / "r", model=model, data=root, images="omit")
+    html, text = _html(result), result.json.read_text()
+    facts = json.loads(text)
+    phi = facts["dataset"]["inspect"]["dicom_phi"]
+    assert phi["files"] == 6 and phi["files_with_phi"] == 1
+    assert phi["by_keyword"] == {"PatientName": 1, "PatientID": 1}
+    assert "1 of 6 DICOM files carry identifying header elements" in html
+    assert "<code>PatientName</code>" in html
+    for value in ("Doe^Jane", "Doe", "98765432"):
+        assert value not in html and value not in text
+    assert result.sections["detection"].startswith("diffmem detect")
+    assert result.risk == "not assessed"

@@ -393,6 +393,10 @@ def _dataset_facts(dataset: Any, scn: dict | None) -> dict[str, Any]:
     from diffmem.data.inspect import summarize
 
     summary = summarize(verify_images(dataset, on_error="skip"))
+    if "dicom_phi" in summary:  # where identifying elements are, never their values
+        phi = summary["dicom_phi"]
+        phi["examples"] = [{k: v for k, v in x.items() if k != "value"}
+                           for x in phi.get("examples", [])]
     train = dataset.subset(split="train")
     markers = marker_summary(train.prompts)
     prompt_clusters = (scn["summary"].get("duplicates") if scn else None)
@@ -554,8 +558,9 @@ def _summary_facts(risk: Any, detection: dict | None, attribution: dict | None,
         out["recommendation_reason"] = mitigation["recommendation_reason"]
     elif mitigation is not None:
         out["recommended_mitigation"] = None
-        out["recommendation_reason"] = ("the mitigation comparison names no recommendation; "
-                                        "see the mitigation section")
+        out["recommendation_reason"] = "No mitigation is recommended: " + (
+            mitigation["recommendation_reason"] or "the comparison names none; see the "
+            "mitigation section")
     else:
         out["recommended_mitigation"] = None
         out["recommendation_reason"] = (f"no mitigation comparison yet: run {todo['mitigate']} "
@@ -663,7 +668,7 @@ def _pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit
               stu: list[dict], mode: str) -> dict[str, Any]:
     """Everything the HTML shows that report.json does not hold: data URIs and HTML snippets
     made by diffmem's own (escaping) renderers."""
-    view: dict[str, Any] = {"figures": {}, "panels": [], "heat": [], "studies": [],
+    view: dict[str, Any] = {"figures": {}, "panels": [], "orphans": [], "heat": [], "studies": [],
                             "pareto": None, "tokens_chart": None}
     if det is not None:
         view["figures"] = {name: data_uri(path) for name, path in det["figures"].items()}
@@ -675,18 +680,9 @@ def _pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit
         for c in det["copies"]:
             copies.setdefault(c["prompt"], []).append(c)
         for p in facts["detection"]["top_flagged"]:
-            gens = []
-            for c in sorted(copies.get(p["prompt"], []), key=lambda c: -(c["similarity"] or 0)):
-                nearest = _nearest_record(by_study.get(c["study_id"], []), c["image"])
-                gens.append({
-                    "similarity": c["similarity"], "study_id": c["study_id"],
-                    "index": c["index"],
-                    "generated": None if c["image"] is None else patient_image(c["image"],
-                                                                              mode),
-                    "generated_saved": c["image"] is not None,
-                    "training": None if nearest is None else patient_image(nearest.image,
-                                                                           mode)})
-            view["panels"].append(gens)
+            view["panels"].append(_pairs(copies.get(p["prompt"], []), by_study, mode))
+        orphans = [c for c in det["copies"] if c["kind"] in ("unrelated", "unconditional")]
+        view["orphans"] = _pairs(orphans, by_study, mode)[:TOP_PROMPTS]
     if scn is not None:
         view["tokens_chart"] = _tokens_chart(scn)
         if scn["attributions"]:
@@ -700,6 +696,20 @@ def _pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit
     for s in stu:
         view["studies"].append([{"name": p.name, "uri": data_uri(p)} for p in s["figures"]])
     return view
+
+
+def _pairs(copies: list[dict[str, Any]], by_study: dict[str, list[Any]],
+           mode: str) -> list[dict[str, Any]]:
+    """Each copy generation (most similar first) with its nearest training image, as the image
+    mode shows them."""
+    out = []
+    for c in sorted(copies, key=lambda c: -(c["similarity"] or 0)):
+        nearest = _nearest_record(by_study.get(c["study_id"], []), c["image"])
+        out.append({"similarity": c["similarity"], "study_id": c["study_id"],
+                    "index": c["index"], "kind": c["kind"], "prompt": c["prompt"],
+                    "generated": None if c["image"] is None else patient_image(c["image"], mode),
+                    "training": None if nearest is None else patient_image(nearest.image, mode)})
+    return out
 
 
 def _nearest_record(records: list[Any], generated: Path | None) -> Any:
