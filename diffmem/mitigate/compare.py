@@ -862,11 +862,24 @@ def _recommend(rows: list[dict[str, Any]], front: list[tuple[str, float]],
     best = min(options, key=lambda p: (p["memorization_rate"],
                                        -p["utility"] if higher else p["utility"]))
     label = _label(best["method"], best["strength"], multi)
+    cost = _alignment_change(rows, best, sets)
     return label, (f"on the Pareto front, lowest memorization rate on the {mem_set} prompts "
                    f"({best['memorization_rate']:.2f} vs {base['memorization_rate']:.2f} "
                    f"without mitigation) with {u} on the {use_set} prompts "
                    f"{best['utility']:.4g}, within {tol:.0%} of the baseline's "
-                   f"{base['utility']:.4g}")
+                   f"{base['utility']:.4g}" + cost)
+
+
+def _alignment_change(rows: list[dict[str, Any]], best: Mapping[str, Any],
+                      sets: tuple[str, str]) -> str:
+    """``"; alignment ... -> ..."`` per prompt set, so a recommendation shows its other cost."""
+    parts = []
+    for name in dict.fromkeys(sets):
+        pair = {r["method"]: r["alignment"] for r in rows if r["prompt_set"] == name and (
+            (r["method"], r["strength"]) in ((BASELINE, 0.0), (best["method"], best["strength"])))}
+        if len(pair) == 2:
+            parts.append(f"{name} {pair[BASELINE]:.3f} -> {pair[best['method']]:.3f}")
+    return f"; its alignment changes {', '.join(parts)}" if parts else ""
 
 
 # ---------------------------------------------------------------------------- files

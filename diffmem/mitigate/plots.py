@@ -39,6 +39,10 @@ def plot_pareto(panels: Mapping[str, Sequence[Mapping[str, Any]]], path: str | o
             ax.annotate(labels.get(key, p["method"]), (p["utility"], p["memorization_rate"]),
                         fontsize=7, xytext=(4, 3), textcoords="offset points",
                         fontweight="bold" if on_front else "normal")
+        for p in pts:
+            if p["method"] == "none":  # the unmitigated model: reference lines
+                ax.axhline(p["memorization_rate"], color="#7f8c8d", lw=0.8, ls="--", zorder=1)
+                ax.axvline(p["utility"], color="#7f8c8d", lw=0.8, ls="--", zorder=1)
         if k == 0:
             line = sorted((p for p in pts if (p["method"], p["strength"]) in front),
                           key=lambda p: p["memorization_rate"])
