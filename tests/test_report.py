@@ -441,3 +441,24 @@ def test_dicom_header_phi_is_counted_without_its_values(make_mimic_tree, model, 
         assert value not in html and value not in text
     assert result.sections["detection"].startswith("diffmem detect")
     assert result.risk == "not assessed"
+
+
+def test_an_inspect_json_of_these_data_is_reused(results, model, data, dataset, tmp_path):
+    from diffmem.data.inspect import summarize
+
+    layout = tmp_path / "results"
+    shutil.copytree(results, layout)
+    summary = summarize(dataset, images=False)
+    summary["near_duplicate_images"] = {"clusters": 99, "images_in_clusters": 0, "largest": [],
+                                        "cross_patient_clusters": 0, "threshold": 0.1}
+    (layout / "inspect.json").write_text(json.dumps(summary))
+    facts = json.loads(build_report(tmp_path / "a", model=model, data=data, results=layout)
+                       .json.read_text())
+    assert facts["dataset"]["inspect_source"] == str(layout / "inspect.json")
+    assert facts["dataset"]["inspect"]["near_duplicate_images"]["clusters"] == 99
+    summary["fingerprint"] = "another dataset"
+    (layout / "inspect.json").write_text(json.dumps(summary))
+    facts = json.loads(build_report(tmp_path / "b", model=model, data=data, results=layout)
+                       .json.read_text())
+    assert facts["dataset"]["inspect_source"] == "summarize"
+    assert facts["dataset"]["inspect"]["near_duplicate_images"]["clusters"] != 99

@@ -240,7 +240,8 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     fill = {"model": str(model), "data": str(data),
             "results": str(results) if results is not None else "RESULTS"}
     todo = {k: v.format(**fill) for k, v in COMMANDS.items()}
-    ds = _dataset_facts(dataset, scn)
+    ds = _dataset_facts(dataset, scn,
+                        None if results is None else Path(results) / "inspect.json")
     detection = _detection_facts(det) if det else None
     attribution = _attribution_facts(scn, detection)
     mitigation = _mitigation_facts(mit) if mit else None
@@ -387,12 +388,29 @@ def _check_match(ident: dict[str, Any], dataset: Any, det: dict | None, scn: dic
 
 
 # ---------------------------------------------------------------------------- 3. facts
-def _dataset_facts(dataset: Any, scn: dict | None) -> dict[str, Any]:
+def _dataset_facts(dataset: Any, scn: dict | None,
+                   inspected: Path | None = None) -> dict[str, Any]:
+    """The dataset section: :func:`diffmem.data.inspect.summarize` (or the ``inspect.json``
+    that ``diffmem demo`` wrote, when its fingerprint is this dataset's: inspecting decodes
+    every image), marker and PHI-like pattern counts of the training prompts, and the scan's
+    prompt clusters."""
     from diffmem.attribution.markers import marker_summary
     from diffmem.data import verify_images
     from diffmem.data.inspect import summarize
 
-    summary = summarize(verify_images(dataset, on_error="skip"))
+    summary = None
+    if inspected is not None and inspected.is_file():
+        try:
+            summary = json.loads(inspected.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            summary = None
+        if not isinstance(summary, dict) or summary.get("fingerprint") != dataset.fingerprint():
+            summary = None
+        else:
+            log.info("dataset summary from %s", inspected)
+    source = str(inspected) if summary is not None else "summarize"
+    if summary is None:
+        summary = summarize(verify_images(dataset, on_error="skip"))
     if "dicom_phi" in summary:  # where identifying elements are, never their values
         phi = summary["dicom_phi"]
         phi["examples"] = [{k: v for k, v in x.items() if k != "value"}
@@ -400,7 +418,8 @@ def _dataset_facts(dataset: Any, scn: dict | None) -> dict[str, Any]:
     train = dataset.subset(split="train")
     markers = marker_summary(train.prompts)
     prompt_clusters = (scn["summary"].get("duplicates") if scn else None)
-    return {"inspect": summary, "train_prompts": len(train), "markers": markers,
+    return {"inspect": summary, "inspect_source": source, "train_prompts": len(train),
+            "markers": markers,
             "prompt_clusters": prompt_clusters,
             "prompt_clusters_source": "scan (exact and TF-IDF near duplicates)" if scn else
             "inspect (exact duplicates only; run `diffmem scan` for near duplicates)"}
