@@ -462,3 +462,21 @@ def test_an_inspect_json_of_these_data_is_reused(results, model, data, dataset, 
                        .json.read_text())
     assert facts["dataset"]["inspect_source"] == "summarize"
     assert facts["dataset"]["inspect"]["near_duplicate_images"]["clusters"] != 99
+
+
+def test_bad_mitigation_and_scan_folders(results, model, data, mitigate_dir, tmp_path):
+    other = tmp_path / "mitigate"
+    shutil.copytree(mitigate_dir, other)
+    summary = json.loads((other / "summary.json").read_text())
+    (other / "summary.json").write_text(json.dumps({**summary, "model_fingerprint": "0" * 16}))
+    with pytest.raises(DataError, match="model mismatch: the mitigate results"):
+        build_report(tmp_path / "r", model=model, data=data, mitigate=other)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither summary.json nor mitigations.csv"):
+        build_report(tmp_path / "r", model=model, data=data, mitigate=tmp_path / "empty")
+    scan = tmp_path / "scan"
+    shutil.copytree(results / "scan", scan)
+    with open(scan / "attributions.jsonl", "a") as f:
+        f.write("not json\n")
+    with pytest.raises(DataError, match="attributions.jsonl: line 6 is not JSON"):
+        build_report(tmp_path / "r", model=model, data=data, scan=scan)
