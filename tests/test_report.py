@@ -243,6 +243,7 @@ def test_duplicate_images_in_the_data_keep_risk_at_medium():
 def test_report_has_every_section_and_the_same_facts_as_json(full):
     result = full["include"]
     html = _html(result)
+    assert "<strong>Patient data.</strong>" in html
     facts = json.loads(result.json.read_text())
     assert result.sections == {k: "included" for k in SECTIONS}
     for section in SECTIONS:
@@ -324,6 +325,7 @@ def test_attributions_missing_from_the_scan_are_explained(results, model, data, 
     result = build_report(tmp_path / "r", model=model, data=data, scan=scan)
     html = _html(result)
     assert "holds no per-prompt attributions" in html and "diffmem-attribution" not in html
+    assert "Nothing\n  was flagged as a copy" in html  # no patient-data warning without images
     assert result.risk == "not assessed"
 
 

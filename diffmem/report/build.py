@@ -702,6 +702,8 @@ def _pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit
             view["panels"].append(_pairs(copies.get(p["prompt"], []), by_study, mode))
         orphans = [c for c in det["copies"] if c["kind"] in ("unrelated", "unconditional")]
         view["orphans"] = _pairs(orphans, by_study, mode)[:TOP_PROMPTS]
+    view["patient_images"] = sum(bool(g[k]) for gens in view["panels"] + [view["orphans"]]
+                                 for g in gens for k in ("generated", "training"))
     if scn is not None:
         view["tokens_chart"] = _tokens_chart(scn)
         if scn["attributions"]:
