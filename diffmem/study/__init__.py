@@ -1,1 +1,40 @@
-"""Training studies: the score-matching toy (Wu et al. 2025), learning-rate sweeps, training-time mitigations."""
+"""Training studies: the score-matching toy (Wu et al., COLT 2025), learning-rate sweeps and
+training-time mitigations on chest X-ray models.
+
+* :func:`run_toy_study` (:mod:`diffmem.study.score_matching`): memorization against the SGD
+  learning rate for two-layer ReLU score networks in 1-D / 2-D;
+* :func:`run_lr_study` and :func:`run_train_mitigation_study` (:mod:`diffmem.study.cxr`): train
+  one CXR model per setting (resumable trainer folders) and measure both kinds of copying
+  (:mod:`diffmem.study.measure`) and the in-domain FID;
+* :mod:`diffmem.study.training`: the training-time mitigations as trainer hooks
+  (caption randomization, de-id marker randomization, Wen et al.'s loss filter, de-duplication).
+
+Every study returns a :class:`StudyResult` and writes ``study.json`` (see
+:mod:`diffmem.study.results`). Importing this package is cheap: torch loads on first use.
+"""
+
+from diffmem.study.results import StudyResult, write_study
+
+_LAZY = {
+    "run_toy_study": "diffmem.study.score_matching",
+    "ToyConfig": "diffmem.study.score_matching",
+    "run_lr_study": "diffmem.study.cxr",
+    "run_train_mitigation_study": "diffmem.study.cxr",
+    "MeasureConfig": "diffmem.study.measure",
+    "Measurement": "diffmem.study.measure",
+    "measure_model": "diffmem.study.measure",
+    "TrainingMitigation": "diffmem.study.training",
+    "get_training_mitigation": "diffmem.study.training",
+    "list_training_mitigations": "diffmem.study.training",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'diffmem.study' has no attribute {name!r}")
+
+
+__all__ = sorted(["StudyResult", "write_study", *_LAZY])

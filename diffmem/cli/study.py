@@ -1,0 +1,153 @@
+"""``diffmem study toy|lr|train-mitigations``: training studies of memorization."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+ORDER = 70
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, e.g. "
+                                         "0.05,0.1,0.5,2.0") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _measure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", metavar="ENC_DIR",
+                   help="in-domain encoder for the FID (default: the embedded one, when shipped)")
+    p.add_argument("--controls", type=int, default=20,
+                   help="non-planted training prompts scanned besides the planted ones (20)")
+    p.add_argument("--nn-generations", type=int, default=4,
+                   help="generations per prompt for the copy verdicts (4)")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per generation (25)")
+    p.add_argument("--fid-images", type=int,
+                   help="held-out records generated for the FID (default: all)")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="trainer checkpoint interval, for resuming killed runs (100)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "study", help="training studies: score-matching toy, learning rate, training mitigations",
+        description="Training-time studies of memorization. Each writes OUT/study.json, "
+                    "summary.json, a CSV and PNG figures; lr and train-mitigations train one "
+                    "model per setting under OUT/runs/ (re-running skips finished runs and "
+                    "resumes killed ones).")
+    p.set_defaults(handler=_no_subcommand, _parser=p)
+    sub = p.add_subparsers(dest="study_command", metavar="STUDY")
+
+    t = sub.add_parser("toy", help="Wu et al. (COLT 2025) score-matching toy in 1-D or 2-D",
+                       description="Two-layer ReLU score networks trained by SGD at several "
+                                   "learning rates (steps = flow_time / lr), sampled, and "
+                                   "compared with the empirical optimal score (MMD, fraction "
+                                   "near a training point, Gu et al.'s ratio).")
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--dim", type=int, default=1, choices=(1, 2))
+    t.add_argument("--lrs", type=_floats, default=[0.05, 0.1, 0.5, 2.0],
+                   help="comma-separated SGD learning rates (default 0.05,0.1,0.5,2.0)")
+    t.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    t.add_argument("--repeats", type=int, default=3,
+                   help="seeds seed..seed+repeats-1, each its own training set (default 3)")
+    t.add_argument("--flow-time", type=float, help="lr x steps of every run (default 3000)")
+    t.set_defaults(handler=run_toy)
+
+    lr = sub.add_parser("lr", help="learning-rate sweep of a CXR diffusion model",
+                        description="Train one model per learning rate and measure copies of "
+                                    "the prompt's own image, copies of any training image "
+                                    "(also from empty and unrelated prompts), the noise-"
+                                    "magnitude AUC and the in-domain FID.")
+    lr.add_argument("--data", required=True, help="dataset with ground_truth.csv (diffmem synth)")
+    lr.add_argument("--out", required=True, metavar="DIR")
+    lr.add_argument("--lrs", type=_floats, required=True, help="comma-separated learning rates")
+    lr.add_argument("--preset", default="demo", help="model preset (default demo)")
+    lr.add_argument("--steps", type=int, help="steps at the preset's lr (default: the preset's)")
+    lr.add_argument("--schedule", default="samples", choices=("samples", "inverse-lr"),
+                    help="samples: same steps for every lr (default); inverse-lr: steps x "
+                         "preset_lr / lr (Wu et al.'s 1/lr rule)")
+    lr.add_argument("--seed", type=int, default=0)
+    lr.add_argument("--batch-size", type=int)
+    lr.add_argument("--no-embedded", action="store_true",
+                    help="retrain the baseline even when the embedded default model is that run")
+    _measure_args(lr)
+    lr.set_defaults(handler=run_lr)
+
+    m = sub.add_parser("train-mitigations", help="training-time mitigations, measured",
+                       description="Train one model per mitigation (none, caption_randomization,"
+                                   " deid_randomization, loss_filter, dedup) with the same "
+                                   "settings and measure each like `study lr`.")
+    m.add_argument("--data", required=True)
+    m.add_argument("--out", required=True, metavar="DIR")
+    m.add_argument("--methods", type=_names,
+                   default=["none", "caption_randomization", "deid_randomization",
+                            "loss_filter", "dedup"],
+                   help="comma-separated (default: none and all four)")
+    m.add_argument("--options", type=json.loads, default=None,
+                   help='JSON: {"loss_filter": {"tau": 2.0}, "caption_randomization": '
+                        '{"p": 0.1, "mode": "add"}}')
+    m.add_argument("--preset", default="demo")
+    m.add_argument("--steps", type=int)
+    m.add_argument("--lr", type=float)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--batch-size", type=int)
+    _measure_args(m)
+    m.set_defaults(handler=run_mitigations)
+
+
+def _no_subcommand(args: argparse.Namespace) -> int:
+    args._parser.print_help()
+    return 2
+
+
+def _measure(args):
+    from diffmem.study.measure import MeasureConfig
+
+    return MeasureConfig(controls=args.controls, nn_generations=args.nn_generations,
+                         sample_steps=args.sample_steps, fid_images=args.fid_images)
+
+
+def _print(result) -> None:
+    print(result.title)
+    for line in result.findings:
+        print(f"- {line}")
+    print(f"results: {result.files.get('study')} ({result.seconds:.0f} s)")
+
+
+def run_toy(args: argparse.Namespace) -> int:
+    from diffmem.study.score_matching import ToyConfig, run_toy_study
+
+    cfg = ToyConfig() if args.flow_time is None else ToyConfig(flow_time=args.flow_time)
+    _print(run_toy_study(args.out, dim=args.dim, lrs=args.lrs, seed=args.seed,
+                         repeats=args.repeats, config=cfg, command=["diffmem", *sys.argv[1:]]))
+    return 0
+
+
+def run_lr(args: argparse.Namespace) -> int:
+    from diffmem.study.cxr import run_lr_study
+
+    _print(run_lr_study(args.data, args.out, lrs=args.lrs, preset=args.preset,
+                        steps=args.steps, schedule=args.schedule, seed=args.seed,
+                        batch_size=args.batch_size, use_embedded=not args.no_embedded,
+                        encoder=args.encoder, measure=_measure(args),
+                        checkpoint_every=args.checkpoint_every, threads=args.threads,
+                        command=["diffmem", *sys.argv[1:]]))
+    return 0
+
+
+def run_mitigations(args: argparse.Namespace) -> int:
+    from diffmem.study.cxr import run_train_mitigation_study
+
+    _print(run_train_mitigation_study(
+        args.data, args.out, methods=args.methods, options=args.options, preset=args.preset,
+        steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
+        encoder=args.encoder, measure=_measure(args), checkpoint_every=args.checkpoint_every,
+        threads=args.threads, command=["diffmem", *sys.argv[1:]]))
+    return 0

@@ -1,0 +1,284 @@
+"""Memorization and utility of one trained model, the way the training studies measure it.
+
+Memorization comes from the detector (:func:`diffmem.detect.detect`, with a restricted, faster
+configuration: :class:`MeasureConfig`), on the planted prompts plus a seeded sample of other
+training prompts, and split into the two kinds of copying:
+
+* ``memorization_rate_own``: planted prompts with a generation that copies the prompt's *own*
+  training image (its nearest training image, above the calibrated copy threshold, is one of
+  the prompt's studies or of its planted duplicate cluster);
+* ``memorization_rate_any``: planted prompts with a generation that copies *any* training image;
+* ``copy_rate_unconditional`` / ``copy_rate_unrelated``: copies among generations from the empty
+  prompt and from held-out prompts (copying without a prompt bound to the image);
+* ``noise_magnitude_auc``: how well Wen et al.'s noise magnitude separates planted from other
+  prompts (a prompt-bound signal: it cannot see copies the prompt does not drive).
+
+Utility is the in-domain FID (:func:`diffmem.embed.frechet_distance` on the in-domain encoder's
+features) between one generation per held-out record's prompt and the held-out real images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffmem.errors import ConfigError, DataError
+from diffmem.utils import write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MeasureConfig", "Measurement", "measure_model", "resolve_encoder"]
+
+
+@dataclass
+class MeasureConfig:
+    """How a study measures one model (restricted detector settings; fewer than
+    ``diffmem detect``'s defaults, for CPU budgets: stated in the outputs).
+
+    Attributes
+    ----------
+    controls : int
+        Non-planted training prompts scanned besides the planted ones (seeded sample).
+    nn_generations : int
+        Generations per prompt for the copy verdicts.
+    sample_steps : int
+        DDIM steps of every generation (detector and FID).
+    unconditional, unrelated : int
+        Generations from the empty prompt; held-out prompts generated from.
+    fpr : float
+        False-positive rate of the calibrated copy threshold.
+    fid_images : int or None
+        Held-out records whose prompts are generated from for the FID (None: all).
+    seed : int
+    batch_size : int
+    """
+
+    controls: int = 20
+    nn_generations: int = 4
+    sample_steps: int = 25
+    unconditional: int = 16
+    unrelated: int = 8
+    fpr: float = 0.01
+    fid_images: int | None = None
+    seed: int = 0
+    batch_size: int = 32
+
+    def detection_config(self, threads: int | None = None):
+        from diffmem.detect.detector import DetectionConfig
+
+        return DetectionConfig(methods=("noise", "nn"), nn_generations=self.nn_generations,
+                               sample_steps=self.sample_steps, unconditional=self.unconditional,
+                               unrelated=self.unrelated, fpr=self.fpr, seed=self.seed,
+                               batch_size=self.batch_size, threads=threads).validated()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Measurement:
+    """Memorization (both kinds) and utility of one model (see the module docstring)."""
+
+    memorization_rate_own: float | None
+    memorization_rate_any: float | None
+    copy_rate_unconditional: float | None
+    copy_rate_unrelated: float | None
+    control_copy_rate: float | None
+    noise_magnitude_auc: float | None
+    nn_similarity_auc: float | None
+    fid_in_domain: float | None
+    planted_prompts: int
+    control_prompts: int
+    copy_threshold: float | None
+    detect_seconds: float
+    fid_seconds: float
+    copied_studies_without_prompt: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_encoder(encoder: str | os.PathLike | None) -> Path | None:
+    """The encoder folder for the FID: ``encoder``, else the embedded default encoder when this
+    diffmem ships one, else None (FID not measured)."""
+    if encoder is not None:
+        path = Path(encoder)
+        if not (path / "encoder_config.json").is_file():
+            raise ConfigError(f"--encoder {str(path)!r} is not an encoder folder (no "
+                              "encoder_config.json); train one with `diffmem embed train`")
+        return path
+    try:
+        from diffmem.embed import default_encoder_dir
+    except ImportError:
+        return None
+    try:
+        path = Path(default_encoder_dir())
+    except Exception:  # noqa: BLE001 - a missing embedded encoder only disables the FID
+        return None
+    return path if (path / "encoder_config.json").is_file() else None
+
+
+def _clusters(dataset) -> dict[str, str]:
+    """study_id -> planted cluster id (from ground_truth.csv), for 'own image' matching."""
+    from diffmem.data.synth import read_ground_truth
+
+    if not (Path(dataset.root) / "ground_truth.csv").is_file():
+        return {}
+    out = {}
+    for row in read_ground_truth(dataset.root).values():
+        if row.get("cluster_id"):
+            out[str(row["study_id"])] = str(row["cluster_id"])
+    return out
+
+
+def choose_prompts(dataset, *, controls: int, seed: int) -> tuple[list[str], dict[str, int]]:
+    """Planted training prompts (all) plus ``controls`` other training prompts (seeded)."""
+    from diffmem.detect.detector import prompt_labels, training_prompts
+
+    prompts = list(training_prompts(dataset))
+    labels = prompt_labels(dataset)
+    if labels is None:
+        raise DataError("the study measures copies of planted duplicates and needs "
+                        "ground_truth.csv next to the data (written by `diffmem synth`)",
+                        path=dataset.root)
+    planted = [p for p in prompts if labels.get(p)]
+    others = [p for p in prompts if not labels.get(p)]
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(others), size=min(controls, len(others)), replace=False)) \
+        if others else []
+    if not planted:
+        raise DataError("ground_truth.csv marks no training prompt as planted; the study needs "
+                        "planted duplicates to measure copying", path=dataset.root)
+    return planted + [others[i] for i in pick], labels
+
+
+def copy_rates(result, clusters: dict[str, str]) -> dict[str, Any]:
+    """Own-image and any-image copy rates of a :class:`~diffmem.detect.DetectionResult`."""
+    scanned = result.of_kind("train", "prompt")
+    planted = [p for p in scanned if p.label == 1]
+    control = [p for p in scanned if p.label == 0]
+
+    def own(p) -> bool:
+        mine = set(p.study_ids) | {clusters[s] for s in p.study_ids if s in clusters}
+        return any(g.copy and (g.study_id in mine or clusters.get(g.study_id) in mine)
+                   for g in p.generations)
+
+    def rate(items, fn):
+        return sum(bool(fn(p)) for p in items) / len(items) if items else None
+
+    out = {"memorization_rate_own": rate(planted, own),
+           "memorization_rate_any": rate(planted, lambda p: p.memorized),
+           "control_copy_rate": rate(control, lambda p: p.memorized),
+           "planted_prompts": len(planted), "control_prompts": len(control)}
+    copied = set()
+    for kind in ("unconditional", "unrelated"):
+        gens = [g for p in result.of_kind(kind) for g in p.generations]
+        out[f"copy_rate_{kind}"] = (sum(g.copy for g in gens) / len(gens)) if gens else None
+        copied |= {g.study_id for g in gens if g.copy}
+    out["copied_studies_without_prompt"] = sorted(copied)
+    return out
+
+
+def _fid(adapter, dataset, encoder_dir: Path, cfg: MeasureConfig, guidance: float) -> float:
+    from diffmem.embed import frechet_distance, load_encoder
+
+    held = dataset.subset(split=["validate", "test"])
+    if len(held) < 3:
+        raise DataError(f"the in-domain FID needs held-out (validate/test) images; found "
+                        f"{len(held)}", path=dataset.root)
+    idx = list(range(len(held)))
+    if cfg.fid_images is not None and cfg.fid_images < len(idx):
+        idx = sorted(np.random.default_rng(cfg.seed).choice(len(idx), cfg.fid_images,
+                                                            replace=False).tolist())
+    encoder = load_encoder(encoder_dir)
+    # one generation per record: repeated prompts get generations 0, 1, ... of the same prompt
+    counts: dict[str, int] = {}
+    for i in idx:
+        counts[held[i].prompt] = counts.get(held[i].prompt, 0) + 1
+    prompts = list(counts)
+    sample = adapter.sample(prompts, n_per_prompt=max(counts.values()), steps=cfg.sample_steps,
+                            guidance=guidance, seed=cfg.seed + 1, batch_size=cfg.batch_size)
+    keep = [r for r in range(len(sample.images))
+            if sample.generation_index[r] < counts[prompts[sample.prompt_index[r]]]]
+    fake = sample.images[keep]
+    # real images at the model's resolution, so both sets take the same resize to the encoder
+    real = np.stack([held.load_image(i, size=fake.shape[-1]) for i in idx])
+    return float(frechet_distance(encoder.embed_images(fake), encoder.embed_images(real)))
+
+
+def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
+                  config: MeasureConfig | None = None, encoder: str | os.PathLike | None = None,
+                  threads: int | None = None) -> Measurement:
+    """Measure memorization (both kinds of copying) and in-domain FID of one model.
+
+    Parameters
+    ----------
+    model : path
+        A model folder.
+    data : CXRDataset or path
+        The training data with ``ground_truth.csv`` (planted labels) and validate/test splits.
+    out : path
+        Folder for the detector's files and ``measure.json`` (re-running reuses both).
+    config : MeasureConfig, optional
+    encoder : path, optional
+        In-domain encoder folder for the FID (default: :func:`resolve_encoder`).
+    threads : int, optional
+        Torch threads.
+
+    Returns
+    -------
+    Measurement
+    """
+    import time
+
+    from diffmem.data import CXRDataset, load
+    from diffmem.detect.detector import detect
+    from diffmem.detect.scores import default_guidance
+    from diffmem.models import load_model
+
+    cfg = config or MeasureConfig()
+    dataset = data if isinstance(data, CXRDataset) else load(data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = resolve_encoder(encoder)
+    key = {"config": cfg.to_dict(), "model": str(model), "encoder": str(enc)}
+    cached = out / "measure.json"
+    if cached.is_file():
+        saved = json.loads(cached.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return Measurement(**saved["measurement"])
+    prompts, _ = choose_prompts(dataset, controls=cfg.controls, seed=cfg.seed)
+    adapter = load_model(model)
+    t0 = time.perf_counter()
+    result = detect(adapter, dataset, out / "detect", config=cfg.detection_config(threads),
+                    prompts=prompts)
+    detect_s = time.perf_counter() - t0
+    rates = copy_rates(result, _clusters(dataset))
+    evals = result.evaluations
+    t1 = time.perf_counter()
+    fid = None
+    if enc is not None:
+        fid = _fid(adapter, dataset, enc, cfg, default_guidance(adapter))
+    else:
+        log.warning("no in-domain encoder (pass --encoder DIR from `diffmem embed train`): the "
+                    "FID is not measured")
+    m = Measurement(
+        noise_magnitude_auc=evals["noise_magnitude"].auc if "noise_magnitude" in evals else None,
+        nn_similarity_auc=evals["nn_similarity"].auc if "nn_similarity" in evals else None,
+        fid_in_domain=fid, copy_threshold=None if result.threshold is None
+        else float(result.threshold.value), detect_seconds=round(detect_s, 1),
+        fid_seconds=round(time.perf_counter() - t1, 1), **rates)
+    write_json(cached, {"key": key, "measurement": _finite(m.to_dict())})
+    return m
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in d.items()}

@@ -1,0 +1,97 @@
+"""Figures of the training studies (matplotlib, Agg). Each function draws one PNG from results
+already computed and returns its path; none computes a metric."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plot_metric_bars", "plot_metrics_vs_lr", "plot_toy_samples"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(plt, fig, path: Path, title: str) -> Path:
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_toy_samples(train: np.ndarray, samples: Mapping[str, np.ndarray], path: Path, *,
+                     title: str) -> Path:
+    """Samples of each learning rate (and of the empirical optimal score) against the training
+    points, like Wu et al.'s figure: a histogram in 1-D, a scatter in 2-D."""
+    plt = _plt()
+    names = list(samples)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 2.8), squeeze=False)
+    dim = train.shape[1]
+    finite = [s[np.all(np.isfinite(s), axis=1)] for s in samples.values()]
+    pooled = np.concatenate([train] + [f for f in finite if len(f)])
+    lo, hi = np.percentile(pooled, [1, 99], axis=0)
+    pad = 0.3 * (hi - lo) + 0.5
+    lo, hi = lo - pad, hi + pad
+    for ax, name, s in zip(axes[0], names, finite):
+        s = s[np.all((s >= lo) & (s <= hi), axis=1)] if len(s) else s
+        if dim == 1:
+            ax.hist(s[:, 0], bins=80, range=(lo[0], hi[0]), color="tab:blue", alpha=0.8)
+            for x in train[:, 0]:
+                ax.axvline(x, color="tab:red", lw=0.8, ls="--")
+            ax.set_yticks([])
+        else:
+            ax.scatter(s[:, 0], s[:, 1], s=3, alpha=0.5, color="tab:blue")
+            ax.scatter(train[:, 0], train[:, 1], marker="x", color="tab:red", s=40)
+            ax.set_xlim(lo[0], hi[0])
+            ax.set_ylim(lo[1], hi[1])
+        ax.set_title(name, fontsize=9)
+    return _finish(plt, fig, path, title)
+
+
+def plot_metrics_vs_lr(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path,
+                       *, title: str, log_x: bool = True) -> Path:
+    """One panel per metric: mean over seeds (line) and each seed (dots) against the learning
+    rate. Missing or non-finite values are left out."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
+    lrs = sorted({float(r["lr"]) for r in records})
+    for ax, metric in zip(axes[0], metrics):
+        means = []
+        for lr in lrs:
+            vals = [r.get(metric) for r in records if float(r["lr"]) == lr]
+            vals = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+            ax.scatter([lr] * len(vals), vals, s=12, color="tab:gray", alpha=0.7)
+            means.append(np.mean(vals) if vals else np.nan)
+        ax.plot(lrs, means, "o-", color="tab:blue")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(metric, fontsize=9)
+    return _finish(plt, fig, path, title)
+
+
+def plot_metric_bars(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path,
+                     *, label: str, title: str) -> Path:
+    """One panel per metric, one bar per run (named by ``record[label]``)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.0 * len(metrics), 3.2), squeeze=False)
+    names = [str(r[label]) for r in records]
+    for ax, metric in zip(axes[0], metrics):
+        vals = [r.get(metric) for r in records]
+        vals = [np.nan if v is None else float(v) for v in vals]
+        ax.bar(range(len(vals)), vals, color="tab:blue")
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+    return _finish(plt, fig, path, title)
