@@ -26,8 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--detect", metavar="DIR", help="the --out folder of `diffmem detect`")
     p.add_argument("--scan", metavar="DIR", help="the --out folder of `diffmem scan`")
     p.add_argument("--mitigate", metavar="DIR", help="the --out folder of `diffmem mitigate`")
-    p.add_argument("--study", metavar="DIR", action="append", default=[],
-                   help="the --out folder of a `diffmem study` run (repeat for several)")
+    p.add_argument("--study", metavar="DIR", nargs="+", action="extend", default=[],
+                   help="--out folders of `diffmem study` runs (one or more)")
     images = p.add_mutually_exclusive_group()
     images.add_argument("--no-images", dest="images", action="store_const", const="omit",
                         help="leave every patient image out: no training image and no "

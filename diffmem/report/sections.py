@@ -1,0 +1,396 @@
+"""The facts of each report section, as JSON-ready dicts (``report.json`` holds them; the HTML
+template shows them): what the results say, never pictures. Also the methods the report
+relies on and the papers they come from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffmem.report.risk import OUTLIER_Z, noise_outliers
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "REFERENCES", "attribution_facts", "dataset_facts", "detection_facts",
+           "flag_prompts", "jsonable", "mitigation_facts", "reproducibility", "study_facts",
+           "summary_facts"]
+
+#: Flagged prompts shown with their images and heat-coloured attributions.
+TOP_PROMPTS = 8
+#: Risky tokens listed in the summary and the attribution table.
+TOP_TOKENS = 5
+TABLE_TOKENS = 15
+
+#: Papers the methods come from, by key (each method of the report cites one or more).
+REFERENCES = {
+    "wen2024": "Y. Wen, Y. Liu, C. Chen, L. Lyu. Detecting, Explaining, and Mitigating "
+               "Memorization in Diffusion Models. ICLR 2024.",
+    "ren2024": "J. Ren, Y. Li, S. Zeng, H. Xu, L. Lyu, Y. Xing, J. Tang. Unveiling and "
+               "Mitigating Memorization in Text-to-image Diffusion Models through Cross "
+               "Attention. ECCV 2024.",
+    "gu2023": "X. Gu, C. Du, T. Pang, C. Li, M. Lin, Y. Wang. On Memorization in Diffusion "
+              "Models. arXiv:2310.02664 (2023).",
+    "carlini2023": "N. Carlini, J. Hayes, M. Nasr, M. Jagielski, V. Sehwag, F. Tramer, B. "
+                   "Balle, D. Ippolito, E. Wallace. Extracting Training Data from Diffusion "
+                   "Models. USENIX Security 2023.",
+    "somepalli2023a": "G. Somepalli, V. Singla, M. Goldblum, J. Geiping, T. Goldstein. "
+                      "Diffusion Art or Digital Forgery? Investigating Data Replication in "
+                      "Diffusion Models. CVPR 2023.",
+    "somepalli2023b": "G. Somepalli, V. Singla, M. Goldblum, J. Geiping, T. Goldstein. "
+                      "Understanding and Mitigating Copying in Diffusion Models. NeurIPS 2023.",
+    "dutt2025": "R. Dutt et al. The Devil is in the Prompts: De-Identification Traces "
+                "Enhance Memorization Risks in Synthetic Chest X-Ray Generation. 2025.",
+    "monroe2008": "B. L. Monroe, M. P. Colaresi, K. M. Quinn. Fightin' Words: Lexical Feature "
+                  "Selection and Evaluation for Identifying the Content of Political Conflict. "
+                  "Political Analysis 16(4), 2008.",
+    "iglewicz1993": "B. Iglewicz, D. C. Hoaglin. How to Detect and Handle Outliers. ASQC "
+                    "Quality Press, 1993 (robust z-scores from the median absolute deviation).",
+    "heusel2017": "M. Heusel, H. Ramsauer, T. Unterthiner, B. Nessler, S. Hochreiter. GANs "
+                  "Trained by a Two Time-Scale Update Rule Converge to a Local Nash "
+                  "Equilibrium. NeurIPS 2017 (the Frechet distance).",
+    "jain2025": "A. Jain et al. Classifier-Free Guidance inside the Attraction Basin May "
+                "Cause Memorization. CVPR 2025.",
+    "wu2025": "Y.-H. Wu, P. Marion, G. Biau, C. Boyer. Taking a Big Step: Large Learning Rates "
+              "in Denoising Score Matching Prevent Memorization. COLT 2025.",
+}
+
+#: The methods behind the numbers, with the references they follow (shown in the report).
+METHODS = (
+    {"name": "Noise magnitude", "section": "detection", "refs": ["wen2024", "iglewicz1993"],
+     "how": "Norm of the difference between the text-conditional and unconditional noise "
+            "predictions at the first sampling step(s); higher = more memorized. Flagged: a "
+            f"robust z-score >= {OUTLIER_Z:g} over the scanned prompts."},
+    {"name": "Cross-attention entropy", "section": "detection", "refs": ["ren2024"],
+     "how": "Entropy of the cross-attention over prompt tokens; low entropy (concentrated "
+            "attention) goes with memorization."},
+    {"name": "Calibrated copy verdicts", "section": "detection",
+     "refs": ["carlini2023", "somepalli2023a"],
+     "how": "Seeded generations are compared with every training image; a generation is a copy "
+            "when its nearest training image is more similar than held-out (never trained on) "
+            "real images' nearest training images are, at the chosen false-positive rate."},
+    {"name": "Ratio criterion", "section": "detection", "refs": ["gu2023"],
+     "how": "A generation whose nearest training image is three times closer than the second "
+            "nearest (d1/d2 < 1/3) is reported alongside the calibrated verdict."},
+    {"name": "Risk level", "section": "summary", "refs": [],
+     "how": "Calibrated copies tested against the threshold's false-positive rate (one-sided "
+            "binomial test), plus the signals listed in the criteria; see the summary."},
+    {"name": "Token attribution", "section": "attribution", "refs": ["wen2024", "dutt2025"],
+     "how": "Gradient token significance of the noise magnitude per prompt unit (words, "
+            "de-identification markers, PHI-like spans), pooled over the dataset weighted by "
+            "each prompt's memorization score and number of copies."},
+    {"name": "Token enrichment in duplicated prompts", "section": "attribution",
+     "refs": ["monroe2008"],
+     "how": "Log-odds z-score with an informative Dirichlet prior between the prompts of "
+            "duplicate clusters and the rest (model-free)."},
+    {"name": "Mitigation comparison", "section": "mitigation",
+     "refs": ["wen2024", "ren2024", "somepalli2023b", "jain2025", "dutt2025", "heusel2017"],
+     "how": "Each mitigation at each strength on the memorized prompts and a control set: "
+            "memorization rate (the same copy verdicts), utility as a Frechet distance in "
+            "diffmem's in-domain image embedding (FID-like, not Inception features) and "
+            "prompt-image alignment."},
+    {"name": "Training studies", "section": "study", "refs": ["wu2025", "somepalli2023b",
+                                                             "wen2024"],
+     "how": "Models trained under different settings (learning rate, training-time "
+            "mitigations) and measured with the same detector."},
+)
+
+
+def dataset_facts(dataset: Any, scn: dict | None,
+                  inspected: Path | None = None) -> dict[str, Any]:
+    """The dataset section: :func:`diffmem.data.inspect.summarize` (or the ``inspect.json``
+    that ``diffmem demo`` wrote, when its fingerprint is this dataset's: inspecting decodes
+    every image), marker and PHI-like pattern counts of the training prompts, and the scan's
+    prompt clusters."""
+    from diffmem.attribution.markers import marker_summary
+    from diffmem.data import verify_images
+    from diffmem.data.inspect import summarize
+
+    summary = None
+    if inspected is not None and inspected.is_file():
+        try:
+            summary = json.loads(inspected.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            summary = None
+        if not isinstance(summary, dict) or summary.get("fingerprint") != dataset.fingerprint():
+            summary = None
+        else:
+            log.info("dataset summary from %s", inspected)
+    source = str(inspected) if summary is not None else "summarize"
+    if summary is None:
+        summary = summarize(verify_images(dataset, on_error="skip"))
+    if "dicom_phi" in summary:  # where identifying elements are, never their values
+        phi = summary["dicom_phi"]
+        phi["examples"] = [{k: v for k, v in x.items() if k != "value"}
+                           for x in phi.get("examples", [])]
+    train = dataset.subset(split="train")
+    markers = marker_summary(train.prompts)
+    prompt_clusters = (scn["summary"].get("duplicates") if scn else None)
+    return {"inspect": summary, "inspect_source": source, "train_prompts": len(train),
+            "markers": markers,
+            "prompt_clusters": prompt_clusters,
+            "prompt_clusters_source": "scan (exact and TF-IDF near duplicates)" if scn else
+            "inspect (exact duplicates only; run `diffmem scan` for near duplicates)"}
+
+
+def flag_prompts(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training prompts with their flags: memorized (calibrated copy), ratio criterion,
+    noise-magnitude outlier; flagged = any of them."""
+    main = [dict(p) for p in prompts if p["kind"] in ("train", "prompt")]
+    outlier = noise_outliers([np.nan if p["noise_magnitude"] is None else p["noise_magnitude"]
+                              for p in main])
+    for p, o in zip(main, outlier):
+        p["noise_outlier"] = bool(o)
+        p["ratio_copy"] = bool(p["nn_ratio_copies"])
+        p["flagged"] = bool(p["memorized"]) or p["ratio_copy"] or p["noise_outlier"]
+    return main
+
+
+def detection_facts(det: dict[str, Any]) -> dict[str, Any]:
+    s = det["summary"]
+    main = flag_prompts(det["prompts"])
+    flagged = [p for p in main if p["flagged"]]
+    flagged.sort(key=lambda p: (not p["memorized"], -(p["nn_similarity"] or -np.inf),
+                                -(p["noise_magnitude"] or -np.inf)))
+    copies_by_prompt: dict[str, list[dict]] = {}
+    for c in det["copies"]:
+        copies_by_prompt.setdefault(c["prompt"], []).append(c)
+    top = []
+    for p in flagged[:TOP_PROMPTS]:
+        gens = sorted(copies_by_prompt.get(p["prompt"], []), key=lambda c: -(c["similarity"]
+                                                                           or 0))
+        top.append({**{k: p[k] for k in ("prompt", "kind", "study_id", "label",
+                                         "noise_magnitude", "attention_entropy",
+                                         "nn_similarity", "nn_study_id", "nn_d1_d2",
+                                         "nn_copies", "memorized", "ratio_copy",
+                                         "noise_outlier")},
+                    "copies": [{k: c[k] for k in ("index", "seed", "similarity", "study_id",
+                                                  "d1_d2", "ratio_copy")} for c in gens]})
+    labelled = [p for p in main if p["label"] is not None]
+    cfg = s.get("config") or {}
+    return {
+        "folder": str(det["folder"]),
+        "config": {k: cfg.get(k) for k in ("methods", "generations", "steps",
+                                           "num_inference_steps", "nn_generations",
+                                           "sample_steps", "guidance", "seed", "backend",
+                                           "fpr", "threshold", "unconditional", "unrelated")},
+        "threshold": s.get("threshold"),
+        "counts": s.get("counts") or {},
+        "memorized_by_kind": s.get("memorized") or {},
+        "prompts_scanned": len(main),
+        "prompts_flagged": len(flagged),
+        "prompts_memorized": sum(bool(p["memorized"]) for p in main),
+        "noise_outliers": sum(p["noise_outlier"] for p in main),
+        "ratio_copies": sum(p["ratio_copy"] for p in main),
+        "labelled": len(labelled),
+        "planted": sum(p["label"] == 1 for p in labelled),
+        "evaluations": s.get("evaluations") or {},
+        "rates": s.get("rates") or {},
+        "copies_without_prompt": s.get("copies_without_prompt") or [],
+        "top_flagged": top,
+        "warnings": s.get("warnings") or [],
+        "figures": sorted(det["figures"]),
+    }
+
+
+def attribution_facts(scn: dict | None, detection: dict | None) -> dict[str, Any] | None:
+    if scn is None:
+        return None
+    s = scn["summary"]
+    by_prompt = {a["prompt"]: a for a in scn["attributions"]}
+    chosen: list[str] = []
+    if detection is not None:
+        chosen = [p["prompt"] for p in detection["top_flagged"] if p["prompt"] in by_prompt]
+    if not chosen:
+        chosen = [a["prompt"] for a in sorted(scn["attributions"], key=lambda a: -float(
+            a.get("memorization") or 0))[:TOP_PROMPTS]]
+    heat = []
+    for prompt in chosen[:TOP_PROMPTS]:
+        a = by_prompt[prompt]
+        ranked = sorted(a["units"], key=lambda u: (u.get("rank") or 10**9))
+        heat.append({"prompt": prompt, "method": a.get("method"),
+                     "memorization": a.get("memorization"),
+                     "top_units": [{"text": u["text"], "kind": u.get("kind"),
+                                    "share": u.get("share")} for u in ranked[:3]]})
+    model = s.get("model") or None
+    return {
+        "folder": str(scn["folder"]),
+        "n_prompts": s.get("n_prompts"), "n_distinct": s.get("n_distinct"),
+        "model_part": None if model is None else {k: model.get(k) for k in (
+            "method", "attributed", "distinct_prompts", "sampled", "params", "fingerprint")},
+        "ranking_rule": (s.get("ranking") or {}).get("rule"),
+        "components": (s.get("ranking") or {}).get("components") or ["enrichment"],
+        "top_tokens": [{k: t.get(k) for k in ("token", "rank", "score", "kind", "count",
+                                              "prompts_with_token", "enrichment",
+                                              "model_score", "is_deid_marker")}
+                       for t in scn["tokens"][:TABLE_TOKENS]],
+        "top_marker": s.get("top_marker"),
+        "attributions_available": bool(scn["attributions"]),
+        "heat": heat,
+    }
+
+
+def mitigation_facts(mit: dict[str, Any]) -> dict[str, Any]:
+    s = mit["summary"]
+    rec = s.get("recommended")
+    if isinstance(rec, dict):
+        name = rec.get("method") or rec.get("name")
+        strength = rec.get("strength")
+        rec_text = f"{name} (strength {strength})" if strength is not None else str(name)
+    else:
+        rec_text = None if rec in (None, "") else str(rec)
+    return {"folder": str(mit["folder"]), "rows": mit["rows"],
+            "baseline": s.get("baseline"), "pareto_front": s.get("pareto_front"),
+            "recommended": rec_text, "recommended_raw": rec,
+            "recommendation_reason": s.get("recommendation_reason"),
+            "notes": [str(n) for n in (s.get("notes") or [])] if isinstance(
+                s.get("notes"), list) else ([str(s["notes"])] if s.get("notes") else []),
+            "threshold": s.get("threshold"), "encoder": s.get("encoder"),
+            "seconds": s.get("seconds"), "config": s.get("config")}
+
+
+def study_facts(study: dict[str, Any]) -> dict[str, Any]:
+    records = study["records"]
+    columns: list[str] = []
+    for r in records:
+        for k, v in r.items():
+            if k not in columns and (v is None or isinstance(v, (str, int, float, bool))):
+                columns.append(k)
+    return {"folder": str(study["folder"]), "study": study["study"], "title": study["title"],
+            "findings": study["findings"], "columns": columns[:12], "records": records,
+            "config": study["config"], "machine": study["machine"],
+            "seconds": study["seconds"], "command": study["command"],
+            "figures": [p.name for p in study["figures"]]}
+
+
+def summary_facts(risk: Any, detection: dict | None, attribution: dict | None,
+                  mitigation: dict | None, todo: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"risk": risk.level, "reasons": risk.reasons}
+    if detection is not None:
+        t = detection["threshold"] or {}
+        out.update(prompts_scanned=detection["prompts_scanned"],
+                   prompts_flagged=detection["prompts_flagged"],
+                   prompts_memorized=detection["prompts_memorized"],
+                   fpr=t.get("fpr"), threshold=t.get("value"))
+    else:
+        out["detection"] = f"not run: {todo['detect']}"
+    if attribution is not None:
+        out["top_tokens"] = [{k: t[k] for k in ("token", "score", "is_deid_marker", "kind")}
+                             for t in attribution["top_tokens"][:TOP_TOKENS]]
+    else:
+        out["top_tokens"] = None
+        out["tokens"] = f"not run: {todo['scan']}"
+    if mitigation is not None and mitigation["recommended"]:
+        out["recommended_mitigation"] = mitigation["recommended"]
+        out["recommendation_reason"] = mitigation["recommendation_reason"]
+    elif mitigation is not None:
+        out["recommended_mitigation"] = None
+        out["recommendation_reason"] = "No mitigation is recommended: " + (
+            mitigation["recommendation_reason"] or "the comparison names none; see the "
+            "mitigation section")
+    else:
+        out["recommended_mitigation"] = None
+        out["recommendation_reason"] = (f"no mitigation comparison yet: run {todo['mitigate']} "
+                                        "to measure which mitigation lowers memorization at "
+                                        "what cost")
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("diffmem", "torch", "diffusers", "transformers", "numpy", "open_clip_torch",
+                 "jinja2"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def reproducibility(ident: dict, dataset: Any, found: Any, det: dict | None, scn: dict | None,
+                    mit: dict | None, stu: list[dict], command: Any,
+                    mode: str) -> dict[str, Any]:
+    seeds: dict[str, Any] = {}
+    commands: dict[str, Any] = {}
+    if det is not None:
+        seeds["detect"] = (det["summary"].get("config") or {}).get("seed")
+        commands["detect"] = _store_commands(det["folder"])
+    if scn is not None:
+        seeds["scan"] = ((scn["summary"].get("model") or {}).get("params") or {}).get("seed")
+    if mit is not None:
+        cfg = mit["summary"].get("config")
+        seeds["mitigate"] = cfg.get("seed") if isinstance(cfg, dict) else None
+    for s in stu:
+        cfg = s["config"] if isinstance(s["config"], dict) else {}
+        seeds[f"study {s['study']}"] = cfg.get("seed", cfg.get("seeds"))
+        commands[f"study {s['study']}"] = s["command"]
+    card = ident["model_card"]
+    if isinstance(command, (list, tuple)):
+        import shlex
+
+        command = " ".join(shlex.quote(str(c)) for c in command)
+    return {
+        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "versions": _versions(),
+        "model": ident["model"], "model_fingerprint": ident["model_fingerprint"],
+        "model_kind": ident["model_kind"],
+        "model_trained_on": (card.get("data") or {}).get("fingerprint")
+        if isinstance(card.get("data"), dict) else None,
+        "data": ident["data"], "data_format": ident["data_format"],
+        "data_fingerprint": ident["data_fingerprint"],
+        "dataset_fingerprint": ident["dataset_fingerprint"],
+        "fingerprints_note": "model fingerprint: hash of the weights and tokenizer vocabulary; "
+                             "data fingerprint: hash of the training split's ids, prompts and "
+                             "image file sizes (the dataset fingerprint covers every split)",
+        "seeds": seeds, "result_commands": commands, "inputs": found.to_dict(),
+        "images": mode,
+    }
+
+
+def _store_commands(folder: Path) -> list[str]:
+    """Command lines recorded in a detection's results store (read-only)."""
+    path = Path(folder) / "results.sqlite"
+    if not path.is_file():
+        return []
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT command FROM runs ORDER BY id").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []
+    out = []
+    for (c,) in rows:
+        if c:
+            try:
+                c = " ".join(json.loads(c)) if c.startswith("[") else c
+            except ValueError:
+                pass
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    return obj
