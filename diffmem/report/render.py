@@ -127,6 +127,8 @@ def _tokens_chart(scn: dict[str, Any]) -> str | None:
 
 
 def render_report(facts: dict[str, Any], view: dict[str, Any]) -> str:
+    """The report's HTML: ``templates/report.html.j2`` (autoescape on, undefined names are
+    errors) rendered with the facts and the pictures."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("diffmem.report", "templates"),

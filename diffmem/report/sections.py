@@ -153,6 +153,15 @@ def flag_prompts(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def detection_facts(det: dict[str, Any]) -> dict[str, Any]:
+    """The detection section: settings, threshold, counts per prompt kind, evaluations
+    against planted labels, and the top flagged prompts (memorized first, then by nearest
+    similarity and noise magnitude) with their copy generations.
+
+    Parameters
+    ----------
+    det : dict
+        :func:`~diffmem.report.inputs.read_detect`'s result.
+    """
     s = det["summary"]
     main = flag_prompts(det["prompts"])
     flagged = [p for p in main if p["flagged"]]
@@ -200,6 +209,9 @@ def detection_facts(det: dict[str, Any]) -> dict[str, Any]:
 
 
 def attribution_facts(scn: dict | None, detection: dict | None) -> dict[str, Any] | None:
+    """The attribution section (None without a scan): the ranking rule, the top tokens, and
+    which prompts get heat-coloured attributions: the top flagged prompts of ``detection``
+    that the scan attributed, else the scan's most memorized prompts."""
     if scn is None:
         return None
     s = scn["summary"]
@@ -237,6 +249,8 @@ def attribution_facts(scn: dict | None, detection: dict | None) -> dict[str, Any
 
 
 def mitigation_facts(mit: dict[str, Any]) -> dict[str, Any]:
+    """The mitigation section from :func:`~diffmem.report.inputs.read_mitigate`'s result
+    (the recommendation as text, whether ``summary.json`` names it as a string or a dict)."""
     s = mit["summary"]
     rec = s.get("recommended")
     if isinstance(rec, dict):
@@ -256,6 +270,8 @@ def mitigation_facts(mit: dict[str, Any]) -> dict[str, Any]:
 
 
 def study_facts(study: dict[str, Any]) -> dict[str, Any]:
+    """One training study's section: its findings, records (with the scalar columns the table
+    shows, at most 12) and figure names."""
     records = study["records"]
     columns: list[str] = []
     for r in records:
@@ -271,6 +287,8 @@ def study_facts(study: dict[str, Any]) -> dict[str, Any]:
 
 def summary_facts(risk: Any, detection: dict | None, attribution: dict | None,
                   mitigation: dict | None, todo: dict[str, str]) -> dict[str, Any]:
+    """The summary: risk level and reasons, prompts scanned / flagged / memorized, top tokens,
+    and the recommended mitigation, or what to run where a part is missing."""
     out: dict[str, Any] = {"risk": risk.level, "reasons": risk.reasons}
     if detection is not None:
         t = detection["threshold"] or {}
@@ -318,6 +336,8 @@ def _versions() -> dict[str, str]:
 def reproducibility(ident: dict, dataset: Any, found: Any, det: dict | None, scn: dict | None,
                     mit: dict | None, stu: list[dict], command: Any,
                     mode: str) -> dict[str, Any]:
+    """Reproducibility: command lines, package versions, seeds, model and data fingerprints,
+    the results folders read and the image mode."""
     seeds: dict[str, Any] = {}
     commands: dict[str, Any] = {}
     if det is not None:
@@ -383,6 +403,7 @@ def _store_commands(folder: Path) -> list[str]:
 
 
 def jsonable(obj: Any) -> Any:
+    """``obj`` with paths as strings and NumPy scalars as Python numbers (for JSON)."""
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
