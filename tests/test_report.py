@@ -482,3 +482,17 @@ def test_bad_mitigation_and_scan_folders(results, model, data, mitigate_dir, tmp
         f.write("not json\n")
     with pytest.raises(DataError, match="attributions.jsonl: line 6 is not JSON"):
         build_report(tmp_path / "r", model=model, data=data, scan=scan)
+
+
+def test_noise_magnitude_alone_never_makes_a_model_low_risk(model, data, prompts, tmp_path):
+    from diffmem.detect.detector import DetectionConfig, detect
+
+    detect(model, data, tmp_path / "detect", prompts=prompts[:3],
+           config=DetectionConfig(methods=("noise",), unrelated=0))
+    result = build_report(tmp_path / "r", model=model, data=data, detect=tmp_path / "detect")
+    facts = json.loads(result.json.read_text())
+    assert result.risk == "medium"
+    assert any("noise magnitude alone cannot show" in r for r in facts["risk"]["reasons"])
+    assert facts["summary"]["prompts_memorized"] is None  # not measured, not zero
+    assert facts["summary"]["fpr"] is None
+    assert "memorized: a generation copies a training image" in _html(result)

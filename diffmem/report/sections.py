@@ -194,7 +194,8 @@ def detection_facts(det: dict[str, Any]) -> dict[str, Any]:
         "memorized_by_kind": s.get("memorized") or {},
         "prompts_scanned": len(main),
         "prompts_flagged": len(flagged),
-        "prompts_memorized": sum(bool(p["memorized"]) for p in main),
+        "prompts_memorized": sum(bool(p["memorized"]) for p in main)  # None: not measured
+        if any(p["memorized"] is not None for p in main) else None,
         "noise_outliers": sum(p["noise_outlier"] for p in main),
         "ratio_copies": sum(p["ratio_copy"] for p in main),
         "labelled": len(labelled),
