@@ -10,8 +10,10 @@ ORDER = 90
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run everything on the embedded default (make demo)",
                        description="Synthesize the demo dataset, inspect it, rank risky prompt "
-                                   "tokens and detect memorized prompts with the embedded "
-                                   "default model; writes into --out.")
+                                   "tokens, detect memorized prompts with the embedded default "
+                                   "model, compare a fast subset of mitigations, run the "
+                                   "learning-rate toy study and write the privacy report; "
+                                   "writes into --out and prints the report's path.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     p.set_defaults(handler=run)
 
@@ -19,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffmem.demo import run_demo
 
-    result = run_demo(args.out)
+    import sys
+
+    result = run_demo(args.out, command=["diffmem", *sys.argv[1:]])
     print(f"demo finished in {sum(result.seconds.values()):.0f} s; outputs in {result.out}:")
     for name, path in result.artifacts.items():
         print(f"  {name:10s} {path}")
@@ -35,4 +39,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"memorized {kind.replace('_', ' ')} prompts: {r['memorized']}/{r['prompts']}")
         for name, ev in det["evaluations"].items():
             print(f"  {name:18s} AUC {ev['auc']:.3f}  TPR@1%FPR {ev['tpr_at_1pct_fpr']:.3f}")
+    mit = result.facts.get("mitigation") or {}
+    if mit.get("pareto_front") is not None:
+        print(f"mitigations on the Pareto front: {', '.join(mit['pareto_front']) or 'none'}"
+              + (f"; recommended: {mit['recommended']}" if mit.get("recommended") else ""))
+    risk = result.facts.get("risk")
+    if risk:
+        print(f"risk level: {risk.get('level', risk) if isinstance(risk, dict) else risk}")
+    if result.report:
+        print(f"privacy report: {result.report}")
     return 0
