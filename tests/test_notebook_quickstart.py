@@ -28,8 +28,8 @@ def test_quickstart_notebook_builds_a_report(tmp_path, monkeypatch):
     assert html.is_file() and html.is_relative_to(tmp_path)
     facts = json.loads((html.parent / "report.json").read_text())
     assert f"risk level: {facts['risk']['level']}" in text
-    # the notebook ran every stage the report has a section for, except the training study
-    assert {k for k, v in facts["sections"].items() if v != "included"} == {"study"}
+    # the notebook ran every stage the report has a section for
+    assert {k for k, v in facts["sections"].items() if v != "included"} == set()
     assert facts["attribution"]["attributions_available"]
     rich = [o for o in outputs if "text/html" in o.get("data", {})]
     assert any("diffmem-attribution" in o["data"]["text/html"] for o in rich)
