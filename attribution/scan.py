@@ -98,7 +98,9 @@ def read_prompts(source: str | os.PathLike, *, split: str | None = "train",
     prompts : list of str
         Whitespace-collapsed, blank ones left out.
     info : dict
-        ``{"source", "kind", "n_blank"}`` (and ``split`` for a dataset).
+        ``{"source", "kind", "n_blank", "n_prompts"}``, and for a dataset ``split`` and
+        ``data_fingerprint`` (:meth:`~diffmem.data.CXRDataset.fingerprint` of that split, the
+        fingerprint ``diffmem detect`` records for the training split).
 
     Raises
     ------
@@ -121,7 +123,8 @@ def read_prompts(source: str | os.PathLike, *, split: str | None = "train",
         if split not in (None, "all"):
             dataset = dataset.subset(split=split)
         raw = dataset.prompts
-        info |= {"kind": f"dataset ({dataset.format})", "split": split or "all"}
+        info |= {"kind": f"dataset ({dataset.format})", "split": split or "all",
+                 "data_fingerprint": dataset.fingerprint()}
     elif path.suffix.lower() == ".txt":
         raw = _read_text(path).splitlines()
         info["kind"] = "prompts file (txt)"

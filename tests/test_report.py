@@ -358,6 +358,12 @@ def test_data_mismatch_is_refused(results, model, data, tmp_path):
     split.write_text(split.read_text().replace(",train", ",validate", 1))  # one record moves
     with pytest.raises(DataError, match="data mismatch.*training split"):
         build_report(tmp_path / "r", model=model, data=changed, detect=results / "detect")
+    from diffmem.attribution.scan import run_scan
+
+    run_scan(data, out=tmp_path / "scan")  # a model-free scan of the original dataset
+    with pytest.raises(DataError, match="data mismatch: the scan.*fingerprint"):
+        build_report(tmp_path / "r", model=model, data=changed, scan=tmp_path / "scan")
+    build_report(tmp_path / "r", model=model, data=data, scan=tmp_path / "scan")
 
 
 def test_bad_inputs(results, model, data, tmp_path):

@@ -272,8 +272,10 @@ def _check_match(ident: dict[str, Any], dataset: Any, det: dict | None, scn: dic
         checks.append(("detect", det["folder"], s.get("model_fingerprint"),
                        s.get("data_fingerprint")))
     if scn is not None:
+        info = scn["summary"].get("input") or {}
         checks.append(("scan", scn["folder"], (scn["summary"].get("model") or {})
-                       .get("fingerprint"), None))
+                       .get("fingerprint"),
+                       info.get("data_fingerprint") if info.get("split") == "train" else None))
     if mit is not None:
         s, c = mit["summary"], mit["summary"].get("config") or {}
         checks.append(("mitigate", mit["folder"],
