@@ -258,6 +258,9 @@ def test_report_has_every_section_and_the_same_facts_as_json(full):
         "model_fingerprint", facts["reproducibility"]["model_fingerprint"])
     assert len(facts["attribution"]["heat"]) == 5
     assert "diffmem-attribution" in html  # heat-coloured prompts
+    # each nearest training image is also shown at the generation's resolution, as compared
+    pairs = html.count('alt="nearest training image"')
+    assert pairs and html.count('alt="nearest training image at the generation') == pairs
     # copies from the empty and unrelated prompts are shown too (2 + 1 generations)
     assert html.count('class="panel orphan"') == 3
     assert "deid_marker_randomization" in html and "Toy score matching" in html

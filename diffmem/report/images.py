@@ -69,7 +69,8 @@ def _blur(image: np.ndarray) -> np.ndarray:
     return gaussian_filter(image, sigma=BLUR_SIGMA * max(image.shape), mode="nearest")
 
 
-def patient_image(path: str | os.PathLike, mode: str) -> str | None:
+def patient_image(path: str | os.PathLike, mode: str, *, resolution: int | None = None
+                  ) -> str | None:
     """A patient image (a training image, or a generation that copies one) as the report shows
     it in ``mode``: a PNG data URI of the image at :data:`THUMB_SIZE` pixels (blurred in
     ``blur`` mode), or None in ``omit`` mode, where the file is not even read.
@@ -80,13 +81,21 @@ def patient_image(path: str | os.PathLike, mode: str) -> str | None:
         An image file (PNG, JPEG or DICOM; :func:`diffmem.data.images.read_image`).
     mode : str
         One of :data:`IMAGE_MODES`.
+    resolution : int, optional
+        Reduce the image to ``resolution`` pixels first (then enlarge it to the thumbnail size,
+        bilinear): a training image shown at the resolution of the generations it is compared
+        with, which cannot hold finer detail.
     """
     check_mode(mode)
     if mode == "omit":
         return None
-    from diffmem.data.images import read_image
+    from diffmem.data.images import read_image, resize_square
 
-    image = np.asarray(read_image(path, size=THUMB_SIZE), dtype=np.float64)
+    if resolution is not None and int(resolution) < THUMB_SIZE:
+        small = read_image(path, size=int(resolution))
+        image = np.asarray(resize_square(small, THUMB_SIZE), dtype=np.float64)
+    else:
+        image = np.asarray(read_image(path, size=THUMB_SIZE), dtype=np.float64)
     if mode == "blur":
         image = _blur(image)
     return data_uri(array_png(image))

@@ -63,11 +63,25 @@ def _pairs(copies: list[dict[str, Any]], by_study: dict[str, list[Any]],
     out = []
     for c in sorted(copies, key=lambda c: -(c["similarity"] or 0)):
         nearest = _nearest_record(by_study.get(c["study_id"], []), c["image"])
+        resolution = _side(c["image"]) if mode != "omit" else None
         out.append({"similarity": c["similarity"], "study_id": c["study_id"],
                     "index": c["index"], "kind": c["kind"], "prompt": c["prompt"],
+                    "resolution": resolution,
                     "generated": None if c["image"] is None else patient_image(c["image"], mode),
-                    "training": None if nearest is None else patient_image(nearest.image, mode)})
+                    "training": None if nearest is None else patient_image(nearest.image, mode),
+                    "training_compared": None if nearest is None or resolution is None else
+                    patient_image(nearest.image, mode, resolution=resolution)})
     return out
+
+
+def _side(image: Path | None) -> int | None:
+    """Side in pixels of a generated image file (None when there is none)."""
+    if image is None:
+        return None
+    from PIL import Image
+
+    with Image.open(image) as im:
+        return int(min(im.size))
 
 
 def _nearest_record(records: list[Any], generated: Path | None) -> Any:
