@@ -186,6 +186,9 @@ def test_mitigation_study_trains_measures_and_skips_finished_runs(data, encoder,
         assert a["fid_in_domain"] == b["fid_in_domain"]
     with pytest.raises(TrainingError, match="holds a finished run of 2 steps"):
         run_train_mitigation_study(data, out, **{**kw, "steps": 3})
+    with pytest.raises(TrainingError, match="loss_filter: run 'noise_gap_filter.tau=2.'"):
+        run_train_mitigation_study(data, out, **{**kw, "methods": ["loss_filter"],
+                                                 "options": {"loss_filter": {"tau": 3.0}}})
 
 
 def test_lr_study_resumes_a_killed_run_and_applies_the_inverse_rule(data, encoder, tmp_path):

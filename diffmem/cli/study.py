@@ -52,8 +52,8 @@ def register(subparsers) -> None:
                                    "near a training point, Gu et al.'s ratio).")
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--dim", type=int, default=1, choices=(1, 2))
-    t.add_argument("--lrs", type=_floats, default=[0.05, 0.1, 0.5, 2.0],
-                   help="comma-separated SGD learning rates (default 0.05,0.1,0.5,2.0)")
+    t.add_argument("--lrs", type=_floats, default=[0.05, 0.1, 0.5, 1.0, 2.0],
+                   help="comma-separated SGD learning rates (default 0.05,0.1,0.5,1,2)")
     t.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     t.add_argument("--repeats", type=int, default=3,
                    help="seeds seed..seed+repeats-1, each its own training set (default 3)")

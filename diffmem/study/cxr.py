@@ -92,6 +92,13 @@ def _fmt(v: Any, pct: bool = False) -> str:
 def _detector_finding(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Which detector catches which kind of copying, across the runs."""
     out = []
+    aucs = [(r["name"], r.get("noise_magnitude_auc")) for r in records
+            if r.get("noise_magnitude_auc") is not None]
+    if aucs:
+        out.append("Noise magnitude (prompt-bound, Wen et al.) AUC planted vs other prompts: "
+                   + ", ".join(f"{n} {a:.2f}" for n, a in aucs) + "; the nearest-neighbour "
+                   "verdicts are what count copies of any image, including generations from "
+                   "empty and unrelated prompts.")
     for r in records:
         own, anyc = r.get("memorization_rate_own"), r.get("memorization_rate_any")
         auc = r.get("noise_magnitude_auc")
@@ -233,6 +240,11 @@ def _lr_findings(records: Sequence[Mapping[str, Any]], schedule: str) -> list[st
             out.append(f"With {'samples seen held fixed' if schedule == 'samples' else 'the 1/lr rule'}"
                        f", prompt-bound copying {verb} from {_fmt(a, True)} at lr {lo['lr']:g} to "
                        f"{_fmt(b, True)} at lr {hi['lr']:g}.")
+    for r in rs:
+        if r["status"] == "embedded":
+            out.append(f"lr {r['lr']:g}: the embedded default model stands in for this run (same "
+                       "preset, settings and data fingerprint); its train_seconds is the last "
+                       "training session recorded in its model card, not timed by this study.")
     return out + _detector_finding(rs)
 
 

@@ -248,7 +248,8 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     enc = resolve_encoder(encoder)
-    key = {"config": cfg.to_dict(), "model": str(model), "encoder": str(enc)}
+    key = {"config": cfg.to_dict(), "model": str(model), "weights": _weights_stamp(model),
+           "encoder": str(enc)}
     cached = out / "measure.json"
     if cached.is_file():
         saved = json.loads(cached.read_text(encoding="utf-8"))
@@ -277,6 +278,14 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
         fid_seconds=round(time.perf_counter() - t1, 1), **rates)
     write_json(cached, {"key": key, "measurement": _finite(m.to_dict())})
     return m
+
+
+def _weights_stamp(model) -> list[list[Any]]:
+    """Size and modification time of the model's weight files: a retrained model in the same
+    folder invalidates the cached measurement."""
+    root = Path(model)
+    return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(root.glob("*/*.safetensors"))]
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:

@@ -38,21 +38,26 @@ def plot_toy_samples(train: np.ndarray, samples: Mapping[str, np.ndarray], path:
     names = list(samples)
     fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 2.8), squeeze=False)
     dim = train.shape[1]
-    finite = [s[np.all(np.isfinite(s), axis=1)] for s in samples.values()]
-    pooled = np.concatenate([train] + [f for f in finite if len(f)])
-    lo, hi = np.percentile(pooled, [1, 99], axis=0)
-    pad = 0.3 * (hi - lo) + 0.5
+    # the axis range comes from the training points (a diverged run's samples fall outside it;
+    # each panel says how many of its samples are not shown)
+    lo, hi = train.min(axis=0), train.max(axis=0)
+    pad = 0.5 * (hi - lo) + 0.5
     lo, hi = lo - pad, hi + pad
-    for ax, name, s in zip(axes[0], names, finite):
-        s = s[np.all((s >= lo) & (s <= hi), axis=1)] if len(s) else s
+    for ax, name in zip(axes[0], names):
+        s = samples[name]
+        inside = np.all(np.isfinite(s), axis=1) & np.all((s >= lo) & (s <= hi), axis=1)
+        if not inside.all():
+            name = f"{name}\n{(~inside).mean():.0%} of samples off the plot"
+        s = s[inside]
         if dim == 1:
             ax.hist(s[:, 0], bins=80, range=(lo[0], hi[0]), color="tab:blue", alpha=0.8)
             for x in train[:, 0]:
                 ax.axvline(x, color="tab:red", lw=0.8, ls="--")
             ax.set_yticks([])
         else:
-            ax.scatter(s[:, 0], s[:, 1], s=3, alpha=0.5, color="tab:blue")
-            ax.scatter(train[:, 0], train[:, 1], marker="x", color="tab:red", s=40)
+            ax.scatter(s[:, 0], s[:, 1], s=3, alpha=0.4, color="tab:blue")
+            ax.scatter(train[:, 0], train[:, 1], marker="o", facecolors="none",
+                       edgecolors="tab:red", s=90, linewidths=1.2)
             ax.set_xlim(lo[0], hi[0])
             ax.set_ylim(lo[1], hi[1])
         ax.set_title(name, fontsize=9)
@@ -62,20 +67,31 @@ def plot_toy_samples(train: np.ndarray, samples: Mapping[str, np.ndarray], path:
 def plot_metrics_vs_lr(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path,
                        *, title: str, log_x: bool = True) -> Path:
     """One panel per metric: mean over seeds (line) and each seed (dots) against the learning
-    rate. Missing or non-finite values are left out."""
+    rate. Runs marked ``diverged`` are drawn as red crosses and left out of the mean; missing
+    or non-finite values are left out."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
     lrs = sorted({float(r["lr"]) for r in records})
     for ax, metric in zip(axes[0], metrics):
         means = []
         for lr in lrs:
-            vals = [r.get(metric) for r in records if float(r["lr"]) == lr]
-            vals = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
-            ax.scatter([lr] * len(vals), vals, s=12, color="tab:gray", alpha=0.7)
-            means.append(np.mean(vals) if vals else np.nan)
+            group = [r for r in records if float(r["lr"]) == lr]
+            for diverged in (False, True):
+                vals = [r.get(metric) for r in group if bool(r.get("diverged")) == diverged]
+                vals = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+                ax.scatter([lr] * len(vals), vals, s=12 if not diverged else 30,
+                           color="tab:gray" if not diverged else "tab:red",
+                           marker="o" if not diverged else "x", alpha=0.8)
+                if not diverged:
+                    means.append(np.mean(vals) if vals else np.nan)
         ax.plot(lrs, means, "o-", color="tab:blue")
         if log_x:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(lrs)
+        ax.set_xticklabels([f"{lr:g}" for lr in lrs], rotation=30, fontsize=7)
         ax.set_xlabel("learning rate")
         ax.set_title(metric, fontsize=9)
     return _finish(plt, fig, path, title)

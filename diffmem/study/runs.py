@@ -76,23 +76,45 @@ def _log_stats(folder: Path) -> tuple[float, float, int]:
     return loss, seconds, filtered
 
 
+def _check_finished_settings(folder: Path, data, cfg, caption_transform, loss_filter) -> None:
+    """Refuse a finished run trained with other settings, hooks or data than asked for (its
+    last checkpoint's ``state.json`` records them)."""
+    from diffmem.train import _list_checkpoints
+
+    checkpoints = _list_checkpoints(folder)
+    if not checkpoints:
+        return
+    saved = json.loads((checkpoints[-1][1] / "state.json").read_text(encoding="utf-8"))
+    want = {"data_fingerprint": data.subset(split=cfg.split).fingerprint(), "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "caption_dropout": cfg.caption_dropout,
+            "transform": getattr(caption_transform, "__name__", None),
+            "loss_filter": getattr(loss_filter, "__name__", None)}
+    diffs = {k: (saved.get(k), v) for k, v in want.items() if k in saved and saved[k] != v}
+    if diffs:
+        detail = ", ".join(f"{k}: run {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+        raise TrainingError(f"{folder} holds a finished run with other settings ({detail}); use "
+                            "another --out for these settings")
+
+
 def train_or_resume(data, folder: str | Path, config, *, caption_transform=None,
                     loss_filter=None) -> RunInfo:
     """Train ``config`` into ``folder`` unless it is finished; resume a killed run.
 
-    A finished run with other steps than ``config.steps`` is refused (``TrainingError``): the
-    study folder belongs to other settings.
+    A finished run with other steps, settings, hooks or data than asked for is refused
+    (``TrainingError``): the study folder belongs to other settings.
     """
     from diffmem.pipelines import load_preset
     from diffmem.train import _list_checkpoints, train
 
     folder = Path(folder)
-    steps = config.resolved(dict(load_preset(config.preset).training)).steps
+    cfg = config.resolved(dict(load_preset(config.preset).training))
+    steps = cfg.steps
     done = finished_steps(folder)
     if done is not None:
         if done != steps:
             raise TrainingError(f"{folder} holds a finished run of {done} steps but this study "
                                 f"asks for {steps}; use another --out or the same --steps")
+        _check_finished_settings(folder, data, cfg, caption_transform, loss_filter)
         loss, seconds, filtered = _log_stats(folder)
         return RunInfo(str(folder), "skipped", loss, round(seconds, 1), filtered, done)
     resume = bool(_list_checkpoints(folder))
