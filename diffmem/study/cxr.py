@@ -83,6 +83,18 @@ def _measure(name: str, info: RunInfo, dataset, out: Path, measure: MeasureConfi
     return m.to_dict()
 
 
+def _run_seconds(records: Sequence[Mapping[str, Any]]) -> float:
+    """Sum of the recorded training, detection and FID seconds of every run (earlier sessions
+    included: a re-run that skips finished work still reports what the work took)."""
+    total = 0.0
+    for r in records:
+        for key in ("train_seconds", "detect_seconds", "fid_seconds"):
+            v = r.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                total += float(v)
+    return round(total, 1)
+
+
 def _fmt(v: Any, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
@@ -105,6 +117,11 @@ def _detector_finding(records: Sequence[Mapping[str, Any]]) -> list[str]:
         unc = r.get("copy_rate_unconditional")
         if own is None or anyc is None:
             continue
+        if auc is not None and auc >= 0.9 and anyc == 0:
+            out.append(f"{r['name']}: the noise magnitude still ranks planted prompts first (AUC "
+                       f"{auc:.2f}) although none of their generations copies an image: it flags "
+                       "prompts the model was trained on heavily, not copies; check copies with "
+                       "the nearest-neighbour verdicts.")
         if anyc > own and auc is not None and auc < 0.8:
             out.append(f"{r['name']}: planted prompts still copy some training image "
                        f"({_fmt(anyc, True)}) more often than their own ({_fmt(own, True)}), "
@@ -209,6 +226,7 @@ def run_lr_study(data, out: str | os.PathLike, *, lrs: Sequence[float],
                 "batch_size": base.batch_size, "seed": seed, "use_embedded": use_embedded,
                 "encoder": None if enc is None else str(enc), "measure": measure.to_dict(),
                 "data": str(dataset.root), "data_fingerprint": train_set.fingerprint(),
+                "recorded_run_seconds": _run_seconds(records),
                 "deviations": _deviations(preset, base.steps)},
         machine=machine_info(), seconds=time.perf_counter() - t0,
         command=list(command) if command else [])
@@ -335,6 +353,7 @@ def run_train_mitigation_study(data, out: str | os.PathLike, *,
                 "steps": base.steps, "lr": base.lr, "batch_size": base.batch_size, "seed": seed,
                 "encoder": None if enc is None else str(enc), "measure": measure.to_dict(),
                 "data": str(dataset.root), "data_fingerprint": train_set.fingerprint(),
+                "recorded_run_seconds": _run_seconds(records),
                 "deviations": _deviations(preset, base.steps) + [
                     "Wen et al.'s tau = 2 was set for SD latents (4x64x64); here it applies to "
                     "1x32x32 pixel noise, so it filters less"]},
@@ -356,5 +375,14 @@ def _mitigation_findings(records: Sequence[Mapping[str, Any]]) -> list[str]:
                 and ref["memorization_rate_own"] is not None:
             d = r["memorization_rate_own"] - ref["memorization_rate_own"]
             line += (f" ({'no change' if d == 0 else f'{d:+.0%}'} own-image copies vs. none)")
+        if r.get("filtered_samples"):
+            line += (f"; the filter dropped {r['filtered_samples']} of {r['samples_seen']} "
+                     "training samples")
+        if ref is not None and r["train_records"] != ref["train_records"]:
+            line += f"; trained on {r['train_records']} of {ref['train_records']} records"
         out.append(line + ".")
+    n = records[0].get("planted_prompts") if records else None
+    if n:
+        out.append(f"One seed per method and {n} planted prompts: one prompt moves a copy rate by "
+                   f"{1 / n:.0%}, so differences of one or two prompts are within noise.")
     return out + _detector_finding(records)

@@ -107,6 +107,9 @@ def plot_metric_bars(records: Sequence[Mapping[str, Any]], metrics: Sequence[str
         vals = [r.get(metric) for r in records]
         vals = [np.nan if v is None else float(v) for v in vals]
         ax.bar(range(len(vals)), vals, color="tab:blue")
+        finite = [v for v in vals if math.isfinite(v)]
+        if finite and min(finite) >= 0:
+            ax.set_ylim(0, max(max(finite) * 1.15, 0.05))
         ax.set_xticks(range(len(vals)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
