@@ -219,3 +219,20 @@ def sd_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sd") / "model"
     tiny_stable_diffusion(seed=0).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """The ``tiny`` synthetic dataset (seed 0), made once per test session. Read-only: diffmem
+    never writes into a dataset, and tests that damage one copy it first."""
+    from diffmem.data.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("synth") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def dataset(data: Path):
+    """:func:`diffmem.data.load` of :func:`data`."""
+    from diffmem.data import load
+
+    return load(data)

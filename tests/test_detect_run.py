@@ -36,20 +36,6 @@ FAST = ["--nn-generations", "1", "--sample-steps", "2", "--unconditional", "2",
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from diffmem.data.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("synth") / "tiny", preset="tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset(data):
-    from diffmem.data import load
-
-    return load(data)
-
-
-@pytest.fixture(scope="module")
 def model(dataset, tmp_path_factory):
     from diffmem.pipelines import build_pipeline, train_tokenizer
 

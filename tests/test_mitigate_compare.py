@@ -19,13 +19,6 @@ FAST = {"n_prompts": 2, "generations": 2, "steps": 2, "batch_size": 8, "candidat
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from diffmem.data.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("synth") / "tiny", preset="tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def model(data, tmp_path_factory):
     from diffmem.data import load
     from diffmem.pipelines import build_pipeline, train_tokenizer

@@ -31,20 +31,6 @@ CHROMIUM = shutil.which("chromium")
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from diffmem.data.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("synth") / "tiny", preset="tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset(data):
-    from diffmem.data import load
-
-    return load(data)
-
-
 def _tiny_model(dataset, folder: Path, seed: int) -> Path:
     from diffmem.pipelines import build_pipeline, train_tokenizer
 

@@ -26,20 +26,6 @@ TINY_MEASURE = MeasureConfig(controls=2, nn_generations=1, sample_steps=2, uncon
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from diffmem.data.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("synth") / "tiny", preset="tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def dataset(data):
-    from diffmem.data import load
-
-    return load(data)
-
-
-@pytest.fixture(scope="module")
 def encoder(data, tmp_path_factory):
     from diffmem.embed import train_encoder
 
