@@ -201,9 +201,11 @@ def test_parse_strengths_and_config_checks():
 
 
 def test_cli_list_and_run(model, data, encoder, tmp_path, capsys):
-    assert main(["mitigate", "--model", "m", "--data", "d", "--out", "o", "--list"]) == 0
+    assert main(["mitigate", "--list"]) == 0
     listed = capsys.readouterr().out
     assert "attention_rescaling" in listed and "[0, 9]" in listed
+    assert main(["mitigate", "--data", str(data)]) == 2
+    assert "required: --model, --out (or pass --list)" in capsys.readouterr().err
     out = tmp_path / "cli"
     code = main(["-q", "--threads", "1", "mitigate", "--model", str(model), "--data", str(data),
                  "--out", str(out), "--encoder", str(encoder), "--methods",

@@ -18,9 +18,11 @@ def register(subparsers) -> None:
                     "with the in-domain encoder; seconds per image). Writes "
                     "OUT/mitigations.csv, summary.json, pareto.png and results.sqlite (run "
                     "again to resume).")
-    p.add_argument("--model", required=True, help="model folder (diffusers pipeline)")
-    p.add_argument("--data", required=True, help="the model's training data (dataset folder)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (outside the data)")
+    p.add_argument("--model", help="model folder (diffusers pipeline); required unless --list")
+    p.add_argument("--data", help="the model's training data (dataset folder); required unless "
+                                  "--list")
+    p.add_argument("--out", metavar="DIR", help="output folder (outside the data); required "
+                                                "unless --list")
     p.add_argument("--methods", default="all",
                    help="'all' (default) or comma-separated names; --list shows them")
     p.add_argument("--strengths", nargs="+", metavar="SPEC",
@@ -60,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:32s} default {m.default_strength:g} in [{lo:g}, {hi:g}]: "
                   f"{m.strength} ({m.paper.split(',')[0]})")
         return 0
+    missing = [f"--{name}" for name in ("model", "data", "out") if getattr(args, name) is None]
+    if missing:
+        print(f"diffmem mitigate: error: the following arguments are required: "
+              f"{', '.join(missing)} (or pass --list)", file=sys.stderr)
+        return 2
     from diffmem.mitigate.compare import compare_mitigations, parse_strengths
 
     result = compare_mitigations(
