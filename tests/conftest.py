@@ -236,3 +236,27 @@ def dataset(data: Path):
     from diffmem.data import load
 
     return load(data)
+
+
+@pytest.fixture(scope="session")
+def model(dataset, tmp_path_factory) -> Path:
+    """An untrained ``tiny`` CXR pipeline folder whose tokenizer is trained on :func:`data`'s
+    prompts (seed 0)."""
+    from diffmem.pipelines import build_pipeline, train_tokenizer
+
+    tokenizer = train_tokenizer([s.prompt for s in dataset], vocab_size=200,
+                                model_max_length=32)
+    folder = tmp_path_factory.mktemp("model") / "tiny-cxr"
+    build_pipeline("tiny", tokenizer=tokenizer, seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def encoder(data, tmp_path_factory) -> Path:
+    """A ``tiny`` in-domain encoder folder trained for 2 steps on :func:`data` (its numbers mean
+    nothing; it exercises the utility metrics)."""
+    from diffmem.embed import train_encoder
+
+    out = tmp_path_factory.mktemp("enc") / "enc"
+    train_encoder(data, out, preset="tiny", steps=2)
+    return out

@@ -36,17 +36,6 @@ FAST = ["--nn-generations", "1", "--sample-steps", "2", "--unconditional", "2",
 
 
 @pytest.fixture(scope="module")
-def model(dataset, tmp_path_factory):
-    from diffmem.pipelines import build_pipeline, train_tokenizer
-
-    tokenizer = train_tokenizer([s.prompt for s in dataset], vocab_size=200,
-                                model_max_length=32)
-    folder = tmp_path_factory.mktemp("model") / "tiny-cxr"
-    build_pipeline("tiny", tokenizer=tokenizer, seed=0).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def first_run(model, data, tmp_path_factory):
     """One full in-process ``diffmem detect`` run (all methods), reused by several tests."""
     out = tmp_path_factory.mktemp("runs") / "full"

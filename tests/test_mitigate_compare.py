@@ -19,27 +19,6 @@ FAST = {"n_prompts": 2, "generations": 2, "steps": 2, "batch_size": 8, "candidat
 
 
 @pytest.fixture(scope="module")
-def model(data, tmp_path_factory):
-    from diffmem.data import load
-    from diffmem.pipelines import build_pipeline, train_tokenizer
-
-    tokenizer = train_tokenizer([s.prompt for s in load(data)], vocab_size=200,
-                                model_max_length=32)
-    folder = tmp_path_factory.mktemp("model") / "tiny-cxr"
-    build_pipeline("tiny", tokenizer=tokenizer, seed=0).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def encoder(data, tmp_path_factory):
-    from diffmem.embed import train_encoder
-
-    out = tmp_path_factory.mktemp("enc") / "enc"
-    train_encoder(data, out, preset="tiny", steps=2)
-    return out
-
-
-@pytest.fixture(scope="module")
 def run(model, data, encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "cmp"
     result = compare_mitigations(model, data, out, encoder=encoder,

@@ -25,15 +25,6 @@ TINY_MEASURE = MeasureConfig(controls=2, nn_generations=1, sample_steps=2, uncon
                              unrelated=1, fid_images=6, batch_size=8)
 
 
-@pytest.fixture(scope="module")
-def encoder(data, tmp_path_factory):
-    from diffmem.embed import train_encoder
-
-    out = tmp_path_factory.mktemp("enc") / "enc"
-    train_encoder(data, out, preset="tiny", steps=2)
-    return out
-
-
 # ---------------------------------------------------------------------------- hooks
 def test_caption_randomization_is_seeded_and_respects_p():
     f = caption_randomization(["alpha", "beta", "gamma"], p=0.5)
