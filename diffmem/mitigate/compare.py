@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from diffmem.detect.verdicts import CopyVerdicts, fixed_threshold, is_copy, prepare_verdicts
 from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.mitigate.registry import get_mitigation, list_mitigations
 from diffmem.store import ResultsStore, params_hash
@@ -417,11 +418,12 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     model_fp, data_fp = adapter.fingerprint(), train_set.fingerprint()
 
     # 3. threshold, reference features, prompt sets
-    backend, reference, threshold = _verdict_setup(config, detect_info, train_set, heldout, out)
+    verdicts = _verdicts(config, detect_info, train_set, heldout, out)
+    backend, reference, threshold = verdicts.backend, verdicts.reference, verdicts.threshold
     if detect_info is not None:
         sets = _sets_from_detect(detect_info, config, model_fp, notes)
     else:
-        sets = _detect_sets(adapter, dataset, config, guidance, backend, reference, threshold)
+        sets = _detect_sets(adapter, dataset, config, guidance, verdicts)
     if not sets["memorized"]:
         notes.append("no memorized prompts found" + (
             f" among the {detect_info['n_scanned']} prompts of the detect run"
@@ -535,33 +537,22 @@ def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None):
                  "data_fingerprint": enc_fp}
 
 
-def _verdict_setup(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
-                   heldout: Any, out: Path):
-    """Backend, training-image features (cached in ``out/cache``) and copy threshold."""
-    from diffmem.detect.calibrate import calibrate_threshold, fixed_threshold
-    from diffmem.detect.neighbors import ReferenceFeatures, nearest_neighbors
-    from diffmem.detect.similarity import get_backend
-
-    if detect_info is not None:
-        dconf = detect_info["summary"]["config"]
-        name, options = dconf.get("backend", "pixel"), dict(dconf.get("backend_options") or {})
-    else:
-        name, options = config.backend, dict(config.backend_options)
-    if name == "embedding" and isinstance(options.get("encoder"), (str, os.PathLike)):
-        from diffmem.embed import load_encoder
-
-        options["encoder"] = load_encoder(options["encoder"])
-    backend = get_backend(name, **options)
-    reference = ReferenceFeatures.from_dataset(train_set, backend, split="train",
-                                               cache_dir=out / "cache")
-    if detect_info is not None:
-        t = detect_info["summary"]["threshold"]
-        threshold = fixed_threshold(float(t["value"]))
-        threshold = replace(threshold, fpr=t.get("fpr"), n=int(t.get("n") or 0),
-                            method=f"from detect run ({t.get('method', 'heldout-quantile')})")
-        return backend, reference, threshold
-    nn = nearest_neighbors(heldout, reference, backend=backend, k=1)
-    return backend, reference, calibrate_threshold(nn.similarities[:, 0], fpr=config.fpr)
+def _verdicts(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
+              heldout: Any, out: Path) -> CopyVerdicts:
+    """Backend, training-image features (cached in ``out/cache``) and copy threshold: the
+    detect run's backend and threshold when one is given, else calibrated on ``heldout``."""
+    if detect_info is None:
+        return prepare_verdicts(train_set, backend=config.backend,
+                                backend_options=config.backend_options, heldout=heldout,
+                                fpr=config.fpr, cache_dir=out / "cache")
+    dconf = detect_info["summary"]["config"]
+    t = detect_info["summary"]["threshold"]
+    threshold = replace(fixed_threshold(float(t["value"])), fpr=t.get("fpr"),
+                        n=int(t.get("n") or 0),
+                        method=f"from detect run ({t.get('method', 'heldout-quantile')})")
+    return prepare_verdicts(train_set, backend=dconf.get("backend", "pixel"),
+                            backend_options=dconf.get("backend_options"), threshold=threshold,
+                            cache_dir=out / "cache")
 
 
 def _sets_from_detect(info: dict, config: ComparisonConfig, model_fp: str,
@@ -599,7 +590,7 @@ def _sample(prompts: list[str], n: int, seed: int) -> list[str]:
 
 
 def _detect_sets(adapter: Any, dataset: Any, config: ComparisonConfig, guidance: float,
-                 backend: Any, reference: Any, threshold: Any) -> dict[str, list[str]]:
+                 verdicts: CopyVerdicts) -> dict[str, list[str]]:
     """Memorized and control prompts found with the detector's building blocks."""
     from diffmem.detect.detector import training_prompts
     from diffmem.detect.neighbors import nearest_neighbors
@@ -616,12 +607,12 @@ def _detect_sets(adapter: Any, dataset: Any, config: ComparisonConfig, guidance:
     sample = adapter.sample(candidates, n_per_prompt=config.detect_generations,
                             steps=config.steps, guidance=guidance,
                             seed=config.seed + DETECT_SEED_OFFSET, batch_size=config.batch_size)
-    nn = nearest_neighbors(sample.images, reference, backend=backend, k=1)
+    nn = nearest_neighbors(sample.images, verdicts.reference, backend=verdicts.backend, k=1)
     best = np.full(len(candidates), -np.inf)
     copies = np.zeros(len(candidates), dtype=bool)
-    for r, p in enumerate(sample.prompt_index):
+    for r, (p, copy) in enumerate(zip(sample.prompt_index, verdicts.judge(nn.similarities[:, 0]))):
         best[p] = max(best[p], nn.similarities[r, 0])
-        copies[p] |= bool(nn.similarities[r, 0] > threshold.value)
+        copies[p] |= bool(copy)
     flagged = sorted((i for i in range(len(candidates)) if copies[i]), key=lambda i: -best[i])
     memorized = [candidates[i] for i in flagged[:config.n_prompts]]
     below = set(prompts[i] for i in order[len(order) // 2:]) - set(candidates)
@@ -755,7 +746,7 @@ def _row(method: str, strength: float, set_name: str, unit: Mapping[str, Any], t
     from diffmem.embed import alignment_score, frechet_distance
 
     sims = np.asarray(unit["similarity"], dtype=np.float64)
-    copies = sims > threshold.value
+    copies = is_copy(sims, threshold)
     index = np.asarray(unit["prompt_index"], dtype=np.int64)
     emb = np.asarray(unit["embedding"], dtype=np.float64)
     texts = enc.embed_texts([prompts[i] for i in index])

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import xray
 from diffmem.data import load
-from diffmem.detect.calibrate import (
+from diffmem.detect.verdicts import (
     Threshold,
     calibrate_on_heldout,
     calibrate_threshold,
