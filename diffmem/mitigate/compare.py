@@ -43,7 +43,7 @@ import numpy as np
 from diffmem.detect.verdicts import CopyVerdicts, fixed_threshold, is_copy, prepare_verdicts
 from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.mitigate.registry import get_mitigation, list_mitigations
-from diffmem.store import ResultsStore, params_hash
+from diffmem.store import ResultsStore
 from diffmem.utils import prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
@@ -419,7 +419,6 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
 
     # 3. threshold, reference features, prompt sets
     verdicts = _verdicts(config, detect_info, train_set, heldout, out)
-    backend, reference, threshold = verdicts.backend, verdicts.reference, verdicts.threshold
     if detect_info is not None:
         sets = _sets_from_detect(detect_info, config, model_fp, notes)
     else:
@@ -443,20 +442,17 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     try:
         run_id = store.start_run(model_fp, data_fingerprint=data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance})
+        unit_of = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp, data_fp)
         units: dict[tuple[str, float, str], dict[str, Any]] = {}
         work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
         for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
             params = {}
             if method == "prompt_embedding_optimization" and \
                     get_mitigation(method).params.get("target") is None:
-                if peo_target is None:
-                    base = units.get((BASELINE, 0.0, "control")) or \
-                        units.get((BASELINE, 0.0, "memorized"))
-                    peo_target = float(np.median(base["noise_magnitude"]))
+                peo_target = _peo_target(units) if peo_target is None else peo_target
                 params["target"] = peo_target
-            units[(method, strength, set_name)] = _unit(
-                store, run_id, adapter, method, strength, params, sets[set_name], set_name,
-                config, guidance, backend, reference, enc, model_fp, data_fp)
+            units[(method, strength, set_name)] = unit_of.get(method, strength, params,
+                                                              sets[set_name], set_name)
     finally:
         store.close()
     if peo_target is not None:
@@ -464,7 +460,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                      f"magnitude of the baseline control prompts ({peo_target:.4g})")
 
     # 5. metrics, front, recommendation
-    rows = [_row(method, strength, set_name, unit, threshold, real, sets[set_name], enc)
+    rows = [_row(method, strength, set_name, unit, verdicts.threshold, real, sets[set_name], enc)
             for (method, strength, set_name), unit in units.items()]
     multi = {m for m in config.methods if len(config.strengths[m]) > 1}
     axes = ("memorized" if sets["memorized"] else "control", "control")
@@ -476,7 +472,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     recommended, reason = _recommend(rows, front, config, multi, axes)
     result = MitigationComparison(
         rows=rows, pareto_front=labels, recommended=recommended, recommendation_reason=reason,
-        notes=notes, config=config, threshold=threshold.to_dict(), encoder=enc_info,
+        notes=notes, config=config, threshold=verdicts.threshold.to_dict(), encoder=enc_info,
         prompts={k: list(v) for k, v in sets.items()}, utility_reference=real["reference"],
         model_fingerprint=model_fp, data_fingerprint=data_fp, out=out)
 
@@ -648,28 +644,50 @@ def _real_features(enc: Any, heldout: Any, train_set: Any, config: ComparisonCon
 
 
 # ---------------------------------------------------------------------------- one unit
-def _unit(store: ResultsStore, run_id: int, adapter: Any, method: str, strength: float,
-          params: dict, prompts: list[str], set_name: str, config: ComparisonConfig,
-          guidance: float, backend: Any, reference: Any, enc: Any, model_fp: str,
-          data_fp: str) -> dict[str, Any]:
-    """Generate one (method, strength, set), or read it from the store."""
-    key = {"method": method, "strength": strength, "params": params, "prompts": prompts,
-           "generations": config.generations, "steps": config.steps, "guidance": guidance,
-           "seed": config.seed, "backend": backend.params(), "reference": data_fp,
-           "encoder": enc.fingerprint(),
-           "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
-    h = store.put_params(key)
-    name = f"{set_name}:{method}:{strength:g}"
-    stored = store.get(model_fp, name, "mitigate", h)
-    if stored is not None:
-        return stored["value"]
-    value = measure(adapter, prompts, method=method, strength=strength, params=params,
-                    generations=config.generations, steps=config.steps, guidance=guidance,
-                    seed=config.seed, batch_size=config.batch_size, backend=backend,
-                    reference=reference, encoder=enc)
-    store.put_many([{"model_fingerprint": model_fp, "prompt": name, "method": "mitigate",
-                     "params_hash": h, "value": value}], run_id=run_id)
-    return value
+@dataclass
+class _Units:
+    """Generates one (method, strength, set) unit of a comparison, or reads it from the store."""
+
+    store: ResultsStore
+    run_id: int
+    adapter: Any
+    config: ComparisonConfig
+    guidance: float
+    verdicts: CopyVerdicts
+    encoder: Any
+    model_fp: str
+    data_fp: str
+
+    def get(self, method: str, strength: float, params: dict, prompts: list[str],
+            set_name: str) -> dict[str, Any]:
+        config, store = self.config, self.store
+        key = {"method": method, "strength": strength, "params": params, "prompts": prompts,
+               "generations": config.generations, "steps": config.steps,
+               "guidance": self.guidance, "seed": config.seed,
+               "backend": self.verdicts.backend.params(), "reference": self.data_fp,
+               "encoder": self.encoder.fingerprint(),
+               "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
+        h = store.put_params(key)
+        name = f"{set_name}:{method}:{strength:g}"
+        stored = store.get(self.model_fp, name, "mitigate", h)
+        if stored is not None:
+            return stored["value"]
+        value = measure(self.adapter, prompts, method=method, strength=strength, params=params,
+                        generations=config.generations, steps=config.steps,
+                        guidance=self.guidance, seed=config.seed, batch_size=config.batch_size,
+                        backend=self.verdicts.backend, reference=self.verdicts.reference,
+                        encoder=self.encoder)
+        store.put_many([{"model_fingerprint": self.model_fp, "prompt": name,
+                         "method": "mitigate", "params_hash": h, "value": value}],
+                       run_id=self.run_id)
+        return value
+
+
+def _peo_target(units: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> float:
+    """Prompt-embedding optimization's target: the median first-step noise magnitude of the
+    baseline's control prompts (its memorized prompts when there is no control set)."""
+    base = units.get((BASELINE, 0.0, "control")) or units.get((BASELINE, 0.0, "memorized"))
+    return float(np.median(base["noise_magnitude"]))
 
 
 def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: float,
