@@ -23,14 +23,14 @@ generations -> nearest training images -> calibrated copy verdicts -> results st
 Under ``accelerate launch`` each process scans ``items[rank::world]`` into the same store; the
 main process writes the files after all have finished.
 
-This module is the run (its settings, :class:`DetectionConfig`, and its steps); the verdict
-setup and rule live in :mod:`diffmem.detect.verdicts`, the result dataclasses in
-:mod:`diffmem.detect.results` and the files in :mod:`diffmem.detect.writers`.
+This module is the run (its settings, :class:`DetectionConfig`, and its steps); its inputs are
+checked in :mod:`diffmem.detect.inputs`, the verdict setup and rule live in
+:mod:`diffmem.detect.verdicts`, the result dataclasses in :mod:`diffmem.detect.results` and
+the files are written by :mod:`diffmem.detect.writers`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,6 +43,15 @@ from typing import Any
 import numpy as np
 
 from diffmem.data.prompts import read_prompts
+from diffmem.detect.inputs import (
+    WorkItem,
+    check_writable,
+    heldout_images,
+    mismatch_warnings,
+    prompt_labels,
+    training_prompts,
+    work_items,
+)
 from diffmem.detect.neighbors import nearest_neighbors, one_blas_thread
 from diffmem.detect.results import (
     KINDS,
@@ -52,7 +61,7 @@ from diffmem.detect.results import (
     PromptResult,
 )
 from diffmem.detect.scores import attention_entropy, default_guidance, noise_magnitude
-from diffmem.detect.verdicts import NO_HELDOUT, CopyVerdicts, is_ratio_copy, prepare_verdicts
+from diffmem.detect.verdicts import CopyVerdicts, is_ratio_copy, prepare_verdicts
 from diffmem.detect.writers import (
     STORE_FILE,
     copy_image_path,
@@ -228,69 +237,7 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ConfigError(f"{name}={value!r}; use an integer >= {low}")
 
 
-# ---------------------------------------------------------------------------- prompts
-def training_prompts(dataset: Any) -> dict[str, list[str]]:
-    """Unique non-empty prompts of the training split, in first-seen order, each with the
-    study ids of its training records."""
-    out: dict[str, list[str]] = {}
-    for s in dataset:
-        if s.split == "train" and s.prompt.strip():
-            ids = out.setdefault(s.prompt, [])
-            if s.study_id not in ids:
-                ids.append(s.study_id)
-    return out
-
-
-def prompt_labels(dataset: Any, ground_truth: str | os.PathLike | Mapping | None = None,
-                  ) -> dict[str, int] | None:
-    """Planted label of each training prompt: 1 when any of its training images is a planted
-    duplicate.
-
-    Parameters
-    ----------
-    dataset : CXRDataset
-    ground_truth : path or mapping, optional
-        A ``ground_truth.csv`` (or its folder) as written by ``diffmem synth``, or its rows
-        keyed by image id (:func:`diffmem.data.synth.read_ground_truth`). Default: the
-        dataset folder's ``ground_truth.csv`` when there is one.
-
-    Returns
-    -------
-    dict or None
-        ``prompt -> 0/1``; None when there is no ground truth.
-    """
-    from diffmem.data.synth import read_ground_truth
-
-    if ground_truth is None:
-        if not (Path(dataset.root) / "ground_truth.csv").is_file():
-            return None
-        ground_truth = dataset.root
-    truth = ground_truth if isinstance(ground_truth, Mapping) else read_ground_truth(ground_truth)
-    labels: dict[str, int] = {}
-    missing = 0
-    for s in dataset:
-        if s.split != "train":
-            continue
-        row = truth.get(s.image_id)
-        if row is None:
-            missing += 1
-            continue
-        labels[s.prompt] = max(labels.get(s.prompt, 0), int(row["planted"]))
-    if missing:
-        log.warning("ground truth has no row for %d training image(s); their prompts count as "
-                    "not planted", missing)
-    return labels
-
-
 # ---------------------------------------------------------------------------- the run
-@dataclass
-class _Item:
-    prompt: str
-    kind: str
-    study_ids: list[str]
-    label: int | None
-
-
 
 def detect(model: Any, data: Any, out: str | os.PathLike, *,
            config: DetectionConfig | None = None,
@@ -313,7 +260,9 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
         again with the same folder skips what is already computed.
     config : DetectionConfig, optional
     prompts : path or sequence of str, optional
-        Prompts to scan (a file: one per line). Default: the training split's unique prompts.
+        Prompts to scan: a file (one per line, or a ``.csv``/``.jsonl`` table with a ``prompt``
+        column; :func:`~diffmem.data.prompts.read_prompts`) or a list. Default: the training
+        split's unique prompts.
     calibration : path or CXRDataset, optional
         Held-out real images for the threshold (a dataset, or a folder of PNG/JPEG/DICOM
         files) instead of the data's validate/test splits.
@@ -351,8 +300,8 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
                         "dataset with its train split", path=dataset.root)
     train_map = training_prompts(dataset)
     labels = prompt_labels(dataset, ground_truth)
-    items = _work_items(dataset, train_map, labels, prompts, config)
-    heldout = _heldout(dataset, calibration, config) if "nn" in config.methods else None
+    items = work_items(dataset, train_map, labels, prompts, config)
+    heldout = heldout_images(dataset, calibration, config) if "nn" in config.methods else None
     if model_source is not None:
         from diffmem.models import check_model_folder
 
@@ -361,7 +310,7 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
     if isinstance(calibration, (str, os.PathLike)):
         inputs.append(Path(calibration))
     out = prepare_out_dir(out, inputs=inputs)
-    _check_writable(out)
+    check_writable(out)
 
     # 2. model, processes, threads
     import torch
@@ -380,7 +329,7 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
         adapter = model  # an adapter (or an object with the adapter's interface)
     else:
         adapter = load_model(model, device=state.device if torch.cuda.is_available() else None)
-    warnings = _mismatch_warnings(adapter, model_source, train_set, train_map)
+    warnings = mismatch_warnings(adapter, model_source, train_set, train_map)
     model_fp = adapter.fingerprint()
     data_fp = train_set.fingerprint()
     guidance = default_guidance(adapter) if config.guidance is None else float(config.guidance)
@@ -397,12 +346,12 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
     # 4. scan, shard by shard, committing every chunk
     store = ResultsStore(out / STORE_FILE)
     try:
+        run_id = store.start_run(model_fp, data_fingerprint=data_fp, command=command,
+                                 params={**config.to_dict(), "guidance": guidance,
+                                         "process": rank, "processes": world})
         run = _Run(adapter=adapter, config=config, guidance=guidance, verdicts=verdicts,
                    store=store, keys=_method_keys(config, guidance, verdicts, data_fp),
-                   model_fp=model_fp, out=out, rank=rank, run_id=store.start_run(
-                       model_fp, data_fingerprint=data_fp, command=command,
-                       params={**config.to_dict(), "guidance": guidance, "process": rank,
-                               "processes": world}))
+                   model_fp=model_fp, run_id=run_id, out=out, rank=rank)
         mine = items[rank::world]
         timings: dict[str, dict[str, float]] = {}
         _log_truncation(adapter, mine)
@@ -415,11 +364,12 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
         results = _collect(run, items)
     finally:
         store.close()
-    result = DetectionResult(
-        prompts=results, config=config, threshold=None if verdicts is None else
-        verdicts.threshold, null_similarities=None if verdicts is None else
-        verdicts.null_similarities, timings=timings, model_fingerprint=model_fp,
-        data_fingerprint=data_fp, out=out, warnings=warnings, world_size=world)
+    threshold, null = (None, None) if verdicts is None else (verdicts.threshold,
+                                                              verdicts.null_similarities)
+    result = DetectionResult(prompts=results, config=config, threshold=threshold,
+                             null_similarities=null, timings=timings,
+                             model_fingerprint=model_fp, data_fingerprint=data_fp, out=out,
+                             warnings=warnings, world_size=world)
     _evaluate(result)
 
     # 6. files (main process only)
@@ -429,7 +379,7 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
     return result
 
 
-def _log_truncation(adapter: Any, items: list[_Item]) -> None:
+def _log_truncation(adapter: Any, items: list[WorkItem]) -> None:
     """One warning for all prompts longer than the text encoder reads (instead of one per
     batch from the adapter)."""
     texts = [it.prompt for it in items if it.prompt]
@@ -459,129 +409,6 @@ class _quiet_truncation:
 
     def __exit__(self, *exc):
         self._logger.removeFilter(self._filter)
-
-
-def _check_writable(out: Path) -> None:
-    probe = out / f".diffmem-write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"output folder {str(out)!r} is not writable ({e.strerror}); choose "
-                          "another --out") from None
-
-
-def _work_items(dataset: Any, train_map: dict[str, list[str]], labels: dict[str, int] | None,
-                prompts: str | os.PathLike | Sequence[str] | None,
-                config: DetectionConfig) -> list[_Item]:
-    if prompts is None:
-        if not train_map:
-            raise DataError("the training split has no non-empty prompt to scan; pass "
-                            "--prompts FILE", path=dataset.root)
-        items = [_Item(p, "train", ids, None if labels is None else labels.get(p, 0))
-                 for p, ids in train_map.items()]
-    else:
-        if isinstance(prompts, (str, os.PathLike)):
-            listed = read_prompts(prompts)
-        else:
-            listed = [str(p).strip() for p in prompts]
-            listed = [p for p in dict.fromkeys(listed) if p]
-            if not listed:
-                raise DataError("no prompt to scan (the list is empty or holds only empty "
-                                "strings)")
-        items = [_Item(p, "prompt", list(train_map.get(p, [])),
-                       None if labels is None else labels.get(p, 0)) for p in listed]
-        outside = sum(1 for p in listed if p not in train_map)
-        if outside:
-            log.info("%d of %d prompt(s) are not training prompts of the data", outside,
-                     len(listed))
-    scanned = {it.prompt for it in items}
-    if config.unrelated:
-        held = sorted({s.prompt for s in dataset if s.split != "train" and s.prompt.strip()
-                       and s.prompt not in train_map and s.prompt not in scanned},
-                      key=prompt_hash)
-        items += [_Item(p, "unrelated", [], None) for p in held[:config.unrelated]]
-        if len(held) < config.unrelated:
-            log.info("only %d unrelated (held-out, not trained on) prompt(s) available",
-                     len(held))
-    if config.unconditional and "nn" in config.methods:
-        items.append(_Item("", "unconditional", [], None))
-    return items
-
-
-def _heldout(dataset: Any, calibration: Any, config: DetectionConfig) -> Any:
-    """Held-out real images for the threshold: a dataset, an image array, or None."""
-    if config.threshold is not None:
-        return None
-    from diffmem.data import CXRDataset
-
-    if calibration is None:
-        held = dataset.subset(split=["validate", "test"])
-        if len(held) == 0:
-            raise DataError(f"the data has no validate/test images; {NO_HELDOUT}",
-                            path=dataset.root)
-        return held
-    if isinstance(calibration, CXRDataset):
-        return calibration
-    return _load_calibration(Path(calibration))
-
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-
-
-def _load_calibration(path: Path) -> Any:
-    from diffmem.data import load
-
-    if not path.exists():
-        raise DataError(f"calibration folder does not exist; {NO_HELDOUT}", path=path)
-    try:
-        return load(path)
-    except DataError:
-        pass
-    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [])
-                   if p.suffix.lower() in _IMAGE_SUFFIXES)
-    if not files:
-        raise DataError("holds neither a dataset nor image files (PNG/JPEG/DICOM) to calibrate "
-                        f"on; {NO_HELDOUT}", path=path)
-    return files
-
-
-def _mismatch_warnings(adapter: Any, model_source: Path | None, train_set: Any,
-                       train_map: dict[str, list[str]]) -> list[str]:
-    """Model/data mismatch checks; each problem is logged as a warning and returned."""
-    warnings = []
-    folder = model_source or (Path(adapter.source) if adapter.source else None)
-    card_path = None if folder is None else folder / "model_card.json"
-    if card_path is not None and card_path.is_file():
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-            trained_on = (card.get("data") or {}).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            trained_on = None
-        here = train_set.fingerprint()
-        if trained_on and trained_on != here:
-            warnings.append(
-                f"model/data mismatch: {card_path} says the model was trained on data with "
-                f"fingerprint {trained_on} ({(card.get('data') or {}).get('root')}), but the "
-                f"training split given has fingerprint {here}; verdicts then say whether the "
-                "model copies *these* images, not its own training set: pass the data the model "
-                "was trained on")
-    unk = getattr(adapter.tokenizer, "unk_token_id", None)
-    if unk is not None and train_map:
-        sample = list(train_map)[:200]
-        ids = adapter.tokenizer(sample, truncation=True, max_length=adapter.max_length)[
-            "input_ids"]
-        total = sum(len(x) for x in ids)
-        unknown = sum(sum(1 for i in x if i == unk) for x in ids)
-        if total and unknown / total > 0.2:
-            warnings.append(
-                f"model/data mismatch: {unknown / total:.0%} of the tokens of the data's "
-                "prompts are unknown to the model's tokenizer; the model was likely trained on "
-                "other text")
-    for w in warnings:
-        log.warning(w)
-    return warnings
-
 
 
 def _method_keys(config: DetectionConfig, guidance: float, verdicts: CopyVerdicts | None,
@@ -621,11 +448,11 @@ class _Run:
     rank: int = 0
 
 
-def _scan_method(run: _Run, method: str, items: list[_Item]) -> dict[str, float]:
+def _scan_method(run: _Run, method: str, items: list[WorkItem]) -> dict[str, float]:
     """Compute ``method`` for this process's items that the store lacks; commit per chunk (the
     PNGs of a chunk's copies are written before its values are committed)."""
     name, config, store = METHODS[method], run.config, run.store
-    todo: list[_Item] = []
+    todo: list[WorkItem] = []
     for kind in KINDS:
         if method != "nn" and kind == "unconditional":
             continue  # the empty prompt's noise magnitude is 0 by definition
@@ -656,7 +483,7 @@ def _scan_method(run: _Run, method: str, items: list[_Item]) -> dict[str, float]
             "prompts_per_second": round(len(todo) / seconds, 3) if seconds > 0 else None}
 
 
-def _compute(run: _Run, method: str, chunk: list[_Item],
+def _compute(run: _Run, method: str, chunk: list[WorkItem],
              ) -> tuple[list[Any], list[tuple[Path, np.ndarray]]]:
     """The chunk's stored values of ``method``, and the copies' images with their paths."""
     config = run.config
@@ -678,7 +505,8 @@ def _compute(run: _Run, method: str, chunk: list[_Item],
     return [v for _, v in sorted(values, key=lambda x: order[id(x[0])])], copies
 
 
-def _by_generations(chunk: list[_Item], config: DetectionConfig) -> list[tuple[int, list[_Item]]]:
+def _by_generations(chunk: list[WorkItem],
+                    config: DetectionConfig) -> list[tuple[int, list[WorkItem]]]:
     plain = [it for it in chunk if it.kind != "unconditional"]
     empty = [it for it in chunk if it.kind == "unconditional"]
     groups = []
@@ -689,7 +517,7 @@ def _by_generations(chunk: list[_Item], config: DetectionConfig) -> list[tuple[i
     return groups
 
 
-def _nearest(run: _Run, items: list[_Item], n_per: int,
+def _nearest(run: _Run, items: list[WorkItem], n_per: int,
              ) -> tuple[list[dict[str, Any]], list[tuple[Path, np.ndarray]]]:
     """Generate ``n_per`` images per prompt and find each one's two nearest training images.
 
@@ -720,7 +548,7 @@ def _nearest(run: _Run, items: list[_Item], n_per: int,
     return values, copies
 
 
-def _collect(run: _Run, items: list[_Item]) -> list[PromptResult]:
+def _collect(run: _Run, items: list[WorkItem]) -> list[PromptResult]:
     """Every item's stored values, with verdicts; refuses when some are missing."""
     config = run.config
     tables: dict[tuple[str, str], dict[str, Any]] = {}
@@ -754,7 +582,7 @@ def _collect(run: _Run, items: list[_Item]) -> list[PromptResult]:
     return results
 
 
-def _matches(run: _Run, value: Mapping[str, list], item: _Item) -> list[GenerationMatch]:
+def _matches(run: _Run, value: Mapping[str, list], item: WorkItem) -> list[GenerationMatch]:
     """An item's stored nearest-neighbour value as matches with their copy verdicts."""
     copies = run.verdicts.judge(value["similarity"])
     ratio_copies = is_ratio_copy(value["distance1"], value["distance2"], ratio=run.config.ratio)

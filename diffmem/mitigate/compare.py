@@ -588,7 +588,7 @@ def _sample(prompts: list[str], n: int, seed: int) -> list[str]:
 def _detect_sets(adapter: Any, dataset: Any, config: ComparisonConfig, guidance: float,
                  verdicts: CopyVerdicts) -> dict[str, list[str]]:
     """Memorized and control prompts found with the detector's building blocks."""
-    from diffmem.detect.detector import training_prompts
+    from diffmem.detect.inputs import training_prompts
     from diffmem.detect.neighbors import nearest_neighbors
     from diffmem.detect.scores import noise_magnitude
 
