@@ -150,3 +150,18 @@ def test_per_step_scores_use_the_walker(adapter):
     gaps = trajectory_noise_gaps(adapter, cond, _seeds(PROMPT, 2), steps=3,
                                  num_inference_steps=8, guidance=3.0)
     np.testing.assert_allclose(per_step[0], gaps, rtol=1e-5)
+
+
+def test_occlusion_images_start_from_the_prompts_seeds():
+    """The similarity target samples every variant from the prompt's own seeds (initial noise
+    and DDPM's step noise): the prompt's row reproduces adapter.sample of the prompt."""
+    from diffmem.detect.neighbors import nearest_neighbors
+
+    ddpm = load_model(tiny_stable_diffusion(seed=0), scheduler="ddpm")
+    reference = np.random.default_rng(0).random((5, 16, 16), dtype=np.float32)
+    prompt = "Dr. ___ was notified."
+    result = attribute(ddpm, prompt, method="occlusion", generations=2, num_inference_steps=3,
+                       guidance=3.0, seed=7, reference=reference)
+    images = ddpm.sample([prompt], n_per_prompt=2, steps=3, guidance=3.0, seed=7).images
+    expected = nearest_neighbors(images, reference, backend="pixel", k=1).similarities[:, 0]
+    assert result.details["similarity"] == pytest.approx(float(expected.mean()), rel=1e-5)
