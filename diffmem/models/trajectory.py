@@ -5,20 +5,21 @@ One home for what :mod:`diffmem.detect.scores` (noise magnitude, attention entro
 :mod:`diffmem.attribution` (gradient, occlusion, attention) walk, so an attribution explains the
 very numbers a score gave:
 
-=========================  ==============================================================
-:func:`check_trajectory`   validate ``generations``/``steps``/``num_inference_steps``/
-                           ``batch_size``/``guidance`` (guidance defaulted per pipeline)
-:func:`epsilon_scheduler`  a fresh copy of the adapter's inference scheduler that takes
-                           epsilon predictions
-:func:`seeded_noise`       the initial noise ``x_T`` of rows seeded like
-                           :meth:`~diffmem.models.DiffusionModelAdapter.sample`
-:func:`guided_pair`        ``(eps_u, eps_c)`` from one UNet call on ``[uncond, cond]``
-:func:`walk_trajectory`    the first ``steps`` steps of the classifier-free-guided
-                           trajectory of many rows, batched, one :class:`TrajectoryStep`
-                           per batch and step
-:func:`trajectory_noise_gaps`  the noise gap of every row at every step of that walk
-:func:`noise_gap`          ``||eps_c - eps_u||_2`` per row (Wen et al., ICLR 2024)
-=========================  ==============================================================
+===============================  ====================================================
+:func:`check_trajectory`         validate ``generations``, ``steps``,
+                                 ``num_inference_steps``, ``batch_size``, ``guidance``
+:func:`epsilon_scheduler`        a fresh copy of the adapter's inference scheduler that
+                                 takes epsilon predictions
+:func:`seeded_noise`             the initial noise ``x_T`` of rows, seeded like
+                                 :meth:`~diffmem.models.DiffusionModelAdapter.sample`
+:func:`guided_pair`              ``(eps_u, eps_c)`` from one UNet call on
+                                 ``[uncond, cond]``
+:func:`walk_trajectory`          the first ``steps`` steps of the guided trajectory of
+                                 many rows, batched: one :class:`TrajectoryStep` per
+                                 batch and step
+:func:`trajectory_noise_gaps`    the noise gap of every row at every step of that walk
+:func:`noise_gap`                ``||eps_c - eps_u||_2`` per row (Wen et al., ICLR 2024)
+===============================  ====================================================
 
 A *row* is one (conditional embedding, seed) pair. Row ``r`` starts from the noise of a
 ``torch.Generator`` seeded with ``seeds[r]``, and the same generator then feeds the scheduler's
