@@ -159,7 +159,7 @@ def test_verdicts_flag_copies_including_unconditional(dataset, tmp_path):
     labels = prompt_labels(dataset)
     planted = [p for p, y in labels.items() if y]
     result = detect(_CopyingModel(dataset, planted), dataset, tmp_path / "out",
-                    config=DetectionConfig(methods=("nn",), nn_generations=2, unconditional=3,
+                    config=DetectionConfig(methods=("nn",), nn_generations=2, unconditional=3, confirm="all",
                                            unrelated=2))
     train = result.of_kind("train")
     assert {p.prompt for p in train if p.memorized} == set(planted)

@@ -18,9 +18,14 @@ def register(subparsers) -> None:
                     "again to finish an interrupted scan) and PNG figures. Several processes: "
                     "accelerate launch [--multi_gpu] --num_processes N -m diffmem detect ...")
     p.add_argument("--model", required=True, help="model folder (diffusers pipeline)")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data",
                    help="the training data (dataset folder or manifest); its validate/test "
-                        "splits calibrate the copy threshold")
+                        "splits calibrate the copy threshold. Optional: --prompts FILE with "
+                        "--methods noise,attention needs no images")
+    p.add_argument("--reference", metavar="DATA|IMAGE_DIR",
+                   help="training images for the nn verdicts when there is no --data: a "
+                        "dataset (its train split) or a folder of images (with --calibration "
+                        "DIR or --threshold)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (outside the data)")
     p.add_argument("--prompts", metavar="FILE",
                    help="prompts to scan: one per line, or a .csv/.jsonl table with a 'prompt' "
@@ -57,6 +62,18 @@ def register(subparsers) -> None:
                    help="generations from the empty prompt (default 16; 0 = none)")
     p.add_argument("--unrelated", type=int, default=8,
                    help="held-out prompts to generate from (default 8; 0 = none)")
+    p.add_argument("--confirm", choices=("screen", "all"), default="screen",
+                   help="screen (default): two-stage: generate images only for prompts the "
+                        "noise screen flags, a seeded audit sample of the rest (a stated bound "
+                        "on missed copies; widens to every prompt when it finds one), the empty "
+                        "and unrelated prompts. all: generate for every prompt")
+    p.add_argument("--audit", type=int,
+                   help="unflagged prompts audited by generation in a two-stage run (default "
+                        "29: no copy found bounds the missed-copy rate by 10%% at 95%% "
+                        "confidence)")
+    p.add_argument("--screen-k", type=float, default=3.5,
+                   help="noise screen cut: modified z-score (median/MAD) above which a prompt "
+                        "is flagged (default 3.5)")
     p.add_argument("--chunk-size", type=int, default=64,
                    help="prompts per commit to the results store (default 64)")
     p.add_argument("--threads", type=int,
@@ -80,11 +97,13 @@ def run(args: argparse.Namespace) -> int:
         sample_steps=args.sample_steps, guidance=args.guidance, seed=args.seed,
         batch_size=args.batch_size, backend=args.backend, backend_options=options,
         fpr=args.fpr, threshold=args.threshold, unconditional=args.unconditional,
-        unrelated=args.unrelated, chunk_size=args.chunk_size, threads=args.threads)
+        unrelated=args.unrelated, chunk_size=args.chunk_size, threads=args.threads,
+        confirm=args.confirm, audit=args.audit, screen_k=args.screen_k)
     import sys
 
     result = detect(args.model, args.data, args.out, config=config, prompts=args.prompts,
-                    calibration=args.calibration, command=["diffmem", *sys.argv[1:]])
+                    calibration=args.calibration, reference=args.reference,
+                    command=["diffmem", *sys.argv[1:]])
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(format_summary(result))
@@ -103,7 +122,15 @@ def format_summary(result) -> str:
                else "fixed")
         lines.append(f"copy threshold: {t.value:.4f} ({result.config.backend} similarity, {how})")
         flagged = [p for p in main if p.memorized]
-        lines.append(f"memorized prompts: {len(flagged)} of {len(main)}")
+        confirmed = sum(p.memorized is not None for p in main)
+        lines.append(f"memorized prompts: {len(flagged)} of {len(main)}"
+                     + (f" ({confirmed} confirmed by generation)" if confirmed < len(main)
+                        else ""))
+        if result.screen is not None:
+            s = result.screen
+            if s.policy != "all":
+                lines.append(f"two-stage: {len(s.flagged)} flagged by the noise screen, audit "
+                             f"of {len(s.audit)} unflagged; {s.statement()}")
         for kind in ("unrelated", "unconditional"):
             r = result.rates.get(kind)
             if r:

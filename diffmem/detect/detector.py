@@ -45,12 +45,12 @@ import numpy as np
 from diffmem.data.prompts import read_prompts
 from diffmem.detect.inputs import (
     WorkItem,
+    check_inputs,
     check_writable,
-    heldout_images,
     mismatch_warnings,
     prompt_labels,
+    reference_fingerprint,
     training_prompts,
-    work_items,
 )
 from diffmem.detect.neighbors import nearest_neighbors, one_blas_thread
 from diffmem.detect.results import (
@@ -61,6 +61,14 @@ from diffmem.detect.results import (
     PromptResult,
 )
 from diffmem.detect.scores import attention_entropy, default_guidance, noise_magnitude
+from diffmem.detect.twostage import (
+    DEFAULT_AUDIT_BOUND,
+    SCREEN_K,
+    ScreenPlan,
+    audit_size_for,
+    needs_widening,
+    plan_stage2,
+)
 from diffmem.detect.verdicts import CopyVerdicts, is_ratio_copy, prepare_verdicts
 from diffmem.detect.writers import (
     STORE_FILE,
@@ -90,6 +98,8 @@ __all__ = [
 
 #: ``--methods`` name -> name of the method in the results store and in ``scores.csv``.
 METHODS = {"noise": "noise_magnitude", "attention": "attention_entropy", "nn": "nn"}
+#: ``--confirm`` policies: two-stage (screen, then confirm flagged + audit) or exhaustive.
+CONFIRM = ("screen", "all")
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -136,6 +146,18 @@ class DetectionConfig:
     unrelated : int
         Held-out prompts (validate/test splits, not among the training prompts) generated from
         (default 8; 0 disables).
+    confirm : str
+        ``"screen"`` (default): two-stage detection (:mod:`diffmem.detect.twostage`): the
+        noise magnitude of every prompt screens, images are generated and compared only for
+        the prompts it flags, a seeded audit sample of the others, the empty prompt and the
+        unrelated prompts; stage 2 widens to every prompt when the audit finds a copy. The
+        noise score is computed (and ``nn`` runs last) whenever ``nn`` is asked for.
+        ``"all"``: every prompt is confirmed by generation (exhaustive).
+    screen_k : float
+        Modified z-score cut of the screen (default 3.5, Iglewicz & Hoaglin).
+    audit : int or None
+        Unflagged prompts audited at random (default: 29, the smallest audit whose finding
+        no copy bounds the missed-copy rate by 10% at 95% confidence).
     chunk_size : int
         Prompts computed between two commits to the results store (default 64; for ``nn``,
         generated images: ``chunk_size / nn_generations`` prompts): at most this much work is
@@ -162,6 +184,9 @@ class DetectionConfig:
     ratio: float = 1 / 3
     unconditional: int = 16
     unrelated: int = 8
+    confirm: str = "screen"
+    screen_k: float = SCREEN_K
+    audit: int | None = None
     chunk_size: int = 64
     threads: int | None = None
 
@@ -177,6 +202,18 @@ class DetectionConfig:
         if isinstance(methods, str):
             methods = tuple(m.strip() for m in methods.split(",") if m.strip())
         methods = tuple(dict.fromkeys(methods))
+        if self.confirm not in CONFIRM:
+            raise ConfigError(f"confirm={self.confirm!r}; choose from {', '.join(CONFIRM)} "
+                              "(screen: two-stage, all: generate for every prompt)")
+        if self.confirm == "screen" and "nn" in methods:  # the screen runs first
+            methods = tuple(m for m in ("noise", *methods) if m != "nn")
+            methods = (*dict.fromkeys(methods), "nn")
+        if isinstance(self.screen_k, bool) or not isinstance(self.screen_k, (int, float)) \
+                or not math.isfinite(self.screen_k):
+            raise ConfigError(f"screen_k={self.screen_k!r}; use a finite number (default "
+                              f"{SCREEN_K:g})")
+        if self.audit is not None:
+            _check_int("audit", self.audit, 0)
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ConfigError(f"methods={','.join(map(str, self.methods)) or '(none)'}: "
@@ -220,6 +257,11 @@ class DetectionConfig:
         return replace(self, methods=methods, backend_options=dict(self.backend_options))
 
     @property
+    def audit_size(self) -> int:
+        """Unflagged prompts a two-stage run audits."""
+        return int(audit_size_for(DEFAULT_AUDIT_BOUND) if self.audit is None else self.audit)
+
+    @property
     def images_per_prompt(self) -> int:
         return int(self.nn_generations or self.generations)
 
@@ -239,8 +281,9 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 # ---------------------------------------------------------------------------- the run
 
-def detect(model: Any, data: Any, out: str | os.PathLike, *,
+def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
            config: DetectionConfig | None = None,
+           reference: str | os.PathLike | Any | None = None,
            prompts: str | os.PathLike | Sequence[str] | None = None,
            calibration: str | os.PathLike | Any | None = None,
            ground_truth: str | os.PathLike | Mapping | None = None,
@@ -252,13 +295,18 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
     model : path, pipeline or DiffusionModelAdapter
         A model folder or pipeline object (opened with :func:`~diffmem.models.load_model`), or
         an adapter.
-    data : path or CXRDataset
+    data : path, CXRDataset or None
         The training data (its ``train`` split is the reference the generations are compared
-        with; its ``validate``/``test`` splits calibrate the copy threshold).
+        with; its ``validate``/``test`` splits calibrate the copy threshold). None: scan
+        ``prompts`` with the model-based scores alone (``nn`` then needs ``reference``).
     out : path
         Output folder (created; never inside the data). Holds ``results.sqlite``: running
         again with the same folder skips what is already computed.
     config : DetectionConfig, optional
+    reference : path or CXRDataset, optional
+        The training images of the ``nn`` verdicts when they are not ``data``'s: a dataset
+        (its train split) or a folder of image files (then ``calibration`` or a fixed
+        threshold is needed).
     prompts : path or sequence of str, optional
         Prompts to scan: a file (one per line, or a ``.csv``/``.jsonl`` table with a ``prompt``
         column; :func:`~diffmem.data.prompts.read_prompts`) or a list. Default: the training
@@ -288,28 +336,15 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
     """
     # 1. check inputs (everything cheap first)
     config = (config or DetectionConfig()).validated()
-    from diffmem.data import CXRDataset, load
-
-    dataset = data if isinstance(data, CXRDataset) else load(data)
     model_source = None if not isinstance(model, (str, os.PathLike)) else Path(model)
-    train_set = dataset.subset(split="train")
-    if len(train_set) == 0:
-        raise DataError(f"the data has no training split (splits: "
-                        f"{dict(dataset.split_counts()) or 'none'}); detection compares "
-                        "generations with the images the model was trained on: give the "
-                        "dataset with its train split", path=dataset.root)
-    train_map = training_prompts(dataset)
-    labels = prompt_labels(dataset, ground_truth)
-    items = work_items(dataset, train_map, labels, prompts, config)
-    heldout = heldout_images(dataset, calibration, config) if "nn" in config.methods else None
+    inputs = check_inputs(data, reference, prompts, calibration, ground_truth, config)
+    dataset, items = inputs.dataset, inputs.items
     if model_source is not None:
         from diffmem.models import check_model_folder
 
         check_model_folder(model_source)  # reads JSON and file names only
-    inputs = [dataset.root] + ([model_source] if model_source is not None else [])
-    if isinstance(calibration, (str, os.PathLike)):
-        inputs.append(Path(calibration))
-    out = prepare_out_dir(out, inputs=inputs)
+    out = prepare_out_dir(out, inputs=inputs.roots + (
+        [model_source] if model_source is not None else []))
     check_writable(out)
 
     # 2. model, processes, threads
@@ -329,9 +364,12 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
         adapter = model  # an adapter (or an object with the adapter's interface)
     else:
         adapter = load_model(model, device=state.device if torch.cuda.is_available() else None)
-    warnings = mismatch_warnings(adapter, model_source, train_set, train_map)
+    train_set = None if dataset is None else dataset.subset(split="train")
+    warnings = (mismatch_warnings(adapter, model_source, train_set, inputs.train_map)
+                if train_set is not None else [])
     model_fp = adapter.fingerprint()
-    data_fp = train_set.fingerprint()
+    data_fp = (reference_fingerprint(inputs.reference) if inputs.reference is not None
+               else train_set.fingerprint() if train_set is not None else "")
     guidance = default_guidance(adapter) if config.guidance is None else float(config.guidance)
 
     # 3. copy verdicts: backend, training features, threshold (before the expensive scan, so
@@ -339,9 +377,9 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
     verdicts = None
     if "nn" in config.methods:
         verdicts = prepare_verdicts(
-            train_set, backend=config.backend, backend_options=config.backend_options,
-            threshold=config.threshold, heldout=heldout, fpr=config.fpr, cache_dir=out / "cache",
-            state=state)
+            inputs.reference, backend=config.backend, backend_options=config.backend_options,
+            threshold=config.threshold, heldout=inputs.heldout, fpr=config.fpr,
+            cache_dir=out / "cache", state=state)
 
     # 4. scan, shard by shard, committing every chunk
     store = ResultsStore(out / STORE_FILE)
@@ -354,14 +392,18 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
                    model_fp=model_fp, run_id=run_id, out=out, rank=rank)
         mine = items[rank::world]
         timings: dict[str, dict[str, float]] = {}
+        plan = None
         _log_truncation(adapter, mine)
         with _quiet_truncation():
             for method in config.methods:
-                timings[METHODS[method]] = _scan_method(run, method, mine)
+                if method == "nn" and config.confirm == "screen":
+                    timings["nn"], plan = _two_stage(run, items, state)
+                else:
+                    timings[METHODS[method]] = _scan_method(run, method, mine)
         state.wait_for_everyone()
 
         # 5. collect everything the processes stored, verdicts
-        results = _collect(run, items)
+        results = _collect(run, items, plan)
     finally:
         store.close()
     threshold, null = (None, None) if verdicts is None else (verdicts.threshold,
@@ -369,7 +411,9 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
     result = DetectionResult(prompts=results, config=config, threshold=threshold,
                              null_similarities=null, timings=timings,
                              model_fingerprint=model_fp, data_fingerprint=data_fp, out=out,
-                             warnings=warnings, world_size=world)
+                             warnings=warnings, world_size=world,
+                             screen=plan if plan is not None or "nn" not in config.methods
+                             else ScreenPlan("all", "none", len(_main(items)), audit_copies=0))
     _evaluate(result)
 
     # 6. files (main process only)
@@ -548,21 +592,73 @@ def _nearest(run: _Run, items: list[WorkItem], n_per: int,
     return values, copies
 
 
-def _collect(run: _Run, items: list[WorkItem]) -> list[PromptResult]:
-    """Every item's stored values, with verdicts; refuses when some are missing."""
+def _main(items: list[WorkItem]) -> list[WorkItem]:
+    """The scanned prompts proper (training or ``--prompts`` prompts; the screen's domain)."""
+    return [it for it in items if it.kind in ("train", "prompt")]
+
+
+def _stored(run: _Run, method: str, kind: str) -> dict[str, Any]:
+    """Stored values of ``method`` for prompts of ``kind`` under this run's parameters."""
+    rows = run.store.to_rows(model_fingerprint=run.model_fp, method=METHODS[method],
+                             params_hash=params_hash(run.keys[(method, kind)]))
+    return {r["prompt"]: r["value"] for r in rows}
+
+
+def _two_stage(run: _Run, items: list[WorkItem], state: Any,
+               ) -> tuple[dict[str, float], ScreenPlan]:
+    """Stage 2 of a two-stage run (:mod:`diffmem.detect.twostage`): confirm the flagged
+    prompts, the audit sample, the unrelated and the empty prompts; widen to every prompt when
+    the audit finds a copy. The noise scores (stage 1) are in the store already."""
+    state.wait_for_everyone()  # every process's noise magnitudes are stored
+    config, world, rank = run.config, state.num_processes, state.process_index
+    main = _main(items)
+    noise = {kind: _stored(run, "noise", kind) for kind in {it.kind for it in main}}
+    plan = plan_stage2([it.prompt for it in main],
+                       [float(noise[it.kind][it.prompt]) for it in main], k=config.screen_k,
+                       audit=config.audit_size, seed=config.seed)
+    chosen = set(plan.flagged) | set(plan.audit)
+    stage2 = [it for it in items if it.kind not in ("train", "prompt") or it.prompt in chosen]
+    log.info("two-stage: %d of %d prompt(s) flagged by the noise screen (%s); confirming them, "
+             "an audit of %d unflagged prompt(s) and %d unrelated/empty prompt(s)",
+             len(plan.flagged), len(main), plan.rule, len(plan.audit), len(stage2) - len(chosen))
+    timing = _scan_method(run, "nn", stage2[rank::world])
+    state.wait_for_everyone()
+    audit = set(plan.audit)
+    values = {kind: _stored(run, "nn", kind) for kind in {it.kind for it in main}}
+    copies = sum(bool(np.any(run.verdicts.judge(values[it.kind][it.prompt]["similarity"])))
+                 for it in main if it.prompt in audit)
+    if needs_widening(plan, copies):
+        log.warning("two-stage: %s", plan.reason)
+        more = _scan_method(run, "nn", main[rank::world])
+        seconds = timing["seconds"] + more["seconds"]
+        done = timing["prompts"] + more["prompts"]
+        timing = {"seconds": round(seconds, 3), "prompts": done,
+                  "prompts_per_second": round(done / seconds, 3) if seconds > 0 else None}
+    log.info("two-stage: %s", plan.statement())
+    return timing, plan
+
+
+def _collect(run: _Run, items: list[WorkItem], plan: ScreenPlan | None = None,
+             ) -> list[PromptResult]:
+    """Every item's stored values, with verdicts; refuses when some are missing (prompts a
+    two-stage ``plan`` did not confirm have no nearest-neighbour values)."""
     config = run.config
-    tables: dict[tuple[str, str], dict[str, Any]] = {}
-    for (method, kind), params in run.keys.items():
-        if method in config.methods:
-            rows = run.store.to_rows(model_fingerprint=run.model_fp, method=METHODS[method],
-                                     params_hash=params_hash(params))
-            tables[(method, kind)] = {r["prompt"]: r["value"] for r in rows}
+    tables = {(method, kind): _stored(run, method, kind)
+              for (method, kind) in run.keys if method in config.methods}
+    confirmed = None
+    if plan is not None and not plan.widened:
+        confirmed = set(plan.flagged) | set(plan.audit)
+    roles = _screen_roles(plan)
     results, missing = [], 0
     for it in items:
         res = PromptResult(prompt=it.prompt, kind=it.kind, study_ids=list(it.study_ids),
-                           label=it.label)
+                           label=it.label, screen="" if plan is None or it.kind not in (
+                               "train", "prompt") else roles.get(it.prompt, roles[None]))
         for method in config.methods:
             if method != "nn" and it.kind == "unconditional":
+                continue
+            if method == "nn" and confirmed is not None and it.kind in ("train", "prompt") \
+                    and it.prompt not in confirmed:
                 continue
             value = tables[(method, it.kind)].get(it.prompt)
             if value is None:
@@ -580,6 +676,17 @@ def _collect(run: _Run, items: list[WorkItem]) -> list[PromptResult]:
                           "of the scan stopped early?); run the same command again to complete "
                           "them")
     return results
+
+
+def _screen_roles(plan: ScreenPlan | None) -> dict[str | None, str]:
+    """What stage 2 did with each prompt: ``flagged``, ``audit``, and for the rest (key None)
+    ``widened`` or ``screened`` (not confirmed)."""
+    if plan is None:
+        return {None: ""}
+    roles: dict[str | None, str] = {None: "widened" if plan.widened else "screened"}
+    roles.update((p, "audit") for p in plan.audit)
+    roles.update((p, "flagged") for p in plan.flagged)
+    return roles
 
 
 def _matches(run: _Run, value: Mapping[str, list], item: WorkItem) -> list[GenerationMatch]:

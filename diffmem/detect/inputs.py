@@ -23,8 +23,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WorkItem", "check_writable", "heldout_images", "mismatch_warnings", "prompt_labels",
+__all__ = ["DetectInputs", "WorkItem", "check_inputs", "check_writable", "heldout_images",
+           "image_files", "mismatch_warnings", "prompt_labels", "reference_fingerprint",
            "training_prompts", "work_items"]
+
+NO_REFERENCE = ("nearest-neighbour verdicts (--methods nn) compare generations with the training "
+                "images: pass --reference DATA|IMAGE_DIR (the training data or a folder of its "
+                "images), or --data DATA; or leave nn out (--methods noise,attention)")
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -103,10 +108,14 @@ def check_writable(out: Path) -> None:
                           "another --out") from None
 
 
-def work_items(dataset: Any, train_map: dict[str, list[str]], labels: dict[str, int] | None,
+def work_items(dataset: Any | None, train_map: dict[str, list[str]], labels: dict[str, int] | None,
                 prompts: str | os.PathLike | Sequence[str] | None,
                 config: DetectionConfig) -> list[WorkItem]:
     if prompts is None:
+        if dataset is None:
+            raise DataError("nothing to scan: pass --prompts FILE (one prompt per line, or a "
+                            ".csv/.jsonl table with a 'prompt' column), or --data DATA to scan "
+                            "its training prompts")
         if not train_map:
             raise DataError("the training split has no non-empty prompt to scan; pass "
                             "--prompts FILE", path=dataset.root)
@@ -128,7 +137,7 @@ def work_items(dataset: Any, train_map: dict[str, list[str]], labels: dict[str, 
             log.info("%d of %d prompt(s) are not training prompts of the data", outside,
                      len(listed))
     scanned = {it.prompt for it in items}
-    if config.unrelated:
+    if config.unrelated and dataset is not None:
         held = sorted({s.prompt for s in dataset if s.split != "train" and s.prompt.strip()
                        and s.prompt not in train_map and s.prompt not in scanned},
                       key=prompt_hash)
@@ -141,13 +150,15 @@ def work_items(dataset: Any, train_map: dict[str, list[str]], labels: dict[str, 
     return items
 
 
-def heldout_images(dataset: Any, calibration: Any, config: DetectionConfig) -> Any:
-    """Held-out real images for the threshold: a dataset, an image array, or None."""
+def heldout_images(dataset: Any | None, calibration: Any, config: DetectionConfig) -> Any:
+    """Held-out real images for the threshold: a dataset, a list of image files, or None."""
     if config.threshold is not None:
         return None
     from diffmem.data import CXRDataset
 
     if calibration is None:
+        if dataset is None:
+            raise DataError(f"--methods nn without --data: {NO_HELDOUT}")
         held = dataset.subset(split=["validate", "test"])
         if len(held) == 0:
             raise DataError(f"the data has no validate/test images; {NO_HELDOUT}",
@@ -170,12 +181,137 @@ def _load_calibration(path: Path) -> Any:
         return load(path)
     except DataError:
         pass
-    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [])
-                   if p.suffix.lower() in _IMAGE_SUFFIXES)
+    files = image_files(path)
     if not files:
         raise DataError("holds neither a dataset nor image files (PNG/JPEG/DICOM) to calibrate "
                         f"on; {NO_HELDOUT}", path=path)
     return files
+
+
+def image_files(path: Path) -> list[Path]:
+    """PNG/JPEG/DICOM files under a folder, sorted (empty for a file or a missing folder)."""
+    return sorted(p for p in (path.rglob("*") if path.is_dir() else [])
+                  if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+
+
+def reference_images(reference: Any) -> Any:
+    """The training images nearest-neighbour verdicts compare with: the ``train`` split of a
+    dataset (a CXRDataset or a folder ``diffmem.data.load`` reads), or the image files of a
+    folder.
+
+    Raises
+    ------
+    DataError
+        A path that does not exist, a dataset without a training split, or a folder with
+        neither a dataset nor images.
+    """
+    from diffmem.data import CXRDataset, load
+
+    if isinstance(reference, CXRDataset):
+        return _train_split(reference)
+    path = Path(reference)
+    if not path.exists():
+        raise DataError(f"reference does not exist; {NO_REFERENCE}", path=path)
+    try:
+        return _train_split(load(path))
+    except DataError as e:
+        if "training split" in str(e):
+            raise
+    files = image_files(path)
+    if not files:
+        raise DataError("--reference holds neither a dataset nor image files (PNG/JPEG/DICOM); "
+                        "pass the training data or a folder of the images the model was "
+                        "trained on", path=path)
+    log.info("reference: %d image file(s) under %s", len(files), path)
+    return files
+
+
+def _train_split(dataset: Any) -> Any:
+    train_set = dataset.subset(split="train")
+    if len(train_set) == 0:
+        raise DataError(f"the data has no training split (splits: "
+                        f"{dict(dataset.split_counts()) or 'none'}); detection compares "
+                        "generations with the images the model was trained on: give the "
+                        "dataset with its train split", path=dataset.root)
+    return train_set
+
+
+def reference_fingerprint(reference: Any) -> str:
+    """Identity of the reference images (a dataset's fingerprint, or a hash of the files'
+    names, sizes and modification times)."""
+    if hasattr(reference, "fingerprint"):
+        return reference.fingerprint()
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in reference:
+        st = Path(p).stat()
+        h.update(f"{Path(p).resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return "files-" + h.hexdigest()[:16]
+
+
+@dataclass
+class DetectInputs:
+    """The checked inputs of a run.
+
+    Attributes
+    ----------
+    dataset : CXRDataset or None
+        ``--data`` (training data whose held-out splits calibrate).
+    reference : CXRDataset, list of Path or None
+        The training images of the nearest-neighbour verdicts (None without ``nn``).
+    train_map : dict
+        Training prompt -> study ids (empty without data).
+    labels : dict or None
+        Planted labels.
+    items : list of WorkItem
+    heldout : Any
+        Held-out images for the threshold (None without ``nn`` or with a fixed threshold).
+    roots : list of Path
+        Input folders the output must stay out of.
+    """
+
+    dataset: Any
+    reference: Any
+    train_map: dict[str, list[str]]
+    labels: dict[str, int] | None
+    items: list[WorkItem]
+    heldout: Any
+    roots: list[Path]
+
+
+def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, ground_truth: Any,
+                 config: DetectionConfig) -> DetectInputs:
+    """Load and check a run's inputs (cheap: no model, no images read except to list them).
+
+    Without ``data``, the prompts come from ``prompts`` and the model-based scores need nothing
+    else; ``nn`` then needs ``reference`` and ``calibration`` or a fixed threshold.
+
+    Raises
+    ------
+    DataError
+        ``nn`` without reference images (naming ``--reference``), nothing to scan, or any
+        unreadable input.
+    """
+    from diffmem.data import CXRDataset, load
+
+    dataset = None
+    if data is not None:
+        dataset = data if isinstance(data, CXRDataset) else load(data)
+        _train_split(dataset)
+    ref = None
+    if "nn" in config.methods:
+        if reference is None and dataset is None:
+            raise DataError(NO_REFERENCE)
+        ref = reference_images(reference) if reference is not None else _train_split(dataset)
+    train_map = training_prompts(dataset) if dataset is not None else {}
+    labels = prompt_labels(dataset, ground_truth) if dataset is not None else None
+    items = work_items(dataset, train_map, labels, prompts, config)
+    heldout = heldout_images(dataset, calibration, config) if ref is not None else None
+    roots = [Path(x.root if isinstance(x, CXRDataset) else x) for x in (data, reference,
+                                                                           calibration)
+             if x is not None and (isinstance(x, (str, os.PathLike, CXRDataset)))]
+    return DetectInputs(dataset, ref, train_map, labels, items, heldout, roots)
 
 
 def mismatch_warnings(adapter: Any, model_source: Path | None, train_set: Any,

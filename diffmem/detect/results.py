@@ -23,7 +23,8 @@ KINDS = ("train", "prompt", "unrelated", "unconditional")
 #: Columns of ``scores.csv`` (one row a prompt, :meth:`PromptResult.to_row`).
 SCORE_COLUMNS = ("kind", "study_id", "n_studies", "prompt", "label", "noise_magnitude",
                  "attention_entropy", "nn_similarity", "nn_study_id", "nn_generation",
-                 "nn_d1_d2", "nn_copies", "nn_ratio_copies", "memorized", "copy_image")
+                 "nn_d1_d2", "nn_copies", "nn_ratio_copies", "memorized", "copy_image",
+                 "screen")
 
 
 @dataclass
@@ -84,7 +85,12 @@ class PromptResult:
     noise_magnitude, attention_entropy : float or None
         The scores (higher = more memorized), None when not computed.
     generations : list of GenerationMatch
-        Nearest-neighbour matches of its generations (empty without ``nn``).
+        Nearest-neighbour matches of its generations (empty without ``nn``, and for prompts a
+        two-stage run did not confirm).
+    screen : str
+        Two-stage runs: ``flagged`` (by the noise screen), ``audit`` (in the random audit),
+        ``widened`` (confirmed after the audit found a copy) or ``screened`` (not confirmed:
+        ``memorized`` is then unknown); empty otherwise.
     """
 
     prompt: str
@@ -94,6 +100,7 @@ class PromptResult:
     noise_magnitude: float | None = None
     attention_entropy: float | None = None
     generations: list[GenerationMatch] = field(default_factory=list)
+    screen: str = ""
 
     @property
     def best(self) -> GenerationMatch | None:
@@ -136,12 +143,14 @@ class PromptResult:
                                                            for g in self.generations),
             "memorized": "" if self.memorized is None else int(self.memorized),
             "copy_image": image or "",
+            "screen": self.screen,
         }
 
     def to_dict(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "kind": self.kind, "study_ids": list(self.study_ids),
                 "label": self.label, "noise_magnitude": self.noise_magnitude,
                 "attention_entropy": self.attention_entropy, "memorized": self.memorized,
+                "screen": self.screen,
                 "generations": [g.to_dict() for g in self.generations]}
 
 
@@ -178,6 +187,9 @@ class DetectionResult:
         Model/data mismatch and similar caveats.
     world_size : int
         Processes that shared the scan.
+    screen : ScreenPlan or None
+        The confirmation policy of the ``nn`` verdicts (two-stage: flagged, audit, bound,
+        widening; or ``all``); None without ``nn``.
     """
 
     prompts: list[PromptResult]
@@ -193,6 +205,7 @@ class DetectionResult:
     files: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     world_size: int = 1
+    screen: Any = None
 
     def of_kind(self, *kinds: str) -> list[PromptResult]:
         return [p for p in self.prompts if p.kind in kinds]
@@ -217,6 +230,7 @@ class DetectionResult:
             "rates": dict(self.rates),
             "timings": dict(self.timings),
             "world_size": self.world_size,
+            "screen": None if self.screen is None else self.screen.to_dict(),
             "warnings": list(self.warnings),
             "files": dict(self.files),
             "copies_without_prompt": [

@@ -434,8 +434,8 @@ def reference_features(train_set: CXRDataset, backend: SimilarityBackend, *,
 
     Parameters
     ----------
-    train_set : CXRDataset
-        Its ``train`` records are the reference.
+    train_set : CXRDataset or sequence of paths
+        Its ``train`` records are the reference (or the image files, not cached).
     backend : SimilarityBackend
     cache_dir : path, optional
         Where the features are cached (and found again by later runs).
@@ -449,6 +449,8 @@ def reference_features(train_set: CXRDataset, backend: SimilarityBackend, *,
         When the training split has fewer than 2 images.
     """
     def compute() -> ReferenceFeatures:
+        if not isinstance(train_set, CXRDataset):
+            return _file_features(train_set, backend)
         return ReferenceFeatures.from_dataset(train_set, backend, split="train",
                                               cache_dir=cache_dir)
 
@@ -464,8 +466,26 @@ def reference_features(train_set: CXRDataset, backend: SimilarityBackend, *,
     if len(reference) < 2:
         raise DataError("the training split has fewer than 2 images; the nearest-neighbour "
                         "verdicts compare each generation with its two nearest training images",
-                        path=train_set.root)
+                        path=getattr(train_set, "root", None))
     return reference
+
+
+def _file_features(files: Sequence[str | os.PathLike], backend: SimilarityBackend,
+                   batch_size: int = 256) -> ReferenceFeatures:
+    """Features of image files (a ``--reference`` folder); each file's name stands for its
+    study id."""
+    from diffmem.data.images import read_image
+    from diffmem.utils import progress
+
+    size = _load_size(backend)
+    feats = []
+    for i in progress(range(0, len(files), batch_size), desc="reference features",
+                      unit="batch"):
+        feats.append(backend.features(np.stack([read_image(p, size=size)
+                                                for p in files[i:i + batch_size]])))
+    names = np.array([os.path.basename(os.fspath(p)) for p in files], dtype=str)
+    return ReferenceFeatures(np.concatenate(feats), np.arange(len(files), dtype=np.int64), names,
+                             backend.params(), {"kind": "files", "n": len(files)})
 
 
 def prepare_verdicts(train_set: CXRDataset, *, backend: str = "pixel",
@@ -479,8 +499,8 @@ def prepare_verdicts(train_set: CXRDataset, *, backend: str = "pixel",
 
     Parameters
     ----------
-    train_set : CXRDataset
-        The training data (its ``train`` records).
+    train_set : CXRDataset or sequence of paths
+        The training data (its ``train`` records), or the training images' files.
     backend : str, optional
         Similarity backend name (default ``pixel``).
     backend_options : dict, optional
@@ -507,7 +527,8 @@ def prepare_verdicts(train_set: CXRDataset, *, backend: str = "pixel",
     if threshold is not None:
         given = threshold if isinstance(threshold, Threshold) else fixed_threshold(threshold)
         return CopyVerdicts(backend_obj, reference, given)
-    train_ids = {s.study_id for s in train_set if s.split == "train"}
+    train_ids = ({s.study_id for s in train_set if s.split == "train"}
+                 if isinstance(train_set, CXRDataset) else None)
     calibrated, null = heldout_threshold(heldout, reference, backend_obj, fpr=fpr,
                                          train_ids=train_ids)
     return CopyVerdicts(backend_obj, reference, calibrated, null)
