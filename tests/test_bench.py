@@ -65,6 +65,12 @@ def test_bench_detect_end_to_end(tmp_path, monkeypatch, capsys):
     assert doc["reference"]["prompts"] == 4 and doc["speed_ratio"] > 0
     assert doc["wall_seconds"]["train"] > 0
     assert (tmp_path / "run1" / "detect" / "scores.csv").is_file()
+    # the two-stage row: a fresh screened run against the exhaustive one, same settings
+    assert "two-stage (--confirm screen, same settings)" in text
+    ts = doc["two_stage"]
+    assert ts["screen"]["policy"] == "two-stage" and ts["seconds"] > 0 and ts["speedup"] > 0
+    assert ts["planted_memorized_exhaustive"].endswith("/4")
+    assert (tmp_path / "run1" / "detect-two-stage" / "summary.json").is_file()
     # the data and the trained model are cached: a second run trains nothing
     code = main(["-q", "bench", "detect", "--scenario", str(scenario), "--out",
                  str(tmp_path / "run2"), "--reference-prompts", "0"])

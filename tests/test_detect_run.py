@@ -32,7 +32,7 @@ REQUIRED = ("study_id", "prompt", "noise_magnitude", "attention_entropy", "nn_si
             "nn_study_id", "memorized")
 # small, fast settings shared by the runs below
 FAST = ["--nn-generations", "1", "--sample-steps", "2", "--unconditional", "2",
-        "--unrelated", "2", "--batch-size", "16"]
+        "--unrelated", "2", "--batch-size", "16", "--confirm", "all"]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,8 @@ def test_rerun_skips_finished_work(first_run, model, data, caplog):
     scores = (first_run / "scores.csv").read_text()
     caplog.set_level("INFO", logger="diffmem")
     result = detect(model, data, first_run, config=DetectionConfig(
-        nn_generations=1, sample_steps=2, unconditional=2, unrelated=2, batch_size=16))
+        nn_generations=1, sample_steps=2, unconditional=2, unrelated=2, batch_size=16,
+        confirm="all"))
     assert all(t["prompts"] == 0 for t in result.timings.values())
     assert _results(first_run / "results.sqlite") == before
     assert (first_run / "scores.csv").read_text() == scores
@@ -159,8 +160,8 @@ def test_verdicts_flag_copies_including_unconditional(dataset, tmp_path):
     labels = prompt_labels(dataset)
     planted = [p for p, y in labels.items() if y]
     result = detect(_CopyingModel(dataset, planted), dataset, tmp_path / "out",
-                    config=DetectionConfig(methods=("nn",), nn_generations=2, unconditional=3, confirm="all",
-                                           unrelated=2))
+                    config=DetectionConfig(methods=("nn",), nn_generations=2, unconditional=3,
+                                           unrelated=2, confirm="all"))
     train = result.of_kind("train")
     assert {p.prompt for p in train if p.memorized} == set(planted)
     assert result.rates["planted"]["rate"] == 1.0 and result.rates["not_planted"]["rate"] == 0

@@ -69,8 +69,8 @@ def register(subparsers) -> None:
                         "and unrelated prompts. all: generate for every prompt")
     p.add_argument("--audit", type=int,
                    help="unflagged prompts audited by generation in a two-stage run (default "
-                        "29: no copy found bounds the missed-copy rate by 10%% at 95%% "
-                        "confidence)")
+                        "19: no copy found bounds the missed-copy rate by 15%% at 95%% "
+                        "confidence; 29: 10%%, 59: 5%%)")
     p.add_argument("--screen-k", type=float, default=3.5,
                    help="noise screen cut: modified z-score (median/MAD) above which a prompt "
                         "is flagged (default 3.5)")

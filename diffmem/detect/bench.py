@@ -137,6 +137,7 @@ class BenchResult:
     wall_seconds: dict[str, float]
     paths: dict[str, str]
     detection: Any = field(default=None, repr=False)
+    two_stage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"scenario": self.scenario.to_dict(), "machine": dict(self.machine),
@@ -144,7 +145,8 @@ class BenchResult:
                 "scores": [dict(s) for s in self.scores], "verdicts": dict(self.verdicts),
                 "reference": None if self.reference is None else dict(self.reference),
                 "speed_ratio": self.speed_ratio, "wall_seconds": dict(self.wall_seconds),
-                "paths": dict(self.paths)}
+                "paths": dict(self.paths),
+                "two_stage": None if self.two_stage is None else dict(self.two_stage)}
 
 
 def machine_info() -> dict[str, Any]:
@@ -271,12 +273,18 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
     detect_settings = dict(scenario.detect)
     if "methods" in detect_settings:
         detect_settings["methods"] = tuple(detect_settings["methods"])
-    config = DetectionConfig(**detect_settings)
+    # exhaustive unless the scenario says otherwise: the nn AUC needs every prompt's verdict,
+    # and it is the baseline of the two-stage row
+    config = DetectionConfig(**{"confirm": "all", **detect_settings})
     adapter = load_model(model_path)
     t0 = time.perf_counter()
     result = detect(adapter, dataset, run_dir, config=config,
                     command=["diffmem", "bench", "detect", "--scenario", scenario.name])
     detect_seconds = time.perf_counter() - t0
+    two_stage = None
+    if "nn" in config.methods and config.confirm == "all":
+        two_stage = _two_stage_row(adapter, dataset, Path(out) / "detect-two-stage", config,
+                                   result, detect_seconds)
 
     main = [p for p in result.prompts if p.kind == "train"]
     scores = []
@@ -362,7 +370,7 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
                       "reference": None if reference is None else reference["seconds"],
                       "total": round(time.perf_counter() - started, 1)},
         paths={"data": str(data_path), "model": str(model_path), "out": str(run_dir)},
-        detection=result)
+        detection=result, two_stage=two_stage)
     try:
         from diffmem.utils import write_json
 
@@ -370,6 +378,34 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
     except OSError as e:
         raise OutputError(f"cannot write {Path(out) / 'bench.json'}: {e.strerror}") from None
     return bench
+
+
+def _two_stage_row(adapter: Any, dataset: Any, run_dir: Path, config: Any, exhaustive: Any,
+                   exhaustive_seconds: float) -> dict[str, Any]:
+    """A fresh two-stage run (``--confirm screen``, same settings and seed) against the
+    exhaustive one just measured: wall time, speed-up, planted prompts found, the audit."""
+    from dataclasses import replace
+
+    from diffmem.detect.detector import detect
+
+    t0 = time.perf_counter()
+    result = detect(adapter, dataset, run_dir, config=replace(config, confirm="screen"),
+                    command=["diffmem", "bench", "detect", "(two-stage)"])
+    seconds = time.perf_counter() - t0
+
+    def found(res: Any, label: int) -> str:
+        group = [p for p in res.of_kind("train") if p.label == label]
+        return f"{sum(bool(p.memorized) for p in group)}/{len(group)}"
+
+    screen = result.screen.to_dict()
+    return {"seconds": round(seconds, 1), "exhaustive_seconds": round(exhaustive_seconds, 1),
+            "speedup": round(exhaustive_seconds / seconds, 2) if seconds > 0 else None,
+            "planted_memorized": found(result, 1),
+            "planted_memorized_exhaustive": found(exhaustive, 1),
+            "not_planted_memorized": found(result, 0),
+            "not_planted_memorized_exhaustive": found(exhaustive, 0),
+            "confirmed_prompts": (result.timings.get("nn") or {}).get("prompts"),
+            "screen": screen, "out": str(run_dir)}
 
 
 def format_bench(result: BenchResult) -> str:
@@ -424,6 +460,18 @@ def format_bench(result: BenchResult) -> str:
         if result.speed_ratio is not None:
             lines.append(f"  speed ratio (batched first-step scan / reference): "
                          f"{result.speed_ratio:g}x")
+    t = result.two_stage
+    if t is not None:
+        sc = t["screen"]
+        lines.append("")
+        lines.append(f"two-stage (--confirm screen, same settings): {t['seconds']} s vs "
+                     f"exhaustive {t['exhaustive_seconds']} s ({t['speedup']}x); planted "
+                     f"memorized {t['planted_memorized']} (exhaustive "
+                     f"{t['planted_memorized_exhaustive']}), other prompts "
+                     f"{t['not_planted_memorized']} (exhaustive "
+                     f"{t['not_planted_memorized_exhaustive']})")
+        lines.append(f"  screen: {sc['flagged']} flagged, audit {sc['audit_size']}; "
+                     f"{sc['statement']}")
     w = result.wall_seconds
     lines.append("")
     lines.append(f"wall time: train {w['train']} s, detect {w['detect']} s, reference "

@@ -156,8 +156,8 @@ class DetectionConfig:
     screen_k : float
         Modified z-score cut of the screen (default 3.5, Iglewicz & Hoaglin).
     audit : int or None
-        Unflagged prompts audited at random (default: 29, the smallest audit whose finding
-        no copy bounds the missed-copy rate by 10% at 95% confidence).
+        Unflagged prompts audited at random (default: 19, the smallest audit whose finding
+        no copy bounds the missed-copy rate by 15% at 95% confidence).
     chunk_size : int
         Prompts computed between two commits to the results store (default 64; for ``nn``,
         generated images: ``chunk_size / nn_generations`` prompts): at most this much work is

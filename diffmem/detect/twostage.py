@@ -16,8 +16,11 @@ The audit gives the screen an honest error bar: if ``x`` of the ``n`` audited un
 produce copies, the missed-copy rate among all unflagged prompts is at most
 :func:`clopper_pearson_upper` ``(x, n)`` at 95% confidence (one-sided exact binomial bound;
 sampling without replacement from a finite population only makes it conservative). The
-default audit size is the smallest ``n`` for which ``x = 0`` gives a bound of at most 10%
-(:func:`audit_size_for`: 29 prompts).
+default audit size is the smallest ``n`` for which ``x = 0`` gives a bound of at most 15%
+(:func:`audit_size_for`: 19 prompts); ``--audit 29`` buys 10%, ``--audit 59`` 5%. The default
+trades the bound against cost: at 19 audited prompts a two-stage run on the 266-prompt demo
+data generates about a fifth of the exhaustive run's images, and the fixed audit costs less
+and less of the total as the prompt count grows.
 
 The screen is not trusted blindly: when the audit finds *any* copy among unflagged prompts,
 the screen has missed memorization it was supposed to catch and stage 2 **widens to every
@@ -32,7 +35,7 @@ Examples
 >>> audit_size_for(0.1)
 29
 >>> round(clopper_pearson_upper(0, 29), 4)
-0.0982
+0.0981
 """
 
 from __future__ import annotations
@@ -60,10 +63,12 @@ CONFIDENCE = 0.95
 
 
 def robust_z(scores: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Modified z-scores ``0.6745 (x - median) / MAD`` (Iglewicz & Hoaglin, 1993).
+    """Modified z-scores ``(x - median) / (1.4826 MAD)`` (Iglewicz & Hoaglin, 1993, write it
+    ``0.6745 (x - median) / MAD``); the one home of this rule (the report's noise outliers use
+    it too).
 
-    When the MAD is 0 (over half the scores tie) the mean absolute deviation scaled by
-    ``0.7979`` replaces it (their fallback); when that is 0 too, every z is 0.
+    When the MAD is 0 (over half the scores tie) the standard deviation stands in; when that is
+    0 too, every z is 0.
 
     Examples
     --------
@@ -74,21 +79,24 @@ def robust_z(scores: Sequence[float] | np.ndarray) -> np.ndarray:
     if x.size == 0:
         return x
     med = float(np.median(x))
-    mad = float(np.median(np.abs(x - med)))
-    if mad > 0:
-        return 0.6745 * (x - med) / mad
-    meanad = float(np.mean(np.abs(x - med)))
-    if meanad > 0:
-        return (x - med) / (1.2533 * meanad)
-    return np.zeros_like(x)
+    scale = 1.4826 * float(np.median(np.abs(x - med)))
+    if scale <= 0:
+        scale = float(np.std(x))
+    if scale <= 0:
+        return np.zeros_like(x)
+    return (x - med) / scale
 
 
 def screen_flags(scores: Sequence[float] | np.ndarray, *, k: float = SCREEN_K) -> np.ndarray:
     """Stage-1 flags: noise magnitudes whose modified z-score (:func:`robust_z`) is above ``k``.
 
-    Higher scores are more memorized, so the rule is one-sided.
+    Higher scores are more memorized, so the rule is one-sided; NaN is never flagged.
     """
-    return robust_z(scores) > float(k)
+    x = np.asarray(scores, dtype=np.float64)
+    ok = np.isfinite(x)
+    out = np.zeros(x.shape, dtype=bool)
+    out[ok] = robust_z(x[ok]) > float(k)
+    return out
 
 
 def audit_sample(prompts: Sequence[str], n: int, *, seed: int) -> list[str]:

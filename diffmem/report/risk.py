@@ -111,13 +111,9 @@ def noise_outliers(values: Any, *, z: float = OUTLIER_Z) -> np.ndarray:
     out = np.zeros(x.shape, dtype=bool)
     if ok.sum() < 3:
         return out
-    med = float(np.median(x[ok]))
-    scale = 1.4826 * float(np.median(np.abs(x[ok] - med)))
-    if scale <= 0:
-        scale = float(np.std(x[ok]))
-    if scale <= 0:
-        return out
-    out[ok] = (x[ok] - med) / scale >= z
+    from diffmem.detect.twostage import robust_z
+
+    out[ok] = robust_z(x[ok]) >= z
     return out
 
 

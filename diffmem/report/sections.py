@@ -190,6 +190,7 @@ def detection_facts(det: dict[str, Any]) -> dict[str, Any]:
                                            "sample_steps", "guidance", "seed", "backend",
                                            "fpr", "threshold", "unconditional", "unrelated")},
         "threshold": s.get("threshold"),
+        "screen": s.get("screen"),
         "counts": s.get("counts") or {},
         "memorized_by_kind": s.get("memorized") or {},
         "prompts_scanned": len(main),
