@@ -213,6 +213,30 @@ def _subset(prompts: list[Any], n: int) -> list[Any]:
     return chosen
 
 
+def _score_rows(result: Any, config: Any) -> list[dict[str, Any]]:
+    """One row per score: AUC, TPR at 1% FPR, speed, settings."""
+    scores: list[dict[str, Any]] = []
+    for name, timing_key in (("noise_magnitude", "noise_magnitude"),
+                             ("attention_entropy", "attention_entropy"),
+                             ("nn_similarity", "nn")):
+        ev = result.evaluations.get(name)
+        timing = result.timings.get(timing_key)
+        if ev is None and timing is None:
+            continue
+        scores.append({
+            "score": name,
+            "auc": None if ev is None else round(ev.auc, 4),
+            "tpr_at_1pct_fpr": None if ev is None else round(ev.tpr_at_1pct_fpr, 4),
+            "prompts_per_second": None if timing is None else timing["prompts_per_second"],
+            "seconds": None if timing is None else timing["seconds"],
+            "prompts": None if timing is None else timing["prompts"],
+            "settings": (f"{config.generations} generation(s) x first {config.steps} step(s), "
+                         "batched" if name != "nn_similarity" else
+                         f"{config.images_per_prompt} generation(s) x {config.sample_steps} "
+                         f"DDIM steps, {result.config.backend} backend")})
+    return scores
+
+
 def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any = None,
                  data: Any = None, out: str | os.PathLike | None = None,
                  reference_prompts: int | None = None,
@@ -287,25 +311,7 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
                                    result, detect_seconds)
 
     main = [p for p in result.prompts if p.kind == "train"]
-    scores = []
-    for name, timing_key in (("noise_magnitude", "noise_magnitude"),
-                             ("attention_entropy", "attention_entropy"),
-                             ("nn_similarity", "nn")):
-        ev = result.evaluations.get(name)
-        timing = result.timings.get(timing_key)
-        if ev is None and timing is None:
-            continue
-        scores.append({
-            "score": name,
-            "auc": None if ev is None else round(ev.auc, 4),
-            "tpr_at_1pct_fpr": None if ev is None else round(ev.tpr_at_1pct_fpr, 4),
-            "prompts_per_second": None if timing is None else timing["prompts_per_second"],
-            "seconds": None if timing is None else timing["seconds"],
-            "prompts": None if timing is None else timing["prompts"],
-            "settings": (f"{config.generations} generation(s) x first {config.steps} step(s), "
-                         "batched" if name != "nn_similarity" else
-                         f"{config.images_per_prompt} generation(s) x {config.sample_steps} "
-                         f"DDIM steps, {result.config.backend} backend")})
+    scores = _score_rows(result, config)
 
     # 3. the reference protocol on a subset of the same prompts
     ref = scenario.reference

@@ -3,16 +3,22 @@ generations -> nearest training images -> calibrated copy verdicts -> results st
 
 :func:`detect` answers "which prompts make this model reproduce a training image?":
 
-1. **check inputs**: the dataset has a training split; prompts come from ``--prompts FILE`` or
-   the training split's unique prompts; held-out images (the validate/test splits, a
-   ``calibration`` folder) or a fixed ``threshold`` exist before anything expensive runs;
+1. **check inputs** (:func:`~diffmem.detect.inputs.check_inputs`): prompts come from
+   ``--prompts FILE`` or the training split's unique prompts; without ``data`` the model-based
+   scores need nothing else, while ``nn`` needs reference images (``data``'s train split or
+   ``reference``: a dataset or an image folder) and held-out images (the validate/test splits,
+   a ``calibration`` folder) or a fixed ``threshold``, all before anything expensive runs;
 2. **calibrate** the copy threshold on held-out real images' nearest-training similarity at the
    chosen false-positive rate (:func:`~diffmem.detect.verdicts.prepare_verdicts`);
 3. **scan** every prompt with each method (``noise``: :func:`~diffmem.detect.scores.
    noise_magnitude`, ``attention``: :func:`~diffmem.detect.scores.attention_entropy`, ``nn``:
    seeded generations and their two nearest training images). Each chunk of results is
    committed to ``results.sqlite`` as soon as it is computed, so a killed run resumes where it
-   stopped and a re-run skips finished work. Generations from the empty prompt and from a few
+   stopped and a re-run skips finished work. By default (``confirm="screen"``) ``nn`` runs in
+   two stages (:mod:`diffmem.detect.twostage`): only the prompts the noise magnitude flags and a
+   seeded audit sample of the others are generated from, with a Clopper–Pearson bound on the
+   copies the screen missed, widening to every prompt when the audit finds one; ``"all"``
+   generates for every prompt. Generations from the empty prompt and from a few
    unrelated (held-out) prompts are scanned too: a model can copy training images without
    binding them to their prompt, and those copies are reported as well;
 4. **verdicts**: a generation is a copy when its top-1 similarity is above the threshold
@@ -613,9 +619,13 @@ def _two_stage(run: _Run, items: list[WorkItem], state: Any,
     config, world, rank = run.config, state.num_processes, state.process_index
     main = _main(items)
     noise = {kind: _stored(run, "noise", kind) for kind in {it.kind for it in main}}
-    plan = plan_stage2([it.prompt for it in main],
-                       [float(noise[it.kind][it.prompt]) for it in main], k=config.screen_k,
-                       audit=config.audit_size, seed=config.seed)
+    scores = [noise[it.kind].get(it.prompt) for it in main]
+    if any(v is None for v in scores):
+        raise OutputError(f"{sum(v is None for v in scores)} noise magnitude(s) are missing "
+                          f"from {run.store.path} (a process of the scan stopped early?); run "
+                          "the same command again to complete them")
+    plan = plan_stage2([it.prompt for it in main], [float(v) for v in scores],
+                       k=config.screen_k, audit=config.audit_size, seed=config.seed)
     chosen = set(plan.flagged) | set(plan.audit)
     stage2 = [it for it in items if it.kind not in ("train", "prompt") or it.prompt in chosen]
     log.info("two-stage: %d of %d prompt(s) flagged by the noise screen (%s); confirming them, "
