@@ -11,7 +11,7 @@ Stages run in order and each writes into the demo's output folder:
 5. ``detect``: noise-magnitude and attention scores for every training prompt, and copy
    verdicts from seeded generations against the training images, calibrated on the held-out
    images (``detect/scores.csv``). To fit the demo's budget the verdicts use one generation of
-   20 DDIM steps per prompt (the detector's defaults are 4 x 50; ``diffmem detect`` runs those);
+   20 DDIM steps per prompt (the detector's defaults are 2 x 25; ``diffmem detect`` runs those);
 6. ``mitigate``: a fast subset of the inference-time mitigations (:data:`DEMO_MITIGATIONS`)
    on the memorized prompts found in stage 5 and a control set, against the plain pipeline
    (``mitigate/mitigations.csv``, ``pareto.png``); ``diffmem mitigate`` compares them all;

@@ -195,7 +195,7 @@ def test_kill_minus_9_then_rerun_loses_and_duplicates_nothing(model, data, tmp_p
     cmd = [sys.executable, "-m", "diffmem", "-q", "detect", "--model", str(model), "--data",
            str(data), "--out", str(out), "--methods", "noise,nn", "--chunk-size", "1",
            "--nn-generations", "1", "--sample-steps", "4", "--unconditional", "1",
-           "--unrelated", "1"]
+           "--unrelated", "1", "--confirm", "all"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     store = out / "results.sqlite"

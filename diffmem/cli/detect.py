@@ -38,10 +38,10 @@ def register(subparsers) -> None:
                    help="first sampling steps the noise/attention scores average (default 1)")
     p.add_argument("--num-inference-steps", type=int, default=50,
                    help="DDIM schedule length the score steps come from (default 50)")
-    p.add_argument("--nn-generations", type=int, default=4,
-                   help="images generated per prompt for the copy verdicts (default 4)")
-    p.add_argument("--sample-steps", type=int, default=50,
-                   help="DDIM steps of those images (default 50)")
+    p.add_argument("--nn-generations", type=int, default=2,
+                   help="images generated per prompt for the copy verdicts (default 2)")
+    p.add_argument("--sample-steps", type=int, default=25,
+                   help="DDIM steps of those images (default 25)")
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance scale (default: the pipeline's own)")
     p.add_argument("--seed", type=int, default=0)
