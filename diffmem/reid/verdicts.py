@@ -8,7 +8,7 @@ Dutt et al. do beside copy detection).
   the **most similar training patient** is the one with the largest score (so the score is the
   largest similarity to any training record, and the patient owns that record).
 * The **threshold** is calibrated like the copy threshold
-  (:func:`diffmem.detect.calibrate.calibrate_threshold`): real images of held-out patients are
+  (:func:`diffmem.detect.verdicts.calibrate_threshold`): real images of held-out patients are
   not any training patient, so their re-ID scores against the training patients are the null
   distribution, and the threshold flags at most a fraction ``fpr`` of them.
 * A generation **re-identifies** a training patient when its score is strictly above the
@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from diffmem.data import CXRDataset
-from diffmem.detect.calibrate import (Threshold, calibrate_threshold, copy_verdicts,
-                                      fixed_threshold)
+from diffmem.detect.verdicts import (Threshold, calibrate_threshold, copy_verdicts,
+                                     fixed_threshold)
 from diffmem.errors import DataError
 from diffmem.reid.network import PatientVerifier, load_reid_model
 from diffmem.reid.pairs import patient_records
@@ -197,7 +197,7 @@ def calibrate_reid_threshold(model: PatientVerifier | str | os.PathLike | None,
 
     Each held-out image's re-ID score against the indexed (training) patients is a null value:
     its patient is none of them. The threshold is
-    :func:`~diffmem.detect.calibrate.calibrate_threshold` of those scores.
+    :func:`~diffmem.detect.verdicts.calibrate_threshold` of those scores.
 
     Raises
     ------
