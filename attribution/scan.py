@@ -365,7 +365,7 @@ class PromptClusters:
 
 
 def prompt_clusters(prompts: Iterable[str], *, near_threshold: float | None = 0.9,
-                    search: str = "lsh", lsh_threshold: float = 0.7, num_perm: int = 128,
+                    search: str = "lsh", lsh_threshold: float = 0.6, num_perm: int = 128,
                     seed: int = 1) -> PromptClusters:
     """Group prompts that are exact or near duplicates of each other.
 
@@ -467,7 +467,7 @@ def _tfidf(corpus: _Corpus, rows: np.ndarray) -> Any:
 
 
 def near_duplicate_pairs(x: Any, threshold: float, *, search: str = "lsh",
-                         lsh_threshold: float = 0.7, num_perm: int = 128, seed: int = 1,
+                         lsh_threshold: float = 0.6, num_perm: int = 128, seed: int = 1,
                          block: int = 2048) -> np.ndarray:
     """Pairs of rows of ``x`` whose cosine similarity is at least ``threshold``.
 
@@ -482,7 +482,7 @@ def near_duplicate_pairs(x: Any, threshold: float, *, search: str = "lsh",
     rows: the result keeps every connected component of the exhaustive relation that the
     candidates reach, not every pair. Cosine 0.9 between TF-IDF vectors typically means a
     Jaccard similarity of the term sets of about 0.8 (for binary vectors of equal size,
-    ``J = c / (2 - c)``); ``lsh_threshold`` 0.7 leaves a margin for the weighting. Memory:
+    ``J = c / (2 - c)``); ``lsh_threshold`` 0.6 leaves a margin for the weighting. Memory:
     ``num_perm`` 4-byte values per row.
 
     Parameters
@@ -534,9 +534,12 @@ def _minhash_signatures(x: Any, num_perm: int, seed: int, block: int) -> np.ndar
         filled = np.flatnonzero(np.diff(sub.indptr) > 0)
         if not len(filled):
             continue
-        hv = sub.indices.astype(np.uint64)[:, None]
-        phv = ((hv * a + b) % prime) & max_hash
-        sig[lo + filled] = np.minimum.reduceat(phv, sub.indptr[filled], axis=0)
+        terms, at = np.unique(sub.indices, return_inverse=True)
+        phv = (((a[:, None] * terms.astype(np.uint64) + b[:, None]) % prime)
+               & max_hash).astype(np.uint32)  # (num_perm, distinct terms of the block)
+        at, starts = at.ravel(), sub.indptr[filled]
+        for j in range(num_perm):  # 1-d reductions: much faster than one along axis 0
+            sig[lo + filled, j] = np.minimum.reduceat(phv[j, at], starts)
     return sig
 
 
@@ -550,47 +553,59 @@ def _lsh_pairs(x: Any, threshold: float, *, lsh_threshold: float, num_perm: int,
     lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
     sig = _minhash_signatures(x, num_perm, seed, block)
     edges = np.zeros((0, 2), dtype=np.int64)
-    rejected = np.zeros(0, dtype=np.int64)  # candidate codes i * n + j checked and below
     comp = np.arange(n)
+    mix = np.random.default_rng(seed).integers(1, 2**63, size=lsh.r, dtype=np.uint64) | 1
     for band in progress(range(lsh.b), desc="near-duplicate search (LSH bands)", unit="band"):
-        key = np.ascontiguousarray(sig[:, band * lsh.r:(band + 1) * lsh.r])
-        _, bucket = np.unique(key.view(f"V{4 * lsh.r}").ravel(), return_inverse=True)
-        cand = _bucket_pairs(bucket.ravel())
-        cand = cand[comp[cand[:, 0]] != comp[cand[:, 1]]]
-        code = np.unique(cand[:, 0] * n + cand[:, 1])
-        code = code[~np.isin(code, rejected, assume_unique=True)]
-        cand = np.stack([code // n, code % n], axis=1)
-        ok = _cosines(x, cand) >= threshold - 1e-9
-        rejected = np.union1d(rejected, code[~ok])
-        if ok.any():
-            edges = np.concatenate([edges, cand[ok]])
+        # the band's r values hashed to one 64-bit bucket key (a collision only adds
+        # candidates, which the exact check removes)
+        bucket = sig[:, band * lsh.r:(band + 1) * lsh.r].astype(np.uint64) @ mix
+        found = _bucket_pairs(x, bucket, threshold, comp, block)
+        if len(found):
+            edges = np.concatenate([edges, found])
             graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
             comp = connected_components(graph, directed=False)[1]
     return edges
 
 
-def _bucket_pairs(bucket: np.ndarray) -> np.ndarray:
-    """Every pair ``i < j`` of rows with the same bucket id."""
+def _bucket_pairs(x: Any, bucket: np.ndarray, threshold: float, comp: np.ndarray,
+                  block: int) -> np.ndarray:
+    """Pairs ``i < j`` of rows in one bucket, not yet in one component, with cosine at least
+    ``threshold``. Buckets are taken in chunks of about ``block`` rows; a chunk's cosines are
+    one sparse product ``Z Z^T`` where ``Z`` holds each row's terms in columns of its own bucket
+    (so rows of different buckets share no column), in row blocks of ``block``."""
+    from scipy.sparse import csr_matrix
+
     order = np.argsort(bucket, kind="stable")
     b = bucket[order]
     starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
     sizes = np.diff(np.r_[starts, len(b)])
+    starts, sizes = starts[sizes >= 2], sizes[sizes >= 2]
     out = [np.zeros((0, 2), dtype=np.int64)]
-    for m in np.unique(sizes[sizes >= 2]):
-        members = order[starts[sizes == m][:, None] + np.arange(m)]
-        i, j = np.triu_indices(int(m), 1)
-        pair = np.stack([members[:, i].ravel(), members[:, j].ravel()], axis=1)
-        out.append(np.sort(pair, axis=1))
+    # chunks: consecutive buckets with about `block` rows together
+    cut = np.flatnonzero(np.diff(np.cumsum(sizes) // block, prepend=0)) if len(sizes) else []
+    for group in np.split(np.arange(len(sizes)), cut):
+        if not len(group):
+            continue
+        rows = np.concatenate([order[s:s + m] for s, m in zip(starts[group], sizes[group])])
+        local = np.repeat(np.arange(len(group)), sizes[group])
+        sub = x[rows]
+        codes = np.repeat(local, np.diff(sub.indptr)) * np.int64(x.shape[1]) + sub.indices
+        cols, col = np.unique(codes, return_inverse=True)
+        z = csr_matrix((sub.data, col.ravel(), sub.indptr), shape=(len(rows), len(cols)))
+        zt = z.T.tocsr()
+        for lo in range(0, len(rows), block):
+            sims = (z[lo:lo + block] @ zt).tocoo()
+            i, j = rows[sims.row + lo], rows[sims.col]
+            keep = (sims.data >= threshold - 1e-9) & (i < j) & (comp[i] != comp[j])
+            out.append(np.stack([i[keep], j[keep]], axis=1))
     return np.concatenate(out).astype(np.int64)
 
 
-def _cosines(x: Any, pairs: np.ndarray, chunk: int = 200_000) -> np.ndarray:
-    """Dot products of the row pairs of ``x`` (cosines of L2-normalized rows)."""
-    out = np.empty(len(pairs))
-    for lo in range(0, len(pairs), chunk):
-        p = pairs[lo:lo + chunk]
-        out[lo:lo + chunk] = np.asarray(x[p[:, 0]].multiply(x[p[:, 1]]).sum(axis=1)).ravel()
-    return out
+def _unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of ``a`` (by sorting: numpy 2.4's hash-based ``np.unique`` is
+    many times slower on large integer arrays)."""
+    a = np.sort(a, kind="stable")
+    return a[np.r_[True, a[1:] != a[:-1]]] if len(a) else a
 
 
 # ---------------------------------------------------------------------------- enrichment
@@ -760,7 +775,7 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
     count_all = np.bincount(corpus.units, weights=weight, minlength=n_keys)
     count_dup_arr = np.bincount(corpus.units, weights=weight * dup_text[per_unit],
                                 minlength=n_keys)
-    once = np.unique(per_unit.astype(np.int64) * n_keys + corpus.units)  # (text, unit) pairs
+    once = _unique(per_unit.astype(np.int64) * n_keys + corpus.units)  # (text, unit) pairs
     doc_freq_arr = np.bincount(once % n_keys, weights=corpus.copies[once // n_keys],
                                minlength=n_keys)
     del per_unit, weight, once
@@ -1007,6 +1022,7 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     paths : dict of str to Path
     """
     prompts, info = iter_source(source, split=split, prompt_section=prompt_section)
+    created = not Path(out).exists()
     out = prepare_out_dir(out, inputs=[source])
     adapter = None
     if model is not None:
@@ -1014,7 +1030,12 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
 
         adapter = model if isinstance(model, DiffusionModelAdapter) else \
             load_model(model, device=device)
-    result = scan_prompts(prompts, adapter=adapter, **options)
+    try:
+        result = scan_prompts(prompts, adapter=adapter, **options)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a stream that fails half-way (a NUL byte) leaves no empty folder
+        raise
     result.summary["input"] = info
     if adapter is not None:
         result.summary["model"]["source"] = adapter.source
