@@ -365,7 +365,7 @@ class PromptClusters:
 
 
 def prompt_clusters(prompts: Iterable[str], *, near_threshold: float | None = 0.9,
-                    search: str = "lsh", lsh_threshold: float = 0.6, num_perm: int = 128,
+                    search: str = "lsh", lsh_threshold: float = 0.6, num_perm: int = 64,
                     seed: int = 1) -> PromptClusters:
     """Group prompts that are exact or near duplicates of each other.
 
@@ -467,7 +467,7 @@ def _tfidf(corpus: _Corpus, rows: np.ndarray) -> Any:
 
 
 def near_duplicate_pairs(x: Any, threshold: float, *, search: str = "lsh",
-                         lsh_threshold: float = 0.6, num_perm: int = 128, seed: int = 1,
+                         lsh_threshold: float = 0.6, num_perm: int = 64, seed: int = 1,
                          block: int = 2048) -> np.ndarray:
     """Pairs of rows of ``x`` whose cosine similarity is at least ``threshold``.
 
