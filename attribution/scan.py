@@ -697,21 +697,7 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
     # 3. duplicates and enrichment
     clusters = _clusters(corpus, near_threshold)
     dup = clusters.duplicated
-    dup_text = np.zeros(len(corpus.texts), dtype=bool)
-    dup_text[corpus.inverse[dup]] = True  # copies of one text share their cluster
-    per_unit = np.repeat(np.arange(len(corpus.texts)), np.diff(corpus.indptr))
-    weight = corpus.copies[per_unit]
-    n_keys = len(corpus.vocab)
-    count_all = np.bincount(corpus.units, weights=weight, minlength=n_keys)
-    count_dup_arr = np.bincount(corpus.units, weights=weight * dup_text[per_unit],
-                                minlength=n_keys)
-    once = _unique(per_unit.astype(np.int64) * n_keys + corpus.units)  # (text, unit) pairs
-    doc_freq_arr = np.bincount(once % n_keys, weights=corpus.copies[once // n_keys],
-                               minlength=n_keys)
-    del per_unit, weight, once
-    count_dup = dict(zip(corpus.vocab, count_dup_arr.tolist()))
-    count_rest = dict(zip(corpus.vocab, (count_all - count_dup_arr).tolist()))
-    doc_freq = dict(zip(corpus.vocab, doc_freq_arr.tolist()))
+    count_dup, count_rest, doc_freq = _token_counts(corpus, dup)
 
     # 4. the model part
     model_part = None
@@ -784,6 +770,24 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
         "token": markers_ranked[0]["token"], "rank": markers_ranked[0]["rank"]}
     return ScanResult(rows, summary,
                       [] if model_part is None else model_part["attributions"])
+
+
+def _token_counts(corpus: _Corpus, dup: np.ndarray) -> tuple[dict[str, float], ...]:
+    """Occurrences of every unit key in duplicated prompts and in the rest, and the number of
+    prompts holding it (copies counted), from the distinct prompts."""
+    dup_text = np.zeros(len(corpus.texts), dtype=bool)
+    dup_text[corpus.inverse[dup]] = True  # copies of one text share their cluster
+    per_unit = np.repeat(np.arange(len(corpus.texts)), np.diff(corpus.indptr))
+    weight = corpus.copies[per_unit]
+    n_keys = len(corpus.vocab)
+    count_all = np.bincount(corpus.units, weights=weight, minlength=n_keys)
+    count_dup = np.bincount(corpus.units, weights=weight * dup_text[per_unit], minlength=n_keys)
+    once = _unique(per_unit.astype(np.int64) * n_keys + corpus.units)  # (text, unit) pairs
+    doc_freq = np.bincount(once % n_keys, weights=corpus.copies[once // n_keys],
+                           minlength=n_keys)
+    return (dict(zip(corpus.vocab, count_dup.tolist())),
+            dict(zip(corpus.vocab, (count_all - count_dup).tolist())),
+            dict(zip(corpus.vocab, doc_freq.tolist())))
 
 
 def _scaled(x: np.ndarray, eligible: np.ndarray) -> np.ndarray:
