@@ -21,11 +21,12 @@ from diffmem.embed.metrics import (alignment_score, feature_stats, frechet_dista
 from diffmem.embed.presets import EncoderPreset, list_presets, load_preset
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diffmem.embed.encoder import (EncoderResult, InDomainEncoder, embed_dataset,
-                                       load_encoder, open_clip_config, train_encoder)
+    from diffmem.embed.model import InDomainEncoder, embed_dataset, load_encoder, open_clip_config
+    from diffmem.embed.training import EncoderResult, train_encoder
 
-_LAZY = {"EncoderResult", "InDomainEncoder", "embed_dataset", "load_encoder", "open_clip_config",
-         "train_encoder"}
+#: Names loaded on first use (torch and open_clip come with them), and their modules.
+_LAZY = {"InDomainEncoder": "model", "embed_dataset": "model", "load_encoder": "model",
+         "open_clip_config": "model", "EncoderResult": "training", "train_encoder": "training"}
 
 __all__ = ["EncoderPreset", "EncoderResult", "InDomainEncoder", "alignment_score",
            "default_encoder_dir", "embed_dataset", "feature_stats", "frechet_distance",
@@ -35,9 +36,9 @@ __all__ = ["EncoderPreset", "EncoderResult", "InDomainEncoder", "alignment_score
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from diffmem.embed import encoder
+        import importlib
 
-        return getattr(encoder, name)
+        return getattr(importlib.import_module(f"diffmem.embed.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'diffmem.embed' has no attribute {name!r}")
 
 

@@ -12,7 +12,7 @@ A preset file holds:
     optionally ``quick_gelu``). ``vision_cfg`` must not set ``image_size`` (taken from the
     preset's ``image_size``); ``text_cfg`` must not set ``vocab_size``, ``context_length``,
     ``pad_id``, ``eos_id`` or ``pool_type``: those come from the tokenizer (see
-    :mod:`diffmem.embed.encoder`).
+    :mod:`diffmem.embed.model`).
 ``tokenizer``
     ``vocab_size`` and ``model_max_length`` for :func:`diffmem.pipelines.train_tokenizer`.
 ``training``

@@ -1,0 +1,131 @@
+"""Shared argument checks and small helpers: one home for the rules every package applies.
+
+* :func:`check_int`, :func:`check_positive`, :func:`check_fraction` - a number argument or a
+  :class:`~diffmem.errors.ConfigError` that names it, the value received and what would work;
+* :func:`as_dataset`, :func:`as_adapter` - a dataset or model given as an object or a path;
+* :func:`package_versions` - the versions a result records for reproducibility;
+* :func:`write_csv_atomic` - a CSV written to a temporary file, then moved into place.
+
+Examples
+--------
+>>> check_int("steps", 3), check_fraction("p", 0.5), check_positive("lr", 1e-3)
+(3, 0.5, 0.001)
+>>> check_int("steps", 0)
+Traceback (most recent call last):
+...
+diffmem.errors.ConfigError: steps=0; use an integer >= 1
+>>> check_int("seed", True, low=0)
+Traceback (most recent call last):
+...
+diffmem.errors.ConfigError: seed=True; use an integer >= 0
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffmem.errors import ConfigError, DiffMemError
+
+__all__ = ["as_adapter", "as_dataset", "check_fraction", "check_int", "check_positive",
+           "package_versions", "write_csv_atomic"]
+
+
+def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None,
+              error: type[DiffMemError] = ConfigError) -> int:
+    """``value`` as an ``int`` when it is a whole number (not a bool) in ``[low, high]``.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for the message.
+    value : object
+    low, high : int, optional
+        Inclusive bounds (default: at least 1, no upper bound).
+    error : DiffMemError subclass, optional
+        What to raise (default :class:`ConfigError`).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low \
+            or (high is not None and value > high):
+        want = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise error(f"{name}={value!r}; use {want}")
+    return int(value)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
+        and math.isfinite(float(value))
+
+
+def check_positive(name: str, value: Any, *, error: type[DiffMemError] = ConfigError) -> float:
+    """``value`` as a ``float`` when it is a finite number > 0."""
+    if not _is_number(value) or value <= 0:
+        raise error(f"{name}={value!r}; use a finite number > 0")
+    return float(value)
+
+
+def check_fraction(name: str, value: Any, *, open_low: bool = False, open_high: bool = False,
+                   error: type[DiffMemError] = ConfigError) -> float:
+    """``value`` as a ``float`` when it is a number in [0, 1] (``open_low``/``open_high``
+    exclude 0/1)."""
+    lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
+    if not _is_number(value) or value < 0 or value > 1 or (open_low and value == 0) \
+            or (open_high and value == 1):
+        raise error(f"{name}={value!r}; use a number in {lo}0, 1{hi}")
+    return float(value)
+
+
+def as_dataset(data: Any) -> Any:
+    """A :class:`~diffmem.data.CXRDataset`, given one or a dataset path
+    (read with :func:`diffmem.data.load`)."""
+    from diffmem.data import CXRDataset, load  # here: diffmem.data uses these checks itself
+
+    return data if isinstance(data, CXRDataset) else load(data)
+
+
+def as_adapter(model: Any, **options: Any) -> Any:
+    """A :class:`~diffmem.models.DiffusionModelAdapter`, given one, a loaded pipeline or a model
+    folder (read with :func:`diffmem.models.load_model`, which takes the ``options``)."""
+    from diffmem.models import DiffusionModelAdapter, load_model  # here: models use the checks
+
+    return model if isinstance(model, DiffusionModelAdapter) else load_model(model, **options)
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Python's version and the installed versions of ``names`` (``"not installed"`` when
+    absent), for the reproducibility record of a result."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_csv_atomic(path: str | os.PathLike, fieldnames: Sequence[str],
+                     rows: Iterable[Mapping[str, Any]], **writer_options: Any) -> Path:
+    """Write ``rows`` to the CSV ``path`` through ``path.tmp`` and :func:`os.replace`, so a
+    reader never sees half a file and an interrupted write leaves the old file (the temporary
+    file is removed on error)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(fieldnames), **writer_options)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
