@@ -1,5 +1,7 @@
 """DICOM chest X-rays: read pixels the way a viewer shows them, scan headers for identifying
-information, write small valid files (tests, synthetic data) and load a MIMIC-CXR DICOM tree.
+information, write small valid files (tests, synthetic data); tell DICOM files by name or
+preamble (:func:`is_dicom_file`). The MIMIC-CXR DICOM tree loads with
+:func:`diffmem.data.mimic.load_dicom_tree`.
 
 Reading follows the DICOM grayscale pipeline (PS3.4 N.2.1): stored values -> Modality LUT or
 rescale -> VOI LUT or window -> MONOCHROME1 inversion, then scales to [0, 1].
@@ -9,17 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from diffmem.data._reading import DICOM_SUFFIXES, RASTER_SUFFIXES
 from diffmem.errors import ConfigError, DataError, MissingDependencyError
-
-if TYPE_CHECKING:
-    from diffmem.data.study import CXRDataset
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,23 @@ PHI_KEYWORDS = (
 _CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 _PRIVATE_GROUP = 0x0011
 _PRIVATE_CREATOR = "DIFFMEM SYNTH"
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True for a ``.dcm``/``.dicom`` name, or for a file with another suffix (not
+    ``.jpg``/``.jpeg``/``.png``) whose bytes 128-131 read ``DICM``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix in RASTER_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def _pydicom():
@@ -320,8 +337,6 @@ def scan_dicom_phi(path: str | os.PathLike) -> list[PHIFinding]:
     DataError
         When ``path`` does not exist or a DICOM file cannot be parsed.
     """
-    from diffmem.data.images import is_dicom_file
-
     path = Path(path)
     if path.is_file():
         files = [path]
@@ -502,29 +517,9 @@ def write_dicom(path: str | os.PathLike, pixels01: np.ndarray, *,
     return path
 
 
-# -- dataset loader --------------------------------------------------------------------------
+# -- header ----------------------------------------------------------------------------------
 def dicom_view_position(path: str | os.PathLike) -> str | None:
     """The ViewPosition of a DICOM file's header (pixels are not read), or ``None``."""
     ds = _dcmread(Path(path), stop_before_pixels=True, specific_tags=["ViewPosition"])
     view = str(ds.get("ViewPosition", "") or "").strip()
     return view or None
-
-
-def load_dicom_tree(root: str | os.PathLike, *, prompt_section: str = "impression",
-                    views: str | Sequence[str] | None = None,
-                    on_error: str = "raise") -> CXRDataset:
-    """Load a MIMIC-CXR (DICOM) folder: ``files/pXX/pXXXXXXXX/sXXXXXXXX/<id>.dcm``.
-
-    Reports are paired by study folder exactly as for MIMIC-CXR-JPG
-    (``files/pXX/pXXXXXXXX/sXXXXXXXX.txt`` or ``mimic-cxr-reports/files/...``); the split and
-    metadata tables at the root are used when present. Without the metadata table, each
-    file's view is read from its header's ViewPosition (header only), so a corrupt file is
-    reported here already. Parameters are those of :func:`diffmem.data.mimic.load_mimic_jpg`;
-    the result has ``format="dicom"``. For any other folder of DICOM files, write a manifest
-    whose ``image`` column points at the ``.dcm`` files.
-    """
-    from diffmem.data.mimic import load_mimic_tree
-
-    return load_mimic_tree(root, suffixes=(".dcm", ".dicom"), format="dicom",
-                           prompt_section=prompt_section, views=views, on_error=on_error,
-                           header_view=dicom_view_position)

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.data._records import skip_counts
+from diffmem.data._reading import skip_counts
 from diffmem.data.reports import DEID_MARKER_PATTERNS
-from diffmem.data.study import CXRDataset
+from diffmem.data.dataset import CXRDataset
 from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.utils import is_within, progress, sha256_file
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.data.study import CXRDataset
+from diffmem.data.dataset import CXRDataset
 from diffmem.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.data.study import CXRDataset
+from diffmem.data.dataset import CXRDataset
 from diffmem.detect.similarity import (
     SimilarityBackend,
     _unit_rows,
