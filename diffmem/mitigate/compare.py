@@ -48,7 +48,7 @@ from diffmem.utils import prepare_out_dir, progress, write_json
 log = logging.getLogger(__name__)
 
 __all__ = ["CSV_COLUMNS", "ComparisonConfig", "MitigationComparison", "compare_mitigations",
-           "pareto_front", "parse_strengths", "points"]
+           "pareto_front", "points"]
 
 CSV_NAME = "mitigations.csv"
 SUMMARY_NAME = "summary.json"
@@ -77,7 +77,8 @@ class ComparisonConfig:
     strengths : mapping or sequence or None
         ``None``: each method at its preset (paper) strength. A sequence of numbers: those
         strengths for every method. A mapping ``name -> numbers``: per method (methods not in
-        it use their default). See :func:`parse_strengths` for the CLI syntax.
+        it use their default). See :func:`diffmem.cli.mitigate.parse_strengths` for the CLI
+        syntax.
     n_prompts : int
         Prompts per set (memorized and control; default 8).
     generations : int
@@ -198,44 +199,6 @@ def _resolve_strengths(methods: tuple[str, ...], strengths: Any) -> dict[str, tu
             raise ConfigError(f"only strength 0 given for {m}; strength 0 is the plain pipeline "
                               "(the 'none' baseline row): give a positive strength")
     return out
-
-
-def parse_strengths(specs: Sequence[str] | str | None) -> Mapping[str, list[float]] | list[float] | None:
-    """Parse the CLI's ``--strengths``: ``default``; ``0.1,0.5`` (for every method); or
-    ``NAME=0.1,0.5`` items (per method, several allowed).
-
-    Examples
-    --------
-    >>> parse_strengths(["0.1,0.2"])
-    [0.1, 0.2]
-    >>> parse_strengths(["guidance_delay=0.3,0.5", "opposite_guidance=0.35"])
-    {'guidance_delay': [0.3, 0.5], 'opposite_guidance': [0.35]}
-    """
-    if specs is None:
-        return None
-    if isinstance(specs, str):
-        specs = [specs]
-    specs = [s for spec in specs for s in spec.split() if s]
-    if not specs or specs == ["default"]:
-        return None
-
-    def numbers(text: str, where: str) -> list[float]:
-        try:
-            return [float(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--strengths {where!r}: not a comma-separated list of numbers; "
-                              "use e.g. 0.1,0.5 or NAME=0.1,0.5") from None
-
-    if all("=" not in s for s in specs):
-        return [v for s in specs for v in numbers(s, s)]
-    if any("=" not in s for s in specs):
-        raise ConfigError(f"--strengths {' '.join(specs)!r} mixes NAME=VALUES items with bare "
-                          "values; use one form")
-    table: dict[str, list[float]] = {}
-    for s in specs:
-        name, _, values = s.partition("=")
-        table.setdefault(name.strip(), []).extend(numbers(values, s))
-    return table
 
 
 # ---------------------------------------------------------------------------- results
