@@ -39,7 +39,6 @@ folder is loaded. Recent diffusers (0.42 here) run a folder's ``pipeline.py`` on
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
@@ -56,6 +55,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffmem.errors import ConfigError, DataError, ModelError, PromptError
+from diffmem.pipelines.folder import (WEIGHTED_COMPONENTS, IndexProblem, read_model_index,
+                                      weight_files)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ _CONFIG_FILES = {
     "scheduler": ("scheduler_config.json",),
     "tokenizer": ("tokenizer.json", "tokenizer_config.json"),
 }
-_HAS_WEIGHTS = ("unet", "text_encoder", "vae")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -574,17 +573,16 @@ def check_pipeline_folder(folder: str | os.PathLike, *, passed: Sequence[str] = 
         Naming the folder and what is missing or wrong, and how to fix it.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"{folder}: not a folder; CXRDiffusionPipeline.from_pretrained loads a "
-                         "local folder written by save_pretrained or `diffmem train`")
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        raise ModelError(f"{folder}: no model_index.json, so this is not a saved diffusers "
-                         "pipeline; point to the folder that `diffmem train` wrote")
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{index_path}: cannot be read as JSON ({e})") from e
+    index = read_model_index(folder)
+    if isinstance(index, IndexProblem):
+        if index.kind in ("missing", "file"):
+            raise ModelError(f"{folder}: not a folder; CXRDiffusionPipeline.from_pretrained "
+                             "loads a local folder written by save_pretrained or `diffmem train`")
+        if index.kind == "no_index":
+            raise ModelError(f"{folder}: no model_index.json, so this is not a saved diffusers "
+                             "pipeline; point to the folder that `diffmem train` wrote")
+        raise ModelError(f"{folder / 'model_index.json'}: cannot be read as JSON "
+                         f"({index.detail})")
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     if class_name != CXRDiffusionPipeline.__name__:
         raise ModelError(f"{folder}: holds a {class_name!r} pipeline, not a "
@@ -606,11 +604,11 @@ def check_pipeline_folder(folder: str | os.PathLike, *, passed: Sequence[str] = 
         if not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
             raise ModelError(f"{sub}: missing {' or '.join(_CONFIG_FILES[name])}; the {name} "
                              "component cannot be built")
-        if name in _HAS_WEIGHTS:
-            safe = list(sub.glob("*.safetensors")) + list(sub.glob("*.safetensors.index.json"))
-            pickled = [p.name for p in sub.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if name in WEIGHTED_COMPONENTS:
+            safe, pickled = weight_files(sub)
+            safe += [p.name for p in sub.glob("*.safetensors.index.json")]
             if not safe and pickled:
-                raise ModelError(f"{sub}: weights only as pickle ({', '.join(sorted(pickled))}); "
+                raise ModelError(f"{sub}: weights only as pickle ({', '.join(pickled)}); "
                                  "diffmem never unpickles model files. Convert them to safetensors "
                                  "(load in a trusted session and save_pretrained with "
                                  "safe_serialization=True)")
