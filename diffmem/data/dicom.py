@@ -420,11 +420,27 @@ def write_dicom(path: str | os.PathLike, pixels01: np.ndarray, *,
     True
     """
     _pydicom()
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.datadict import tag_for_keyword
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    x = _check_write_inputs(pixels01, photometric=photometric, bits=bits, phi=phi,
+                            attributes=attributes, private=private)  # 1.
+    # 2. header values as DICOM will store them (DS strings), then the stored pixels
+    stored, numbers = _stored_pixels(x, photometric=photometric, bits=bits, window=window,
+                                     rescale=rescale)
+    # 3. the dataset
+    ds = _cr_dataset(stored, numbers, photometric=photometric, bits=bits, phi=phi,
+                     attributes=attributes, private=private)
+    # 4. write
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
-    # 1. check inputs
+
+def _check_write_inputs(pixels01: np.ndarray, *, photometric: str, bits: Any,
+                        phi: Mapping[str, Any] | None, attributes: Mapping[str, Any] | None,
+                        private: Mapping[int, str] | None) -> np.ndarray:
+    """Step 1 of :func:`write_dicom`: the pixels as float64, or the error naming the problem."""
+    from pydicom.datadict import tag_for_keyword
+
     x = np.asarray(pixels01, dtype=np.float64)
     if x.ndim != 2 or x.size == 0:
         raise DataError(f"pixels01 must be a non-empty 2-D array, got shape {x.shape}")
@@ -444,10 +460,16 @@ def write_dicom(path: str | os.PathLike, pixels01: np.ndarray, *,
     for offset in (private or {}):
         if not 0 <= int(offset) <= 0xFF:
             raise ConfigError(f"private element offsets run 0x00-0xFF, got {offset!r}")
+    return x
 
-    # 2. header values as DICOM will store them (DS strings), then the stored pixels
+
+def _stored_pixels(x: np.ndarray, *, photometric: str, bits: int,
+                   window: tuple[float, float] | None, rescale: tuple[float, float] | None,
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Step 2 of :func:`write_dicom`: the stored pixel values, and the DS header values
+    (``slope``, ``intercept``, ``center``, ``width``; ``None`` where not written)."""
     smax = 2**bits - 1
-    slope_ds = intercept_ds = None
+    slope_ds = intercept_ds = center_ds = width_ds = None
     if rescale is not None:
         slope_ds, intercept_ds = _ds_number(rescale[0]), _ds_number(rescale[1])
         if float(slope_ds) == 0.0:
@@ -472,8 +494,17 @@ def write_dicom(path: str | os.PathLike, pixels01: np.ndarray, *,
                 "window, move its center, or raise bits")
         stored = np.rint(((shown - 0.5) * (w - 1.0) + (c - 0.5) - intercept) / slope)
     stored = np.clip(stored, 0, smax).astype(np.uint8 if bits <= 8 else np.uint16)
+    return stored, {"slope": slope_ds, "intercept": intercept_ds, "center": center_ds,
+                    "width": width_ds}
 
-    # 3. the dataset
+
+def _cr_dataset(stored: np.ndarray, numbers: Mapping[str, Any], *, photometric: str, bits: int,
+                phi: Mapping[str, Any] | None, attributes: Mapping[str, Any] | None,
+                private: Mapping[int, str] | None) -> Any:
+    """Step 3 of :func:`write_dicom`: the Computed Radiography dataset with its file meta."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = _CR_IMAGE_STORAGE
@@ -497,24 +528,19 @@ def write_dicom(path: str | os.PathLike, pixels01: np.ndarray, *,
     for keyword, value in {**(attributes or {}), **(phi or {})}.items():
         setattr(ds, keyword, value)
     ds.set_pixel_data(stored, photometric, bits, generate_instance_uid=False)
-    if rescale is not None:
-        ds.RescaleSlope = slope_ds
-        ds.RescaleIntercept = intercept_ds
+    if numbers["slope"] is not None:
+        ds.RescaleSlope = numbers["slope"]
+        ds.RescaleIntercept = numbers["intercept"]
         ds.RescaleType = "US"
-    if window is not None:
-        ds.WindowCenter = center_ds
-        ds.WindowWidth = width_ds
+    if numbers["center"] is not None:
+        ds.WindowCenter = numbers["center"]
+        ds.WindowWidth = numbers["width"]
         ds.VOILUTFunction = "LINEAR"
     if private:
         block = ds.private_block(_PRIVATE_GROUP, _PRIVATE_CREATOR, create=True)
         for offset, value in sorted(private.items()):
             block.add_new(int(offset), "LO", str(value))
-
-    # 4. write
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return ds
 
 
 # -- header ----------------------------------------------------------------------------------

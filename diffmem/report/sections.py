@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from diffmem.checks import package_versions
 from diffmem.report.risk import OUTLIER_Z, noise_outliers
 
 log = logging.getLogger(__name__)
@@ -322,23 +323,17 @@ def summary_facts(risk: Any, detection: dict | None, attribution: dict | None,
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("diffmem", "torch", "diffusers", "transformers", "numpy", "open_clip_torch",
-                 "jinja2"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    versions = package_versions("diffmem", "torch", "diffusers", "transformers", "numpy",
+                                "open_clip_torch", "jinja2")
+    return {"python": versions.pop("python"), "platform": platform.platform(), **versions}
 
 
-def reproducibility(ident: dict, dataset: Any, found: Any, det: dict | None, scn: dict | None,
-                    mit: dict | None, stu: list[dict], command: Any,
+def reproducibility(ident: dict, found: Any, det: dict | None, scn: dict | None,
+                    mit: dict | None, stu: list[dict], *, command: Any,
                     mode: str) -> dict[str, Any]:
     """Reproducibility: command lines, package versions, seeds, model and data fingerprints,
-    the results folders read and the image mode."""
+    the results folders read (``det``, ``scn``, ``mit``, ``stu``: what was read of each) and the
+    image mode."""
     seeds: dict[str, Any] = {}
     commands: dict[str, Any] = {}
     if det is not None:
