@@ -304,7 +304,7 @@ class CXRDiffusionPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale,
-                     num_images_per_prompt, output_type, prompt_embeds=None,
+                     num_images_per_prompt, output_type, *, prompt_embeds=None,
                      negative_prompt_embeds=None, callback_on_step_end_tensor_inputs=None) -> None:
         """Raise :class:`PromptError` or :class:`ConfigError` naming the first bad argument."""
         if prompt is None and prompt_embeds is None:
@@ -361,6 +361,8 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         return super().progress_bar(iterable=iterable, total=total)
 
     # ------------------------------------------------------------------ sampling
+    # Nine positional-or-keyword parameters on purpose: the argument order of diffusers'
+    # pipelines (pipe(prompt, num_inference_steps, ...)); the rest are keyword-only.
     @torch.no_grad()
     def __call__(
         self,
@@ -429,8 +431,9 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         """
         # 1. check inputs
         self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                          num_images_per_prompt, output_type, prompt_embeds,
-                          negative_prompt_embeds, callback_on_step_end_tensor_inputs)
+                          num_images_per_prompt, output_type, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
         # 2. define call parameters
         if prompt is not None:
