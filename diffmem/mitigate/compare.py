@@ -399,25 +399,14 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
 
     # 4. every configuration on every set, resumable through the store
     configs = [(BASELINE, 0.0)] + [(m, s) for m in config.methods for s in config.strengths[m]]
-    peo_target = None
     store = ResultsStore(out / STORE_NAME)
     try:
         run_id = store.start_run(model_fp, data_fingerprint=data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance})
-        units: dict[tuple[str, float, str], dict[str, Any]] = {}
-        work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
-        for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
-            params = {}
-            if method == "prompt_embedding_optimization" and \
-                    get_mitigation(method).params.get("target") is None:
-                if peo_target is None:
-                    base = units.get((BASELINE, 0.0, "control")) or \
-                        units.get((BASELINE, 0.0, "memorized"))
-                    peo_target = float(np.median(base["noise_magnitude"]))
-                params["target"] = peo_target
-            units[(method, strength, set_name)] = _unit(
-                store, run_id, adapter, method, strength, params, sets[set_name], set_name,
-                config, guidance, backend, reference, enc, model_fp, data_fp)
+        ctx = _Units(store=store, run_id=run_id, adapter=adapter, config=config,
+                     guidance=guidance, backend=backend, reference=reference, enc=enc,
+                     model_fp=model_fp, data_fp=data_fp)
+        units, peo_target = _run_units(ctx, configs, sets)
     finally:
         store.close()
     if peo_target is not None:
@@ -620,27 +609,63 @@ def _real_features(enc: Any, heldout: Any, train_set: Any, config: ComparisonCon
 
 
 # ---------------------------------------------------------------------------- one unit
-def _unit(store: ResultsStore, run_id: int, adapter: Any, method: str, strength: float,
-          params: dict, prompts: list[str], set_name: str, config: ComparisonConfig,
-          guidance: float, backend: Any, reference: Any, enc: Any, model_fp: str,
-          data_fp: str) -> dict[str, Any]:
+@dataclass
+class _Units:
+    """What every (method, strength, set) unit of one comparison shares."""
+
+    store: ResultsStore
+    run_id: int
+    adapter: Any
+    config: ComparisonConfig
+    guidance: float
+    backend: Any
+    reference: Any
+    enc: Any
+    model_fp: str
+    data_fp: str
+
+
+def _run_units(ctx: _Units, configs: list[tuple[str, float]], sets: Mapping[str, list[str]],
+               ) -> tuple[dict[tuple[str, float, str], dict[str, Any]], float | None]:
+    """Every configuration on every non-empty set; also the noise target that
+    prompt_embedding_optimization was given (``None`` when it did not run without one)."""
+    peo_target = None
+    units: dict[tuple[str, float, str], dict[str, Any]] = {}
+    work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
+    for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
+        params = {}
+        if method == "prompt_embedding_optimization" and \
+                get_mitigation(method).params.get("target") is None:
+            if peo_target is None:
+                base = units.get((BASELINE, 0.0, "control")) or \
+                    units.get((BASELINE, 0.0, "memorized"))
+                peo_target = float(np.median(base["noise_magnitude"]))
+            params["target"] = peo_target
+        units[(method, strength, set_name)] = _unit(ctx, method, strength, params,
+                                                    sets[set_name], set_name)
+    return units, peo_target
+
+
+def _unit(ctx: _Units, method: str, strength: float, params: dict, prompts: list[str],
+          set_name: str) -> dict[str, Any]:
     """Generate one (method, strength, set), or read it from the store."""
+    config = ctx.config
     key = {"method": method, "strength": strength, "params": params, "prompts": prompts,
-           "generations": config.generations, "steps": config.steps, "guidance": guidance,
-           "seed": config.seed, "backend": backend.params(), "reference": data_fp,
-           "encoder": enc.fingerprint(),
+           "generations": config.generations, "steps": config.steps, "guidance": ctx.guidance,
+           "seed": config.seed, "backend": ctx.backend.params(), "reference": ctx.data_fp,
+           "encoder": ctx.enc.fingerprint(),
            "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
-    h = store.put_params(key)
+    h = ctx.store.put_params(key)
     name = f"{set_name}:{method}:{strength:g}"
-    stored = store.get(model_fp, name, "mitigate", h)
+    stored = ctx.store.get(ctx.model_fp, name, "mitigate", h)
     if stored is not None:
         return stored["value"]
-    value = measure(adapter, prompts, method=method, strength=strength, params=params,
-                    generations=config.generations, steps=config.steps, guidance=guidance,
-                    seed=config.seed, batch_size=config.batch_size, backend=backend,
-                    reference=reference, encoder=enc)
-    store.put_many([{"model_fingerprint": model_fp, "prompt": name, "method": "mitigate",
-                     "params_hash": h, "value": value}], run_id=run_id)
+    value = measure(ctx.adapter, prompts, method=method, strength=strength, params=params,
+                    generations=config.generations, steps=config.steps, guidance=ctx.guidance,
+                    seed=config.seed, batch_size=config.batch_size, backend=ctx.backend,
+                    reference=ctx.reference, encoder=ctx.enc)
+    ctx.store.put_many([{"model_fingerprint": ctx.model_fp, "prompt": name, "method": "mitigate",
+                         "params_hash": h, "value": value}], run_id=ctx.run_id)
     return value
 
 
