@@ -3,8 +3,10 @@
 * :func:`check_int`, :func:`check_positive`, :func:`check_fraction` - a number argument or a
   :class:`~diffmem.errors.ConfigError` that names it, the value received and what would work;
 * :func:`as_dataset`, :func:`as_adapter` - a dataset or model given as an object or a path;
-* :func:`package_versions` - the versions a result records for reproducibility;
-* :func:`write_csv_atomic` - a CSV written to a temporary file, then moved into place.
+* :func:`package_versions` - the versions a result records for reproducibility.
+
+Atomic file writers (:func:`~diffmem.utils.write_json`, :func:`~diffmem.utils.write_csv`) live in
+:mod:`diffmem.utils`.
 
 Examples
 --------
@@ -22,12 +24,9 @@ diffmem.errors.ConfigError: seed=True; use an integer >= 0
 
 from __future__ import annotations
 
-import csv
+import importlib.metadata as md
 import math
-import os
 import platform
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,10 +34,10 @@ import numpy as np
 from diffmem.errors import ConfigError, DiffMemError
 
 __all__ = ["as_adapter", "as_dataset", "check_fraction", "check_int", "check_positive",
-           "package_versions", "write_csv_atomic"]
+           "package_versions"]
 
 
-def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None,
+def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None, hint: str = "",
               error: type[DiffMemError] = ConfigError) -> int:
     """``value`` as an ``int`` when it is a whole number (not a bool) in ``[low, high]``.
 
@@ -49,13 +48,15 @@ def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None,
     value : object
     low, high : int, optional
         Inclusive bounds (default: at least 1, no upper bound).
+    hint : str, optional
+        Appended to the message (e.g. ``" (the number of seeds)"``).
     error : DiffMemError subclass, optional
         What to raise (default :class:`ConfigError`).
     """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low \
             or (high is not None and value > high):
         want = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise error(f"{name}={value!r}; use {want}")
+        raise error(f"{name}={value!r}; use {want}{hint}")
     return int(value)
 
 
@@ -64,21 +65,22 @@ def _is_number(value: Any) -> bool:
         and math.isfinite(float(value))
 
 
-def check_positive(name: str, value: Any, *, error: type[DiffMemError] = ConfigError) -> float:
-    """``value`` as a ``float`` when it is a finite number > 0."""
+def check_positive(name: str, value: Any, *, hint: str = "",
+                   error: type[DiffMemError] = ConfigError) -> float:
+    """``value`` as a ``float`` when it is a finite number > 0 (``hint`` ends the message)."""
     if not _is_number(value) or value <= 0:
-        raise error(f"{name}={value!r}; use a finite number > 0")
+        raise error(f"{name}={value!r}; use a finite number > 0{hint}")
     return float(value)
 
 
 def check_fraction(name: str, value: Any, *, open_low: bool = False, open_high: bool = False,
-                   error: type[DiffMemError] = ConfigError) -> float:
+                   hint: str = "", error: type[DiffMemError] = ConfigError) -> float:
     """``value`` as a ``float`` when it is a number in [0, 1] (``open_low``/``open_high``
-    exclude 0/1)."""
+    exclude 0/1; ``hint`` ends the message)."""
     lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
     if not _is_number(value) or value < 0 or value > 1 or (open_low and value == 0) \
             or (open_high and value == 1):
-        raise error(f"{name}={value!r}; use a number in {lo}0, 1{hi}")
+        raise error(f"{name}={value!r}; use a number in {lo}0, 1{hi}{hint}")
     return float(value)
 
 
@@ -91,18 +93,20 @@ def as_dataset(data: Any) -> Any:
 
 
 def as_adapter(model: Any, **options: Any) -> Any:
-    """A :class:`~diffmem.models.DiffusionModelAdapter`, given one, a loaded pipeline or a model
-    folder (read with :func:`diffmem.models.load_model`, which takes the ``options``)."""
+    """A :class:`~diffmem.models.DiffusionModelAdapter`, given one (or an object with its
+    ``sample`` and ``fingerprint``), a loaded pipeline or a model folder (read with
+    :func:`diffmem.models.load_model`, which takes the ``options``)."""
     from diffmem.models import DiffusionModelAdapter, load_model  # here: models use the checks
 
-    return model if isinstance(model, DiffusionModelAdapter) else load_model(model, **options)
+    if isinstance(model, DiffusionModelAdapter) or (
+            hasattr(model, "sample") and hasattr(model, "fingerprint")):
+        return model
+    return load_model(model, **options)
 
 
 def package_versions(*names: str) -> dict[str, str]:
     """Python's version and the installed versions of ``names`` (``"not installed"`` when
     absent), for the reproducibility record of a result."""
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for name in names:
         try:
@@ -110,22 +114,3 @@ def package_versions(*names: str) -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def write_csv_atomic(path: str | os.PathLike, fieldnames: Sequence[str],
-                     rows: Iterable[Mapping[str, Any]], **writer_options: Any) -> Path:
-    """Write ``rows`` to the CSV ``path`` through ``path.tmp`` and :func:`os.replace`, so a
-    reader never sees half a file and an interrupted write leaves the old file (the temporary
-    file is removed on error)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(fieldnames), **writer_options)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

@@ -54,6 +54,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffmem.checks import check_int
 from diffmem.errors import ConfigError, DataError, ModelError, PromptError
 from diffmem.pipelines.folder import (WEIGHTED_COMPONENTS, IndexProblem, read_model_index,
                                       weight_files)
@@ -334,16 +335,11 @@ class CXRDiffusionPipeline(DiffusionPipeline):
                                   f"(one per prompt), got {negative_prompt!r}")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise PromptError("pass either negative_prompt or negative_prompt_embeds, not both")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or num_inference_steps < 1:
-            raise ConfigError(f"num_inference_steps={num_inference_steps!r}; use a positive integer")
+        check_int("num_inference_steps", num_inference_steps)
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ConfigError(f"guidance_scale={guidance_scale!r}; use a finite number "
                               "(1 turns classifier-free guidance off)")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ConfigError(f"num_images_per_prompt={num_images_per_prompt!r}; use a positive "
-                              "integer")
+        check_int("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type={output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
         unknown = [k for k in (callback_on_step_end_tensor_inputs or [])

@@ -9,6 +9,7 @@ rescale -> VOI LUT or window -> MONOCHROME1 inversion, then scales to [0, 1].
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import os
 from collections.abc import Mapping
@@ -284,8 +285,6 @@ def _preview(value: Any, limit: int = 40) -> str:
 
 
 def _is_empty(value: Any) -> bool:
-    import collections.abc
-
     if value is None:
         return True
     if isinstance(value, bytes):

@@ -14,11 +14,13 @@ Importing this package is cheap: torch and open_clip load on first use of the en
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from diffmem.embed.metrics import (alignment_score, feature_stats, frechet_distance,
                                    frechet_distance_from_stats)
 from diffmem.embed.presets import EncoderPreset, list_presets, load_preset
+from diffmem.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffmem.embed.model import InDomainEncoder, embed_dataset, load_encoder, open_clip_config
@@ -60,10 +62,6 @@ def default_encoder_dir():
     ModelError
         When the package was installed without it.
     """
-    from pathlib import Path
-
-    from diffmem.errors import ModelError
-
     folder = Path(__file__).parent / "default_encoder"
     if not (folder / "encoder_config.json").is_file():
         raise ModelError(f"the embedded default encoder is missing from {folder}; reinstall "

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shlex
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -350,8 +352,6 @@ def reproducibility(ident: dict, found: Any, det: dict | None, scn: dict | None,
         commands[f"study {s['study']}"] = s["command"]
     card = ident["model_card"]
     if isinstance(command, (list, tuple)):
-        import shlex
-
         command = " ".join(shlex.quote(str(c)) for c in command)
     return {
         "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -376,7 +376,6 @@ def _store_commands(folder: Path) -> list[str]:
     path = Path(folder) / "results.sqlite"
     if not path.is_file():
         return []
-    import sqlite3
 
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
