@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.attribution.markers import DEID_KINDS, marker_summary, segment
+from diffmem.checks import as_adapter, check_int
 from diffmem.errors import ConfigError, DataError, PromptError
 from diffmem.utils import prepare_out_dir, progress, write_json
 
@@ -447,9 +448,7 @@ def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "
     if not prompts:
         raise DataError("scan got no prompts (empty input or only blank lines); give at least "
                         "one prompt")
-    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) \
-            or min_count < 1:
-        raise ConfigError(f"min_count={min_count!r}; use a positive integer")
+    check_int("min_count", min_count)
     if adapter is not None:
         from diffmem.attribution.methods import get_method
 
@@ -568,10 +567,7 @@ def _model_scores(adapter: Any, prompts: list[str], *, method: str, max_prompts:
     copies = Counter(prompts)
     distinct = sorted(copies)
     if max_prompts is not None:
-        if isinstance(max_prompts, bool) or not isinstance(max_prompts, (int, np.integer)) \
-                or max_prompts < 1:
-            raise ConfigError(f"max_prompts={max_prompts!r}; use a positive integer or None "
-                              "(all prompts)")
+        check_int("max_prompts", max_prompts, hint=" or None (all prompts)")
         if max_prompts < len(distinct):
             rng = np.random.default_rng(seed)
             pick = rng.choice(len(distinct), size=int(max_prompts), replace=False)
@@ -714,10 +710,7 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     out = prepare_out_dir(out, inputs=[source])
     adapter = None
     if model is not None:
-        from diffmem.models import DiffusionModelAdapter, load_model
-
-        adapter = model if isinstance(model, DiffusionModelAdapter) else \
-            load_model(model, device=device)
+        adapter = as_adapter(model, device=device)
     result = scan_prompts(prompts, adapter=adapter, **options)
     result.summary["input"] = info
     if adapter is not None:
