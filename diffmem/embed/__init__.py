@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from diffmem._lazy import lazy_getattr
+
 from diffmem.embed.metrics import (alignment_score, feature_stats, frechet_distance,
                                    frechet_distance_from_stats)
 from diffmem.embed.presets import EncoderPreset, list_presets, load_preset
@@ -27,8 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from diffmem.embed.training import EncoderResult, train_encoder
 
 #: Names loaded on first use (torch and open_clip come with them), and their modules.
-_LAZY = {"InDomainEncoder": "model", "embed_dataset": "model", "load_encoder": "model",
-         "open_clip_config": "model", "EncoderResult": "training", "train_encoder": "training"}
+_LAZY = {**{name: "diffmem.embed.model" for name in ("InDomainEncoder", "embed_dataset",
+                                                     "load_encoder", "open_clip_config")},
+         **{name: "diffmem.embed.training" for name in ("EncoderResult", "train_encoder")}}
 
 __all__ = ["EncoderPreset", "EncoderResult", "InDomainEncoder", "alignment_score",
            "default_encoder_dir", "embed_dataset", "feature_stats", "frechet_distance",
@@ -36,12 +39,7 @@ __all__ = ["EncoderPreset", "EncoderResult", "InDomainEncoder", "alignment_score
            "open_clip_config", "train_encoder"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"diffmem.embed.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'diffmem.embed' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def default_encoder_dir():
