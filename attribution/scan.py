@@ -710,12 +710,20 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     result : ScanResult
     paths : dict of str to Path
     """
+    from diffmem.data.loader import dataset_root
+    from diffmem.models import DiffusionModelAdapter, check_model_folder, load_model
+
+    # inputs first (cheap checks), then the output folder: nothing is created for a run that
+    # cannot start, and nothing is written into the dataset's folder or the model folder
     prompts, info = read_prompts(source, split=split, prompt_section=prompt_section)
-    out = prepare_out_dir(out, inputs=[source])
+    model_folder = None if model is None or isinstance(model, DiffusionModelAdapter) else model
+    if model_folder is not None:
+        check_model_folder(model_folder)  # reads JSON and file names only
+    inputs = [dataset_root(source) if str(info.get("kind", "")).startswith("dataset")
+              else source, model_folder]
+    out = prepare_out_dir(out, inputs=inputs)
     adapter = None
     if model is not None:
-        from diffmem.models import DiffusionModelAdapter, load_model
-
         adapter = model if isinstance(model, DiffusionModelAdapter) else \
             load_model(model, device=device)
     result = scan_prompts(prompts, adapter=adapter, **options)
@@ -723,4 +731,4 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     if adapter is not None:
         result.summary["model"]["source"] = adapter.source
         result.summary["model"]["fingerprint"] = adapter.fingerprint()
-    return result, write_scan(result, out, inputs=[source])
+    return result, write_scan(result, out, inputs=[p for p in inputs if p is not None])

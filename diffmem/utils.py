@@ -79,19 +79,39 @@ def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return p == f or f in p.parents
 
 
+def check_outside(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
+                  what: str = "output folder") -> None:
+    """Refuse (``OutputError``) an output ``path`` that is or lies inside one of ``inputs``.
+
+    The one guard behind "diffmem never writes into a dataset or model folder": every command
+    passes the folders it reads (dataset root, model folder, results it reads from) before it
+    creates or writes anything. ``None`` entries are ignored. Creates nothing.
+
+    Examples
+    --------
+    >>> check_outside("/tmp/results", ["/data/cxr", None])
+    >>> check_outside("/data/cxr/out", ["/data/cxr"])
+    Traceback (most recent call last):
+    ...
+    diffmem.errors.OutputError: output folder '/data/cxr/out' lies inside the input '/data/cxr'; \
+diffmem never writes into a dataset folder or a model folder: choose a path outside it
+    """
+    for src in inputs:
+        if src is not None and is_within(path, src):
+            raise OutputError(
+                f"{what} {str(path)!r} lies inside the input {str(src)!r}; diffmem never "
+                "writes into a dataset folder or a model folder: choose a path outside it")
+
+
 def prepare_out_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
                     exist_ok: bool = True) -> Path:
     """Create and return the output folder ``out``.
 
-    Refuses (``OutputError``) when ``out`` lies inside one of ``inputs`` (a user's dataset is
-    never written into), when it exists and ``exist_ok`` is false, or when it is not writable.
+    Refuses (``OutputError``) when ``out`` lies inside one of ``inputs`` (see
+    :func:`check_outside`; a user's dataset or model is never written into), when it exists and ``exist_ok`` is false, or when it is not writable.
     """
     out = Path(out)
-    for src in inputs:
-        if src is not None and is_within(out, src):
-            raise OutputError(
-                f"output folder {str(out)!r} lies inside the input {str(src)!r}; diffmem never "
-                "writes into a dataset folder: choose an --out outside it")
+    check_outside(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {str(out)!r} exists and is not a folder")
     if out.exists() and not exist_ok and any(out.iterdir()):
