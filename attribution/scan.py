@@ -41,7 +41,7 @@ import numpy as np
 
 from diffmem.attribution.markers import DEID_KINDS, marker_summary, segment
 from diffmem.errors import ConfigError, DataError, PromptError
-from diffmem.utils import prepare_out_dir, progress, write_json
+from diffmem.utils import check_outside, prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
 
@@ -713,19 +713,20 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     from diffmem.data.loader import dataset_root
     from diffmem.models import DiffusionModelAdapter, check_model_folder, load_model
 
-    # inputs first (cheap checks), then the output folder: nothing is created for a run that
-    # cannot start, and nothing is written into the dataset's folder or the model folder
+    # inputs first, then the output folder: nothing is created for a run that cannot start,
+    # and nothing is written into the dataset's folder or the model folder
     prompts, info = read_prompts(source, split=split, prompt_section=prompt_section)
     model_folder = None if model is None or isinstance(model, DiffusionModelAdapter) else model
     if model_folder is not None:
         check_model_folder(model_folder)  # reads JSON and file names only
     inputs = [dataset_root(source) if str(info.get("kind", "")).startswith("dataset")
               else source, model_folder]
-    out = prepare_out_dir(out, inputs=inputs)
+    check_outside(out, inputs)
     adapter = None
     if model is not None:
         adapter = model if isinstance(model, DiffusionModelAdapter) else \
             load_model(model, device=device)
+    out = prepare_out_dir(out, inputs=inputs)
     result = scan_prompts(prompts, adapter=adapter, **options)
     result.summary["input"] = info
     if adapter is not None:
