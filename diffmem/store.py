@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.errors import DataError, OutputError
-from diffmem.utils import sha256_text, stable_json, write_json
+from diffmem.utils import sha256_text, shell_command, stable_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +308,8 @@ class ResultsStore:
                   command: str | Sequence[str] | None = None,
                   params: Mapping[str, Any] | None = None) -> int:
         """Record a run (one command invocation) and return its id."""
-        if not isinstance(command, str) and command is not None:
-            command = " ".join(str(c) for c in command)
+        if command is not None:
+            command = shell_command(command)
         cur = self._db.execute(
             "INSERT INTO runs (model_fingerprint, data_fingerprint, command, params, created) "
             "VALUES (?, ?, ?, ?, ?)",

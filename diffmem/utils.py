@@ -6,7 +6,8 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable
+import shlex
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -123,6 +124,25 @@ def prepare_out_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLik
     if not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {str(out)!r} is not writable")
     return out
+
+
+def shell_command(command: str | Sequence[Any]) -> str:
+    """A command as a user can paste it into a POSIX shell: each argument shell-quoted.
+
+    The one place diffmem turns a command into text it shows (report "to run" hints, recorded
+    command lines, "next:" hints), so a path with spaces or shell metacharacters stays one
+    argument. A string is taken as an already-formed command line and returned unchanged.
+
+    Examples
+    --------
+    >>> shell_command(["diffmem", "scan", "data; rm -rf ~", "--out", "my out"])
+    "diffmem scan 'data; rm -rf ~' --out 'my out'"
+    >>> shell_command("diffmem demo")
+    'diffmem demo'
+    """
+    if isinstance(command, str):
+        return command
+    return shlex.join(str(part) for part in command)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

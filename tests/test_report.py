@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -305,6 +306,29 @@ def test_missing_sections_say_what_to_run(results, model, data, tmp_path):
     assert result.sections["study"].startswith("diffmem study")
     assert f"diffmem scan {data} --model {model}" in html
     assert "No mitigation comparison" in html and "No training study" in html
+
+
+def test_commands_shown_are_shell_quoted(results, model, data, study_dir, tmp_path):
+    """A path with shell metacharacters stays one argument in every command the report shows:
+    the "to run" hints, the report's own command and a study's recorded command."""
+    weird = tmp_path / "m; touch pwned $(id)"
+    shutil.copytree(model, weird)
+    study = tmp_path / "study" / "toy"
+    shutil.copytree(study_dir, study)
+    meta = json.loads((study / "study.json").read_text())
+    meta["command"] = ["diffmem", "study", "lr", "--data", str(weird), "--out", "a b"]
+    (study / "study.json").write_text(json.dumps(meta))
+    own = ["diffmem", "report", "--model", str(weird), "--out", str(tmp_path / "r")]
+    result = build_report(tmp_path / "r", model=weird, data=data, detect=results / "detect",
+                          studies=[study], command=own)
+    assert shlex.split(result.sections["attribution"]) == [
+        "diffmem", "scan", str(data), "--model", str(weird), "--out", "RESULTS/scan"]
+    assert shlex.split(result.sections["mitigation"])[3] == str(weird)
+    facts = json.loads(result.json.read_text())
+    assert shlex.split(facts["reproducibility"]["command"]) == own
+    assert shlex.split(facts["studies"][0]["command"]) == meta["command"]
+    html = _html(result)
+    assert shlex.quote(str(weird)) in html.replace("&#39;", "'")
 
 
 def test_attributions_missing_from_the_scan_are_explained(results, model, data, tmp_path):

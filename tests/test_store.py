@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -180,6 +181,14 @@ def test_exports_csv_and_json(tmp_path):
     assert doc["runs"][0]["params"] == {"k": 2}
     assert doc["results"][2]["value"] == 0.5
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_recorded_commands_are_shell_quoted(tmp_path):
+    """A recorded command line pastes back into a shell as the same arguments."""
+    argv = ["diffmem", "detect", "--data", "my data; touch pwned", "--out", "$(id)"]
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        store.start_run("m", command=argv)
+        assert shlex.split(store.runs()[0]["command"]) == argv
 
 
 def _worker(tmp_path, db, *, shard=0, shards=1, batch=5, pause=0.0, go="-"):

@@ -29,8 +29,8 @@ from typing import Any
 
 from diffmem.errors import DataError, OutputError
 from diffmem.report.images import IMAGE_MODES, check_mode
-from diffmem.report.inputs import (COMMANDS, read_detect, read_mitigate, read_scan, read_study,
-                                   resolve_inputs)
+from diffmem.report.inputs import (read_detect, read_mitigate, read_scan, read_study,
+                                   resolve_inputs, todo_commands)
 from diffmem.report.render import pictures, render_report
 from diffmem.report.risk import assess_risk
 from diffmem.report.sections import (METHODS, REFERENCES, attribution_facts, dataset_facts,
@@ -158,9 +158,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     _check_match(ident, dataset, det, scn, mit)
 
     # 3. facts of every section
-    fill = {"model": str(model), "data": str(data),
-            "results": str(results) if results is not None else "RESULTS"}
-    todo = {k: v.format(**fill) for k, v in COMMANDS.items()}
+    todo = todo_commands(model=model, data=data, results=results)
     ds = dataset_facts(dataset, scn,
                        None if results is None else Path(results) / "inspect.json")
     detection = detection_facts(det) if det else None
