@@ -229,6 +229,19 @@ class _ImageSource:
         return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1)
 
 
+def _read_images(dataset: CXRDataset, size: int) -> _ImageSource:
+    """:class:`_ImageSource` of ``dataset``; an unreadable image is a DataError that does not
+    suggest ``--on-error skip``, which ``train`` does not take."""
+    from diffmem.data._records import without_skip_hint
+
+    try:
+        return _ImageSource(dataset, size)
+    except DataError as e:
+        raise DataError(f"{without_skip_hint(str(e))}; `diffmem train` trains on every record "
+                        "and skips none: fix or remove the file (`diffmem inspect DATA "
+                        "--on-error skip` lists every unreadable one)") from None
+
+
 def _note_conversion(dataset: CXRDataset, size: int) -> None:
     """Log once when stored images are not already ``size`` x ``size`` grayscale."""
     from PIL import Image
@@ -349,6 +362,45 @@ def _save_checkpoint(out: Path, step: int, model: _Denoiser, ema: dict[str, torc
     return final
 
 
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from, or None: a JSON file that does
+    not parse, a safetensors file that is missing or truncated (its header and size are checked;
+    no tensor is read)."""
+    from safetensors import safe_open
+
+    for name in ("state.json", "optimizer.json"):
+        try:
+            json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return f"{name}: {e}"
+    names = ["model.safetensors", "optimizer.safetensors"]
+    if (path / "ema.safetensors").exists():
+        names.append("ema.safetensors")
+    for name in names:
+        try:
+            with safe_open(str(path / name), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: both mean unreadable
+            return f"{name}: {e}"
+    return None
+
+
+def _resumable(checkpoints: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """``checkpoints`` without the unreadable newest ones, each named in a warning (nothing is
+    deleted); a TrainingError when none can be read."""
+    bad = []
+    while checkpoints and (problem := _checkpoint_problem(checkpoints[-1][1])) is not None:
+        bad.append(f"{checkpoints[-1][1]} ({problem})")
+        checkpoints = checkpoints[:-1]
+        log.warning("checkpoint %s cannot be read; %s", bad[-1],
+                    f"resuming from the one before it, {checkpoints[-1][1]} (nothing is deleted)"
+                    if checkpoints else "no older checkpoint")
+    if bad and not checkpoints:
+        raise TrainingError(f"cannot resume: no checkpoint can be read ({'; '.join(bad)}); "
+                            "train into a new --out (nothing was deleted)")
+    return checkpoints
+
+
 def _load_checkpoint(path: Path, model: _Denoiser, opt, sched) -> tuple[int, dict | None, dict]:
     from safetensors.torch import load_file
 
@@ -442,6 +494,8 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
         raise TrainingError(f"{out} already holds checkpoints (newest: step "
                             f"{checkpoints[-1][0]}); pass --resume to continue that run or "
                             "choose a new --out")
+    if resume and checkpoints:
+        checkpoints = _resumable(checkpoints)
     if resume and not checkpoints:
         log.warning("--resume given but %s has no checkpoint yet: starting from step 0", out)
 
@@ -460,6 +514,9 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
             raise TrainingError(f"cannot resume {out}: the run's settings or data changed "
                                 f"({detail}); resume with the same settings or use a new --out")
 
+    size = preset.resolution
+    _note_conversion(train_set, size)
+    images = _read_images(train_set, size)  # before the tokenizer is written into out
     set_seed(cfg.seed)
     tokenizer = _make_tokenizer(out, train_set.prompts, preset, resume=resume,
                                 is_main=acc.is_main_process, acc=acc)
@@ -468,9 +525,6 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
         pipe.vae.requires_grad_(False)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     model = _Denoiser(pipe.unet, pipe.text_encoder)
-    size = preset.resolution
-    _note_conversion(train_set, size)
-    images = _ImageSource(train_set, size)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler("constant_with_warmup", optimizer=opt,
