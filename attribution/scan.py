@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from diffmem.attribution.markers import DEID_KINDS, marker_summary, segment
-from diffmem.errors import ConfigError, DataError, PromptError
-from diffmem.utils import check_outside, prepare_out_dir, progress, write_json
+from diffmem.errors import ConfigError, DataError, OutputError, PromptError
+from diffmem.utils import (check_outside, disk_full_error, is_disk_full, prepare_out_dir, progress,
+                           write_json)
 
 log = logging.getLogger(__name__)
 
@@ -663,6 +664,15 @@ def write_scan(result: ScanResult, out: str | os.PathLike, *,
         What was written, by name.
     """
     out = prepare_out_dir(out, inputs=[Path(p) for p in inputs])
+    try:
+        return _write_scan_files(result, out, plots=plots)
+    except OSError as e:  # scan.json itself is written atomically and cleans up after itself
+        if is_disk_full(e):
+            raise disk_full_error(out) from None
+        raise OutputError(f"cannot write the scan into {str(out)!r}: {e.strerror or e}") from None
+
+
+def _write_scan_files(result: ScanResult, out: Path, *, plots: bool) -> dict[str, Path]:
     paths = {"tokens": out / "tokens.csv", "scan": out / "scan.json"}
     with open(paths["tokens"], "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(TOKEN_COLUMNS))

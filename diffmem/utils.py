@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
 import shlex
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -145,9 +148,49 @@ def shell_command(command: str | Sequence[Any]) -> str:
     return shlex.join(str(part) for part in command)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (temp file then rename)."""
+def is_disk_full(error: BaseException) -> bool:
+    """True for an error that means the disk (or the user's quota) is full: ``ENOSPC`` or
+    ``EDQUOT`` from the OS, ``SQLITE_FULL`` ("database or disk is full") from SQLite."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    code = getattr(error, "sqlite_errorcode", None)
+    return code == 13 or "database or disk is full" in str(error)  # 13: SQLITE_FULL
+
+
+def disk_full_error(folder: str | os.PathLike) -> OutputError:
+    """The one message for a full disk: the folder, the space left there, and what to do."""
+    where = Path(folder)
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return OutputError(f"the disk holding {str(where)!r} is full ({free}); free some space "
+                       "there or choose an --out on another disk, then run the same command "
+                       "again (finished work is kept)")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file beside it, then a rename.
+
+    On failure the temp file is removed, ``path`` is left as it was, and the error is an
+    :class:`OutputError` naming the file (:func:`disk_full_error` for a full disk).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(path.parent) from None
+        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

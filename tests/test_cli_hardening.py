@@ -3,12 +3,15 @@ leaves an output folder behind, and none writes into the data or the model."""
 
 from __future__ import annotations
 
+import errno
+import pathlib
 import shutil
 
 import pytest
 
 from diffmem.cli import main
-from diffmem.errors import ModelError
+from diffmem.errors import ModelError, OutputError
+from diffmem.utils import write_json
 
 
 @pytest.fixture
@@ -50,3 +53,36 @@ def test_failed_command_keeps_an_out_that_existed_or_holds_files(tmp_path, capsy
     assert main(["scan", str(missing_data), "--out", str(existing)]) == 2
     assert existing.is_dir()
     assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Writes of ``*.tmp`` files hit a full disk: the real write of half the text, then
+    ``ENOSPC`` (a fault-injecting wrapper around the real ``Path.write_text``)."""
+    real_write = pathlib.Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            real_write(self, data[:len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+
+
+def test_write_json_on_a_full_disk(tmp_path, full_disk):
+    target = tmp_path / "summary.json"
+    target.write_text('{"old": true}\n')
+    with pytest.raises(OutputError, match=r"the disk holding .* is full \(.*MiB free\)"):
+        write_json(target, {"new": list(range(100))})
+    assert target.read_text() == '{"old": true}\n' and not list(tmp_path.glob("*.tmp"))
+
+
+def test_scan_on_a_full_disk_is_one_error_without_temp_files(tmp_path, full_disk, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Dr. ___ was notified.\nNo acute process.\nDr. ___ was notified.\n")
+    out = tmp_path / "scan"
+    assert main(["scan", str(prompts), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"the disk holding {str(out)!r} is full" in err and "Traceback" not in err
+    assert not list(out.glob("*.tmp"))

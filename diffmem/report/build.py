@@ -36,7 +36,7 @@ from diffmem.report.risk import assess_risk
 from diffmem.report.sections import (METHODS, REFERENCES, attribution_facts, dataset_facts,
                                      detection_facts, jsonable, mitigation_facts,
                                      reproducibility, study_facts, summary_facts)
-from diffmem.utils import prepare_out_dir, write_json
+from diffmem.utils import prepare_out_dir, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
 
     # 5. files
     html_path, json_path = out / REPORT_HTML, out / REPORT_JSON
-    _write_text(html_path, html)
+    write_text_atomic(html_path, html)
     facts["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(json_path, jsonable(facts))
     log.info("report: %s (risk %s)", html_path, risk.level)
@@ -229,15 +229,6 @@ def _prepare_out(out: Path, *, overwrite: bool, inputs: list[Path]) -> Path:
             "--overwrite to write report.html and report.json into it (nothing else in it is "
             "touched)")
     return prepare_out_dir(out, inputs=inputs)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror}") from None
 
 
 # ---------------------------------------------------------------------------- 2. identity
