@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from diffmem.data import CXRDataset, Study
 from diffmem.errors import ConfigError, DataError, TrainingError
-from diffmem.utils import prepare_out_dir, progress, write_json
+from diffmem.utils import disk_full_error, is_disk_full, prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
 
@@ -345,15 +345,22 @@ def _save_checkpoint(out: Path, step: int, model: _Denoiser, ema: dict[str, torc
     tmp = root / f".tmp-{_STEP_PREFIX}{step:07d}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_safetensors(opt)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    write_json(tmp / "optimizer.json", opt_meta)
-    write_json(tmp / "state.json", {"step": step, "lr_scheduler": sched.state_dict(), **run_meta})
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_safetensors(opt)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "optimizer.json", opt_meta)
+        write_json(tmp / "state.json", {"step": step, "lr_scheduler": sched.state_dict(),
+                                        **run_meta})
+    except Exception as e:  # SafetensorError, OSError, OutputError: the half checkpoint goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full_error(root) from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -150,11 +150,23 @@ def shell_command(command: str | Sequence[Any]) -> str:
 
 def is_disk_full(error: BaseException) -> bool:
     """True for an error that means the disk (or the user's quota) is full: ``ENOSPC`` or
-    ``EDQUOT`` from the OS, ``SQLITE_FULL`` ("database or disk is full") from SQLite."""
-    if isinstance(error, OSError):
+    ``EDQUOT`` from the OS, ``SQLITE_FULL`` ("database or disk is full") from SQLite, or such an
+    OS error wrapped in another library's error text (safetensors).
+
+    Examples
+    --------
+    >>> is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    True
+    >>> is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    False
+    """
+    if isinstance(error, OSError) and error.errno is not None:
         return error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-    code = getattr(error, "sqlite_errorcode", None)
-    return code == 13 or "database or disk is full" in str(error)  # 13: SQLITE_FULL
+    if getattr(error, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+        return True
+    text = str(error)  # safetensors' SafetensorError wraps the OS error in its text
+    return any(s in text for s in ("database or disk is full", "No space left on device",
+                                   "StorageFull", "Disk quota exceeded"))
 
 
 def disk_full_error(folder: str | os.PathLike) -> OutputError:

@@ -167,6 +167,35 @@ def test_resume_skips_a_truncated_newest_checkpoint(manifest_data, tmp_path, cap
     assert sorted(p.relative_to(only) for p in only.rglob("*")) == before
 
 
+def test_full_disk_at_a_checkpoint_is_one_error_and_resume_finishes(manifest_data, tmp_path,
+                                                                    monkeypatch):
+    """The disk fills while a checkpoint is written (a wrapper around the real safetensors
+    save_file writes the file, then fails as safetensors does on ENOSPC): one OutputError naming
+    the folder, no half checkpoint (.tmp-step-*) left, and --resume then finishes."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from diffmem.errors import OutputError
+
+    real_save, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        calls.append(filename)
+        if len(calls) == 3:  # the second checkpoint's model weights
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                                  'StorageFull, message: "No space left on device" })')
+
+    out = tmp_path / "m"
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(OutputError, match=r"the disk holding '.*checkpoints' is full"):
+        train(manifest_data, out, config=_cfg())
+    monkeypatch.undo()
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(("step", ".tmp"))
+            ] == ["step-0000002"]
+    assert train(manifest_data, out, config=_cfg(), resume=True).resumed_from == 2
+
+
 def test_unreadable_image_fails_before_writing_and_without_skip_advice(manifest_data, tmp_path,
                                                                        capsys):
     """train takes no --on-error: an unreadable image is one error naming it that does not
