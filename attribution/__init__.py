@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from diffmem._lazy import lazy_getattr
+
 from diffmem.attribution.markers import (
     MARKER_CONVENTIONS,
     PHI_PATTERNS,
@@ -41,8 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
                                             save_attribution)
     from diffmem.attribution.result import TokenAttribution
     from diffmem.attribution.scan import (PromptClusters, ScanResult, log_odds_enrichment,
-                                          prompt_clusters, read_prompts, run_scan, scan_prompts,
-                                          write_scan)
+                                          near_duplicate_pairs, prompt_clusters, read_prompts,
+                                          run_scan, scan_prompts, write_scan)
 
 _LAZY = {
     "diffmem.attribution.commands": ("format_ranking", "run_attribute"),
@@ -52,7 +54,7 @@ _LAZY = {
     "diffmem.attribution.render": ("html_page", "render_html", "render_png", "save_attribution"),
     "diffmem.attribution.result": ("TokenAttribution",),
     "diffmem.attribution.scan": ("PromptClusters", "ScanResult", "log_odds_enrichment",
-                                 "prompt_clusters", "read_prompts", "run_scan", "scan_prompts",
+                                 "near_duplicate_pairs", "prompt_clusters", "read_prompts", "run_scan", "scan_prompts",
                                  "write_scan"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
@@ -61,9 +63,4 @@ __all__ = sorted(["MARKER_CONVENTIONS", "PHI_PATTERNS", "PLACEHOLDER_DETECTORS",
                   "find_markers", "marker_summary", "pool_tokens", "segment", *_WHERE])
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'diffmem.attribution' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)

@@ -8,10 +8,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffmem.data._records import check_on_error, handle, warn_skipped
+from diffmem.data._reading import check_on_error, handle, warn_skipped
 from diffmem.data.images import DICOM_SUFFIXES, RASTER_SUFFIXES, read_image
 from diffmem.data.manifest import MANIFEST_SUFFIXES, load_manifest
-from diffmem.data.study import CXRDataset
+from diffmem.data.mimic import load_dicom_tree, load_mimic_jpg
+from diffmem.data.dataset import CXRDataset
 from diffmem.errors import DataError
 from diffmem.utils import progress
 
@@ -23,6 +24,23 @@ MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 _LOOKED_FOR = ("a .csv or .jsonl manifest file; a folder holding manifest.csv or "
                "manifest.jsonl; or a MIMIC-CXR folder with "
                "files/pXX/pXXXXXXXX/sXXXXXXXX/<id>.jpg (MIMIC-CXR-JPG) or <id>.dcm (DICOM)")
+
+
+def dataset_root(path: str | os.PathLike) -> Path:
+    """The folder a dataset path stands for: the folder itself, or a manifest file's folder
+    (a manifest's images lie inside it). The folder nothing may be written into.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> (folder / "manifest.csv").write_text("image,report\\n", encoding="utf-8")
+    13
+    >>> dataset_root(folder / "manifest.csv") == dataset_root(folder) == folder
+    True
+    """
+    path = Path(path)
+    return path.parent if path.is_file() else path
 
 
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
@@ -116,12 +134,8 @@ def load(path: str | os.PathLike, *, prompt_section: str = "impression",
     if fmt == "manifest":
         dataset = load_manifest(target, **kwargs)
     elif fmt == "mimic-cxr-jpg":
-        from diffmem.data.mimic import load_mimic_jpg
-
         dataset = load_mimic_jpg(target, **kwargs)
     else:
-        from diffmem.data.dicom import load_dicom_tree
-
         dataset = load_dicom_tree(target, **kwargs)
     if not len(dataset):
         why = []
