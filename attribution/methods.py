@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,11 +268,13 @@ def _pool_sum(units: list[Unit], per_token: np.ndarray) -> np.ndarray:
     return np.array([float(per_token[list(u.tokens)].sum()) for u in units], dtype=np.float64)
 
 
-def _variant_ids(prep: _Prepared, unit: Unit, mode: str, pad_id: int,
+def _variant_ids(prep: _Prepared, unit: Unit | Sequence[Unit], mode: str, pad_id: int,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask of the prompt with ``unit`` (or every unit of a sequence) occluded."""
     ids, mask = prep.input_ids[0].clone(), prep.mask[0].clone()
     drop = torch.zeros_like(mask, dtype=torch.bool)
-    drop[list(unit.tokens)] = True
+    units = [unit] if isinstance(unit, Unit) else list(unit)
+    drop[[i for u in units for i in u.tokens]] = True
     if mode == "pad":
         ids[drop] = pad_id
         return ids, mask
