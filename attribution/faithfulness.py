@@ -27,8 +27,8 @@ from diffmem.utils import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CURVE_METHODS", "DeletionResult", "FaithfulnessCurves", "deletion_test",
-           "faithfulness_curves"]
+__all__ = ["CURVE_METHODS", "FAITHFULNESS_COLUMNS", "DeletionResult", "FaithfulnessCurves",
+           "deletion_test", "faithfulness_curves", "format_faithfulness"]
 
 #: The attribution methods whose orders :func:`faithfulness_curves` measures by default.
 CURVE_METHODS = ("gradient", "occlusion", "attention")
@@ -484,3 +484,18 @@ def faithfulness_curves(adapter: DiffusionModelAdapter, prompts: Sequence[str], 
         {m: arr(m, "dauc") for m in names}, {m: arr(m, "iauc") for m in names},
         {m: arr(m, "top") for m in names}, np.asarray(mems, dtype=np.float64),
         np.asarray(blanks, dtype=np.float64), tops, skipped, params)
+
+
+def format_faithfulness(curves: FaithfulnessCurves) -> str:
+    """The area table of :func:`faithfulness_curves` as text (deletion: lower is better;
+    insertion: higher is better)."""
+    n = len(curves.prompts)
+    lines = [f"faithfulness on {n} prompt(s), units replaced by {curves.params['replacement']} "
+             "(deletion AUC: lower is better; insertion AUC: higher is better)",
+             f"{'order':<10} {'deletion':>9} {'insertion':>9} {'del<rand':>9} {'ins>rand':>9} "
+             f"{'top drop':>9}"]
+    for row in curves.table():
+        lines.append(f"{row['order']:<10} {row['deletion_auc']:>9.3f} {row['insertion_auc']:>9.3f}"
+                     f" {row['deletion_beats_random']:>9.2f} {row['insertion_beats_random']:>9.2f}"
+                     f" {row['top_unit_drop']:>9.3f}")
+    return "\n".join(lines)

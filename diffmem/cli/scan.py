@@ -40,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="initial noises per prompt with --model (default 4)")
     p.add_argument("--steps", type=int, default=1, help="sampling steps averaged (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-images", dest="images", action="store_false",
+                   help="datasets: contrast duplicated prompts only, not also the prompts of "
+                        "records whose image or patient repeats")
+    p.add_argument("--faithfulness", type=int, default=0, metavar="N",
+                   help="with --model: deletion/insertion curves of gradient, occlusion and "
+                        "attention vs random order on the N most memorized prompts "
+                        "(DIR/faithfulness.csv)")
     p.add_argument("--device", default=None, help="torch device (default cpu)")
     p.set_defaults(handler=run)
 
@@ -49,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     result, paths = run_scan(args.data, out=args.out, model=args.model, split=args.split,
                              prompt_section=args.prompt_section, device=args.device,
+                             images=args.images, faithfulness=args.faithfulness,
                              method=args.method, max_prompts=args.max_prompts,
                              near_threshold=args.near_threshold, min_count=args.min_count,
                              generations=args.generations, steps=args.steps, seed=args.seed)
@@ -66,5 +74,9 @@ def run(args: argparse.Namespace) -> int:
     for row in result.tokens[:10]:
         flag = " (de-id marker)" if row["is_deid_marker"] else ""
         print(f"  {row['rank']:3d}. {row['token']:<20s} score {row['score']:.3f}{flag}")
+    if result.faithfulness is not None:
+        from diffmem.attribution.faithfulness import format_faithfulness
+
+        print(format_faithfulness(result.faithfulness))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
