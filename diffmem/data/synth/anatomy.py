@@ -156,9 +156,11 @@ class _Frame:
         t = np.deg2rad(p.rot)
         c, s = np.cos(t), np.sin(t)
         x, y = (qu - p.dx) / p.scale, (qv - p.dy) / p.scale
-        # float32 throughout: twice as fast as float64 and far finer than 8-bit output
-        self.u = (c * x + s * y).astype(np.float32)
-        self.v = (-s * x + c * y).astype(np.float32)
+        # float64 throughout: float32 is twice as fast, but its exp/pow/sin results depend on
+        # the CPU's SIMD level (AVX2 vs AVX-512), which changed the rendered bytes from one
+        # machine to the next; float64 differences stay far below the 8-bit output's steps
+        self.u = c * x + s * y
+        self.v = -s * x + c * y
         # softness of edges: at least about one pixel
         self.eps = max(0.012, 2.4 / self.size)
 
@@ -284,10 +286,10 @@ def anatomy_textures(anatomy: Anatomy) -> dict[str, np.ndarray]:
     fine = ndimage.gaussian_filter(rng.standard_normal((_TEX, _TEX)), 1.2)
     coarse = ndimage.gaussian_filter(rng.standard_normal((_TEX, _TEX)), 6.0)
     blotch = ndimage.gaussian_filter(rng.standard_normal((_TEX, _TEX)), 3.0)
-    return {"vessels": vessels.astype(np.float32),
-            "fine": (fine / fine.std()).astype(np.float32),
-            "coarse": (coarse / coarse.std()).astype(np.float32),
-            "blotch": (blotch / blotch.std()).astype(np.float32)}
+    return {"vessels": vessels.astype(np.float64),
+            "fine": fine / fine.std(),
+            "coarse": coarse / coarse.std(),
+            "blotch": blotch / blotch.std()}
 
 
 def _sample(field, u, v):
