@@ -20,11 +20,13 @@ method         score of unit ``u``                                              
                generations                                                     (attention maps)
 =============  ==============================================================  ================
 
-All three follow the same guided DDIM trajectory from the same seeded initial noises as
-:func:`diffmem.detect.scores.noise_magnitude` (generation ``j`` of a prompt starts from
-:func:`~diffmem.models.generation_seed` ``(seed, prompt, j)``), and average over the first
-``steps`` steps and the ``generations``; each result carries the prompt's noise magnitude as
-``memorization``. Tokens are pooled into units by :func:`~diffmem.attribution.pool_tokens`.
+All three walk the guided trajectory with the walker
+:func:`diffmem.models.walk_trajectory` that :func:`diffmem.detect.scores.noise_magnitude`
+uses, from the same seeds (generation ``j`` of a prompt: :func:`~diffmem.models.generation_seed`
+``(seed, prompt, j)``, for the initial noise and the scheduler's own randomness), and average
+over the first ``steps`` steps and the ``generations``; each result carries the prompt's noise
+magnitude as ``memorization``, equal to the score ``noise_magnitude`` gives it with the same
+settings. Tokens are pooled into units by :func:`~diffmem.attribution.pool_tokens`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,17 @@ import torch
 from diffmem.attribution.result import TokenAttribution
 from diffmem.attribution.units import Unit, pool_tokens
 from diffmem.errors import ConfigError, PromptError
-from diffmem.models import AttentionContext, DiffusionModelAdapter, SamplingHooks, generation_seed
+from diffmem.models import (
+    AttentionContext,
+    DiffusionModelAdapter,
+    SamplingHooks,
+    check_trajectory,
+    generation_seed,
+    noise_gap,
+    seeded_noise,
+    trajectory_noise_gaps,
+    walk_trajectory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +156,8 @@ def attribute(adapter: DiffusionModelAdapter, prompt: str, *, method: str = "gra
 # ---------------------------------------------------------------------------- shared parts
 @dataclass
 class _Prepared:
-    """A prompt ready for attribution: units, token ids, embeddings and initial noises."""
+    """A prompt ready for attribution: units, token ids, embeddings and the seeds of its
+    generations (the trajectory noise of :func:`diffmem.models.walk_trajectory`)."""
 
     prompt: str
     units: list[Unit]
@@ -152,17 +165,20 @@ class _Prepared:
     input_ids: torch.Tensor  # (1, L)
     mask: torch.Tensor  # (1, L)
     cond: torch.Tensor  # (1, L, D)
-    uncond: torch.Tensor  # (1, L, D)
-    noise: torch.Tensor  # (G, C, h, w)
+    seeds: list[int]  # (G,): generation_seed(seed, prompt, j)
     guidance: float
     params: dict[str, Any]
+
+    def walk_options(self) -> dict[str, Any]:
+        """The keyword options of :func:`~diffmem.models.walk_trajectory` for this prompt."""
+        p = self.params
+        return {"steps": p["steps"], "num_inference_steps": p["num_inference_steps"],
+                "guidance": self.guidance, "batch_size": p["batch_size"]}
 
 
 def _prepare(adapter: DiffusionModelAdapter, prompt: str, *, generations: int, steps: int,
              num_inference_steps: int, guidance: float | None, seed: int, batch_size: int,
              truncate: bool) -> _Prepared:
-    from diffmem.detect.scores import check_trajectory
-
     # 1. check inputs
     if not isinstance(prompt, str):
         raise PromptError(f"prompt must be a string; got {type(prompt).__name__}")
@@ -183,7 +199,7 @@ def _prepare(adapter: DiffusionModelAdapter, prompt: str, *, generations: int, s
             "prompt against each other, so give a prompt with words too (a dataset scan counts "
             "such prompts in its marker statistics)")
 
-    # 3. embeddings and initial noises (as diffmem.detect.scores draws them)
+    # 3. embeddings; the generations' seeds are those of diffmem.detect.scores
     with torch.no_grad():
         # the ids adapter.tokenize gives, without its truncation warning (pool_tokens has
         # already refused an over-long prompt unless truncate=True)
@@ -191,73 +207,32 @@ def _prepare(adapter: DiffusionModelAdapter, prompt: str, *, generations: int, s
                                 truncation=True, return_tensors="pt")
         enc = {k: enc[k].to(adapter.device) for k in ("input_ids", "attention_mask")}
         cond = adapter.encode_tokens(enc["input_ids"], enc["attention_mask"])
-        empty = adapter.tokenize([""])
-        uncond = adapter.encode_tokens(empty["input_ids"], empty["attention_mask"])
-    noise = torch.cat([
-        torch.randn((1, *adapter.latent_shape), dtype=adapter.dtype,
-                    generator=torch.Generator("cpu").manual_seed(generation_seed(seed, prompt, j)))
-        for j in range(generations)])
+    seeds = [generation_seed(seed, prompt, j) for j in range(generations)]
     params = {"generations": generations, "steps": steps,
               "num_inference_steps": num_inference_steps, "guidance": guidance,
               "seed": int(seed), "truncate": bool(truncate)}
-    return _Prepared(prompt, units, tokens, enc["input_ids"], enc["attention_mask"], cond, uncond,
-                     noise, guidance, params | {"batch_size": batch_size})
+    return _Prepared(prompt, units, tokens, enc["input_ids"], enc["attention_mask"], cond, seeds,
+                     guidance, params | {"batch_size": batch_size})
 
 
-def _scheduler(adapter: DiffusionModelAdapter, num_inference_steps: int) -> Any:
-    # Same construction as diffmem.detect.scores' trajectory (copied on purpose, so attribution
-    # and the noise-magnitude score walk the same steps): the adapter's inference scheduler,
-    # told that predictions are epsilon (predict_noise converts v/x0 predictions).
-    scheduler = type(adapter.scheduler).from_config(adapter.scheduler.config,
-                                                    prediction_type="epsilon")
-    scheduler.set_timesteps(num_inference_steps, device=adapter.device)
-    return scheduler
+def _magnitudes(adapter: DiffusionModelAdapter, conds: torch.Tensor, masks: torch.Tensor,
+                prep: _Prepared, *, hooks: SamplingHooks | None = None) -> np.ndarray:
+    """Noise magnitudes of ``V`` prompt embeddings ``conds`` (token masks ``masks``, ``(V, L)``)
+    on the guided trajectory, float64 ``(V, G, S)``.
 
-
-def _rollout(adapter: DiffusionModelAdapter, conds: torch.Tensor, prep: _Prepared, *,
-             hooks: SamplingHooks | None = None, keep_inputs: bool = False,
-             ) -> tuple[np.ndarray, list[tuple[torch.Tensor, Any]] | None]:
-    """Noise magnitudes of ``V`` prompt embeddings ``conds`` on the guided trajectory.
-
-    Every embedding starts from the same ``G`` initial noises (those of ``prep.prompt``), so
-    variants of a prompt are compared pairwise. Returns float64 ``(V, G, S)`` magnitudes and,
-    with ``keep_inputs`` (``V == 1``), the UNet inputs ``(G, C, h, w)`` and timestep of each step.
+    Every embedding walks from the prompt's own ``G`` seeds (initial noise and scheduler
+    randomness), so variants of a prompt are compared pairwise, on the trajectory
+    :func:`diffmem.detect.scores.noise_magnitude` scores the prompt on.
     """
-    p = prep.params
-    n_var, n_gen, n_steps = conds.shape[0], prep.noise.shape[0], p["steps"]
-    rows = [(v, g) for v in range(n_var) for g in range(n_gen)]
-    out = np.zeros((n_var * n_gen, n_steps), dtype=np.float64)
-    inputs: list[list[torch.Tensor]] = [[] for _ in range(n_steps)]
-    timesteps: list[Any] = [None] * n_steps
-    size = p["batch_size"]
-    with torch.no_grad():
-        for lo in range(0, len(rows), size):
-            part = rows[lo:lo + size]
-            b = len(part)
-            cond = conds[[v for v, _ in part]].to(adapter.device, adapter.dtype)
-            uncond = prep.uncond.to(adapter.device, adapter.dtype).expand(b, -1, -1)
-            scheduler = _scheduler(adapter, p["num_inference_steps"])
-            step_params = inspect.signature(scheduler.step).parameters
-            extra = {"eta": 0.0} if "eta" in step_params else {}
-            latents = prep.noise[[g for _, g in part]].to(adapter.device) \
-                * scheduler.init_noise_sigma
-            flags = torch.tensor([False] * b + [True] * b, device=adapter.device)
-            for s, t in enumerate(scheduler.timesteps[:n_steps]):
-                model_in = scheduler.scale_model_input(latents, t)
-                eps = adapter.predict_noise(torch.cat([model_in, model_in]), t,
-                                            torch.cat([uncond, cond]), hooks=hooks,
-                                            conditional=flags)
-                eps_u, eps_c = eps.chunk(2)
-                out[lo:lo + b, s] = (eps_c.float() - eps_u.float()).flatten(1).norm(dim=1) \
-                    .cpu().numpy()
-                if keep_inputs:
-                    inputs[s].append(model_in)
-                    timesteps[s] = t
-                if s + 1 < n_steps:
-                    guided = eps_u + prep.guidance * (eps_c - eps_u)
-                    latents = scheduler.step(guided, t, latents, **extra, return_dict=False)[0]
-    kept = [(torch.cat(x), t) for x, t in zip(inputs, timesteps)] if keep_inputs else None
-    return out.reshape(n_var, n_gen, n_steps), kept
+    n_var, n_gen = conds.shape[0], len(prep.seeds)
+
+    def rows(part: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        variants = [r // n_gen for r in part]  # row r = (variant r // G, generation r % G)
+        return conds[variants], masks[variants]
+
+    gaps = trajectory_noise_gaps(adapter, rows, prep.seeds * n_var, hooks=hooks,
+                                 desc="attribution", **prep.walk_options())
+    return gaps.reshape(n_var, n_gen, -1)
 
 
 def _pool_mean(units: list[Unit], per_token: np.ndarray) -> np.ndarray:
@@ -295,16 +270,18 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _variant_embeddings(adapter: DiffusionModelAdapter, prep: _Prepared, mode: str,
-                        ) -> torch.Tensor:
-    """Text embeddings ``(len(units), L, D)`` of the prompt with each unit occluded."""
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings ``(len(units), L, D)`` of the prompt with each unit occluded, and their
+    token masks ``(len(units), L)``."""
     pad = _pad_id(adapter.tokenizer)
     pairs = [_variant_ids(prep, u, mode, pad) for u in prep.units]
     ids = torch.stack([a for a, _ in pairs])
     masks = torch.stack([m for _, m in pairs])
     size = prep.params["batch_size"]
     with torch.no_grad():
-        return torch.cat([adapter.encode_tokens(ids[i:i + size], masks[i:i + size])
-                          for i in range(0, len(pairs), size)])
+        embeds = torch.cat([adapter.encode_tokens(ids[i:i + size], masks[i:i + size])
+                            for i in range(0, len(pairs), size)])
+    return embeds, masks
 
 
 def _result(prep: _Prepared, scores: np.ndarray, method: str, memorization: float,
@@ -362,32 +339,23 @@ def gradient(adapter: DiffusionModelAdapter, prompt: str, *, generations: int = 
     TokenAttribution
         ``token_scores`` holds each token's gradient norm (0 for special tokens).
     """
-    from diffmem.detect.scores import noise_magnitude_from_embeddings
-
     prep = _prepare(adapter, prompt, generations=generations, steps=steps,
                     num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
                     batch_size=batch_size, truncate=truncate)
-    if prep.params["steps"] == 1:  # the first step's input is the initial noise itself
-        scheduler = _scheduler(adapter, prep.params["num_inference_steps"])
-        t0 = scheduler.timesteps[0]
-        kept = [(scheduler.scale_model_input(prep.noise.to(adapter.device)
-                                             * scheduler.init_noise_sigma, t0), t0)]
-    else:
-        _, kept = _rollout(adapter, prep.cond, prep, keep_inputs=True)
+    n_gen = len(prep.seeds)
+    # one leaf per generation; x_t follows the unperturbed prompt's trajectory, held constant
+    e = prep.cond.detach().expand(n_gen, -1, -1).clone().requires_grad_(True)
     token_sum = np.zeros(prep.cond.shape[1])
     magnitude = 0.0
     n_rows = 0
-    size = prep.params["batch_size"]
-    for x_t, t in kept:
-        for lo in range(0, x_t.shape[0], size):
-            x = x_t[lo:lo + size]
-            e = prep.cond.detach().expand(x.shape[0], -1, -1).clone().requires_grad_(True)
-            with torch.enable_grad():
-                d = noise_magnitude_from_embeddings(adapter, e, prep.uncond, x, t)
-                (grad,) = torch.autograd.grad(d.sum(), e)
-            token_sum += grad.double().norm(dim=2).sum(dim=0).cpu().numpy()  # (L,) per token
-            magnitude += float(d.detach().double().sum())
-            n_rows += x.shape[0]
+    for step in walk_trajectory(adapter, e, prep.seeds, token_mask=prep.mask.expand(n_gen, -1),
+                                grad=True, desc="gradient", **prep.walk_options()):
+        with torch.enable_grad():
+            d = noise_gap(step.eps_c, step.eps_u)
+            (grad,) = torch.autograd.grad(d.sum(), step.cond)  # (b, L, D): the batch's rows
+        token_sum += grad.double().norm(dim=2).sum(dim=0).cpu().numpy()  # (L,) per token
+        magnitude += float(d.detach().double().sum())
+        n_rows += len(step.rows)
     token_scores = token_sum / n_rows
     owned = np.zeros_like(token_scores, dtype=bool)
     owned[[i for u in prep.units for i in u.tokens]] = True
@@ -447,15 +415,16 @@ def occlusion(adapter: DiffusionModelAdapter, prompt: str, *, generations: int =
     prep = _prepare(adapter, prompt, generations=generations, steps=steps,
                     num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
                     batch_size=batch_size, truncate=truncate)
-    variants = _variant_embeddings(adapter, prep, mode)
-    mags, _ = _rollout(adapter, torch.cat([prep.cond.to(variants), variants]), prep)
+    variants, variant_masks = _variant_embeddings(adapter, prep, mode)
+    conds = torch.cat([prep.cond.to(variants), variants])
+    mags = _magnitudes(adapter, conds, torch.cat([prep.mask.to(variant_masks), variant_masks]),
+                       prep)
     per_variant = mags.mean(axis=(1, 2))
     drop = per_variant[0] - per_variant[1:]
     details: dict[str, Any] = {"magnitude_drop": drop.tolist()}
     scores = drop
     if reference is not None:
-        sims = _similarities(adapter, torch.cat([prep.cond.to(variants), variants]), prep,
-                             reference, backend)
+        sims = _similarities(adapter, conds, prep, reference, backend)
         details["similarity"] = float(sims[0])
         details["similarity_drop"] = (sims[0] - sims[1:]).tolist()
         if target == "similarity":
@@ -469,19 +438,29 @@ def _similarities(adapter: DiffusionModelAdapter, conds: torch.Tensor, prep: _Pr
     """Mean top-1 similarity to ``reference`` of images generated from each embedding."""
     from diffmem.detect.neighbors import nearest_neighbors
 
-    n_var, n_gen = conds.shape[0], prep.noise.shape[0]
+    n_var, n_gen = conds.shape[0], len(prep.seeds)
     # sample() encodes prompt strings; give each variant a name and swap in its embeddings
     names = [f"diffmem occlusion variant {v}" for v in range(n_var)]
     table = dict(zip(names, conds))
+    # ... and walk every variant from the prompt's own seeds: sample() seeds generation j of a
+    # name with generation_seed(seed, name, j); reseed that generator with the prompt's seed of
+    # generation j, so both the initial noise and the scheduler's randomness are the prompt's
+    seed = prep.params["seed"]
+    own = {generation_seed(seed, name, j): prep.seeds[j] for name in names for j in range(n_gen)}
 
     def swap(cond: torch.Tensor, uncond: torch.Tensor, prompts: list[str]):
         return torch.stack([table[p] for p in prompts]).to(cond), uncond
 
+    def prompt_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
+        noise, fresh = seeded_noise(adapter, [own[g.initial_seed()] for g in generators])
+        for g, f in zip(generators, fresh):
+            g.set_state(f.get_state())  # the scheduler's randomness continues the prompt's
+        return noise
+
     result = adapter.sample(names, n_per_prompt=n_gen, steps=prep.params["num_inference_steps"],
-                            guidance=prep.guidance, seed=prep.params["seed"],
+                            guidance=prep.guidance, seed=seed,
                             batch_size=prep.params["batch_size"],
-                            hooks=SamplingHooks(prompt_embeds=swap,
-                                                initial_latents=prep.noise.repeat(n_var, 1, 1, 1)))
+                            hooks=SamplingHooks(prompt_embeds=swap, initial_latents=prompt_noise))
     nn = nearest_neighbors(result.images, reference, backend=backend, k=1)
     return nn.similarities[:, 0].reshape(n_var, n_gen).mean(axis=1)
 
@@ -521,8 +500,9 @@ def attention(adapter: DiffusionModelAdapter, prompt: str, *, generations: int =
         acc["sum"] += per_row.sum(dim=0).cpu()
         acc["count"] += b
 
-    mags, _ = _rollout(adapter, prep.cond, prep, hooks=SamplingHooks(attention_probs=on_probs))
-    n_layers = max(acc["count"] // (prep.noise.shape[0] * prep.params["steps"]), 1)
+    mags = _magnitudes(adapter, prep.cond, prep.mask, prep,
+                       hooks=SamplingHooks(attention_probs=on_probs))
+    n_layers = max(acc["count"] // (len(prep.seeds) * prep.params["steps"]), 1)
     token_scores = (acc["sum"] / max(acc["count"], 1)).numpy()
     log.debug("attention averaged over %d layer(s)", n_layers)
     return _result(prep, _pool_sum(prep.units, token_scores), "attention", float(mags.mean()),

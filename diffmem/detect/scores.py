@@ -5,8 +5,9 @@ Every score is a function ``score(adapter, prompts, ...) -> numpy.ndarray`` of s
 in :mod:`diffmem.detect.evaluate` and :mod:`diffmem.detect.calibrate`; nothing here writes files.
 
 Both scores follow the guided sampling trajectory of the adapter's inference scheduler (DDIM by
-default) from a seeded initial noise ``x_T``: generation ``j`` of prompt ``p`` starts from the
-same noise as :meth:`~diffmem.models.DiffusionModelAdapter.sample` would use
+default) from a seeded initial noise ``x_T``, walked by :func:`diffmem.models.walk_trajectory`
+(the walker token attribution uses too): generation ``j`` of prompt ``p`` starts from the same
+noise as :meth:`~diffmem.models.DiffusionModelAdapter.sample` would use
 (:func:`~diffmem.models.generation_seed`), so scores do not depend on batching and a prompt's
 score matches the images sampled for it.
 
@@ -22,7 +23,6 @@ function               what                                               paper
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,8 +36,14 @@ from diffmem.models import (
     DiffusionModelAdapter,
     SamplingHooks,
     generation_seed,
+    guided_pair,
+    noise_gap,
+    trajectory_noise_gaps,
+    walk_trajectory,
 )
-from diffmem.utils import progress
+
+# re-exported for older imports; their home is diffmem.models.trajectory
+from diffmem.models.trajectory import check_trajectory, default_guidance
 
 log = logging.getLogger(__name__)
 
@@ -49,35 +55,6 @@ __all__ = [
     "noise_magnitude_per_step",
 ]
 
-#: Guidance used when the pipeline class gives no default (Stable Diffusion's 7.5).
-FALLBACK_GUIDANCE = 7.5
-
-
-def default_guidance(adapter: DiffusionModelAdapter) -> float:
-    """The classifier-free guidance scale the model's own pipeline samples with by default.
-
-    Read from the default of the pipeline's ``__call__(guidance_scale=...)``: 4.0 for
-    :class:`~diffmem.pipelines.CXRDiffusionPipeline`, 7.5 for diffusers' Stable Diffusion
-    pipelines; 7.5 when the pipeline does not say.
-
-    Examples
-    --------
-    >>> from diffmem.models import load_model
-    >>> from diffmem.models.tiny import tiny_stable_diffusion
-    >>> default_guidance(load_model(tiny_stable_diffusion(seed=0)))
-    7.5
-    """
-    try:
-        param = inspect.signature(adapter.pipeline).parameters.get("guidance_scale") \
-            if callable(adapter.pipeline) else None
-    except (TypeError, ValueError):
-        param = None
-    if param is None or not isinstance(param.default, (int, float)) \
-            or isinstance(param.default, bool):
-        return FALLBACK_GUIDANCE
-    return float(param.default)
-
-
 # ---------------------------------------------------------------------------- shared walk
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     if isinstance(prompts, str):
@@ -88,115 +65,22 @@ def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     return list(prompts)
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name}={value!r}; use a positive integer")
-    return int(value)
-
-
-def check_trajectory(adapter: DiffusionModelAdapter, *, generations: Any, steps: Any,
-                     num_inference_steps: Any, batch_size: Any, guidance: Any,
-                     ) -> tuple[int, int, int, int, float]:
-    """Validate the settings of a scored trajectory (shared by scores and attribution).
-
-    Returns ``(generations, steps, num_inference_steps, batch_size, guidance)`` with the
-    guidance defaulted by :func:`default_guidance`; raises :class:`ConfigError` naming the bad
-    setting.
-    """
-    generations = _positive("generations", generations)
-    steps = _positive("steps", steps)
-    num_inference_steps = _positive("num_inference_steps", num_inference_steps)
-    batch_size = _positive("batch_size", batch_size)
-    if steps > num_inference_steps:
-        raise ConfigError(f"steps={steps} but num_inference_steps={num_inference_steps}; a "
-                          "score can only average over steps the sampler takes: lower steps or "
-                          "raise num_inference_steps")
-    guidance = default_guidance(adapter) if guidance is None else float(guidance)
-    if not np.isfinite(guidance):
-        raise ConfigError(f"guidance={guidance!r}; use a finite number (e.g. 7.5 for Stable "
-                          "Diffusion, 4 for diffmem's CXR models)")
-    return generations, steps, num_inference_steps, batch_size, guidance
-
-
-def _epsilon_scheduler(adapter: DiffusionModelAdapter, num_inference_steps: int) -> Any:
-    """A fresh copy of the adapter's inference scheduler that takes epsilon predictions.
-
-    :meth:`~diffmem.models.DiffusionModelAdapter.predict_noise` always returns epsilon (v- and
-    x0-predictions converted), so the scheduler is told so; the update is the same.
-    """
-    scheduler = type(adapter.scheduler).from_config(adapter.scheduler.config,
-                                                    prediction_type="epsilon")
-    scheduler.set_timesteps(num_inference_steps, device=adapter.device)
-    return scheduler
-
-
-def _guided_pair(adapter: DiffusionModelAdapter, x_t: torch.Tensor, t: Any, cond: torch.Tensor,
-                 uncond: torch.Tensor, *, hooks: SamplingHooks | None = None,
-                 token_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(eps(x_t, uncond), eps(x_t, cond))`` from one UNet call on ``[uncond rows, cond rows]``
-    (the batching of :meth:`~diffmem.models.DiffusionModelAdapter.sample`)."""
-    batch = x_t.shape[0]
-    cond = cond.to(adapter.device, adapter.dtype).expand(batch, -1, -1)
-    uncond = uncond.to(adapter.device, adapter.dtype).expand(batch, -1, -1)
-    flags = torch.tensor([False] * batch + [True] * batch, device=adapter.device)
-    mask = None if token_mask is None else torch.cat(token_mask)
-    eps = adapter.predict_noise(torch.cat([x_t, x_t]), t, torch.cat([uncond, cond]),
-                                hooks=hooks, conditional=flags, token_mask=mask)
-    eps_u, eps_c = eps.chunk(2)
-    return eps_u, eps_c
-
-
-def _walk(adapter: DiffusionModelAdapter, prompts: list[str], *, generations: int, steps: int,
-          num_inference_steps: int, seed: int, batch_size: int, guidance: float | None,
-          visit: Callable[..., None],
-          hooks_for: Callable[[list[int], torch.Tensor], SamplingHooks] | None = None,
-          desc: str) -> float:
-    """Follow the guided trajectory of every (prompt, generation) for ``steps`` steps.
-
-    ``visit(rows, step_index, eps_u, eps_c)`` is called at each step with the flat row indices
-    ``p * generations + j`` of the batch. ``hooks_for(rows, token_mask)`` may give hooks for a
-    batch's UNet calls (attention); ``token_mask`` is the ``(B, L)`` mask of the rows' prompts.
-    Returns the guidance scale used.
-    """
-    generations, steps, num_inference_steps, batch_size, guidance = check_trajectory(
-        adapter, generations=generations, steps=steps, num_inference_steps=num_inference_steps,
-        batch_size=batch_size, guidance=guidance)
+def _prompt_rows(adapter: DiffusionModelAdapter, prompts: list[str], *, generations: int,
+                 seed: int) -> tuple[list[int], Callable[[list[int]], Any]]:
+    """Seeds and a batch encoder of the rows ``p * generations + j`` of every (prompt,
+    generation), for :func:`~diffmem.models.walk_trajectory`: row seeds are
+    :func:`~diffmem.models.generation_seed` ``(seed, prompt, j)``, as sampling's; prompts are
+    encoded batch by batch, so memory does not grow with the number of prompts."""
     rows = [(p, j) for p in range(len(prompts)) for j in range(generations)]
-    batches = [list(range(i, min(len(rows), i + batch_size)))
-               for i in range(0, len(rows), batch_size)]
-    with torch.no_grad():
-        uncond_tokens = adapter.tokenize([""])
-        uncond = adapter.encode_tokens(uncond_tokens["input_ids"],
-                                       uncond_tokens["attention_mask"])
-        for part in progress(batches, desc=desc, unit="batch"):
-            texts = [prompts[rows[i][0]] for i in part]
-            tokens = adapter.tokenize(texts)
-            cond = adapter.encode_tokens(tokens["input_ids"], tokens["attention_mask"])
-            masks = (uncond_tokens["attention_mask"].expand(len(part), -1),
-                     tokens["attention_mask"])
-            generators = [torch.Generator("cpu").manual_seed(
-                generation_seed(seed, prompts[rows[i][0]], rows[i][1])) for i in part]
-            noise = torch.cat([torch.randn((1, *adapter.latent_shape), generator=g,
-                                           dtype=adapter.dtype) for g in generators])
-            scheduler = _epsilon_scheduler(adapter, num_inference_steps)
-            step_params = inspect.signature(scheduler.step).parameters
-            extra: dict[str, Any] = {}
-            if "eta" in step_params:
-                extra["eta"] = 0.0
-            if "generator" in step_params:
-                extra["generator"] = generators
-            latents = noise.to(adapter.device) * scheduler.init_noise_sigma
-            hooks = None if hooks_for is None else hooks_for(part, tokens["attention_mask"])
-            for i, t in enumerate(scheduler.timesteps[:steps]):
-                model_in = scheduler.scale_model_input(latents, t)
-                eps_u, eps_c = _guided_pair(adapter, model_in, t, cond, uncond, hooks=hooks,
-                                            token_mask=masks)
-                visit(part, i, eps_u, eps_c)
-                if i + 1 < steps:
-                    eps = eps_u + guidance * (eps_c - eps_u)
-                    latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
-    return guidance
+    seeds = [generation_seed(seed, prompts[p], j) for p, j in rows]
+
+    def encode(part: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            tokens = adapter.tokenize([prompts[rows[i][0]] for i in part])
+            return (adapter.encode_tokens(tokens["input_ids"], tokens["attention_mask"]),
+                    tokens["attention_mask"])
+
+    return seeds, encode
 
 
 # ---------------------------------------------------------------------------- noise magnitude
@@ -241,8 +125,8 @@ def noise_magnitude_from_embeddings(adapter: DiffusionModelAdapter, cond: torch.
     torch.Size([1])
     """
     x_t = x_t.to(adapter.device, adapter.dtype)
-    eps_u, eps_c = _guided_pair(adapter, x_t, t, cond, uncond)
-    return (eps_c.float() - eps_u.float()).flatten(1).norm(dim=1)
+    eps_u, eps_c = guided_pair(adapter, x_t, t, cond, uncond)
+    return noise_gap(eps_c, eps_u)
 
 
 def noise_magnitude_per_step(adapter: DiffusionModelAdapter, prompts: str | Sequence[str], *,
@@ -262,16 +146,14 @@ def noise_magnitude_per_step(adapter: DiffusionModelAdapter, prompts: str | Sequ
     prompts = _check_prompts(prompts)
     if not prompts:
         return np.zeros((0, int(generations), int(steps)))
-    out = np.zeros((len(prompts) * int(generations), int(steps)), dtype=np.float64)
-
-    def visit(rows, step, eps_u, eps_c):
-        d = (eps_c.float() - eps_u.float()).flatten(1).norm(dim=1)
-        out[rows, step] = d.cpu().numpy()
-
-    _walk(adapter, prompts, generations=generations, steps=steps,
-          num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
-          guidance=guidance, visit=visit, desc="noise magnitude")
-    return out.reshape(len(prompts), int(generations), int(steps))
+    generations, steps, num_inference_steps, batch_size, guidance = check_trajectory(
+        adapter, generations=generations, steps=steps, num_inference_steps=num_inference_steps,
+        batch_size=batch_size, guidance=guidance)
+    seeds, encode = _prompt_rows(adapter, prompts, generations=generations, seed=seed)
+    out = trajectory_noise_gaps(adapter, encode, seeds, steps=steps,
+                                num_inference_steps=num_inference_steps, guidance=guidance,
+                                batch_size=batch_size, desc="noise magnitude")
+    return out.reshape(len(prompts), generations, steps)
 
 
 def noise_magnitude(adapter: DiffusionModelAdapter, prompts: str | Sequence[str], *,
@@ -404,8 +286,10 @@ def attention_entropy(adapter: DiffusionModelAdapter, prompts: str | Sequence[st
     else:
         wanted = set(layers)
         keep = wanted.__contains__
-    n_rows = len(prompts) * int(generations)
-    entropy = np.zeros((n_rows, int(steps)), dtype=np.float64)
+    generations, steps, num_inference_steps, batch_size, guidance = check_trajectory(
+        adapter, generations=generations, steps=steps, num_inference_steps=num_inference_steps,
+        batch_size=batch_size, guidance=guidance)
+    entropy = np.zeros((len(prompts) * generations, steps), dtype=np.float64)
     # running sums of the attention distribution over tokens, per row of the current batch
     acc: dict[str, Any] = {"sum": None, "count": 0, "layers": set()}
 
@@ -420,26 +304,21 @@ def attention_entropy(adapter: DiffusionModelAdapter, prompts: str | Sequence[st
         acc["sum"] = per_row if acc["sum"] is None else acc["sum"] + per_row
         acc["count"] += 1
 
-    masks: dict[str, torch.Tensor] = {}
-
-    def hooks_for(part: list[int], token_mask: torch.Tensor) -> SamplingHooks:
-        masks["cond"] = token_mask
-        return SamplingHooks(attention_probs=on_probs)
-
-    def visit(rows, step, eps_u, eps_c):
+    seeds, encode = _prompt_rows(adapter, prompts, generations=generations, seed=seed)
+    walk = walk_trajectory(adapter, encode, seeds, steps=steps,
+                           num_inference_steps=num_inference_steps, guidance=guidance,
+                           batch_size=batch_size, hooks=SamplingHooks(attention_probs=on_probs),
+                           desc="attention entropy")
+    for step in walk:
         if acc["count"] == 0:
             raise ConfigError(f"layers={layers!r} selects no cross-attention layer of this "
                               "model; give names as reported in AttentionContext.layer")
         a = (acc["sum"] / acc["count"]).double()
         if not include_padding:
-            a = a * masks["cond"].to(a)
+            a = a * step.token_mask.to(a)
             a = a / a.sum(dim=1, keepdim=True)
         a = a.clamp_min(1e-30)
-        entropy[rows, step] = (-(a * a.log()).sum(dim=1)).cpu().numpy()
+        entropy[step.rows, step.index] = (-(a * a.log()).sum(dim=1)).cpu().numpy()
         acc["sum"], acc["count"] = None, 0
-
-    _walk(adapter, prompts, generations=generations, steps=steps,
-          num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
-          guidance=guidance, visit=visit, hooks_for=hooks_for, desc="attention entropy")
     log.debug("attention entropy averaged over %d layer(s)", len(acc["layers"]))
-    return entropy.reshape(len(prompts), int(generations), int(steps)).mean(axis=(1, 2))
+    return entropy.reshape(len(prompts), generations, steps).mean(axis=(1, 2))

@@ -718,9 +718,10 @@ def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: floa
 
 
 class _FirstStepProbe:
-    """Records ``||eps_c - eps_u||`` at the first step of every batch, as sampled (with the
-    mitigation's embeddings and attention hooks). When the first step skips the conditional
-    branch (guidance 0), it is computed from the batch's final embeddings and ``x_T``."""
+    """Records the noise gap ``||eps_c - eps_u||`` (:func:`~diffmem.models.noise_gap`) at the
+    first step of every batch, as sampled (with the mitigation's embeddings and attention
+    hooks). When the first step skips the conditional branch (guidance 0), it is computed from
+    the batch's final embeddings and ``x_T``."""
 
     def __init__(self, adapter: Any):
         self.adapter = adapter
@@ -728,7 +729,7 @@ class _FirstStepProbe:
         self._embeds: tuple[Any, Any] | None = None
 
     def hooks(self):
-        from diffmem.models import SamplingHooks
+        from diffmem.models import SamplingHooks, noise_gap
 
         def prompt_embeds(cond, uncond, prompts):
             self._embeds = (cond, uncond)
@@ -744,7 +745,7 @@ class _FirstStepProbe:
                 self.values.append(noise_magnitude_from_embeddings(
                     self.adapter, cond, uncond, latents, t).cpu())
             else:
-                self.values.append((eps_c.float() - eps_u.float()).flatten(1).norm(dim=1).cpu())
+                self.values.append(noise_gap(eps_c, eps_u).cpu())
 
         return SamplingHooks(prompt_embeds=prompt_embeds, on_step=on_step)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffmem.mitigate.guidance_delay import switch_timestep
-from diffmem.models import SamplingHooks
+from diffmem.models import SamplingHooks, noise_gap
 
 
 def build(adapter: Any, strength: float, *, params: dict, seed: int) -> SamplingHooks:
@@ -30,7 +30,7 @@ def build(adapter: Any, strength: float, *, params: dict, seed: int) -> Sampling
     def on_step(step_index, t, latents, eps_u, eps_c):
         if eps_c is None:
             return
-        d = (eps_c.float() - eps_u.float()).flatten(1).norm(dim=1)
+        d = noise_gap(eps_c, eps_u)
         if step_index == 0:
             state["first"], state["left"] = d, False
         elif state["first"] is not None and bool((d < drop * state["first"]).all()):

@@ -221,9 +221,10 @@ def noise_gap_filter(*, tau: float = 2.0) -> Callable:
             or tau <= 0:
         raise ConfigError(f"tau={tau!r}; use a positive threshold (Wen et al.: 2)")
 
+    from diffmem.models import noise_gap
+
     def loss_filter(batch):
-        gap = (batch.eps_pred.float() - batch.eps_uncond().float()).flatten(1).norm(dim=1)
-        return gap < tau
+        return noise_gap(batch.eps_pred, batch.eps_uncond()) < tau
 
     return _named(loss_filter, f"noise_gap_filter(tau={tau:g})")
 
