@@ -16,9 +16,7 @@ from typing import Any
 
 import numpy as np
 
-import torch
-
-from diffmem.attribution.methods import (_pad_id, _prepare, _Prepared, _rollout, _variant_ids,
+from diffmem.attribution.methods import (_magnitudes, _prepare, _Prepared, _variant_embeddings,
                                          attribute, occlusion)
 from diffmem.attribution.result import TokenAttribution
 from diffmem.errors import ConfigError, PromptError
@@ -316,18 +314,10 @@ def _steps(n_units: int, points: int) -> np.ndarray:
 def _set_magnitudes(adapter: DiffusionModelAdapter, prep: _Prepared,
                     drops: list[frozenset[int]], replacement: str) -> np.ndarray:
     """Noise magnitude of the prompt with each set of units replaced, float64 ``(len(drops),)``,
-    every variant from the prompt's own initial noises (a paired comparison)."""
-    pad = _pad_id(adapter.tokenizer)
-    pairs = [_variant_ids(prep, [prep.units[i] for i in sorted(d)], replacement, pad)
-             for d in drops]
-    ids = torch.stack([a for a, _ in pairs])
-    masks = torch.stack([m for _, m in pairs])
-    size = prep.params["batch_size"]
-    with torch.no_grad():
-        conds = torch.cat([adapter.encode_tokens(ids[i:i + size], masks[i:i + size])
-                           for i in range(0, len(pairs), size)])
-    mags, _ = _rollout(adapter, conds, prep)
-    return mags.mean(axis=(1, 2))
+    every variant walked from the prompt's own seeds (a paired comparison)."""
+    conds, masks = _variant_embeddings(adapter, prep, replacement,
+                                       [[prep.units[i] for i in sorted(d)] for d in drops])
+    return _magnitudes(adapter, conds, masks, prep).mean(axis=(1, 2))
 
 
 def _prompt_curves(adapter: DiffusionModelAdapter, prep: _Prepared,

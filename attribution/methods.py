@@ -270,11 +270,14 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _variant_embeddings(adapter: DiffusionModelAdapter, prep: _Prepared, mode: str,
+                        drops: Sequence[Sequence[Unit]] | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings ``(len(units), L, D)`` of the prompt with each unit occluded, and their
-    token masks ``(len(units), L)``."""
+    """Text embeddings ``(V, L, D)`` of the prompt with each unit occluded (or, given
+    ``drops``, with each listed set of units occluded together), and their token masks
+    ``(V, L)``."""
     pad = _pad_id(adapter.tokenizer)
-    pairs = [_variant_ids(prep, u, mode, pad) for u in prep.units]
+    pairs = [_variant_ids(prep, u, mode, pad)
+             for u in (prep.units if drops is None else drops)]
     ids = torch.stack([a for a, _ in pairs])
     masks = torch.stack([m for _, m in pairs])
     size = prep.params["batch_size"]
