@@ -92,7 +92,7 @@ def list_methods() -> list[str]:
     Examples
     --------
     >>> list_methods()
-    ['attention', 'gradient', 'occlusion']
+    ['attention', 'gradient', 'integrated_gradients', 'occlusion']
     """
     return sorted(_METHODS)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from diffmem.attribution import (
+    attribute,
     copy_prone_records,
     faithfulness_curves,
     occlusion,
@@ -75,6 +76,20 @@ def test_cli_attribute_faithfulness(sd_folder, capsys):
     printed = capsys.readouterr().out
     assert "faithfulness on 1 prompt(s)" in printed
     assert all(name in printed for name in ("gradient", "occlusion", "attention", "random"))
+
+
+def test_integrated_gradients_are_complete():
+    """Sundararajan et al.'s completeness axiom: the scores add up to M(prompt) - M(baseline)."""
+    import torch
+
+    sd64 = load_model(tiny_stable_diffusion(seed=0), dtype=torch.float64)
+    r = attribute(sd64, PROMPT, method="integrated_gradients", ig_steps=16, **FAST)
+    gap = r.memorization - r.details["baseline"]
+    assert abs(gap) > 0.1
+    assert r.scores.sum() == pytest.approx(gap, rel=0.02)
+    assert r.params["ig_steps"] == 16 and r.token_scores[0] == 0
+    with pytest.raises(ConfigError, match="ig_steps"):
+        attribute(sd64, PROMPT, method="integrated_gradients", ig_steps=0)
 
 
 # ---------------------------------------------------------------------------- enrichment groups
