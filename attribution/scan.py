@@ -703,8 +703,8 @@ def dataset_copy_prone(source: str | os.PathLike, *, split: str | None = "train"
     from diffmem.data.reports import normalize_whitespace
 
     path = Path(source)
-    if not (path.is_dir() or (path.suffix.lower() in (".csv", ".jsonl")
-                              and _has_image_column(path))):
+    if not (path.is_dir() or (path.suffix.lower() in TABLE_SUFFIXES
+                              and "image" in [c.strip() for c in table_columns(path)])):
         return None
     from diffmem.data import load
 

@@ -10,7 +10,7 @@ and removing it must stop the copying:
 * :func:`top_unit_rate`: how often a method's top unit is the trigger (chance is about
   1 / units);
 * :func:`removal_copy_rates`: the calibrated copy rate (generated image's nearest training image
-  above the held-out threshold of :func:`diffmem.detect.calibrate_on_heldout`, as ``diffmem
+  above the held-out threshold of :func:`diffmem.detect.verdicts.prepare_verdicts`, as ``diffmem
   detect`` decides copies) of the prompts as written, with the trigger removed, and with one
   random unit removed.
 """
@@ -87,7 +87,7 @@ def removal_copy_rates(adapter: Any, prompts: Sequence[str], triggers: Sequence[
     Every variant is generated ``n_per_prompt`` times; a generation is a copy when its top-1
     similarity to the training images exceeds the threshold calibrated on the dataset's
     held-out (validate and test) images at false-positive rate ``fpr``
-    (:func:`~diffmem.detect.calibrate_on_heldout`, ``diffmem detect``'s rule). The random unit
+    (:func:`~diffmem.detect.verdicts.prepare_verdicts`, ``diffmem detect``'s rule). The random unit
     is drawn uniformly among the prompt's units (:func:`~diffmem.attribution.segment`), seeded
     per prompt, so it is the trigger about once in ``units`` draws.
 
@@ -99,10 +99,9 @@ def removal_copy_rates(adapter: Any, prompts: Sequence[str], triggers: Sequence[
         ``1 - rate / original rate``.
     """
     from diffmem.data import CXRDataset, load
-    from diffmem.detect.calibrate import calibrate_on_heldout, copy_verdicts
-    from diffmem.detect.neighbors import ReferenceFeatures, nearest_neighbors
+    from diffmem.detect.neighbors import nearest_neighbors
     from diffmem.detect.scores import default_guidance
-    from diffmem.detect.similarity import get_backend
+    from diffmem.detect.verdicts import prepare_verdicts
 
     dataset = data if isinstance(data, CXRDataset) else load(data)
     if len(prompts) != len(triggers) or not prompts:
@@ -118,20 +117,18 @@ def removal_copy_rates(adapter: Any, prompts: Sequence[str], triggers: Sequence[
         spans = segment(prompt)
         pick = spans[int(np.random.default_rng([int(seed), i]).integers(len(spans)))]
         variants["random_removed"].append(remove_span(prompt, pick.start, pick.end))
-    be = get_backend(backend)
-    reference = ReferenceFeatures.from_dataset(dataset, be, split="train")
-    heldout = dataset.subset(split=["validate", "test"])
-    threshold = calibrate_on_heldout(heldout, reference, backend=be, fpr=fpr)
+    verdicts = prepare_verdicts(dataset, backend=backend, fpr=fpr,
+                                heldout=dataset.subset(split=["validate", "test"]))
     g = default_guidance(adapter) if guidance is None else float(guidance)
     rates = {}
     for name, texts in variants.items():
         sample = adapter.sample(texts, n_per_prompt=n_per_prompt, steps=sample_steps,
                                 guidance=g, seed=seed, batch_size=batch_size)
-        nn = nearest_neighbors(sample.images, reference, backend=be, k=1)
-        rates[name] = float(copy_verdicts(nn.similarities[:, 0], threshold).mean())
+        nn = nearest_neighbors(sample.images, verdicts.reference, backend=verdicts.backend, k=1)
+        rates[name] = float(np.mean(verdicts.judge(nn.similarities[:, 0])))
     base = rates["original"]
     cut = {k: (1.0 - rates[k] / base) if base > 0 else float("nan")
            for k in ("trigger_removed", "random_removed")}
-    return {"threshold": threshold.value, "fpr": fpr, "backend": backend,
+    return {"threshold": verdicts.threshold.value, "fpr": fpr, "backend": backend,
             "n_prompts": len(prompts), "n_per_prompt": n_per_prompt,
             "sample_steps": sample_steps, "guidance": g, "rates": rates, "cut": cut}
