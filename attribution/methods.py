@@ -387,7 +387,7 @@ def integrated_gradients(adapter: DiffusionModelAdapter, prompt: str, *, generat
                          steps: int = 1, num_inference_steps: int = 50,
                          guidance: float | None = None, seed: int = 0, batch_size: int = 32,
                          truncate: bool = False, ig_steps: int = 8) -> TokenAttribution:
-    """Integrated gradients of the noise magnitude at the token embeddings (Sundararajan, Taly &
+    r"""Integrated gradients of the noise magnitude at the token embeddings (Sundararajan, Taly &
     Yan, ICML 2017).
 
     With ``x`` the text encoder's *input* token embeddings of the prompt and ``x'`` the same
