@@ -4,8 +4,8 @@ Which words of a prompt make a model copy its training image, and which tokens o
 dataset are risky before a model exists (Dutt et al., 2025: MIMIC-CXR's ``___`` marker).
 
 * per prompt: :func:`attribute` with a registered method (:func:`gradient`, :func:`occlusion`,
-  :func:`attention`; :func:`list_methods`) returns a :class:`TokenAttribution` over units
-  (words, de-identification markers, PHI-like spans; subword tokens pooled by
+  :func:`attention`, :func:`integrated_gradients`; :func:`list_methods`) returns a
+  :class:`TokenAttribution` over units (words, de-identification markers, PHI-like spans; subword tokens pooled by
   :func:`pool_tokens`); :func:`render_html`, :func:`render_png`, :func:`save_attribution` draw
   it;
 * faithfulness: :func:`deletion_test` (top-ranked unit vs a random unit),
@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
                                                   format_faithfulness)
     from diffmem.attribution.repeats import CopyProne, copy_prone_records
     from diffmem.attribution.methods import (attention, attribute, get_method, gradient,
-                                             list_methods, occlusion, register_method)
+                                             integrated_gradients, list_methods, occlusion,
+                                             register_method)
     from diffmem.attribution.render import (html_page, render_html, render_png,
                                             save_attribution)
     from diffmem.attribution.result import TokenAttribution
@@ -56,7 +57,8 @@ _LAZY = {
                                          "faithfulness_curves", "format_faithfulness"),
     "diffmem.attribution.repeats": ("CopyProne", "copy_prone_records"),
     "diffmem.attribution.methods": ("attention", "attribute", "get_method", "gradient",
-                                    "list_methods", "occlusion", "register_method"),
+                                    "integrated_gradients", "list_methods", "occlusion",
+                                    "register_method"),
     "diffmem.attribution.render": ("html_page", "render_html", "render_png", "save_attribution"),
     "diffmem.attribution.result": ("TokenAttribution",),
     "diffmem.attribution.scan": ("PromptClusters", "ScanResult", "log_odds_enrichment",
