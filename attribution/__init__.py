@@ -6,8 +6,8 @@ dataset are risky before a model exists (Dutt et al., 2025: MIMIC-CXR's ``___`` 
 * per prompt: :func:`attribute` with a registered method (:func:`gradient`, :func:`occlusion`,
   :func:`attention`, :func:`integrated_gradients`; :func:`list_methods`) returns a
   :class:`TokenAttribution` over units (words, de-identification markers, PHI-like spans;
-  subword tokens pooled by :func:`pool_tokens`); :func:`render_html`, :func:`render_png`, :func:`save_attribution` draw
-  it;
+  subword tokens pooled by :func:`pool_tokens`); :func:`render_html`, :func:`render_png`,
+  :func:`save_attribution` draw it;
 * faithfulness: :func:`deletion_test` (top-ranked unit vs a random unit),
   :func:`faithfulness_curves` (deletion/insertion curves and their areas, RISE-style);
 * repeats: :func:`copy_prone_records` (records whose image or patient repeats, the groups the

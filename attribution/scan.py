@@ -81,8 +81,8 @@ RANKING_NOTE = (
     "duplicated prompts (negative values count as 0) divided by the largest one, and, with a "
     "model, the memorization-weighted attribution share divided by the largest one. "
     "Punctuation and English stop-words (function_word) are ranked after every content token "
-    "seen min_count times, whatever their score: they carry no identifying content, and a report shows first what a "
-    "person can act on (their model_rank and enrichment_rank still say where the evidence puts "
+    "seen min_count times, whatever their score: they carry no identifying content, and a "
+    "report shows first what a person can act on (their model_rank and enrichment_rank still say where the evidence puts "
     "them). Tokens seen fewer than min_count times are ranked after all others. Ties: more "
     "occurrences first, then alphabetical.")
 
