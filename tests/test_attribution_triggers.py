@@ -6,6 +6,10 @@ surname and removing it must stop the copying.
 Trains a demo-preset model for 400 steps (minutes on idle cores; set ``DIFFMEM_TRIGGER_MODEL`` to
 a model folder trained with ``diffmem train --preset demo --steps 400`` on
 ``diffmem synth --preset triggers --seed 0`` to reuse one).
+
+Status (December): not yet seen to pass. The 400-step run could not finish on the shared CPU in
+the session that wrote this test; its step-200 checkpoint copied 0 of 24 trigger generations,
+so these thresholds (the issue's) are untested against a model that copies.
 """
 
 from __future__ import annotations
