@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text (quote it)")
     p.add_argument("--model", required=True, help="model folder (diffusers pipeline)")
     p.add_argument("--method", default="gradient",
-                   help="gradient (default; Wen et al. token significance), occlusion or "
+                   help="gradient (default; Wen et al. token significance), "
+                        "integrated_gradients (through the text encoder), occlusion or "
                         "attention")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="write the rendering: .html (coloured prompt page), .png or .json")
