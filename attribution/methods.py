@@ -173,6 +173,8 @@ class _Prepared:
                 "guidance": self.guidance, "batch_size": p["batch_size"]}
 
 
+# Nine keyword-only parameters on purpose: the trajectory settings of the public methods'
+# signatures, passed through by name (a settings object would hide them from their docstrings).
 def _prepare(adapter: DiffusionModelAdapter, prompt: str, *, generations: int, steps: int,
              num_inference_steps: int, guidance: float | None, seed: int, batch_size: int,
              truncate: bool) -> _Prepared:

@@ -727,11 +727,12 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
     # 4. the model part
     model_part = None
     if adapter is not None:
-        model_part = _model_scores(adapter, dict(zip(corpus.texts, corpus.copies.tolist())),
-                                   method=method, max_prompts=max_prompts,
-                                   generations=generations, steps=steps,
-                                   num_inference_steps=num_inference_steps, guidance=guidance,
-                                   seed=seed, batch_size=batch_size)
+        model_part = _model_scores(
+            adapter, dict(zip(corpus.texts, corpus.copies.tolist())), method=method,
+            max_prompts=max_prompts,
+            trajectory={"generations": generations, "steps": steps,
+                        "num_inference_steps": num_inference_steps, "guidance": guidance,
+                        "seed": seed, "batch_size": batch_size})
         for key, kind in model_part["kinds"].items():
             info.setdefault(key, {"kind": kind[0], "convention": kind[1]})
 
@@ -755,22 +756,8 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
     rank = _ranks(score, eligible, counts, vocab, last=function)
     z_rank = _ranks(z, eligible, counts, vocab)
     m_rank = None if model is None else _ranks(model, eligible, counts, vocab)
-    rows = []
-    for i, k in enumerate(vocab):
-        rows.append({
-            "token": k, "rank": int(rank[i]), "score": float(score[i]), "count": int(counts[i]),
-            "prompts_with_token": int(doc_freq.get(k, 0)), "enrichment": float(z[i]),
-            "is_deid_marker": info[k]["kind"] in DEID_KINDS, "kind": info[k]["kind"],
-            "convention": info[k]["convention"], "count_duplicated": int(a[i]),
-            "count_rest": int(b[i]), "enrichment_rank": int(z_rank[i]),
-            "model_score": None if model is None else float(model[i]),
-            "model_rank": None if m_rank is None else int(m_rank[i]),
-            "model_prompts": None if model_part is None else
-            int(model_part["prompts"].get(k, 0)),
-            "model_lift": None if model_part is None or k not in model_part["lift"] else
-            float(model_part["lift"][k]),
-            "function_word": bool(function[i]),
-        })
+    ranking = _Ranking(vocab, rank, score, counts, z, z_rank, a, b, model, m_rank, function)
+    rows = _token_rows(ranking, info, doc_freq, model_part)
     rows.sort(key=lambda r: r["rank"])
 
     summary = {
@@ -801,6 +788,47 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
         "token": markers_ranked[0]["token"], "rank": markers_ranked[0]["rank"]}
     return ScanResult(rows, summary,
                       [] if model_part is None else model_part["attributions"])
+
+
+@dataclass
+class _Ranking:
+    """Per-token arrays of :func:`scan_prompts`, aligned with ``vocab``."""
+
+    vocab: list[str]
+    rank: np.ndarray
+    score: np.ndarray
+    counts: np.ndarray
+    z: np.ndarray  # enrichment z-score
+    z_rank: np.ndarray
+    a: np.ndarray  # occurrences in the duplicated / copy-prone group
+    b: np.ndarray  # occurrences in the rest
+    model: np.ndarray | None
+    m_rank: np.ndarray | None
+    function: np.ndarray  # punctuation and stop-words
+
+
+def _token_rows(r: _Ranking, info: dict[str, dict[str, Any]], doc_freq: dict[str, float],
+                model_part: dict[str, Any] | None) -> list[dict]:
+    """The rows of ``tokens.csv`` (unsorted) from the ranked arrays of :func:`scan_prompts`."""
+    vocab, rank, score, counts, z, z_rank = r.vocab, r.rank, r.score, r.counts, r.z, r.z_rank
+    a, b, model, m_rank, function = r.a, r.b, r.model, r.m_rank, r.function
+    rows = []
+    for i, k in enumerate(vocab):
+        rows.append({
+            "token": k, "rank": int(rank[i]), "score": float(score[i]), "count": int(counts[i]),
+            "prompts_with_token": int(doc_freq.get(k, 0)), "enrichment": float(z[i]),
+            "is_deid_marker": info[k]["kind"] in DEID_KINDS, "kind": info[k]["kind"],
+            "convention": info[k]["convention"], "count_duplicated": int(a[i]),
+            "count_rest": int(b[i]), "enrichment_rank": int(z_rank[i]),
+            "model_score": None if model is None else float(model[i]),
+            "model_rank": None if m_rank is None else int(m_rank[i]),
+            "model_prompts": None if model_part is None else
+            int(model_part["prompts"].get(k, 0)),
+            "model_lift": None if model_part is None or k not in model_part["lift"] else
+            float(model_part["lift"][k]),
+            "function_word": bool(function[i]),
+        })
+    return rows
 
 
 def _token_counts(corpus: _Corpus, dup: np.ndarray) -> tuple[dict[str, float], ...]:
@@ -854,10 +882,15 @@ def _ranks(score: np.ndarray, eligible: np.ndarray, counts: np.ndarray,
 
 
 def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prompts: int | None,
-                  generations: int, steps: int, num_inference_steps: int,
-                  guidance: float | None, seed: int, batch_size: int) -> dict[str, Any]:
-    """Memorization-weighted attribution share of every token key over the prompts."""
+                  trajectory: dict[str, Any]) -> dict[str, Any]:
+    """Memorization-weighted attribution share of every token key over the prompts.
+
+    ``trajectory`` holds the attribution method's ``generations``, ``steps``,
+    ``num_inference_steps``, ``guidance``, ``seed`` and ``batch_size``.
+    """
     from diffmem.attribution.methods import get_method
+
+    seed = trajectory["seed"]
 
     fn = get_method(method)
     distinct = sorted(copies)
@@ -880,9 +913,7 @@ def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prom
     n_truncated = 0
     for prompt in progress(distinct, desc=f"attribution ({method})", unit="prompt"):
         try:
-            result = fn(adapter, prompt, generations=generations, steps=steps,
-                        num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
-                        batch_size=batch_size, truncate=True)
+            result = fn(adapter, prompt, **trajectory, truncate=True)
         except PromptError as e:
             skipped["only markers" if "only of de-identification" in str(e) else "unusable"] += 1
             log.debug("skipped %r: %s", prompt, e)
@@ -921,9 +952,7 @@ def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prom
         "weighting": "copies x noise magnitude of each prompt; per-prompt attribution shares",
         "memorization": {"mean": float(mem.mean()), "max": float(mem.max()),
                          "median": float(np.median(mem))},
-        "params": {"generations": generations, "steps": steps,
-                   "num_inference_steps": num_inference_steps, "guidance": guidance,
-                   "seed": seed},
+        "params": {k: v for k, v in trajectory.items() if k != "batch_size"},
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
