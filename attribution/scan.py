@@ -687,6 +687,7 @@ def write_scan(result: ScanResult, out: str | os.PathLike, *,
 def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
              model: str | os.PathLike | Any = None, split: str | None = "train",
              prompt_section: str = "impression", device: str | None = None,
+             dtype: str | None = None,
              **options: Any) -> tuple[ScanResult, dict[str, Path]]:
     """What ``diffmem scan`` runs: read the prompts, open the model (if any), scan, write.
 
@@ -700,8 +701,8 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
         Model folder (or adapter) for the model-based part.
     split, prompt_section
         See :func:`read_prompts`.
-    device : str, optional
-        Device to load the model on.
+    device, dtype : str, optional
+        Device and precision to load the model with (see :func:`~diffmem.models.load_model`).
     **options
         Passed to :func:`scan_prompts`.
 
@@ -717,7 +718,7 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
         from diffmem.models import DiffusionModelAdapter, load_model
 
         adapter = model if isinstance(model, DiffusionModelAdapter) else \
-            load_model(model, device=device)
+            load_model(model, device=device, dtype=dtype)
     result = scan_prompts(prompts, adapter=adapter, **options)
     result.summary["input"] = info
     if adapter is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 50
 
 
@@ -41,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=("magnitude", "similarity"), default=None,
                    help="occlusion only: rank by the noise-magnitude drop (default) or by the "
                         "similarity drop (needs --reference)")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    add_device(p)
     p.add_argument("--top", type=int, default=None, help="print only the TOP best-ranked units")
     p.set_defaults(handler=run)
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {k: v for k, v in (("reference", args.reference), ("target", args.target))
              if v is not None}
     result, path = run_attribute(args.model, args.prompt, method=args.method, out=args.out,
-                                 device=args.device, generations=args.generations,
+                                 **device_options(args), generations=args.generations,
                                  steps=args.steps, num_inference_steps=args.num_inference_steps,
                                  guidance=args.guidance, seed=args.seed, truncate=args.truncate,
                                  **extra)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 90
 
 
@@ -33,6 +35,7 @@ def _register_detect(sub) -> None:
     p.add_argument("--threads", type=int,
                    help="torch threads (default: torch's choice; 1 is often much faster on a "
                         "machine shared with other jobs)")
+    add_device(p)
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.set_defaults(handler=_run_detect)
 
@@ -50,7 +53,8 @@ def _run_detect(args: argparse.Namespace) -> int:
             print(f"{name:10s} {load_scenario(name).description}")
         return 0
     result = bench_detect(args.scenario, model=args.model, data=args.data, out=args.out,
-                          reference_prompts=args.reference_prompts, threads=args.threads)
+                          reference_prompts=args.reference_prompts, threads=args.threads,
+                          **device_options(args))
     print(format_bench(result))
     return 0
 

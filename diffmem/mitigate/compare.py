@@ -336,6 +336,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                         detect_dir: str | os.PathLike | None = None,
                         encoder: Any = None, config: ComparisonConfig | None = None,
                         command: str | Sequence[str] | None = None,
+                        device: str | None = None, dtype: str | None = None,
                         **options: Any) -> MitigationComparison:
     """Compare inference-time mitigations on memorized and control prompts: memorization
     (copy verdicts, nearest similarity, noise magnitude) against utility (in-domain FID-like
@@ -363,6 +364,9 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     config : ComparisonConfig, optional
     command : str or sequence, optional
         The command line, recorded in the store.
+    device, dtype : str, optional
+        Device and precision to load a model folder with (see
+        :func:`~diffmem.models.load_model`).
     **options
         Any other :class:`ComparisonConfig` field (``n_prompts=4, generations=1, steps=10``
         make a fast run).
@@ -411,7 +415,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     from diffmem.models import load_model
 
     adapter = model if hasattr(model, "sample") and hasattr(model, "fingerprint") \
-        else load_model(model)
+        else load_model(model, device=device, dtype=dtype)
     enc, enc_info = _resolve_encoder(encoder, adapter, model_source)
     guidance = default_guidance(adapter) if config.guidance is None else float(config.guidance)
     model_fp, data_fp = adapter.fingerprint(), train_set.fingerprint()
