@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 90
 
 

@@ -92,8 +92,8 @@ def resolve_dtype(name: str | torch.dtype | None = None, *,
     Parameters
     ----------
     name : str or torch.dtype, optional
-        ``"float32"`` (default when None), ``"float16"`` or ``"bfloat16"``; a torch dtype among
-        these passes through.
+        ``"float32"`` (default when None), ``"float16"`` or ``"bfloat16"``; a floating-point
+        torch dtype passes through (``torch.float64`` too, for gradient checks).
     device : str or torch.device, optional
         Where the model will run. float16 is refused on the CPU, where PyTorch lacks or emulates
         half-precision kernels (slow, some ops missing); bfloat16 runs there.
@@ -123,8 +123,8 @@ def resolve_dtype(name: str | torch.dtype | None = None, *,
     if name is None:
         dtype = torch.float32
     elif isinstance(name, torch.dtype):
-        if name not in DTYPES.values():
-            raise ConfigError(f"dtype {name} is not supported; use "
+        if not name.is_floating_point:
+            raise ConfigError(f"dtype {name} is not a floating-point type; use "
                               f"{', '.join(f'torch.{n}' for n in DTYPES)}")
         dtype = name
     else:
