@@ -6,7 +6,14 @@ available, else CPU) into a :class:`torch.device` that exists on this machine;
 :func:`resolve_dtype` turns ``float32``/``float16``/``bfloat16`` into a :class:`torch.dtype`
 that the device can run. Either fails with a :class:`~diffmem.errors.ConfigError` that names the
 value and what would work. Scores are accumulated in float32 whatever the model's dtype (see
-:func:`diffmem.models.noise_gap`).
+:func:`diffmem.models.noise_gap`), and a seed draws the same initial noise in every precision.
+
+Reduced precision changes the scores' values more than their order. Measured on the embedded
+demo model (266 training prompts of ``diffmem synth --preset demo --seed 0``, detect's default
+noise settings, CPU): bfloat16 noise magnitudes differ from float32 by a median of 9.6 % and at
+most 33 % (the noise gap is a small difference of two large predictions, so rounding in each
+shows), while the ranking holds (Spearman 0.997; AUC against the planted labels 1.000 in both).
+Compare scores and thresholds only within one precision; a model's fingerprint includes it.
 """
 
 from __future__ import annotations
