@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.attribution.markers import DEID_KINDS, marker_summary, segment
+from diffmem.data.prompts import TABLE_SUFFIXES, iter_prompts, table_columns
 from diffmem.errors import ConfigError, DataError, PromptError
 from diffmem.utils import prepare_out_dir, progress, write_json
 
@@ -73,13 +74,11 @@ RANKING_NOTE = (
     "seen fewer than min_count times are ranked after all others. Ties: more occurrences "
     "first, then alphabetical.")
 
-_PROMPT_COLUMNS = ("prompt", "text", "caption")
-
-
 # ---------------------------------------------------------------------------- input
 def read_prompts(source: str | os.PathLike, *, split: str | None = "train",
                  prompt_section: str = "impression") -> tuple[list[str], dict[str, Any]]:
-    """The prompts of a dataset or a prompts file.
+    """The prompts of a dataset or a prompts file (read by
+    :func:`diffmem.data.prompts.iter_prompts`).
 
     Parameters
     ----------
@@ -116,7 +115,9 @@ def read_prompts(source: str | os.PathLike, *, split: str | None = "train",
                         "prompts file (.txt with one prompt per line, .csv/.jsonl with a "
                         "'prompt' column)", path=path)
     info: dict[str, Any] = {"source": str(path)}
-    if path.is_dir() or (path.suffix.lower() in (".csv", ".jsonl") and _has_image_column(path)):
+    suffix = path.suffix.lower()
+    if path.is_dir() or (suffix in TABLE_SUFFIXES
+                         and "image" in [c.strip() for c in table_columns(path)]):
         from diffmem.data import load
 
         dataset = load(path, prompt_section=prompt_section)
@@ -125,12 +126,9 @@ def read_prompts(source: str | os.PathLike, *, split: str | None = "train",
         raw = dataset.prompts
         info |= {"kind": f"dataset ({dataset.format})", "split": split or "all",
                  "data_fingerprint": dataset.fingerprint()}
-    elif path.suffix.lower() == ".txt":
-        raw = _read_text(path).splitlines()
-        info["kind"] = "prompts file (txt)"
-    elif path.suffix.lower() in (".csv", ".jsonl"):
-        raw = _read_table(path)
-        info["kind"] = f"prompts file ({path.suffix.lower()[1:]})"
+    elif suffix == ".txt" or suffix in TABLE_SUFFIXES:
+        raw = [text for _, text in iter_prompts(path)]
+        info["kind"] = f"prompts file ({suffix[1:]})"
     else:
         raise DataError(f"unsupported prompts file suffix {path.suffix!r}; use .txt (one prompt "
                         "per line), .csv or .jsonl (a 'prompt' column), or a dataset folder",
@@ -144,54 +142,6 @@ def read_prompts(source: str | os.PathLike, *, split: str | None = "train",
                         "prompt is blank): give at least one prompt", path=path)
     info["n_prompts"] = len(prompts)
     return prompts, info
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 (byte offset {e.start}); re-encode it as UTF-8",
-                        path=path) from None
-    except OSError as e:
-        raise DataError(f"cannot read: {e.strerror}", path=path) from e
-
-
-def _has_image_column(path: Path) -> bool:
-    text = _read_text(path)
-    if path.suffix.lower() == ".csv":
-        header = next(csv.reader(text.splitlines()[:1]), [])
-        return "image" in [h.strip() for h in header]
-    first = next((ln for ln in text.splitlines() if ln.strip()), "")
-    try:
-        row = json.loads(first) if first else {}
-    except json.JSONDecodeError:
-        return False
-    return isinstance(row, dict) and "image" in row
-
-
-def _read_table(path: Path) -> list[str]:
-    text = _read_text(path)
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        header = list(rows[0]) if rows else next(csv.reader(text.splitlines()[:1]), [])
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"line {i} is not JSON ({e.msg})", path=path) from None
-            if not isinstance(row, dict):
-                raise DataError(f"line {i} is not a JSON object", path=path)
-            rows.append(row)
-        header = list(rows[0]) if rows else []
-    column = next((c for c in _PROMPT_COLUMNS if c in header), None)
-    if rows and column is None:
-        raise DataError(f"no prompt column: found {header}; name the column holding the "
-                        f"prompts one of {list(_PROMPT_COLUMNS)}", path=path)
-    return [str(r.get(column) or "") for r in rows]
 
 
 # ---------------------------------------------------------------------------- duplicates

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from diffmem.data import load
-from diffmem.detect.detector import DetectionConfig, prompt_labels, training_prompts
+from diffmem.detect.detector import DetectionConfig
+from diffmem.detect.inputs import prompt_labels, training_prompts
 from diffmem.detect.evaluate import evaluate
 from diffmem.detect.scores import default_guidance, noise_magnitude
 from diffmem.models import load_model

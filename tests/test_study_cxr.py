@@ -96,7 +96,7 @@ def test_vocabulary_is_lowercase_words():
 
 # ---------------------------------------------------------------------------- copy kinds
 def _prompt(label, ids, gens, kind="prompt"):
-    from diffmem.detect.detector import GenerationMatch, PromptResult
+    from diffmem.detect.results import GenerationMatch, PromptResult
 
     return PromptResult(prompt=f"p{ids}{label}{kind}", kind=kind, study_ids=ids, label=label,
                         generations=[GenerationMatch(index=j, seed=j, similarity=0.9,
@@ -106,7 +106,8 @@ def _prompt(label, ids, gens, kind="prompt"):
 
 
 def test_copy_rates_separate_own_image_and_any_image_copies():
-    from diffmem.detect.detector import DetectionConfig, DetectionResult
+    from diffmem.detect.detector import DetectionConfig
+    from diffmem.detect.results import DetectionResult
 
     prompts = [
         _prompt(1, ["s1"], [("s1", True)]),              # own copy

@@ -25,8 +25,8 @@ def register(subparsers) -> None:
                         "splits calibrate the copy threshold")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (outside the data)")
     p.add_argument("--prompts", metavar="FILE",
-                   help="prompts to scan, one per line (default: the training split's unique "
-                        "prompts)")
+                   help="prompts to scan: one per line, or a .csv/.jsonl table with a 'prompt' "
+                        "column (default: the training split's unique prompts)")
     p.add_argument("--methods", default="noise,attention,nn",
                    help="comma-separated: noise, attention, nn (default all)")
     p.add_argument("--generations", type=int, default=1,

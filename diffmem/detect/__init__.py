@@ -1,19 +1,11 @@
 """Memorization detection: model-based scores, similarity backends, nearest training images,
-calibrated copy verdicts, evaluation (AUC, TPR at low FPR), the end-to-end scan and its
-benchmark.
+calibrated copy verdicts, evaluation (AUC, TPR at low FPR), the end-to-end scan (its run, result
+dataclasses and file writers) and its benchmark.
 
 Scores are functions ("higher = more memorized"); verdicts (thresholds calibrated on held-out
 real images) and evaluation live apart from them, and results go to :mod:`diffmem.store`.
 """
 
-from diffmem.detect.calibrate import (
-    Threshold,
-    calibrate_on_heldout,
-    calibrate_threshold,
-    copy_verdicts,
-    fixed_threshold,
-    ratio_criterion,
-)
 from diffmem.detect.evaluate import Evaluation, evaluate, tpr_at_fpr
 from diffmem.detect.neighbors import (
     NeighborResult,
@@ -26,6 +18,17 @@ from diffmem.detect.similarity import (
     list_backends,
     register_backend,
 )
+from diffmem.detect.verdicts import (
+    CopyVerdicts,
+    Threshold,
+    calibrate_on_heldout,
+    calibrate_threshold,
+    copy_verdicts,
+    fixed_threshold,
+    is_copy,
+    prepare_verdicts,
+    ratio_criterion,
+)
 
 # Model-based scores and the end-to-end run import torch: loaded on first use, so that the
 # numpy-only parts above stay cheap to import.
@@ -36,11 +39,11 @@ _LAZY = {
     "noise_magnitude_from_embeddings": "diffmem.detect.scores",
     "noise_magnitude_per_step": "diffmem.detect.scores",
     "DetectionConfig": "diffmem.detect.detector",
-    "DetectionResult": "diffmem.detect.detector",
-    "GenerationMatch": "diffmem.detect.detector",
-    "PromptResult": "diffmem.detect.detector",
+    "DetectionResult": "diffmem.detect.results",
+    "GenerationMatch": "diffmem.detect.results",
+    "PromptResult": "diffmem.detect.results",
     "detect": "diffmem.detect.detector",
-    "read_prompts": "diffmem.detect.detector",
+    "read_prompts": "diffmem.data.prompts",
     "bench_detect": "diffmem.detect.bench",
     "list_scenarios": "diffmem.detect.bench",
     "load_scenario": "diffmem.detect.bench",
@@ -56,6 +59,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CopyVerdicts",
     "DetectionConfig",
     "DetectionResult",
     "Evaluation",
@@ -75,6 +79,7 @@ __all__ = [
     "evaluate",
     "fixed_threshold",
     "get_backend",
+    "is_copy",
     "list_backends",
     "list_scenarios",
     "load_scenario",
@@ -82,6 +87,7 @@ __all__ = [
     "noise_magnitude",
     "noise_magnitude_from_embeddings",
     "noise_magnitude_per_step",
+    "prepare_verdicts",
     "ratio_criterion",
     "read_prompts",
     "register_backend",

@@ -7,7 +7,7 @@ generations -> nearest training images -> calibrated copy verdicts -> results st
    the training split's unique prompts; held-out images (the validate/test splits, a
    ``calibration`` folder) or a fixed ``threshold`` exist before anything expensive runs;
 2. **calibrate** the copy threshold on held-out real images' nearest-training similarity at the
-   chosen false-positive rate (:func:`~diffmem.detect.calibrate.calibrate_on_heldout`);
+   chosen false-positive rate (:func:`~diffmem.detect.verdicts.prepare_verdicts`);
 3. **scan** every prompt with each method (``noise``: :func:`~diffmem.detect.scores.
    noise_magnitude`, ``attention``: :func:`~diffmem.detect.scores.attention_entropy`, ``nn``:
    seeded generations and their two nearest training images). Each chunk of results is
@@ -22,32 +22,62 @@ generations -> nearest training images -> calibrated copy verdicts -> results st
 
 Under ``accelerate launch`` each process scans ``items[rank::world]`` into the same store; the
 main process writes the files after all have finished.
+
+This module is the run (its settings, :class:`DetectionConfig`, and its steps); its inputs are
+checked in :mod:`diffmem.detect.inputs`, the verdict setup and rule live in
+:mod:`diffmem.detect.verdicts`, the result dataclasses in :mod:`diffmem.detect.results` and
+the files are written by :mod:`diffmem.detect.writers`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffmem.data.prompts import read_prompts
+from diffmem.detect.inputs import (
+    WorkItem,
+    check_writable,
+    heldout_images,
+    mismatch_warnings,
+    prompt_labels,
+    training_prompts,
+    work_items,
+)
+from diffmem.detect.neighbors import nearest_neighbors, one_blas_thread
+from diffmem.detect.results import (
+    KINDS,
+    SCORE_COLUMNS,
+    DetectionResult,
+    GenerationMatch,
+    PromptResult,
+)
+from diffmem.detect.scores import attention_entropy, default_guidance, noise_magnitude
+from diffmem.detect.verdicts import CopyVerdicts, is_ratio_copy, prepare_verdicts
+from diffmem.detect.writers import (
+    STORE_FILE,
+    copy_image_path,
+    save_copy_images,
+    write_outputs,
+)
 from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.store import ResultsStore, params_hash, prompt_hash
-from diffmem.utils import prepare_out_dir, progress, write_json
+from diffmem.utils import prepare_out_dir, progress
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "KINDS",
     "METHODS",
+    "SCORE_COLUMNS",
     "DetectionConfig",
     "DetectionResult",
     "GenerationMatch",
@@ -60,19 +90,6 @@ __all__ = [
 
 #: ``--methods`` name -> name of the method in the results store and in ``scores.csv``.
 METHODS = {"noise": "noise_magnitude", "attention": "attention_entropy", "nn": "nn"}
-#: What a scanned prompt is: a training prompt of the dataset, a prompt from ``--prompts``, a
-#: held-out prompt the model was not trained on, or the empty prompt.
-KINDS = ("train", "prompt", "unrelated", "unconditional")
-
-SCORES_CSV = "scores.csv"
-COPIES_CSV = "copies.csv"
-SUMMARY_JSON = "summary.json"
-RESULTS_JSON = "results.json"
-STORE_FILE = "results.sqlite"
-COPIES_DIR = "copies"
-SCORE_COLUMNS = ("kind", "study_id", "n_studies", "prompt", "label", "noise_magnitude",
-                 "attention_entropy", "nn_similarity", "nn_study_id", "nn_generation",
-                 "nn_d1_d2", "nn_copies", "nn_ratio_copies", "memorized", "copy_image")
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -220,330 +237,7 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ConfigError(f"{name}={value!r}; use an integer >= {low}")
 
 
-# ---------------------------------------------------------------------------- results
-@dataclass
-class GenerationMatch:
-    """One generated image and its two nearest training images.
-
-    Attributes
-    ----------
-    index : int
-        Which generation of its prompt (0 ...).
-    seed : int
-        Seed of its initial noise (:func:`~diffmem.models.generation_seed`).
-    similarity, similarity2 : float
-        Similarity to the nearest and second-nearest training images.
-    study_id, study_id2 : str
-        Their study ids.
-    d1_d2 : float
-        Distance ratio ``d1 / d2`` (Gu et al.); ``nan`` when both distances are 0.
-    copy : bool
-        ``similarity`` is above the calibrated threshold.
-    ratio_copy : bool
-        ``d1 / d2`` is below the ratio threshold.
-    image : str or None
-        PNG of the generation, saved for copies.
-    """
-
-    index: int
-    seed: int
-    similarity: float
-    study_id: str
-    similarity2: float
-    study_id2: str
-    d1_d2: float
-    copy: bool = False
-    ratio_copy: bool = False
-    image: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["d1_d2"] = None if not math.isfinite(self.d1_d2) else self.d1_d2
-        return d
-
-
-@dataclass
-class PromptResult:
-    """Everything the scan found about one prompt.
-
-    Attributes
-    ----------
-    prompt : str
-    kind : str
-        One of :data:`KINDS`.
-    study_ids : list of str
-        Training studies whose prompt this is (empty for other kinds).
-    label : int or None
-        1 when the prompt belongs to a planted duplicate (``ground_truth.csv``), 0 when not,
-        None without ground truth.
-    noise_magnitude, attention_entropy : float or None
-        The scores (higher = more memorized), None when not computed.
-    generations : list of GenerationMatch
-        Nearest-neighbour matches of its generations (empty without ``nn``).
-    """
-
-    prompt: str
-    kind: str
-    study_ids: list[str] = field(default_factory=list)
-    label: int | None = None
-    noise_magnitude: float | None = None
-    attention_entropy: float | None = None
-    generations: list[GenerationMatch] = field(default_factory=list)
-
-    @property
-    def best(self) -> GenerationMatch | None:
-        """The generation most similar to a training image."""
-        if not self.generations:
-            return None
-        return max(self.generations, key=lambda g: (g.similarity, -g.index))
-
-    @property
-    def memorized(self) -> bool | None:
-        """True when any generation is a copy; None without nearest-neighbour results."""
-        return any(g.copy for g in self.generations) if self.generations else None
-
-    @property
-    def nn_similarity(self) -> float | None:
-        best = self.best
-        return None if best is None else best.similarity
-
-    def to_row(self) -> dict[str, Any]:
-        """The prompt's row of ``scores.csv``."""
-        best = self.best
-        copies = [g for g in self.generations if g.copy]
-        image = next((g.image for g in sorted(copies, key=lambda g: -g.similarity) if g.image),
-                     None)
-        return {
-            "kind": self.kind,
-            "study_id": self.study_ids[0] if self.study_ids else "",
-            "n_studies": len(self.study_ids),
-            "prompt": self.prompt,
-            "label": "" if self.label is None else int(self.label),
-            "noise_magnitude": _fmt(self.noise_magnitude),
-            "attention_entropy": _fmt(self.attention_entropy),
-            "nn_similarity": _fmt(None if best is None else best.similarity),
-            "nn_study_id": "" if best is None else best.study_id,
-            "nn_generation": "" if best is None else best.index,
-            "nn_d1_d2": _fmt(None if best is None or not math.isfinite(best.d1_d2)
-                             else best.d1_d2),
-            "nn_copies": "" if best is None else len(copies),
-            "nn_ratio_copies": "" if best is None else sum(g.ratio_copy
-                                                           for g in self.generations),
-            "memorized": "" if self.memorized is None else int(self.memorized),
-            "copy_image": image or "",
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "kind": self.kind, "study_ids": list(self.study_ids),
-                "label": self.label, "noise_magnitude": self.noise_magnitude,
-                "attention_entropy": self.attention_entropy, "memorized": self.memorized,
-                "generations": [g.to_dict() for g in self.generations]}
-
-
-def _fmt(x: float | None) -> str | float:
-    return "" if x is None else float(f"{x:.6g}")
-
-
-@dataclass
-class DetectionResult:
-    """The outcome of :func:`detect`.
-
-    Attributes
-    ----------
-    prompts : list of PromptResult
-        Every scanned prompt, training/file prompts first, then unrelated, then unconditional.
-    config : DetectionConfig
-    threshold : Threshold or None
-        The copy threshold (None without ``nn``).
-    null_similarities : numpy.ndarray or None
-        Held-out images' nearest-training similarities the threshold was calibrated on.
-    evaluations : dict of str to Evaluation
-        Per score (``noise_magnitude``, ``attention_entropy``, ``nn_similarity``), against the
-        planted labels, when the data has ground truth.
-    rates : dict
-        Nearest-neighbour verdict rates: memorized fraction among labelled planted and
-        non-planted prompts, and copies among unconditional and unrelated generations.
-    timings : dict
-        Per method: seconds spent, prompts computed by this run, prompts/second.
-    model_fingerprint, data_fingerprint : str
-    out : pathlib.Path
-    files : dict of str to str
-        What was written.
-    warnings : list of str
-        Model/data mismatch and similar caveats.
-    world_size : int
-        Processes that shared the scan.
-    """
-
-    prompts: list[PromptResult]
-    config: DetectionConfig
-    threshold: Any = None
-    null_similarities: np.ndarray | None = None
-    evaluations: dict[str, Any] = field(default_factory=dict)
-    rates: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, dict[str, float]] = field(default_factory=dict)
-    model_fingerprint: str = ""
-    data_fingerprint: str = ""
-    out: Path | None = None
-    files: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    world_size: int = 1
-
-    def of_kind(self, *kinds: str) -> list[PromptResult]:
-        return [p for p in self.prompts if p.kind in kinds]
-
-    @property
-    def memorized(self) -> list[PromptResult]:
-        """Prompts with at least one copy generation (any kind)."""
-        return [p for p in self.prompts if p.memorized]
-
-    def to_dict(self, *, prompts: bool = False) -> dict[str, Any]:
-        """JSON-ready summary; ``prompts=True`` adds every prompt's result."""
-        counts = {kind: len(self.of_kind(kind)) for kind in KINDS if self.of_kind(kind)}
-        out: dict[str, Any] = {
-            "model_fingerprint": self.model_fingerprint,
-            "data_fingerprint": self.data_fingerprint,
-            "config": self.config.to_dict(),
-            "counts": counts,
-            "memorized": {kind: sum(bool(p.memorized) for p in self.of_kind(kind))
-                          for kind in counts},
-            "threshold": None if self.threshold is None else self.threshold.to_dict(),
-            "evaluations": {k: v.to_dict(curve=False) for k, v in self.evaluations.items()},
-            "rates": dict(self.rates),
-            "timings": dict(self.timings),
-            "world_size": self.world_size,
-            "warnings": list(self.warnings),
-            "files": dict(self.files),
-            "copies_without_prompt": [
-                {"kind": p.kind, "prompt": p.prompt,
-                 "generations": [g.to_dict() for g in p.generations if g.copy]}
-                for p in self.of_kind("unconditional", "unrelated") if p.memorized],
-        }
-        if prompts:
-            out["prompts"] = [p.to_dict() for p in self.prompts]
-        return out
-
-
-# ---------------------------------------------------------------------------- prompts
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts of a text file, one per line, in order, without empty lines or repeats.
-
-    Surrounding whitespace and a UTF-8 byte-order mark are removed; empty lines are skipped and
-    repeated prompts kept once (both counted in a log message).
-
-    Raises
-    ------
-    DataError
-        When the file cannot be read, a line is not valid UTF-8 (the message names the line and
-        the byte), or no prompt is left.
-
-    Examples
-    --------
-    >>> import tempfile, pathlib
-    >>> f = pathlib.Path(tempfile.mkdtemp()) / "prompts.txt"
-    >>> _ = f.write_text("No acute process.\\n\\nSmall effusion.\\nNo acute process.\\n")
-    >>> read_prompts(f)
-    ['No acute process.', 'Small effusion.']
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except IsADirectoryError:
-        raise DataError("is a folder; --prompts takes a text file with one prompt per line",
-                        path=path) from None
-    except OSError as e:
-        raise DataError(f"cannot read the prompts file ({e.strerror})", path=path) from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    prompts, empty, repeated, seen = [], 0, 0, set()
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"line {n} is not valid UTF-8 (byte 0x{line[e.start]:02x} at column "
-                            f"{e.start + 1}); save the file as UTF-8 (e.g. iconv -f latin1 -t "
-                            "utf-8)", path=path) from None
-        text = text.strip()
-        if not text:
-            empty += 1
-            continue
-        if text in seen:
-            repeated += 1
-            continue
-        seen.add(text)
-        prompts.append(text)
-    if raw.endswith(b"\n"):
-        empty -= 1  # the newline that ends the last line does not start an empty one
-    if empty or repeated:
-        log.info("%s: %d prompt(s); skipped %d empty line(s) and %d repeated prompt(s)",
-                 path, len(prompts), empty, repeated)
-    if not prompts:
-        raise DataError("holds no prompt (only empty lines); write one prompt per line",
-                        path=path)
-    return prompts
-
-
-def training_prompts(dataset: Any) -> dict[str, list[str]]:
-    """Unique non-empty prompts of the training split, in first-seen order, each with the
-    study ids of its training records."""
-    out: dict[str, list[str]] = {}
-    for s in dataset:
-        if s.split == "train" and s.prompt.strip():
-            ids = out.setdefault(s.prompt, [])
-            if s.study_id not in ids:
-                ids.append(s.study_id)
-    return out
-
-
-def prompt_labels(dataset: Any, ground_truth: str | os.PathLike | Mapping | None = None,
-                  ) -> dict[str, int] | None:
-    """Planted label of each training prompt: 1 when any of its training images is a planted
-    duplicate.
-
-    Parameters
-    ----------
-    dataset : CXRDataset
-    ground_truth : path or mapping, optional
-        A ``ground_truth.csv`` (or its folder) as written by ``diffmem synth``, or its rows
-        keyed by image id (:func:`diffmem.data.synth.read_ground_truth`). Default: the
-        dataset folder's ``ground_truth.csv`` when there is one.
-
-    Returns
-    -------
-    dict or None
-        ``prompt -> 0/1``; None when there is no ground truth.
-    """
-    from diffmem.data.synth import read_ground_truth
-
-    if ground_truth is None:
-        if not (Path(dataset.root) / "ground_truth.csv").is_file():
-            return None
-        ground_truth = dataset.root
-    truth = ground_truth if isinstance(ground_truth, Mapping) else read_ground_truth(ground_truth)
-    labels: dict[str, int] = {}
-    missing = 0
-    for s in dataset:
-        if s.split != "train":
-            continue
-        row = truth.get(s.image_id)
-        if row is None:
-            missing += 1
-            continue
-        labels[s.prompt] = max(labels.get(s.prompt, 0), int(row["planted"]))
-    if missing:
-        log.warning("ground truth has no row for %d training image(s); their prompts count as "
-                    "not planted", missing)
-    return labels
-
-
 # ---------------------------------------------------------------------------- the run
-@dataclass
-class _Item:
-    prompt: str
-    kind: str
-    study_ids: list[str]
-    label: int | None
-
 
 def detect(model: Any, data: Any, out: str | os.PathLike, *,
            config: DetectionConfig | None = None,
@@ -567,7 +261,9 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
         again with the same folder skips what is already computed.
     config : DetectionConfig, optional
     prompts : path or sequence of str, optional
-        Prompts to scan (a file: one per line). Default: the training split's unique prompts.
+        Prompts to scan: a file (one per line, or a ``.csv``/``.jsonl`` table with a ``prompt``
+        column; :func:`~diffmem.data.prompts.read_prompts`) or a list. Default: the training
+        split's unique prompts.
     calibration : path or CXRDataset, optional
         Held-out real images for the threshold (a dataset, or a folder of PNG/JPEG/DICOM
         files) instead of the data's validate/test splits.
@@ -609,8 +305,8 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
                         "dataset with its train split", path=dataset.root)
     train_map = training_prompts(dataset)
     labels = prompt_labels(dataset, ground_truth)
-    items = _work_items(dataset, train_map, labels, prompts, config)
-    heldout = _heldout(dataset, calibration, config) if "nn" in config.methods else None
+    items = work_items(dataset, train_map, labels, prompts, config)
+    heldout = heldout_images(dataset, calibration, config) if "nn" in config.methods else None
     if model_source is not None:
         from diffmem.models import check_model_folder
 
@@ -619,7 +315,7 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
     if isinstance(calibration, (str, os.PathLike)):
         inputs.append(Path(calibration))
     out = prepare_out_dir(out, inputs=inputs)
-    _check_writable(out)
+    check_writable(out)
 
     # 2. model, processes, threads
     import torch
@@ -641,18 +337,19 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
 
         adapter = load_model(model, device=resolve_device(device, process_device=state.device),
                              dtype=dtype)
-    warnings = _mismatch_warnings(adapter, model_source, train_set, train_map)
+    warnings = mismatch_warnings(adapter, model_source, train_set, train_map)
     model_fp = adapter.fingerprint()
     data_fp = train_set.fingerprint()
-    from diffmem.detect.scores import default_guidance
-
     guidance = default_guidance(adapter) if config.guidance is None else float(config.guidance)
 
-    # 3. copy threshold (before the expensive scan, so a bad calibration set fails fast)
-    backend = reference = threshold = null = None
+    # 3. copy verdicts: backend, training features, threshold (before the expensive scan, so
+    #    a bad calibration set fails fast)
+    verdicts = None
     if "nn" in config.methods:
-        backend, reference = _reference(train_set, config, out, state)
-        threshold, null = _threshold(heldout, reference, backend, config, train_set)
+        verdicts = prepare_verdicts(
+            train_set, backend=config.backend, backend_options=config.backend_options,
+            threshold=config.threshold, heldout=heldout, fpr=config.fpr, cache_dir=out / "cache",
+            state=state)
 
     # 4. scan, shard by shard, committing every chunk
     store = ResultsStore(out / STORE_FILE)
@@ -660,21 +357,23 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
         run_id = store.start_run(model_fp, data_fingerprint=data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance,
                                          "process": rank, "processes": world})
+        run = _Run(adapter=adapter, config=config, guidance=guidance, verdicts=verdicts,
+                   store=store, keys=_method_keys(config, guidance, verdicts, data_fp),
+                   model_fp=model_fp, run_id=run_id, out=out, rank=rank)
         mine = items[rank::world]
-        keys = _method_keys(config, guidance, backend, data_fp)
         timings: dict[str, dict[str, float]] = {}
         _log_truncation(adapter, mine)
         with _quiet_truncation():
             for method in config.methods:
-                timings[METHODS[method]] = _scan_method(
-                    method, adapter, store, mine, keys, config, guidance, backend, reference,
-                    threshold, model_fp, run_id, out, rank)
+                timings[METHODS[method]] = _scan_method(run, method, mine)
         state.wait_for_everyone()
 
         # 5. collect everything the processes stored, verdicts
-        results = _collect(store, items, config, keys, model_fp, threshold, out)
+        results = _collect(run, items)
     finally:
         store.close()
+    threshold, null = (None, None) if verdicts is None else (verdicts.threshold,
+                                                              verdicts.null_similarities)
     result = DetectionResult(prompts=results, config=config, threshold=threshold,
                              null_similarities=null, timings=timings,
                              model_fingerprint=model_fp, data_fingerprint=data_fp, out=out,
@@ -683,12 +382,12 @@ def detect(model: Any, data: Any, out: str | os.PathLike, *,
 
     # 6. files (main process only)
     if state.is_main_process:
-        _write_outputs(result, out)
+        write_outputs(result, out)
     state.wait_for_everyone()
     return result
 
 
-def _log_truncation(adapter: Any, items: list[_Item]) -> None:
+def _log_truncation(adapter: Any, items: list[WorkItem]) -> None:
     """One warning for all prompts longer than the text encoder reads (instead of one per
     batch from the adapter)."""
     texts = [it.prompt for it in items if it.prompt]
@@ -720,208 +419,7 @@ class _quiet_truncation:
         self._logger.removeFilter(self._filter)
 
 
-def _check_writable(out: Path) -> None:
-    probe = out / f".diffmem-write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"output folder {str(out)!r} is not writable ({e.strerror}); choose "
-                          "another --out") from None
-
-
-def _work_items(dataset: Any, train_map: dict[str, list[str]], labels: dict[str, int] | None,
-                prompts: str | os.PathLike | Sequence[str] | None,
-                config: DetectionConfig) -> list[_Item]:
-    if prompts is None:
-        if not train_map:
-            raise DataError("the training split has no non-empty prompt to scan; pass "
-                            "--prompts FILE", path=dataset.root)
-        items = [_Item(p, "train", ids, None if labels is None else labels.get(p, 0))
-                 for p, ids in train_map.items()]
-    else:
-        if isinstance(prompts, (str, os.PathLike)):
-            listed = read_prompts(prompts)
-        else:
-            listed = [str(p).strip() for p in prompts]
-            listed = [p for p in dict.fromkeys(listed) if p]
-            if not listed:
-                raise DataError("no prompt to scan (the list is empty or holds only empty "
-                                "strings)")
-        items = [_Item(p, "prompt", list(train_map.get(p, [])),
-                       None if labels is None else labels.get(p, 0)) for p in listed]
-        outside = sum(1 for p in listed if p not in train_map)
-        if outside:
-            log.info("%d of %d prompt(s) are not training prompts of the data", outside,
-                     len(listed))
-    scanned = {it.prompt for it in items}
-    if config.unrelated:
-        held = sorted({s.prompt for s in dataset if s.split != "train" and s.prompt.strip()
-                       and s.prompt not in train_map and s.prompt not in scanned},
-                      key=prompt_hash)
-        items += [_Item(p, "unrelated", [], None) for p in held[:config.unrelated]]
-        if len(held) < config.unrelated:
-            log.info("only %d unrelated (held-out, not trained on) prompt(s) available",
-                     len(held))
-    if config.unconditional and "nn" in config.methods:
-        items.append(_Item("", "unconditional", [], None))
-    return items
-
-
-def _heldout(dataset: Any, calibration: Any, config: DetectionConfig) -> Any:
-    """Held-out real images for the threshold: a dataset, an image array, or None."""
-    if config.threshold is not None:
-        return None
-    from diffmem.data import CXRDataset
-    from diffmem.detect.calibrate import NO_HELDOUT
-
-    if calibration is None:
-        held = dataset.subset(split=["validate", "test"])
-        if len(held) == 0:
-            raise DataError(f"the data has no validate/test images; {NO_HELDOUT}",
-                            path=dataset.root)
-        return held
-    if isinstance(calibration, CXRDataset):
-        return calibration
-    return _load_calibration(Path(calibration))
-
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-
-
-def _load_calibration(path: Path) -> Any:
-    from diffmem.data import load
-    from diffmem.detect.calibrate import NO_HELDOUT
-
-    if not path.exists():
-        raise DataError(f"calibration folder does not exist; {NO_HELDOUT}", path=path)
-    try:
-        return load(path)
-    except DataError:
-        pass
-    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [])
-                   if p.suffix.lower() in _IMAGE_SUFFIXES)
-    if not files:
-        raise DataError("holds neither a dataset nor image files (PNG/JPEG/DICOM) to calibrate "
-                        f"on; {NO_HELDOUT}", path=path)
-    return files
-
-
-def _mismatch_warnings(adapter: Any, model_source: Path | None, train_set: Any,
-                       train_map: dict[str, list[str]]) -> list[str]:
-    """Model/data mismatch checks; each problem is logged as a warning and returned."""
-    warnings = []
-    folder = model_source or (Path(adapter.source) if adapter.source else None)
-    card_path = None if folder is None else folder / "model_card.json"
-    if card_path is not None and card_path.is_file():
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-            trained_on = (card.get("data") or {}).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            trained_on = None
-        here = train_set.fingerprint()
-        if trained_on and trained_on != here:
-            warnings.append(
-                f"model/data mismatch: {card_path} says the model was trained on data with "
-                f"fingerprint {trained_on} ({(card.get('data') or {}).get('root')}), but the "
-                f"training split given has fingerprint {here}; verdicts then say whether the "
-                "model copies *these* images, not its own training set: pass the data the model "
-                "was trained on")
-    unk = getattr(adapter.tokenizer, "unk_token_id", None)
-    if unk is not None and train_map:
-        sample = list(train_map)[:200]
-        ids = adapter.tokenizer(sample, truncation=True, max_length=adapter.max_length)[
-            "input_ids"]
-        total = sum(len(x) for x in ids)
-        unknown = sum(sum(1 for i in x if i == unk) for x in ids)
-        if total and unknown / total > 0.2:
-            warnings.append(
-                f"model/data mismatch: {unknown / total:.0%} of the tokens of the data's "
-                "prompts are unknown to the model's tokenizer; the model was likely trained on "
-                "other text")
-    for w in warnings:
-        log.warning(w)
-    return warnings
-
-
-def _reference(train_set: Any, config: DetectionConfig, out: Path, state: Any):
-    """The similarity backend and the training images' features (cached in ``out/cache``;
-    the main process computes them first, the others then read the cache)."""
-    from diffmem.detect.neighbors import ReferenceFeatures
-    from diffmem.detect.similarity import get_backend
-
-    options = dict(config.backend_options)
-    if config.backend == "embedding" and isinstance(options.get("encoder"), (str, os.PathLike)):
-        from diffmem.embed import load_encoder
-
-        options["encoder"] = load_encoder(options["encoder"])
-    backend = get_backend(config.backend, **options)
-    cache = out / "cache"
-    with _blas_threads():
-        if state.is_main_process:
-            reference = ReferenceFeatures.from_dataset(train_set, backend, split="train",
-                                                       cache_dir=cache)
-        state.wait_for_everyone()
-        if not state.is_main_process:
-            reference = ReferenceFeatures.from_dataset(train_set, backend, split="train",
-                                                       cache_dir=cache)
-    if len(reference) < 2:
-        raise DataError("the training split has fewer than 2 images; the nearest-neighbour "
-                        "verdicts compare each generation with its two nearest training images",
-                        path=train_set.root)
-    return backend, reference
-
-
-def _threshold(heldout: Any, reference: Any, backend: Any, config: DetectionConfig,
-               train_set: Any):
-    from diffmem.data import CXRDataset
-    from diffmem.detect.calibrate import calibrate_threshold, fixed_threshold
-    from diffmem.detect.neighbors import nearest_neighbors
-
-    if config.threshold is not None:
-        return fixed_threshold(config.threshold), None
-    if isinstance(heldout, CXRDataset):
-        train_ids = {s.study_id for s in train_set}
-        shared = sorted({s.study_id for s in heldout} & train_ids)
-        if shared:
-            raise DataError(f"{len(shared)} calibration record(s) share study ids with the "
-                            f"training records (e.g. {shared[:3]}); they are not held out: use "
-                            "images from outside the training set", path=heldout.root)
-        query = heldout
-    else:
-        from diffmem.data.images import read_image
-        from diffmem.detect.neighbors import _load_size
-
-        size = _load_size(backend)
-        query = np.stack([read_image(p, size=size) for p in heldout])
-    with _blas_threads():
-        nn = nearest_neighbors(query, reference, backend=backend, k=1)
-    null = nn.similarities[:, 0]
-    threshold = calibrate_threshold(null, fpr=config.fpr)
-    log.info("copy threshold %.4f (%s similarity) calibrated on %d held-out image(s) at FPR %g",
-             threshold.value, backend.name, threshold.n, config.fpr)
-    return threshold, null
-
-
-class _blas_threads:
-    """Limit BLAS to one thread per process during the similarity search (OpenBLAS with two
-    threads on two busy cores spins and runs many times slower)."""
-
-    def __enter__(self):
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - scikit-learn depends on it
-            self._ctx = None
-            return self
-        self._ctx = threadpool_limits(limits=1, user_api="blas")
-        return self
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-
-
-def _method_keys(config: DetectionConfig, guidance: float, backend: Any,
+def _method_keys(config: DetectionConfig, guidance: float, verdicts: CopyVerdicts | None,
                  data_fp: str) -> dict[tuple[str, str], dict[str, Any]]:
     """Store parameters of each (method, kind): what defines a stored result."""
     score = {"generations": config.generations, "steps": config.steps,
@@ -931,76 +429,92 @@ def _method_keys(config: DetectionConfig, guidance: float, backend: Any,
     for kind in KINDS:
         keys[("noise", kind)] = dict(score)
         keys[("attention", kind)] = {**score, "layers": "all", "include_padding": True}
-        if backend is not None:
+        if verdicts is not None:
             keys[("nn", kind)] = {
                 "generations": config.unconditional if kind == "unconditional"
                 else config.images_per_prompt,
                 "sample_steps": config.sample_steps, "seed": config.seed,
-                "guidance": guidance, "eta": 0.0, "backend": backend.params(), "k": 2,
+                "guidance": guidance, "eta": 0.0, "backend": verdicts.backend.params(), "k": 2,
                 "reference": data_fp}
     return keys
 
 
-def _scan_method(method: str, adapter: Any, store: ResultsStore, items: list[_Item],
-                 keys: dict, config: DetectionConfig, guidance: float, backend: Any,
-                 reference: Any, threshold: Any, model_fp: str, run_id: int, out: Path,
-                 rank: int) -> dict[str, float]:
-    """Compute ``method`` for this process's items that the store lacks; commit per chunk."""
-    name = METHODS[method]
-    todo: list[_Item] = []
+
+@dataclass
+class _Run:
+    """What every step of one scan shares (this process's view of the run)."""
+
+    adapter: Any
+    config: DetectionConfig
+    guidance: float
+    verdicts: CopyVerdicts | None
+    store: ResultsStore
+    keys: dict[tuple[str, str], dict[str, Any]]
+    model_fp: str
+    run_id: int
+    out: Path
+    rank: int = 0
+
+
+def _scan_method(run: _Run, method: str, items: list[WorkItem]) -> dict[str, float]:
+    """Compute ``method`` for this process's items that the store lacks; commit per chunk (the
+    PNGs of a chunk's copies are written before its values are committed)."""
+    name, config, store = METHODS[method], run.config, run.store
+    todo: list[WorkItem] = []
     for kind in KINDS:
         if method != "nn" and kind == "unconditional":
             continue  # the empty prompt's noise magnitude is 0 by definition
         group = [it for it in items if it.kind == kind]
         if group:
-            done = store.done_keys(model_fp, name, params_hash(keys[(method, kind)]))
+            done = store.done_keys(run.model_fp, name, params_hash(run.keys[(method, kind)]))
             todo += [it for it in group if prompt_hash(it.prompt) not in done]
-    params_hashes = {kind: store.put_params(keys[(method, kind)]) for kind in KINDS
-                     if (method, kind) in keys}
+    params_hashes = {kind: store.put_params(run.keys[(method, kind)]) for kind in KINDS
+                     if (method, kind) in run.keys}
     if not todo:
         return {"seconds": 0.0, "prompts": 0, "prompts_per_second": None}
     log.info("%s: %d prompt(s) to compute%s", name, len(todo),
-             f" (process {rank})" if rank else "")
+             f" (process {run.rank})" if run.rank else "")
     # chunk_size counts generations for the nn method (a prompt there costs many images)
     size = config.chunk_size if method != "nn" else max(
         1, math.ceil(config.chunk_size / config.images_per_prompt))
     chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
     started = time.perf_counter()
     for chunk in progress(chunks, desc=name, unit="chunk"):
-        values = _compute(method, adapter, chunk, config, guidance, backend, reference,
-                          threshold, out)
-        store.put_many([{"model_fingerprint": model_fp, "prompt": it.prompt, "method": name,
+        values, copies = _compute(run, method, chunk)
+        save_copy_images(copies)
+        store.put_many([{"model_fingerprint": run.model_fp, "prompt": it.prompt, "method": name,
                          "params_hash": params_hashes[it.kind], "value": v,
                          "study_id": it.study_ids[0] if it.study_ids else None}
-                        for it, v in zip(chunk, values)], run_id=run_id)
+                        for it, v in zip(chunk, values)], run_id=run.run_id)
     seconds = time.perf_counter() - started
     return {"seconds": round(seconds, 3), "prompts": len(todo),
             "prompts_per_second": round(len(todo) / seconds, 3) if seconds > 0 else None}
 
 
-def _compute(method: str, adapter: Any, chunk: list[_Item], config: DetectionConfig,
-             guidance: float, backend: Any, reference: Any, threshold: Any,
-             out: Path) -> list[Any]:
-    from diffmem.detect.scores import attention_entropy, noise_magnitude
-
+def _compute(run: _Run, method: str, chunk: list[WorkItem],
+             ) -> tuple[list[Any], list[tuple[Path, np.ndarray]]]:
+    """The chunk's stored values of ``method``, and the copies' images with their paths."""
+    config = run.config
     prompts = [it.prompt for it in chunk]
     common = {"generations": config.generations, "steps": config.steps,
               "num_inference_steps": config.num_inference_steps, "seed": config.seed,
-              "batch_size": config.batch_size, "guidance": guidance}
+              "batch_size": config.batch_size, "guidance": run.guidance}
     if method == "noise":
-        return [float(x) for x in noise_magnitude(adapter, prompts, **common)]
+        return [float(x) for x in noise_magnitude(run.adapter, prompts, **common)], []
     if method == "attention":
-        return [float(x) for x in attention_entropy(adapter, prompts, **common)]
+        return [float(x) for x in attention_entropy(run.adapter, prompts, **common)], []
     values: list[Any] = []
+    copies: list[tuple[Path, np.ndarray]] = []
     for n_per, group in _by_generations(chunk, config):
-        values_by_item = _nearest(adapter, group, n_per, config, guidance, backend, reference,
-                                  threshold, out)
+        values_by_item, group_copies = _nearest(run, group, n_per)
         values += list(zip(group, values_by_item))
+        copies += group_copies
     order = {id(it): i for i, it in enumerate(chunk)}
-    return [v for _, v in sorted(values, key=lambda x: order[id(x[0])])]
+    return [v for _, v in sorted(values, key=lambda x: order[id(x[0])])], copies
 
 
-def _by_generations(chunk: list[_Item], config: DetectionConfig) -> list[tuple[int, list[_Item]]]:
+def _by_generations(chunk: list[WorkItem],
+                    config: DetectionConfig) -> list[tuple[int, list[WorkItem]]]:
     plain = [it for it in chunk if it.kind != "unconditional"]
     empty = [it for it in chunk if it.kind == "unconditional"]
     groups = []
@@ -1011,59 +525,45 @@ def _by_generations(chunk: list[_Item], config: DetectionConfig) -> list[tuple[i
     return groups
 
 
-def _nearest(adapter: Any, items: list[_Item], n_per: int, config: DetectionConfig,
-             guidance: float, backend: Any, reference: Any, threshold: Any,
-             out: Path) -> list[dict[str, Any]]:
-    """Generate ``n_per`` images per prompt and find each one's two nearest training images."""
-    from diffmem.detect.neighbors import nearest_neighbors
+def _nearest(run: _Run, items: list[WorkItem], n_per: int,
+             ) -> tuple[list[dict[str, Any]], list[tuple[Path, np.ndarray]]]:
+    """Generate ``n_per`` images per prompt and find each one's two nearest training images.
 
+    Returns each item's stored value and the generations judged copies (their PNG paths and
+    images, for the caller to write)."""
+    config, verdicts = run.config, run.verdicts
     prompts = [it.prompt for it in items]
-    sample = adapter.sample(prompts, n_per_prompt=n_per, steps=config.sample_steps,
-                            guidance=guidance, seed=config.seed, batch_size=config.batch_size)
-    with _blas_threads():
-        nn = nearest_neighbors(sample.images, reference, backend=backend, k=2)
-    values = []
+    sample = run.adapter.sample(prompts, n_per_prompt=n_per, steps=config.sample_steps,
+                                guidance=run.guidance, seed=config.seed,
+                                batch_size=config.batch_size)
+    with one_blas_thread():
+        nn = nearest_neighbors(sample.images, verdicts.reference, backend=verdicts.backend, k=2)
+    copy = verdicts.judge(nn.similarities[:, 0])
+    values, copies = [], []
     for p, it in enumerate(items):
         rows = np.flatnonzero(sample.prompt_index == p)
-        value = {"seed": [], "similarity": [], "similarity2": [], "study_id": [],
-                 "study_id2": [], "distance1": [], "distance2": []}
-        for r in rows:
-            value["seed"].append(int(sample.seeds[r]))
-            value["similarity"].append(float(nn.similarities[r, 0]))
-            value["similarity2"].append(float(nn.similarities[r, 1]))
-            value["study_id"].append(str(nn.study_ids[r, 0]))
-            value["study_id2"].append(str(nn.study_ids[r, 1]))
-            value["distance1"].append(float(nn.distances[r, 0]))
-            value["distance2"].append(float(nn.distances[r, 1]))
-            if threshold is not None and nn.similarities[r, 0] > threshold.value:
-                _save_png(sample.images[r], out / COPIES_DIR /
-                          _copy_name(it, int(sample.generation_index[r])))
-        values.append(value)
-    return values
+        values.append({
+            "seed": [int(sample.seeds[r]) for r in rows],
+            "similarity": [float(nn.similarities[r, 0]) for r in rows],
+            "similarity2": [float(nn.similarities[r, 1]) for r in rows],
+            "study_id": [str(nn.study_ids[r, 0]) for r in rows],
+            "study_id2": [str(nn.study_ids[r, 1]) for r in rows],
+            "distance1": [float(nn.distances[r, 0]) for r in rows],
+            "distance2": [float(nn.distances[r, 1]) for r in rows]})
+        copies += [(copy_image_path(run.out, it.kind, it.prompt,
+                                    int(sample.generation_index[r])), sample.images[r])
+                   for r in rows if copy[r]]
+    return values, copies
 
 
-def _copy_name(item: _Item, generation: int) -> str:
-    return f"{item.kind}-{prompt_hash(item.prompt)[:12]}-g{generation}.png"
-
-
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(tmp,
-                                                                                 format="PNG")
-    os.replace(tmp, path)
-
-
-def _collect(store: ResultsStore, items: list[_Item], config: DetectionConfig, keys: dict,
-             model_fp: str, threshold: Any, out: Path) -> list[PromptResult]:
+def _collect(run: _Run, items: list[WorkItem]) -> list[PromptResult]:
     """Every item's stored values, with verdicts; refuses when some are missing."""
+    config = run.config
     tables: dict[tuple[str, str], dict[str, Any]] = {}
-    for (method, kind), params in keys.items():
+    for (method, kind), params in run.keys.items():
         if method in config.methods:
-            rows = store.to_rows(model_fingerprint=model_fp, method=METHODS[method],
-                                 params_hash=params_hash(params))
+            rows = run.store.to_rows(model_fingerprint=run.model_fp, method=METHODS[method],
+                                     params_hash=params_hash(params))
             tables[(method, kind)] = {r["prompt"]: r["value"] for r in rows}
     results, missing = [], 0
     for it in items:
@@ -1081,31 +581,31 @@ def _collect(store: ResultsStore, items: list[_Item], config: DetectionConfig, k
             elif method == "attention":
                 res.attention_entropy = float(value)
             else:
-                res.generations = _matches(value, it, threshold, config, out)
+                res.generations = _matches(run, value, it)
         results.append(res)
     if missing:
-        raise OutputError(f"{missing} result(s) are missing from {store.path} (a process of "
-                          "the scan stopped early?); run the same command again to complete "
+        raise OutputError(f"{missing} result(s) are missing from {run.store.path} (a process "
+                          "of the scan stopped early?); run the same command again to complete "
                           "them")
     return results
 
 
-def _matches(value: Mapping[str, list], item: _Item, threshold: Any, config: DetectionConfig,
-             out: Path) -> list[GenerationMatch]:
+def _matches(run: _Run, value: Mapping[str, list], item: WorkItem) -> list[GenerationMatch]:
+    """An item's stored nearest-neighbour value as matches with their copy verdicts."""
+    copies = run.verdicts.judge(value["similarity"])
+    ratio_copies = is_ratio_copy(value["distance1"], value["distance2"], ratio=run.config.ratio)
     matches = []
     for j, (seed, s1, s2, id1, id2, d1, d2) in enumerate(zip(
             value["seed"], value["similarity"], value["similarity2"], value["study_id"],
             value["study_id2"], value["distance1"], value["distance2"])):
-        ratio = d1 / d2 if d2 > 0 else math.nan
-        copy = threshold is not None and s1 > threshold.value
-        image = out / COPIES_DIR / _copy_name(item, j)
+        image = copy_image_path(run.out, item.kind, item.prompt, j)
         matches.append(GenerationMatch(
             index=j, seed=int(seed), similarity=float(s1), study_id=str(id1),
-            similarity2=float(s2), study_id2=str(id2), d1_d2=float(ratio), copy=bool(copy),
-            ratio_copy=bool(d2 > 0 and d1 < config.ratio * d2),
-            image=str(image.relative_to(out)) if copy and image.is_file() else None))
+            similarity2=float(s2), study_id2=str(id2),
+            d1_d2=float(d1 / d2 if d2 > 0 else math.nan), copy=bool(copies[j]),
+            ratio_copy=bool(ratio_copies[j]),
+            image=str(image.relative_to(run.out)) if copies[j] and image.is_file() else None))
     return matches
-
 
 def _evaluate(result: DetectionResult) -> None:
     """AUC / TPR at low FPR of each score against the planted labels, and verdict rates."""
@@ -1139,63 +639,3 @@ def _evaluate(result: DetectionResult) -> None:
                                "copied_studies": sorted({g.study_id for g in gens if g.copy})}
     result.rates = rates
 
-
-def _write_outputs(result: DetectionResult, out: Path) -> None:
-    from diffmem.detect import plots
-
-    files = {}
-    rows = [p.to_row() for p in result.prompts]
-    files["scores"] = _write_csv(out / SCORES_CSV, SCORE_COLUMNS, rows)
-    copy_rows = [{"kind": p.kind, "prompt": p.prompt,
-                  "prompt_study_id": p.study_ids[0] if p.study_ids else "",
-                  "label": "" if p.label is None else p.label, **{
-                      k: v for k, v in g.to_dict().items() if k != "copy"}}
-                 for p in result.prompts for g in p.generations if g.copy]
-    files["copies"] = _write_csv(
-        out / COPIES_CSV, ("kind", "prompt", "prompt_study_id", "label", "index", "seed",
-                           "similarity", "study_id", "similarity2", "study_id2", "d1_d2",
-                           "ratio_copy", "image"), copy_rows)
-    with ResultsStore(out / STORE_FILE) as store:
-        files["results_json"] = str(store.export_json(out / RESULTS_JSON,
-                                                      model_fingerprint=result.model_fingerprint))
-    files["store"] = str(out / STORE_FILE)
-
-    # figures
-    main = [p for p in result.prompts if p.kind in ("train", "prompt")]
-    labels = None
-    if main and all(p.label is not None for p in main):
-        labels = np.array([p.label for p in main])
-    scores = {}
-    for name in ("noise_magnitude", "attention_entropy", "nn_similarity"):
-        values = [getattr(p, name) for p in main]
-        if values and all(v is not None for v in values):
-            scores[name] = np.array(values, dtype=np.float64)
-    thresholds = {"nn_similarity": result.threshold.value} if result.threshold else None
-    if scores:
-        files["histograms"] = str(plots.plot_score_histograms(
-            scores, out / "scores_hist.png", labels=labels, thresholds=thresholds))
-    if result.evaluations:
-        files["roc"] = str(plots.plot_roc(result.evaluations, out / "roc.png"))
-    if "nn_similarity" in scores and result.threshold is not None:
-        files["nn_similarity"] = str(plots.plot_nn_similarity(
-            scores["nn_similarity"], out / "nn_similarity.png", labels=labels,
-            null=result.null_similarities, threshold=result.threshold.value))
-    result.files = files
-    files["summary"] = str(out / SUMMARY_JSON)
-    try:
-        write_json(out / SUMMARY_JSON, result.to_dict())
-    except OSError as e:
-        raise OutputError(f"cannot write {out / SUMMARY_JSON}: {e.strerror}") from None
-
-
-def _write_csv(path: Path, columns: Iterable[str], rows: list[dict[str, Any]]) -> str:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror}") from None
-    return str(path)

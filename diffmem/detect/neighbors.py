@@ -62,7 +62,7 @@ class NeighborResult:
         float64 ``(Q, k)``, non-increasing along each row (ties: lower index first).
     distances : numpy.ndarray
         float64 ``(Q, k)``: the backend's :meth:`~SimilarityBackend.to_distance` of the
-        similarities (what :func:`~diffmem.detect.calibrate.ratio_criterion` compares).
+        similarities (what :func:`~diffmem.detect.verdicts.ratio_criterion` compares).
     study_ids : numpy.ndarray or None
         ``(Q, k)`` study ids of the neighbours when the reference is a dataset.
     backend : dict
@@ -438,6 +438,15 @@ def _split_positions(dataset: CXRDataset, split: str | None) -> np.ndarray:
                         f"{dict(dataset.split_counts())}); pass split=None to use all records",
                         path=dataset.root)
     return pos
+
+
+def one_blas_thread() -> Any:
+    """A context that limits BLAS to one thread per process during a similarity search
+    (OpenBLAS with two threads on two busy cores spins and runs many times slower); results do
+    not change."""
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _load_size(backend: SimilarityBackend) -> int:

@@ -2,7 +2,7 @@
 
 Every score is a function ``score(adapter, prompts, ...) -> numpy.ndarray`` of shape
 ``(len(prompts),)`` where **higher = more memorized**. Thresholds, AUC and TPR at low FPR live
-in :mod:`diffmem.detect.evaluate` and :mod:`diffmem.detect.calibrate`; nothing here writes files.
+in :mod:`diffmem.detect.evaluate` and :mod:`diffmem.detect.verdicts`; nothing here writes files.
 
 Both scores follow the guided sampling trajectory of the adapter's inference scheduler (DDIM by
 default) from a seeded initial noise ``x_T``, walked by :func:`diffmem.models.walk_trajectory`

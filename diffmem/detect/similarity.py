@@ -313,7 +313,7 @@ class TiledL2Backend(SimilarityBackend):
     Deviations from the paper: the paper cuts 512 px images into 16 tiles of 128 px; here the
     images are first area-resized (default 64 px, 4 x 4 tiles of 16 px), which smooths pixel
     noise and keeps the cost low. The paper's fixed distance threshold is not used: diffmem
-    calibrates the threshold on held-out images (:mod:`diffmem.detect.calibrate`).
+    calibrates the threshold on held-out images (:mod:`diffmem.detect.verdicts`).
 
     Parameters
     ----------

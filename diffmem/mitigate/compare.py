@@ -40,9 +40,10 @@ from typing import Any
 
 import numpy as np
 
+from diffmem.detect.verdicts import CopyVerdicts, fixed_threshold, is_copy, prepare_verdicts
 from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.mitigate.registry import get_mitigation, list_mitigations
-from diffmem.store import ResultsStore, params_hash
+from diffmem.store import ResultsStore
 from diffmem.utils import prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
@@ -421,11 +422,11 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     model_fp, data_fp = adapter.fingerprint(), train_set.fingerprint()
 
     # 3. threshold, reference features, prompt sets
-    backend, reference, threshold = _verdict_setup(config, detect_info, train_set, heldout, out)
+    verdicts = _verdicts(config, detect_info, train_set, heldout, out)
     if detect_info is not None:
         sets = _sets_from_detect(detect_info, config, model_fp, notes)
     else:
-        sets = _detect_sets(adapter, dataset, config, guidance, backend, reference, threshold)
+        sets = _detect_sets(adapter, dataset, config, guidance, verdicts)
     if not sets["memorized"]:
         notes.append("no memorized prompts found" + (
             f" among the {detect_info['n_scanned']} prompts of the detect run"
@@ -445,20 +446,17 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     try:
         run_id = store.start_run(model_fp, data_fingerprint=data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance})
+        unit_of = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp, data_fp)
         units: dict[tuple[str, float, str], dict[str, Any]] = {}
         work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
         for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
             params = {}
             if method == "prompt_embedding_optimization" and \
                     get_mitigation(method).params.get("target") is None:
-                if peo_target is None:
-                    base = units.get((BASELINE, 0.0, "control")) or \
-                        units.get((BASELINE, 0.0, "memorized"))
-                    peo_target = float(np.median(base["noise_magnitude"]))
+                peo_target = _peo_target(units) if peo_target is None else peo_target
                 params["target"] = peo_target
-            units[(method, strength, set_name)] = _unit(
-                store, run_id, adapter, method, strength, params, sets[set_name], set_name,
-                config, guidance, backend, reference, enc, model_fp, data_fp)
+            units[(method, strength, set_name)] = unit_of.get(method, strength, params,
+                                                              sets[set_name], set_name)
     finally:
         store.close()
     if peo_target is not None:
@@ -466,7 +464,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                      f"magnitude of the baseline control prompts ({peo_target:.4g})")
 
     # 5. metrics, front, recommendation
-    rows = [_row(method, strength, set_name, unit, threshold, real, sets[set_name], enc)
+    rows = [_row(method, strength, set_name, unit, verdicts.threshold, real, sets[set_name], enc)
             for (method, strength, set_name), unit in units.items()]
     multi = {m for m in config.methods if len(config.strengths[m]) > 1}
     axes = ("memorized" if sets["memorized"] else "control", "control")
@@ -478,7 +476,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     recommended, reason = _recommend(rows, front, config, multi, axes)
     result = MitigationComparison(
         rows=rows, pareto_front=labels, recommended=recommended, recommendation_reason=reason,
-        notes=notes, config=config, threshold=threshold.to_dict(), encoder=enc_info,
+        notes=notes, config=config, threshold=verdicts.threshold.to_dict(), encoder=enc_info,
         prompts={k: list(v) for k, v in sets.items()}, utility_reference=real["reference"],
         model_fingerprint=model_fp, data_fingerprint=data_fp, out=out)
 
@@ -539,33 +537,22 @@ def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None):
                  "data_fingerprint": enc_fp}
 
 
-def _verdict_setup(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
-                   heldout: Any, out: Path):
-    """Backend, training-image features (cached in ``out/cache``) and copy threshold."""
-    from diffmem.detect.calibrate import calibrate_threshold, fixed_threshold
-    from diffmem.detect.neighbors import ReferenceFeatures, nearest_neighbors
-    from diffmem.detect.similarity import get_backend
-
-    if detect_info is not None:
-        dconf = detect_info["summary"]["config"]
-        name, options = dconf.get("backend", "pixel"), dict(dconf.get("backend_options") or {})
-    else:
-        name, options = config.backend, dict(config.backend_options)
-    if name == "embedding" and isinstance(options.get("encoder"), (str, os.PathLike)):
-        from diffmem.embed import load_encoder
-
-        options["encoder"] = load_encoder(options["encoder"])
-    backend = get_backend(name, **options)
-    reference = ReferenceFeatures.from_dataset(train_set, backend, split="train",
-                                               cache_dir=out / "cache")
-    if detect_info is not None:
-        t = detect_info["summary"]["threshold"]
-        threshold = fixed_threshold(float(t["value"]))
-        threshold = replace(threshold, fpr=t.get("fpr"), n=int(t.get("n") or 0),
-                            method=f"from detect run ({t.get('method', 'heldout-quantile')})")
-        return backend, reference, threshold
-    nn = nearest_neighbors(heldout, reference, backend=backend, k=1)
-    return backend, reference, calibrate_threshold(nn.similarities[:, 0], fpr=config.fpr)
+def _verdicts(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
+              heldout: Any, out: Path) -> CopyVerdicts:
+    """Backend, training-image features (cached in ``out/cache``) and copy threshold: the
+    detect run's backend and threshold when one is given, else calibrated on ``heldout``."""
+    if detect_info is None:
+        return prepare_verdicts(train_set, backend=config.backend,
+                                backend_options=config.backend_options, heldout=heldout,
+                                fpr=config.fpr, cache_dir=out / "cache")
+    dconf = detect_info["summary"]["config"]
+    t = detect_info["summary"]["threshold"]
+    threshold = replace(fixed_threshold(float(t["value"])), fpr=t.get("fpr"),
+                        n=int(t.get("n") or 0),
+                        method=f"from detect run ({t.get('method', 'heldout-quantile')})")
+    return prepare_verdicts(train_set, backend=dconf.get("backend", "pixel"),
+                            backend_options=dconf.get("backend_options"), threshold=threshold,
+                            cache_dir=out / "cache")
 
 
 def _sets_from_detect(info: dict, config: ComparisonConfig, model_fp: str,
@@ -603,9 +590,9 @@ def _sample(prompts: list[str], n: int, seed: int) -> list[str]:
 
 
 def _detect_sets(adapter: Any, dataset: Any, config: ComparisonConfig, guidance: float,
-                 backend: Any, reference: Any, threshold: Any) -> dict[str, list[str]]:
+                 verdicts: CopyVerdicts) -> dict[str, list[str]]:
     """Memorized and control prompts found with the detector's building blocks."""
-    from diffmem.detect.detector import training_prompts
+    from diffmem.detect.inputs import training_prompts
     from diffmem.detect.neighbors import nearest_neighbors
     from diffmem.detect.scores import noise_magnitude
 
@@ -620,12 +607,12 @@ def _detect_sets(adapter: Any, dataset: Any, config: ComparisonConfig, guidance:
     sample = adapter.sample(candidates, n_per_prompt=config.detect_generations,
                             steps=config.steps, guidance=guidance,
                             seed=config.seed + DETECT_SEED_OFFSET, batch_size=config.batch_size)
-    nn = nearest_neighbors(sample.images, reference, backend=backend, k=1)
+    nn = nearest_neighbors(sample.images, verdicts.reference, backend=verdicts.backend, k=1)
     best = np.full(len(candidates), -np.inf)
     copies = np.zeros(len(candidates), dtype=bool)
-    for r, p in enumerate(sample.prompt_index):
+    for r, (p, copy) in enumerate(zip(sample.prompt_index, verdicts.judge(nn.similarities[:, 0]))):
         best[p] = max(best[p], nn.similarities[r, 0])
-        copies[p] |= bool(nn.similarities[r, 0] > threshold.value)
+        copies[p] |= bool(copy)
     flagged = sorted((i for i in range(len(candidates)) if copies[i]), key=lambda i: -best[i])
     memorized = [candidates[i] for i in flagged[:config.n_prompts]]
     below = set(prompts[i] for i in order[len(order) // 2:]) - set(candidates)
@@ -661,28 +648,50 @@ def _real_features(enc: Any, heldout: Any, train_set: Any, config: ComparisonCon
 
 
 # ---------------------------------------------------------------------------- one unit
-def _unit(store: ResultsStore, run_id: int, adapter: Any, method: str, strength: float,
-          params: dict, prompts: list[str], set_name: str, config: ComparisonConfig,
-          guidance: float, backend: Any, reference: Any, enc: Any, model_fp: str,
-          data_fp: str) -> dict[str, Any]:
-    """Generate one (method, strength, set), or read it from the store."""
-    key = {"method": method, "strength": strength, "params": params, "prompts": prompts,
-           "generations": config.generations, "steps": config.steps, "guidance": guidance,
-           "seed": config.seed, "backend": backend.params(), "reference": data_fp,
-           "encoder": enc.fingerprint(),
-           "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
-    h = store.put_params(key)
-    name = f"{set_name}:{method}:{strength:g}"
-    stored = store.get(model_fp, name, "mitigate", h)
-    if stored is not None:
-        return stored["value"]
-    value = measure(adapter, prompts, method=method, strength=strength, params=params,
-                    generations=config.generations, steps=config.steps, guidance=guidance,
-                    seed=config.seed, batch_size=config.batch_size, backend=backend,
-                    reference=reference, encoder=enc)
-    store.put_many([{"model_fingerprint": model_fp, "prompt": name, "method": "mitigate",
-                     "params_hash": h, "value": value}], run_id=run_id)
-    return value
+@dataclass
+class _Units:
+    """Generates one (method, strength, set) unit of a comparison, or reads it from the store."""
+
+    store: ResultsStore
+    run_id: int
+    adapter: Any
+    config: ComparisonConfig
+    guidance: float
+    verdicts: CopyVerdicts
+    encoder: Any
+    model_fp: str
+    data_fp: str
+
+    def get(self, method: str, strength: float, params: dict, prompts: list[str],
+            set_name: str) -> dict[str, Any]:
+        config, store = self.config, self.store
+        key = {"method": method, "strength": strength, "params": params, "prompts": prompts,
+               "generations": config.generations, "steps": config.steps,
+               "guidance": self.guidance, "seed": config.seed,
+               "backend": self.verdicts.backend.params(), "reference": self.data_fp,
+               "encoder": self.encoder.fingerprint(),
+               "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
+        h = store.put_params(key)
+        name = f"{set_name}:{method}:{strength:g}"
+        stored = store.get(self.model_fp, name, "mitigate", h)
+        if stored is not None:
+            return stored["value"]
+        value = measure(self.adapter, prompts, method=method, strength=strength, params=params,
+                        generations=config.generations, steps=config.steps,
+                        guidance=self.guidance, seed=config.seed, batch_size=config.batch_size,
+                        backend=self.verdicts.backend, reference=self.verdicts.reference,
+                        encoder=self.encoder)
+        store.put_many([{"model_fingerprint": self.model_fp, "prompt": name,
+                         "method": "mitigate", "params_hash": h, "value": value}],
+                       run_id=self.run_id)
+        return value
+
+
+def _peo_target(units: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> float:
+    """Prompt-embedding optimization's target: the median first-step noise magnitude of the
+    baseline's control prompts (its memorized prompts when there is no control set)."""
+    base = units.get((BASELINE, 0.0, "control")) or units.get((BASELINE, 0.0, "memorized"))
+    return float(np.median(base["noise_magnitude"]))
 
 
 def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: float,
@@ -760,7 +769,7 @@ def _row(method: str, strength: float, set_name: str, unit: Mapping[str, Any], t
     from diffmem.embed import alignment_score, frechet_distance
 
     sims = np.asarray(unit["similarity"], dtype=np.float64)
-    copies = sims > threshold.value
+    copies = is_copy(sims, threshold)
     index = np.asarray(unit["prompt_index"], dtype=np.int64)
     emb = np.asarray(unit["embedding"], dtype=np.float64)
     texts = enc.embed_texts([prompts[i] for i in index])

@@ -151,7 +151,7 @@ def _clusters(dataset) -> dict[str, str]:
 
 def choose_prompts(dataset, *, controls: int, seed: int) -> tuple[list[str], dict[str, int]]:
     """Planted training prompts (all) plus ``controls`` other training prompts (seeded)."""
-    from diffmem.detect.detector import prompt_labels, training_prompts
+    from diffmem.detect.inputs import prompt_labels, training_prompts
 
     prompts = list(training_prompts(dataset))
     labels = prompt_labels(dataset)

@@ -1,5 +1,5 @@
 """Calibrated copy threshold (conservative empirical quantile of held-out similarities), copy
-verdicts and Gu et al.'s ratio criterion."""
+verdicts, Gu et al.'s ratio criterion, and the verdict setup shared by detect and mitigate."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ import pytest
 
 from conftest import xray
 from diffmem.data import load
-from diffmem.detect.calibrate import (
+from diffmem.detect.neighbors import ReferenceFeatures, nearest_neighbors
+from diffmem.detect.verdicts import (
     Threshold,
+    build_backend,
     calibrate_on_heldout,
     calibrate_threshold,
     copy_verdicts,
     fixed_threshold,
+    is_copy,
+    is_ratio_copy,
+    prepare_verdicts,
     ratio_criterion,
+    reference_features,
 )
-from diffmem.detect.neighbors import nearest_neighbors
 from diffmem.errors import ConfigError, DataError
 
 
@@ -140,3 +145,96 @@ def test_heldout_split_of_a_dataset(mimic_jpg, caplog):
     assert t.value == pytest.approx(sims.max(), abs=1e-9)
     with pytest.raises(DataError, match=r"share study ids with the training records"):
         calibrate_on_heldout(ds.subset(split="train"), ds, backend="pixel", size=16)
+
+
+# ---------------------------------------------------------------------------- one rule, one setup
+def test_checked_verdicts_and_production_rule_agree():
+    t = fixed_threshold(0.6)
+    assert not is_copy(0.6, t) and is_copy(0.6 + 1e-9, t) and not is_copy(np.nan, 0.6)
+    sims = np.random.default_rng(0).random(200)
+    assert (copy_verdicts(sims, t) == is_copy(sims, t)).all()
+    d2 = np.random.default_rng(1).random(200)
+    d1 = d2 * np.random.default_rng(2).random(200)
+    assert (ratio_criterion(d1, d2) == is_ratio_copy(d1, d2)).all()
+    assert (ratio_criterion(d1, d2, ratio=0.5) == is_ratio_copy(d1, d2, ratio=0.5)).all()
+
+
+def test_prepare_verdicts_calibrates_as_calibrate_on_heldout(dataset, tmp_path):
+    """The setup detect and mitigate share gives the threshold of the public calibration
+    function on the same held-out split, and caches the training features."""
+    train, heldout = dataset.subset(split="train"), dataset.subset(split=["validate", "test"])
+    v = prepare_verdicts(train, backend="pixel", backend_options={"size": 16}, heldout=heldout,
+                         fpr=0.05, cache_dir=tmp_path / "cache")
+    t = calibrate_on_heldout(heldout, dataset, backend="pixel", size=16, fpr=0.05)
+    assert v.threshold.value == pytest.approx(t.value, abs=1e-12)
+    assert (v.threshold.n, v.threshold.method) == (len(heldout), "heldout-quantile")
+    assert v.null_similarities.shape == (len(heldout),)
+    assert len(v.reference) == len(train) and any((tmp_path / "cache").iterdir())
+    assert v.judge([t.value, t.value + 1e-6]).tolist() == [False, True]
+    given = prepare_verdicts(train, backend="pixel", backend_options={"size": 16}, threshold=0.5)
+    assert given.threshold.method == "fixed" and given.null_similarities is None
+    with pytest.raises(DataError, match="share study ids with the training records"):
+        prepare_verdicts(train, backend="pixel", backend_options={"size": 16}, heldout=train)
+    with pytest.raises(DataError, match="--calibration DIR"):
+        prepare_verdicts(train, backend="pixel", backend_options={"size": 16}, heldout=None)
+
+
+def test_prepare_verdicts_reads_held_out_image_files(dataset, tmp_path):
+    """A ``--calibration`` folder of image files gives the threshold of the same images as an
+    array."""
+    from PIL import Image
+
+    heldout = dataset.subset(split=["validate", "test"])
+    images = np.stack([heldout.load_image(i, size=16) for i in range(len(heldout))])
+    files = []
+    for i, img in enumerate(images):
+        files.append(tmp_path / f"h{i}.png")
+        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(files[-1])
+    train = dataset.subset(split="train")
+    from_files = prepare_verdicts(train, backend="pixel", backend_options={"size": 16},
+                                  heldout=files)
+    from_array = prepare_verdicts(train, backend="pixel", backend_options={"size": 16},
+                                  heldout=np.round(images * 255) / 255)
+    assert from_files.threshold.value == pytest.approx(from_array.threshold.value, abs=1e-6)
+
+
+class _Process:
+    """One process of accelerate's ``PartialState`` interface, recording its steps."""
+
+    def __init__(self, main: bool, steps: list[str]):
+        self.is_main_process, self.steps = main, steps
+
+    def wait_for_everyone(self):
+        self.steps.append("wait")
+
+
+def test_reference_features_main_process_first_then_the_cache(dataset, tmp_path, monkeypatch):
+    steps: list[str] = []
+    compute = ReferenceFeatures.from_dataset.__func__
+
+    def spy(cls, *args, **kwargs):
+        steps.append("features")
+        return compute(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ReferenceFeatures, "from_dataset", classmethod(spy))
+    backend = build_backend("pixel", {"size": 16})
+    main = reference_features(dataset, backend, cache_dir=tmp_path, state=_Process(True, steps))
+    assert steps == ["features", "wait"]
+    cached = sorted(tmp_path.iterdir())
+    steps.clear()
+    other = reference_features(dataset, backend, cache_dir=tmp_path,
+                               state=_Process(False, steps))
+    assert steps == ["wait", "features"] and sorted(tmp_path.iterdir()) == cached
+    assert np.array_equal(main.features, other.features)
+    train = [i for i, s in enumerate(dataset) if s.split == "train"]
+    with pytest.raises(DataError, match="fewer than 2 images"):
+        reference_features(dataset.subset(indices=train[:1]), backend)
+
+
+def test_embedding_backend_from_an_encoder_folder(encoder):
+    from diffmem.embed import load_encoder
+
+    backend = build_backend("embedding", {"encoder": str(encoder)})
+    assert backend.name == "embedding"
+    assert backend.params() == build_backend("embedding",
+                                             {"encoder": load_encoder(encoder)}).params()

@@ -1,0 +1,230 @@
+"""What :func:`~diffmem.detect.detect` returns: one :class:`GenerationMatch` per generation, one
+:class:`PromptResult` per scanned prompt, and the :class:`DetectionResult` of the run (like
+diffusers' ``pipeline_output.py``: dataclasses with ``to_dict``, JSON out, no computation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from diffmem.detect.detector import DetectionConfig
+
+__all__ = ["KINDS", "SCORE_COLUMNS", "DetectionResult", "GenerationMatch", "PromptResult"]
+
+#: What a scanned prompt is: a training prompt of the dataset, a prompt from ``--prompts``, a
+#: held-out prompt the model was not trained on, or the empty prompt.
+KINDS = ("train", "prompt", "unrelated", "unconditional")
+#: Columns of ``scores.csv`` (one row a prompt, :meth:`PromptResult.to_row`).
+SCORE_COLUMNS = ("kind", "study_id", "n_studies", "prompt", "label", "noise_magnitude",
+                 "attention_entropy", "nn_similarity", "nn_study_id", "nn_generation",
+                 "nn_d1_d2", "nn_copies", "nn_ratio_copies", "memorized", "copy_image")
+
+
+@dataclass
+class GenerationMatch:
+    """One generated image and its two nearest training images.
+
+    Attributes
+    ----------
+    index : int
+        Which generation of its prompt (0 ...).
+    seed : int
+        Seed of its initial noise (:func:`~diffmem.models.generation_seed`).
+    similarity, similarity2 : float
+        Similarity to the nearest and second-nearest training images.
+    study_id, study_id2 : str
+        Their study ids.
+    d1_d2 : float
+        Distance ratio ``d1 / d2`` (Gu et al.); ``nan`` when both distances are 0.
+    copy : bool
+        ``similarity`` is above the calibrated threshold.
+    ratio_copy : bool
+        ``d1 / d2`` is below the ratio threshold.
+    image : str or None
+        PNG of the generation, saved for copies.
+    """
+
+    index: int
+    seed: int
+    similarity: float
+    study_id: str
+    similarity2: float
+    study_id2: str
+    d1_d2: float
+    copy: bool = False
+    ratio_copy: bool = False
+    image: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["d1_d2"] = None if not math.isfinite(self.d1_d2) else self.d1_d2
+        return d
+
+
+@dataclass
+class PromptResult:
+    """Everything the scan found about one prompt.
+
+    Attributes
+    ----------
+    prompt : str
+    kind : str
+        One of :data:`KINDS`.
+    study_ids : list of str
+        Training studies whose prompt this is (empty for other kinds).
+    label : int or None
+        1 when the prompt belongs to a planted duplicate (``ground_truth.csv``), 0 when not,
+        None without ground truth.
+    noise_magnitude, attention_entropy : float or None
+        The scores (higher = more memorized), None when not computed.
+    generations : list of GenerationMatch
+        Nearest-neighbour matches of its generations (empty without ``nn``).
+    """
+
+    prompt: str
+    kind: str
+    study_ids: list[str] = field(default_factory=list)
+    label: int | None = None
+    noise_magnitude: float | None = None
+    attention_entropy: float | None = None
+    generations: list[GenerationMatch] = field(default_factory=list)
+
+    @property
+    def best(self) -> GenerationMatch | None:
+        """The generation most similar to a training image."""
+        if not self.generations:
+            return None
+        return max(self.generations, key=lambda g: (g.similarity, -g.index))
+
+    @property
+    def memorized(self) -> bool | None:
+        """True when any generation is a copy; None without nearest-neighbour results."""
+        return any(g.copy for g in self.generations) if self.generations else None
+
+    @property
+    def nn_similarity(self) -> float | None:
+        best = self.best
+        return None if best is None else best.similarity
+
+    def to_row(self) -> dict[str, Any]:
+        """The prompt's row of ``scores.csv``."""
+        best = self.best
+        copies = [g for g in self.generations if g.copy]
+        image = next((g.image for g in sorted(copies, key=lambda g: -g.similarity) if g.image),
+                     None)
+        return {
+            "kind": self.kind,
+            "study_id": self.study_ids[0] if self.study_ids else "",
+            "n_studies": len(self.study_ids),
+            "prompt": self.prompt,
+            "label": "" if self.label is None else int(self.label),
+            "noise_magnitude": _fmt(self.noise_magnitude),
+            "attention_entropy": _fmt(self.attention_entropy),
+            "nn_similarity": _fmt(None if best is None else best.similarity),
+            "nn_study_id": "" if best is None else best.study_id,
+            "nn_generation": "" if best is None else best.index,
+            "nn_d1_d2": _fmt(None if best is None or not math.isfinite(best.d1_d2)
+                             else best.d1_d2),
+            "nn_copies": "" if best is None else len(copies),
+            "nn_ratio_copies": "" if best is None else sum(g.ratio_copy
+                                                           for g in self.generations),
+            "memorized": "" if self.memorized is None else int(self.memorized),
+            "copy_image": image or "",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "kind": self.kind, "study_ids": list(self.study_ids),
+                "label": self.label, "noise_magnitude": self.noise_magnitude,
+                "attention_entropy": self.attention_entropy, "memorized": self.memorized,
+                "generations": [g.to_dict() for g in self.generations]}
+
+
+def _fmt(x: float | None) -> str | float:
+    return "" if x is None else float(f"{x:.6g}")
+
+
+@dataclass
+class DetectionResult:
+    """The outcome of :func:`detect`.
+
+    Attributes
+    ----------
+    prompts : list of PromptResult
+        Every scanned prompt, training/file prompts first, then unrelated, then unconditional.
+    config : DetectionConfig
+    threshold : Threshold or None
+        The copy threshold (None without ``nn``).
+    null_similarities : numpy.ndarray or None
+        Held-out images' nearest-training similarities the threshold was calibrated on.
+    evaluations : dict of str to Evaluation
+        Per score (``noise_magnitude``, ``attention_entropy``, ``nn_similarity``), against the
+        planted labels, when the data has ground truth.
+    rates : dict
+        Nearest-neighbour verdict rates: memorized fraction among labelled planted and
+        non-planted prompts, and copies among unconditional and unrelated generations.
+    timings : dict
+        Per method: seconds spent, prompts computed by this run, prompts/second.
+    model_fingerprint, data_fingerprint : str
+    out : pathlib.Path
+    files : dict of str to str
+        What was written.
+    warnings : list of str
+        Model/data mismatch and similar caveats.
+    world_size : int
+        Processes that shared the scan.
+    """
+
+    prompts: list[PromptResult]
+    config: DetectionConfig
+    threshold: Any = None
+    null_similarities: np.ndarray | None = None
+    evaluations: dict[str, Any] = field(default_factory=dict)
+    rates: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    model_fingerprint: str = ""
+    data_fingerprint: str = ""
+    out: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    world_size: int = 1
+
+    def of_kind(self, *kinds: str) -> list[PromptResult]:
+        return [p for p in self.prompts if p.kind in kinds]
+
+    @property
+    def memorized(self) -> list[PromptResult]:
+        """Prompts with at least one copy generation (any kind)."""
+        return [p for p in self.prompts if p.memorized]
+
+    def to_dict(self, *, prompts: bool = False) -> dict[str, Any]:
+        """JSON-ready summary; ``prompts=True`` adds every prompt's result."""
+        counts = {kind: len(self.of_kind(kind)) for kind in KINDS if self.of_kind(kind)}
+        out: dict[str, Any] = {
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "config": self.config.to_dict(),
+            "counts": counts,
+            "memorized": {kind: sum(bool(p.memorized) for p in self.of_kind(kind))
+                          for kind in counts},
+            "threshold": None if self.threshold is None else self.threshold.to_dict(),
+            "evaluations": {k: v.to_dict(curve=False) for k, v in self.evaluations.items()},
+            "rates": dict(self.rates),
+            "timings": dict(self.timings),
+            "world_size": self.world_size,
+            "warnings": list(self.warnings),
+            "files": dict(self.files),
+            "copies_without_prompt": [
+                {"kind": p.kind, "prompt": p.prompt,
+                 "generations": [g.to_dict() for g in p.generations if g.copy]}
+                for p in self.of_kind("unconditional", "unrelated") if p.memorized],
+        }
+        if prompts:
+            out["prompts"] = [p.to_dict() for p in self.prompts]
+        return out
+
