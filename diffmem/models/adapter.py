@@ -625,12 +625,14 @@ class DiffusionModelAdapter:
     def initial_noise(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Standard normal latents ``(len(generators), C, h, w)``, one row per CPU generator.
 
-        Drawn in float32 and then cast to :attr:`dtype`, so a seed gives the same noise (up to
-        rounding) in every precision: float32 and bfloat16 runs of one prompt start alike.
+        Drawn in float32 (float64 for a float64 model) and then cast to :attr:`dtype`, so a seed
+        gives the same noise (up to rounding) in float32, float16 and bfloat16: runs of one prompt
+        in different precisions start alike.
         """
         if not generators:
             return torch.zeros((0, *self.latent_shape), dtype=self.dtype)
-        return torch.cat([torch.randn((1, *self.latent_shape), generator=g, dtype=torch.float32)
+        drawn = torch.promote_types(self.dtype, torch.float32)
+        return torch.cat([torch.randn((1, *self.latent_shape), generator=g, dtype=drawn)
                           for g in generators]).to(self.dtype)
 
     def new_scheduler(self) -> Any:
