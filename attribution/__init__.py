@@ -41,8 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
                                             save_attribution)
     from diffmem.attribution.result import TokenAttribution
     from diffmem.attribution.scan import (PromptClusters, ScanResult, log_odds_enrichment,
-                                          prompt_clusters, read_prompts, run_scan, scan_prompts,
-                                          write_scan)
+                                          near_duplicate_pairs, prompt_clusters, read_prompts,
+                                          run_scan, scan_prompts, write_scan)
 
 _LAZY = {
     "diffmem.attribution.commands": ("format_ranking", "run_attribute"),
@@ -52,7 +52,7 @@ _LAZY = {
     "diffmem.attribution.render": ("html_page", "render_html", "render_png", "save_attribution"),
     "diffmem.attribution.result": ("TokenAttribution",),
     "diffmem.attribution.scan": ("PromptClusters", "ScanResult", "log_odds_enrichment",
-                                 "prompt_clusters", "read_prompts", "run_scan", "scan_prompts",
+                                 "near_duplicate_pairs", "prompt_clusters", "read_prompts", "run_scan", "scan_prompts",
                                  "write_scan"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}

@@ -33,6 +33,7 @@ Examples
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -47,10 +48,12 @@ __all__ = [
     "PHI_PATTERNS",
     "PLACEHOLDER_DETECTORS",
     "Detector",
+    "MarkerTally",
     "Span",
     "find_markers",
     "marker_summary",
     "segment",
+    "split_pieces",
 ]
 
 #: Span kinds that count as de-identification markers (``is_deid_marker`` in a scan).
@@ -249,11 +252,17 @@ def find_markers(text: str, *, kinds: Iterable[str] = ("marker", "placeholder", 
     kinds = set(kinds)
     cands = _candidates(text, (d for d in _DETECTORS if d.kind in kinds))
     cands.sort(key=lambda s: (-(s.end - s.start), _PRIORITY[s.convention], s.start))
+    # taken spans, kept sorted and non-overlapping: one bisection per candidate (a 1 MB prompt
+    # with thousands of matches stays linear-logarithmic)
+    starts: list[int] = []
     taken: list[Span] = []
     for span in cands:
-        if all(span.end <= t.start or span.start >= t.end for t in taken):
-            taken.append(span)
-    return sorted(taken, key=lambda s: s.start)
+        i = bisect.bisect_right(starts, span.start)
+        if (i == 0 or taken[i - 1].end <= span.start) and \
+                (i == len(taken) or span.end <= taken[i].start):
+            starts.insert(i, span.start)
+            taken.insert(i, span)
+    return taken
 
 
 def segment(text: str) -> list[Span]:
@@ -293,6 +302,37 @@ def segment(text: str) -> list[Span]:
     return spans
 
 
+# A sentence end no detector reaches across: two lower-case letters and a full stop (not the
+# title of a name, which the name pattern reads with the name), spaces, then a capitalized word.
+_PIECE_BREAK = re.compile(r"(?<=[a-z]{2}[.?!])(?<!\bMrs\.)(?<!\bDrs\.)(?<!\bMiss\.)"
+                          r"(?<!\bProf\.)\s+(?=[A-Z][a-z])")
+
+
+def split_pieces(text: str) -> list[str]:
+    """Cut ``text`` at sentence ends into pieces that :func:`segment` cuts the same way alone.
+
+    Every detector and the word pattern stop at such a break, so the units of ``text`` are the
+    units of its pieces one after another (offsets aside); a scan segments each distinct piece
+    once. A text with a MIMIC-III ``[**`` (whose surrogates may hold anything) is one piece.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> split_pieces("Small effusion. Dr. Smith was called at 10:30 a.m. Mrs. Jones agreed.")
+    ['Small effusion.', 'Dr. Smith was called at 10:30 a.m. Mrs. Jones agreed.']
+    """
+    if "[**" in text:
+        return [text]
+    return _PIECE_BREAK.split(text)
+
+
 def marker_summary(prompts: Sequence[str], *, examples: int = 3) -> dict[str, Any]:
     """Counts of every marker convention, generic placeholder and PHI pattern in ``prompts``.
 
@@ -317,27 +357,55 @@ def marker_summary(prompts: Sequence[str], *, examples: int = 3) -> dict[str, An
     >>> s["markers"]["mimic-cxr"]["occurrences"], s["markers"]["openi"]["prompts"]
     (2, 1)
     """
-    occurrences: Counter[str] = Counter()
-    with_prompt: Counter[str] = Counter()
-    keys: dict[str, Counter[str]] = defaultdict(Counter)
+    tally = MarkerTally()
     for prompt in prompts:
-        found = find_markers(prompt)
+        tally.add(find_markers(prompt))
+    return tally.summary(len(prompts), examples=examples)
+
+
+class MarkerTally:
+    """Running counts behind :func:`marker_summary`, for prompts seen one at a time (or once
+    per distinct prompt, with its number of copies).
+
+    Examples
+    --------
+    >>> tally = MarkerTally()
+    >>> tally.add(find_markers("Dr. ___ at ___."), count=3)
+    >>> tally.summary(4)["markers"]["mimic-cxr"]["occurrences"]
+    6
+    """
+
+    def __init__(self) -> None:
+        self.occurrences: Counter[str] = Counter()
+        self.with_prompt: Counter[str] = Counter()
+        self.keys: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def add(self, found: Iterable[Span], count: int = 1) -> None:
+        """Count the marker, placeholder and PHI spans ``found`` in one prompt that occurs
+        ``count`` times (spans of other kinds are ignored)."""
+        names = set()
         for span in found:
-            occurrences[span.convention] += 1
-            keys[span.convention][span.key] += 1
-        for name in {s.convention for s in found}:
-            with_prompt[name] += 1
-    n = max(len(prompts), 1)
-    out: dict[str, Any] = {"markers": {}, "placeholders": {}, "phi": {}}
-    group = {"marker": "markers", "placeholder": "placeholders", "phi": "phi"}
-    for det in _DETECTORS:
-        if not occurrences[det.name]:
-            continue
-        out[group[det.kind]][det.name] = {
-            "description": det.description,
-            "occurrences": int(occurrences[det.name]),
-            "prompts": int(with_prompt[det.name]),
-            "rate": with_prompt[det.name] / n,
-            "keys": dict(keys[det.name].most_common(max(int(examples), 1))),
-        }
-    return out
+            if span.convention is None:
+                continue
+            self.occurrences[span.convention] += count
+            self.keys[span.convention][span.key] += count
+            names.add(span.convention)
+        for name in names:
+            self.with_prompt[name] += count
+
+    def summary(self, n_prompts: int, *, examples: int = 3) -> dict[str, Any]:
+        """What :func:`marker_summary` returns, for ``n_prompts`` prompts in all."""
+        n = max(int(n_prompts), 1)
+        out: dict[str, Any] = {"markers": {}, "placeholders": {}, "phi": {}}
+        group = {"marker": "markers", "placeholder": "placeholders", "phi": "phi"}
+        for det in _DETECTORS:
+            if not self.occurrences[det.name]:
+                continue
+            out[group[det.kind]][det.name] = {
+                "description": det.description,
+                "occurrences": int(self.occurrences[det.name]),
+                "prompts": int(self.with_prompt[det.name]),
+                "rate": self.with_prompt[det.name] / n,
+                "keys": dict(self.keys[det.name].most_common(max(int(examples), 1))),
+            }
+        return out

@@ -31,15 +31,16 @@ import json
 import logging
 import os
 import time
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffmem.attribution.markers import DEID_KINDS, marker_summary, segment
+from diffmem.attribution.markers import DEID_KINDS, MarkerTally, Span, segment, split_pieces
 from diffmem.data.prompts import TABLE_SUFFIXES, iter_prompts, table_columns
 from diffmem.errors import ConfigError, DataError, PromptError
 from diffmem.utils import prepare_out_dir, progress, write_json
@@ -47,11 +48,14 @@ from diffmem.utils import prepare_out_dir, progress, write_json
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "NEAR_DUPLICATE_NOTE",
     "RANKING_NOTE",
     "TOKEN_COLUMNS",
     "PromptClusters",
     "ScanResult",
+    "iter_source",
     "log_odds_enrichment",
+    "near_duplicate_pairs",
     "prompt_clusters",
     "read_prompts",
     "run_scan",
@@ -105,7 +109,19 @@ def read_prompts(source: str | os.PathLike, *, split: str | None = "train",
     ------
     DataError
         For a missing or unreadable file, an unsupported suffix, a table without a prompt
-        column, or no prompt at all.
+        column, a line with a NUL byte or invalid UTF-8 (the message names the line), or no
+        prompt at all.
+    """
+    stream, info = iter_source(source, split=split, prompt_section=prompt_section)
+    return list(stream), info
+
+
+def iter_source(source: str | os.PathLike, *, split: str | None = "train",
+                prompt_section: str = "impression") -> tuple[Iterator[str], dict[str, Any]]:
+    """:func:`read_prompts` as a stream: the prompts one at a time, the file never held.
+
+    ``info`` gets ``n_blank`` and ``n_prompts`` once the stream is exhausted; the stream raises
+    :class:`~diffmem.errors.DataError` (naming the line) where :func:`read_prompts` would.
     """
     from diffmem.data.reports import normalize_whitespace
 
@@ -123,28 +139,130 @@ def read_prompts(source: str | os.PathLike, *, split: str | None = "train",
         dataset = load(path, prompt_section=prompt_section)
         if split not in (None, "all"):
             dataset = dataset.subset(split=split)
-        raw = dataset.prompts
+        raw: Iterable[tuple[int, Any]] = enumerate(dataset.prompts, start=1)
         info |= {"kind": f"dataset ({dataset.format})", "split": split or "all",
                  "data_fingerprint": dataset.fingerprint()}
+        where = "record"
     elif suffix == ".txt" or suffix in TABLE_SUFFIXES:
-        raw = [text for _, text in iter_prompts(path)]
+        raw = iter_prompts(path)
         info["kind"] = f"prompts file ({suffix[1:]})"
+        where = "line"
     else:
         raise DataError(f"unsupported prompts file suffix {path.suffix!r}; use .txt (one prompt "
                         "per line), .csv or .jsonl (a 'prompt' column), or a dataset folder",
                         path=path)
-    prompts = [normalize_whitespace(p) for p in raw if isinstance(p, str)]
-    info["n_blank"] = sum(1 for p in prompts if not p)
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        where = f" in split {split!r}" if "split" in info and split not in (None, "all") else ""
-        raise DataError(f"no prompts found{where}; the file or dataset is empty (or every "
-                        "prompt is blank): give at least one prompt", path=path)
-    info["n_prompts"] = len(prompts)
-    return prompts, info
+
+    def stream() -> Iterator[str]:
+        n_blank = n_prompts = 0
+        for n, text in raw:
+            text = normalize_whitespace(text) if isinstance(text, str) else ""
+            if not text:
+                n_blank += 1
+                continue
+            check_prompt(text, f"{where} {n}", path=path)
+            n_prompts += 1
+            yield text
+        info["n_blank"], info["n_prompts"] = n_blank, n_prompts
+        if not n_prompts:
+            in_split = f" in split {split!r}" if "split" in info and split not in (None, "all") \
+                else ""
+            raise DataError(f"no prompts found{in_split}; the file or dataset is empty (or every "
+                            "prompt is blank): give at least one prompt", path=path)
+
+    return stream(), info
+
+
+def check_prompt(text: str, where: str, *, path: str | os.PathLike | None = None) -> None:
+    """Refuse a prompt with a NUL byte (a binary file or a broken export), naming ``where``.
+
+    Raises
+    ------
+    DataError
+    """
+    if "\x00" in text:
+        raise DataError(f"{where} holds a NUL byte (\\x00), which no report text has: is this a "
+                        "binary file? Give a UTF-8 text file with one prompt per line (or strip "
+                        "the NUL bytes, e.g. tr -d '\\000')", path=path)
+
+
+# ---------------------------------------------------------------------------- distinct prompts
+#: Distinct sentence pieces whose units a scan remembers (:func:`_read_corpus`).
+_PIECE_CACHE = 200_000
+
+
+@dataclass
+class _Corpus:
+    """The distinct prompts of a scan (one copy of each text) and their units.
+
+    ``inverse[i]`` is prompt ``i``'s distinct text; ``units[indptr[d]:indptr[d + 1]]`` are the
+    ids (into ``vocab``, ``kinds``) of the units of ``texts[d]``, in order.
+    """
+
+    texts: list[str]
+    inverse: np.ndarray
+    copies: np.ndarray
+    indptr: np.ndarray
+    units: np.ndarray
+    vocab: list[str]
+    kinds: list[tuple[str, str | None]]
+    markers: MarkerTally
+
+
+def _read_corpus(prompts: Iterable[str]) -> _Corpus:
+    """Distinct prompts (whitespace collapsed, blanks left out) and the units of each, from a
+    stream; every distinct sentence piece (:func:`~diffmem.attribution.markers.split_pieces`)
+    is segmented once."""
+    index: dict[str, int] = {}
+    inverse = array("q")
+    for i, p in enumerate(prompts):
+        p = " ".join(str(p).split())
+        if p:
+            check_prompt(p, f"prompt {i}")
+            inverse.append(index.setdefault(p, len(index)))
+    texts = list(index)
+    del index
+    inv = np.frombuffer(inverse, dtype=np.int64) if inverse else np.zeros(0, np.int64)
+    copies = np.bincount(inv, minlength=len(texts))
+    vocab: dict[str, int] = {}
+    kinds: list[tuple[str, str | None]] = []
+    tally = MarkerTally()
+    cache: dict[str, tuple[tuple[int, ...], tuple[Span, ...]]] = {}
+    units = array("i")
+    indptr = np.zeros(len(texts) + 1, dtype=np.int64)
+    for d, text in enumerate(progress(texts, desc="segmenting distinct prompts", unit="prompt")):
+        found: list[Span] = []
+        for piece in split_pieces(text):
+            hit = cache.get(piece)
+            if hit is None:
+                spans = segment(piece)
+                ids = []
+                for s in spans:
+                    k = vocab.get(s.key)
+                    if k is None:
+                        k = vocab[s.key] = len(kinds)
+                        kinds.append((s.kind, s.convention))
+                    ids.append(k)
+                hit = (tuple(ids), tuple(s for s in spans if s.convention is not None))
+                if len(cache) >= _PIECE_CACHE:
+                    cache.clear()
+                cache[piece] = hit
+            units.extend(hit[0])
+            found.extend(hit[1])
+        tally.add(found, int(copies[d]))
+        indptr[d + 1] = len(units)
+    return _Corpus(texts, inv, copies, indptr, np.frombuffer(units, dtype=np.int32)
+                   if units else np.zeros(0, np.int32), list(vocab), kinds, tally)
 
 
 # ---------------------------------------------------------------------------- duplicates
+#: How near duplicates are defined and found (written into scan.json).
+NEAR_DUPLICATE_NOTE = (
+    "near duplicates: cosine similarity >= near_threshold between TF-IDF vectors (sublinear tf) "
+    "of unit unigrams and bigrams, every candidate pair checked exactly; candidates from MinHash "
+    "LSH (datasketch) over the sets of those terms, tuned to Jaccard lsh_threshold; clusters "
+    "are connected components")
+
+
 @dataclass
 class PromptClusters:
     """Exact and near-duplicate prompt clusters.
@@ -176,23 +294,29 @@ class PromptClusters:
                 "largest": self.sizes[:10]}
 
 
-def prompt_clusters(prompts: Sequence[str], *, near_threshold: float | None = 0.9,
-                    batch_size: int = 2048) -> PromptClusters:
+def prompt_clusters(prompts: Iterable[str], *, near_threshold: float | None = 0.9,
+                    search: str = "lsh", lsh_threshold: float = 0.6, num_perm: int = 64,
+                    seed: int = 1) -> PromptClusters:
     """Group prompts that are exact or near duplicates of each other.
 
-    Exact duplicates have the same text up to case and whitespace. Near duplicates have a
-    cosine similarity of at least ``near_threshold`` between their TF-IDF vectors of unit
-    unigrams and bigrams (units from :func:`~diffmem.attribution.markers.segment`, so all
-    ``___`` are one term and ``10:30`` and ``10:35`` the same ``<phi:time>``); clusters are the
-    connected components of that relation. The comparison runs on distinct texts in blocks of
-    ``batch_size`` rows: time grows with the square of the number of distinct prompts.
+    Exact duplicates have the same text up to case and whitespace (found by hashing). Near
+    duplicates have a cosine similarity of at least ``near_threshold`` between their TF-IDF
+    vectors of unit unigrams and bigrams (units from
+    :func:`~diffmem.attribution.markers.segment`, so all ``___`` are one term and ``10:30``
+    and ``10:35`` the same ``<phi:time>``); clusters are the connected components of that
+    relation. The pairs are found by :func:`near_duplicate_pairs`: by default MinHash LSH
+    proposes candidates and each candidate's cosine is computed exactly, so the definition is
+    the cosine one and the index only decides which pairs are looked at (its recall against
+    the exhaustive search is measured in the tests and the README).
 
     Parameters
     ----------
-    prompts : sequence of str
+    prompts : iterable of str
+        Read once, as a stream.
     near_threshold : float or None, optional
         Cosine similarity in (0, 1] (default 0.9); None finds exact duplicates only.
-    batch_size : int, optional
+    search, lsh_threshold, num_perm, seed
+        See :func:`near_duplicate_pairs`.
 
     Returns
     -------
@@ -205,54 +329,213 @@ def prompt_clusters(prompts: Sequence[str], *, near_threshold: float | None = 0.
     >>> c.labels.tolist(), c.kinds
     ([0, 0, 1, 1, -1], ['exact', 'near'])
     """
-    if near_threshold is not None and not 0 < float(near_threshold) <= 1:
+    _check_near_threshold(near_threshold)
+    return _clusters(_read_corpus(prompts), near_threshold, search=search,
+                     lsh_threshold=lsh_threshold, num_perm=num_perm, seed=seed)
+
+
+def _check_near_threshold(near_threshold: float | None) -> None:
+    if near_threshold is not None and (isinstance(near_threshold, bool)
+                                       or not 0 < float(near_threshold) <= 1):
         raise ConfigError(f"near_threshold={near_threshold!r}; use a cosine similarity in "
                           "(0, 1] (e.g. 0.9), or None for exact duplicates only")
-    keys = [" ".join(p.split()).casefold() for p in prompts]
-    distinct = sorted(set(keys))
-    index = {k: i for i, k in enumerate(distinct)}
-    parent = list(range(len(distinct)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if near_threshold is not None and len(distinct) > 1:
-        for a, b in _near_pairs(distinct, float(near_threshold), int(batch_size)):
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[ra] = rb
-    members: dict[int, list[int]] = defaultdict(list)
-    for i, k in enumerate(keys):
-        members[find(index[k])].append(i)
-    groups = sorted((m for m in members.values() if len(m) > 1), key=lambda m: (-len(m), m[0]))
-    labels = np.full(len(prompts), -1, dtype=np.int64)
-    kinds = []
-    for c, m in enumerate(groups):
-        labels[m] = c
-        kinds.append("exact" if len({keys[i] for i in m}) == 1 else "near")
-    return PromptClusters(labels, [len(m) for m in groups], kinds)
 
 
-def _near_pairs(texts: list[str], threshold: float, batch_size: int) -> list[tuple[int, int]]:
-    from sklearn.feature_extraction.text import TfidfVectorizer
+def _clusters(corpus: _Corpus, near_threshold: float | None, **search: Any) -> PromptClusters:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def terms(text: str) -> list[str]:
-        units = [s.key for s in segment(text)]
-        return units + [f"{a} {b}" for a, b in zip(units, units[1:])]
+    # 1. exact duplicates: one group per text up to case
+    groups: dict[str, int] = {}
+    gid = np.fromiter((groups.setdefault(t.casefold(), len(groups)) for t in corpus.texts),
+                      dtype=np.int64, count=len(corpus.texts))
+    n_groups = len(groups)
+    del groups
+    first_text = np.full(n_groups, len(gid), dtype=np.int64)
+    np.minimum.at(first_text, gid, np.arange(len(gid)))
+    # 2. near duplicates between groups, then connected components
+    edges = np.zeros((0, 2), dtype=np.int64)
+    if near_threshold is not None and n_groups > 1:
+        edges = near_duplicate_pairs(_tfidf(corpus, first_text), float(near_threshold),
+                                     **search)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])),
+                       shape=(n_groups, n_groups))
+    _, comp = connected_components(graph, directed=False)
+    # 3. clusters of at least two prompts, largest first (ties: first prompt first)
+    comp_of_prompt = comp[gid][corpus.inverse]
+    size = np.bincount(comp_of_prompt)
+    n_members = np.bincount(comp)  # groups (texts up to case) per component
+    first = np.full(len(size), len(comp_of_prompt), dtype=np.int64)
+    np.minimum.at(first, comp_of_prompt, np.arange(len(comp_of_prompt)))
+    keep = np.flatnonzero(size >= 2)
+    keep = keep[np.lexsort((first[keep], -size[keep]))]
+    label_of = np.full(len(size), -1, dtype=np.int64)
+    label_of[keep] = np.arange(len(keep))
+    return PromptClusters(label_of[comp_of_prompt], size[keep].tolist(),
+                          ["exact" if n_members[c] == 1 else "near" for c in keep])
 
-    if len(texts) > 20_000:
-        log.warning("near-duplicate search compares %d distinct prompts pairwise; this takes "
-                    "a while (near_threshold=None finds exact duplicates only)", len(texts))
-    x = TfidfVectorizer(analyzer=terms, sublinear_tf=True).fit_transform(texts).tocsr()
-    pairs = []
-    for lo in range(0, x.shape[0], batch_size):
-        sims = (x[lo:lo + batch_size] @ x.T).tocoo()
-        keep = (sims.data >= threshold - 1e-9) & (sims.row + lo < sims.col)
-        pairs.extend(zip((sims.row[keep] + lo).tolist(), sims.col[keep].tolist()))
-    return pairs
+
+def _tfidf(corpus: _Corpus, rows: np.ndarray) -> Any:
+    """L2-normalized TF-IDF (sublinear tf) of the unit unigrams and bigrams of the distinct
+    texts ``rows``: a CSR matrix, one row each."""
+    from scipy.sparse import csr_matrix
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    starts, lengths = corpus.indptr[rows], np.diff(corpus.indptr)[rows]
+    offsets = np.cumsum(lengths) - lengths
+    at = np.arange(int(lengths.sum())) - np.repeat(offsets - starts, lengths)
+    uni = corpus.units[at].astype(np.int64)
+    row = np.repeat(np.arange(len(rows)), lengths)
+    same = row[1:] == row[:-1]
+    bigram, bigram_col = np.unique(uni[:-1][same] * len(corpus.vocab) + uni[1:][same],
+                                   return_inverse=True)
+    cols = np.concatenate([uni, len(corpus.vocab) + bigram_col.ravel()])
+    counts = csr_matrix((np.ones(len(cols)), (np.concatenate([row, row[:-1][same]]), cols)),
+                        shape=(len(rows), len(corpus.vocab) + len(bigram)))
+    counts.sum_duplicates()
+    return TfidfTransformer(sublinear_tf=True).fit_transform(counts).tocsr()
+
+
+def near_duplicate_pairs(x: Any, threshold: float, *, search: str = "lsh",
+                         lsh_threshold: float = 0.6, num_perm: int = 64, seed: int = 1,
+                         block: int = 2048) -> np.ndarray:
+    """Pairs of rows of ``x`` whose cosine similarity is at least ``threshold``.
+
+    ``search="exhaustive"`` compares all pairs (blocked sparse products; time grows with the
+    square of the rows). ``search="lsh"`` (default) finds candidates with MinHash LSH
+    (Broder 1997; Indyk & Motwani 1998): each row's set of non-zero terms gets a ``num_perm``
+    MinHash signature (datasketch's legacy permutation scheme, vectorized here and checked
+    against :class:`datasketch.MinHash` in the tests), cut into the bands datasketch's
+    :class:`~datasketch.MinHashLSH` chooses for Jaccard ``lsh_threshold``; rows sharing a band
+    are candidates and each candidate's cosine is computed exactly, so no pair below
+    ``threshold`` is ever returned. A pair is skipped when earlier pairs already connect its
+    rows: the result keeps every connected component of the exhaustive relation that the
+    candidates reach, not every pair. Cosine 0.9 between TF-IDF vectors typically means a
+    Jaccard similarity of the term sets of about 0.8 (for binary vectors of equal size,
+    ``J = c / (2 - c)``); ``lsh_threshold`` 0.6 leaves a margin for the weighting. Memory:
+    ``num_perm`` 4-byte values per row.
+
+    Parameters
+    ----------
+    x : scipy.sparse matrix
+        ``(n, terms)``, rows L2-normalized (:func:`_tfidf`).
+    threshold : float
+        Cosine similarity in (0, 1].
+    search : {"lsh", "exhaustive"}
+    lsh_threshold : float, optional
+        Jaccard similarity the LSH bands are tuned to (datasketch's optimum of false positives
+        and negatives).
+    num_perm : int, optional
+        MinHash permutations.
+    seed : int, optional
+        Seed of the MinHash permutations.
+    block : int, optional
+        Rows per block of the sparse products and of the signatures.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 ``(P, 2)``, ``i < j`` in each row.
+    """
+    x = x.tocsr()
+    if search == "exhaustive":
+        pairs = []
+        for lo in range(0, x.shape[0], block):
+            sims = (x[lo:lo + block] @ x.T).tocoo()
+            keep = (sims.data >= threshold - 1e-9) & (sims.row + lo < sims.col)
+            pairs.append(np.stack([sims.row[keep] + lo, sims.col[keep]], axis=1))
+        return np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
+    if search != "lsh":
+        raise ConfigError(f"search={search!r}; use 'lsh' or 'exhaustive'")
+    return _lsh_pairs(x, threshold, lsh_threshold=lsh_threshold, num_perm=num_perm, seed=seed,
+                      block=block)
+
+
+def _minhash_signatures(x: Any, num_perm: int, seed: int, block: int) -> np.ndarray:
+    """``(n, num_perm)`` uint32 MinHash signatures of the rows' non-zero term ids, the values
+    ``datasketch.MinHash(scheme="legacy", hashfunc=int)`` gives for the same ids."""
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="legacy").permutations
+    prime, max_hash = np.uint64((1 << 61) - 1), np.uint64((1 << 32) - 1)
+    sig = np.full((x.shape[0], num_perm), max_hash, dtype=np.uint32)
+    for lo in range(0, x.shape[0], block):
+        sub = x[lo:lo + block]
+        filled = np.flatnonzero(np.diff(sub.indptr) > 0)
+        if not len(filled):
+            continue
+        terms, at = np.unique(sub.indices, return_inverse=True)
+        phv = (((a[:, None] * terms.astype(np.uint64) + b[:, None]) % prime)
+               & max_hash).astype(np.uint32)  # (num_perm, distinct terms of the block)
+        at, starts = at.ravel(), sub.indptr[filled]
+        for j in range(num_perm):  # 1-d reductions: much faster than one along axis 0
+            sig[lo + filled, j] = np.minimum.reduceat(phv[j, at], starts)
+    return sig
+
+
+def _lsh_pairs(x: Any, threshold: float, *, lsh_threshold: float, num_perm: int, seed: int,
+               block: int) -> np.ndarray:
+    from datasketch import MinHashLSH
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = x.shape[0]
+    lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
+    sig = _minhash_signatures(x, num_perm, seed, block)
+    edges = np.zeros((0, 2), dtype=np.int64)
+    comp = np.arange(n)
+    mix = np.random.default_rng(seed).integers(1, 2**63, size=lsh.r, dtype=np.uint64) | 1
+    for band in progress(range(lsh.b), desc="near-duplicate search (LSH bands)", unit="band"):
+        # the band's r values hashed to one 64-bit bucket key (a collision only adds
+        # candidates, which the exact check removes)
+        bucket = sig[:, band * lsh.r:(band + 1) * lsh.r].astype(np.uint64) @ mix
+        found = _bucket_pairs(x, bucket, threshold, comp, block)
+        if len(found):
+            edges = np.concatenate([edges, found])
+            graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+            comp = connected_components(graph, directed=False)[1]
+    return edges
+
+
+def _bucket_pairs(x: Any, bucket: np.ndarray, threshold: float, comp: np.ndarray,
+                  block: int) -> np.ndarray:
+    """Pairs ``i < j`` of rows in one bucket, not yet in one component, with cosine at least
+    ``threshold``. Buckets are taken in chunks of about ``block`` rows; a chunk's cosines are
+    one sparse product ``Z Z^T`` where ``Z`` holds each row's terms in columns of its own bucket
+    (so rows of different buckets share no column), in row blocks of ``block``."""
+    from scipy.sparse import csr_matrix
+
+    order = np.argsort(bucket, kind="stable")
+    b = bucket[order]
+    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+    sizes = np.diff(np.r_[starts, len(b)])
+    starts, sizes = starts[sizes >= 2], sizes[sizes >= 2]
+    out = [np.zeros((0, 2), dtype=np.int64)]
+    # chunks: consecutive buckets with about `block` rows together
+    cut = np.flatnonzero(np.diff(np.cumsum(sizes) // block, prepend=0)) if len(sizes) else []
+    for group in np.split(np.arange(len(sizes)), cut):
+        if not len(group):
+            continue
+        rows = np.concatenate([order[s:s + m] for s, m in zip(starts[group], sizes[group])])
+        local = np.repeat(np.arange(len(group)), sizes[group])
+        sub = x[rows]
+        codes = np.repeat(local, np.diff(sub.indptr)) * np.int64(x.shape[1]) + sub.indices
+        cols, col = np.unique(codes, return_inverse=True)
+        z = csr_matrix((sub.data, col.ravel(), sub.indptr), shape=(len(rows), len(cols)))
+        zt = z.T.tocsr()
+        for lo in range(0, len(rows), block):
+            sims = (z[lo:lo + block] @ zt).tocoo()
+            i, j = rows[sims.row + lo], rows[sims.col]
+            keep = (sims.data >= threshold - 1e-9) & (i < j) & (comp[i] != comp[j])
+            out.append(np.stack([i[keep], j[keep]], axis=1))
+    return np.concatenate(out).astype(np.int64)
+
+
+def _unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of ``a`` (by sorting: numpy 2.4's hash-based ``np.unique`` is
+    many times slower on large integer arrays)."""
+    a = np.sort(a, kind="stable")
+    return a[np.r_[True, a[1:] != a[:-1]]] if len(a) else a
 
 
 # ---------------------------------------------------------------------------- enrichment
@@ -342,7 +625,7 @@ class ScanResult:
         return {**self.summary, "top_tokens": self.tokens[:int(top)]}
 
 
-def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "gradient",
+def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "gradient",
                  max_prompts: int | None = None, near_threshold: float | None = 0.9,
                  min_count: int = 3, prior_scale: float = 0.1, generations: int = 4,
                  steps: int = 1, num_inference_steps: int = 50, guidance: float | None = None,
@@ -351,8 +634,9 @@ def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "
 
     Parameters
     ----------
-    prompts : sequence of str
-        The dataset's prompts (duplicates kept: duplication is evidence).
+    prompts : iterable of str
+        The dataset's prompts (duplicates kept: duplication is evidence), read once as a
+        stream: only the distinct texts are held.
     adapter : DiffusionModelAdapter, optional
         A trained model: adds the model-based attribution (see the module docstring).
     method : str, optional
@@ -392,41 +676,34 @@ def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "
     # 1. check inputs
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = [" ".join(str(p).split()) for p in prompts]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise DataError("scan got no prompts (empty input or only blank lines); give at least "
-                        "one prompt")
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) \
             or min_count < 1:
         raise ConfigError(f"min_count={min_count!r}; use a positive integer")
+    _check_near_threshold(near_threshold)
     if adapter is not None:
         from diffmem.attribution.methods import get_method
 
         get_method(method)  # an unknown name fails before any work
 
-    # 2. units of every distinct prompt
-    seg = {p: segment(p) for p in sorted(set(prompts))}
-    info: dict[str, dict[str, Any]] = {}
-    for spans in seg.values():
-        for s in spans:
-            info.setdefault(s.key, {"kind": s.kind, "convention": s.convention})
+    # 2. distinct prompts (the input read once, as a stream) and their units
+    corpus = _read_corpus(prompts)
+    if not corpus.texts:
+        raise DataError("scan got no prompts (empty input or only blank lines); give at least "
+                        "one prompt")
+    info: dict[str, dict[str, Any]] = {
+        k: {"kind": kind, "convention": conv} for k, (kind, conv) in zip(corpus.vocab,
+                                                                          corpus.kinds)}
 
     # 3. duplicates and enrichment
-    clusters = prompt_clusters(prompts, near_threshold=near_threshold)
+    clusters = _clusters(corpus, near_threshold)
     dup = clusters.duplicated
-    count_dup: Counter[str] = Counter()
-    count_rest: Counter[str] = Counter()
-    doc_freq: Counter[str] = Counter()
-    for p, is_dup in zip(prompts, dup):
-        keys = [s.key for s in seg[p]]
-        (count_dup if is_dup else count_rest).update(keys)
-        doc_freq.update(set(keys))
+    count_dup, count_rest, doc_freq = _token_counts(corpus, dup)
 
     # 4. the model part
     model_part = None
     if adapter is not None:
-        model_part = _model_scores(adapter, prompts, method=method, max_prompts=max_prompts,
+        model_part = _model_scores(adapter, dict(zip(corpus.texts, corpus.copies.tolist())),
+                                   method=method, max_prompts=max_prompts,
                                    generations=generations, steps=steps,
                                    num_inference_steps=num_inference_steps, guidance=guidance,
                                    seed=seed, batch_size=batch_size)
@@ -435,8 +712,8 @@ def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "
 
     # 5. combine and rank
     vocab = sorted(info)
-    a = np.array([count_dup[k] for k in vocab], dtype=np.float64)
-    b = np.array([count_rest[k] for k in vocab], dtype=np.float64)
+    a = np.array([count_dup.get(k, 0) for k in vocab], dtype=np.float64)
+    b = np.array([count_rest.get(k, 0) for k in vocab], dtype=np.float64)
     if dup.any() and (~dup).any():
         _, z = log_odds_enrichment(a, b, prior_scale=prior_scale)
     else:
@@ -456,7 +733,7 @@ def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "
     for i, k in enumerate(vocab):
         rows.append({
             "token": k, "rank": int(rank[i]), "score": float(score[i]), "count": int(counts[i]),
-            "prompts_with_token": int(doc_freq[k]), "enrichment": float(z[i]),
+            "prompts_with_token": int(doc_freq.get(k, 0)), "enrichment": float(z[i]),
             "is_deid_marker": info[k]["kind"] in DEID_KINDS, "kind": info[k]["kind"],
             "convention": info[k]["convention"], "count_duplicated": int(a[i]),
             "count_rest": int(b[i]), "enrichment_rank": int(z_rank[i]),
@@ -470,11 +747,12 @@ def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "
     rows.sort(key=lambda r: r["rank"])
 
     summary = {
-        "n_prompts": len(prompts),
-        "n_distinct": len(seg),
+        "n_prompts": len(corpus.inverse),
+        "n_distinct": len(corpus.texts),
         "n_tokens": len(vocab),
-        **marker_summary(prompts),
-        "duplicates": {**clusters.summary(), "near_threshold": near_threshold},
+        **corpus.markers.summary(len(corpus.inverse)),
+        "duplicates": {**clusters.summary(), "near_threshold": near_threshold,
+                       "definition": NEAR_DUPLICATE_NOTE},
         "enrichment": {"method": "log-odds z-score with informative Dirichlet prior (Monroe, "
                                  "Colaresi & Quinn 2008)",
                        "groups": "prompts in exact/near-duplicate clusters vs. the rest",
@@ -494,6 +772,24 @@ def scan_prompts(prompts: Sequence[str], *, adapter: Any = None, method: str = "
                       [] if model_part is None else model_part["attributions"])
 
 
+def _token_counts(corpus: _Corpus, dup: np.ndarray) -> tuple[dict[str, float], ...]:
+    """Occurrences of every unit key in duplicated prompts and in the rest, and the number of
+    prompts holding it (copies counted), from the distinct prompts."""
+    dup_text = np.zeros(len(corpus.texts), dtype=bool)
+    dup_text[corpus.inverse[dup]] = True  # copies of one text share their cluster
+    per_unit = np.repeat(np.arange(len(corpus.texts)), np.diff(corpus.indptr))
+    weight = corpus.copies[per_unit]
+    n_keys = len(corpus.vocab)
+    count_all = np.bincount(corpus.units, weights=weight, minlength=n_keys)
+    count_dup = np.bincount(corpus.units, weights=weight * dup_text[per_unit], minlength=n_keys)
+    once = _unique(per_unit.astype(np.int64) * n_keys + corpus.units)  # (text, unit) pairs
+    doc_freq = np.bincount(once % n_keys, weights=corpus.copies[once // n_keys],
+                           minlength=n_keys)
+    return (dict(zip(corpus.vocab, count_dup.tolist())),
+            dict(zip(corpus.vocab, (count_all - count_dup).tolist())),
+            dict(zip(corpus.vocab, doc_freq.tolist())))
+
+
 def _scaled(x: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     top = float(x[eligible].max()) if eligible.any() else 0.0
     return x / top if top > 0 else np.zeros_like(x)
@@ -508,14 +804,13 @@ def _ranks(score: np.ndarray, eligible: np.ndarray, counts: np.ndarray,
     return ranks
 
 
-def _model_scores(adapter: Any, prompts: list[str], *, method: str, max_prompts: int | None,
+def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prompts: int | None,
                   generations: int, steps: int, num_inference_steps: int,
                   guidance: float | None, seed: int, batch_size: int) -> dict[str, Any]:
     """Memorization-weighted attribution share of every token key over the prompts."""
     from diffmem.attribution.methods import get_method
 
     fn = get_method(method)
-    copies = Counter(prompts)
     distinct = sorted(copies)
     if max_prompts is not None:
         if isinstance(max_prompts, bool) or not isinstance(max_prompts, (int, np.integer)) \
@@ -661,7 +956,8 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     result : ScanResult
     paths : dict of str to Path
     """
-    prompts, info = read_prompts(source, split=split, prompt_section=prompt_section)
+    prompts, info = iter_source(source, split=split, prompt_section=prompt_section)
+    created = not Path(out).exists()
     out = prepare_out_dir(out, inputs=[source])
     adapter = None
     if model is not None:
@@ -669,7 +965,12 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
 
         adapter = model if isinstance(model, DiffusionModelAdapter) else \
             load_model(model, device=device, dtype=dtype)
-    result = scan_prompts(prompts, adapter=adapter, **options)
+    try:
+        result = scan_prompts(prompts, adapter=adapter, **options)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a stream that fails half-way (a NUL byte) leaves no empty folder
+        raise
     result.summary["input"] = info
     if adapter is not None:
         result.summary["model"]["source"] = adapter.source

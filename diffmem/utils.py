@@ -111,3 +111,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def weights_fingerprint(config: Any, module: Any) -> str:
+    """A short hash of a JSON-ready config and a torch module's state (weights and buffers),
+    the same for a trained module and its saved-and-loaded copy."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8"))
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode("utf-8"))
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -33,9 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dataset split to scan: train (default), validate, test or all")
     p.add_argument("--prompt-section", choices=("impression", "findings", "both", "full"),
                    default="impression", help="report section used as the prompt (datasets)")
-    p.add_argument("--near-threshold", type=float, default=0.9,
+    p.add_argument("--near-threshold", type=_threshold, default=0.9, metavar="COS|none",
                    help="TF-IDF cosine similarity from which prompts count as near "
-                        "duplicates (default 0.9)")
+                        "duplicates (default 0.9; found with MinHash LSH, each pair checked "
+                        "exactly); 'none' finds exact duplicates only")
     p.add_argument("--min-count", type=int, default=3,
                    help="tokens seen fewer times are ranked last (default 3)")
     p.add_argument("--generations", type=int, default=4,
@@ -44,6 +45,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_device(p)
     p.set_defaults(handler=run)
+
+
+def _threshold(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a cosine similarity "
+                                         "in (0, 1] such as 0.9, or 'none'") from None
 
 
 def run(args: argparse.Namespace) -> int:

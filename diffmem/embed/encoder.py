@@ -75,7 +75,8 @@ import numpy as np
 from diffmem.data import CXRDataset
 from diffmem.embed.presets import EncoderPreset, check_patch_size, load_preset
 from diffmem.errors import ConfigError, DataError, ModelError, PromptError, TrainingError
-from diffmem.utils import prepare_out_dir, progress, progress_bar, write_json
+from diffmem.utils import (prepare_out_dir, progress, progress_bar, weights_fingerprint,
+                           write_json)
 
 log = logging.getLogger(__name__)
 
@@ -281,12 +282,8 @@ class InDomainEncoder:
         """A short hash of the weights and the model config (the detector keys its feature
         cache on it); the same for a trained encoder and its saved-and-loaded copy."""
         if self._fingerprint is None:
-            h = hashlib.sha256(json.dumps(self.config["open_clip_model_cfg"], sort_keys=True)
-                               .encode("utf-8"))
-            for name, t in sorted(self.model.state_dict().items()):
-                h.update(name.encode("utf-8"))
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = weights_fingerprint(self.config["open_clip_model_cfg"],
+                                                    self.model)
         return self._fingerprint
 
     @property

@@ -1,0 +1,252 @@
+"""Re-ID verdicts for generated images: which training patient a generation looks like most, how
+much (the re-ID score), and whether that is a match at a threshold calibrated on held-out
+patients (patient verification after Packhäuser et al., Sci. Rep. 2022, used on generations as
+Dutt et al. do beside copy detection).
+
+* The **re-ID score** of a generation against a training patient is the largest cosine
+  similarity between the generation's embedding and the embeddings of that patient's studies;
+  the **most similar training patient** is the one with the largest score (so the score is the
+  largest similarity to any training record, and the patient owns that record).
+* The **threshold** is calibrated like the copy threshold
+  (:func:`diffmem.detect.verdicts.calibrate_threshold`): real images of held-out patients are
+  not any training patient, so their re-ID scores against the training patients are the null
+  distribution, and the threshold flags at most a fraction ``fpr`` of them.
+* A generation **re-identifies** a training patient when its score is strictly above the
+  threshold.
+
+Nothing here holds all pairs: the reference embeddings are searched in blocks.
+
+Examples
+--------
+>>> import numpy as np
+>>> index = PatientIndex(embeddings=np.eye(3, dtype=np.float32), patient_ids=["a", "a", "b"],
+...                      study_ids=["s1", "s2", "s3"], records=[0, 1, 2])
+>>> score, row = most_similar_patient(np.array([[0.0, 0.6, 0.8]]), index)
+>>> float(score[0]), index.patient_ids[int(row[0])]
+(0.8, 'b')
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from diffmem.data import CXRDataset
+from diffmem.detect.verdicts import (Threshold, calibrate_threshold, copy_verdicts,
+                                     fixed_threshold)
+from diffmem.errors import DataError
+from diffmem.reid.network import PatientVerifier, load_reid_model
+from diffmem.reid.pairs import patient_records
+from diffmem.utils import progress
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PatientIndex", "ReIDVerdicts", "calibrate_reid_threshold", "index_patients",
+           "most_similar_patient", "reid_verdicts"]
+
+_BLOCK = 4096  # reference rows per similarity block
+
+
+@dataclass
+class PatientIndex:
+    """Re-ID embeddings of reference (training) records, with their patients and studies.
+
+    Attributes
+    ----------
+    embeddings : ndarray, shape (N, D), float32
+        L2-normalized rows.
+    patient_ids, study_ids : list of str
+        Of each row.
+    records : list of int
+        Each row's index in the dataset it was built from.
+    model_fingerprint, data_fingerprint : str
+        What the embeddings depend on (empty when built by hand).
+    """
+
+    embeddings: np.ndarray
+    patient_ids: list[str]
+    study_ids: list[str]
+    records: list[int]
+    model_fingerprint: str = ""
+    data_fingerprint: str = ""
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+
+@dataclass
+class ReIDVerdicts:
+    """Re-ID verdicts of a batch of generations (see :func:`reid_verdicts`).
+
+    Attributes
+    ----------
+    score : ndarray, shape (G,)
+        Re-ID score against the most similar training patient (higher = more alike).
+    patient_id, study_id : list of str
+        The most similar training patient, and that patient's study that matched best.
+    record : ndarray of int
+        That study's record index in the reference dataset.
+    match : ndarray of bool
+        ``score`` strictly above ``threshold.value``: the generation re-identifies the patient.
+    threshold : Threshold
+    """
+
+    score: np.ndarray
+    patient_id: list[str]
+    study_id: list[str]
+    record: np.ndarray
+    match: np.ndarray
+    threshold: Threshold = field(repr=False)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per generation: ``reid_score``, ``reid_patient_id``, ``reid_study_id``,
+        ``reid_record``, ``reid_match`` (the columns a detector's ``scores.csv`` would gain)."""
+        return [{"reid_score": float(s), "reid_patient_id": p, "reid_study_id": st,
+                 "reid_record": int(r), "reid_match": bool(m)}
+                for s, p, st, r, m in zip(self.score, self.patient_id, self.study_id,
+                                          self.record, self.match)]
+
+
+def _model(model: PatientVerifier | str | os.PathLike | None) -> PatientVerifier:
+    return model if isinstance(model, PatientVerifier) else load_reid_model(model)
+
+
+def _embed_dataset(model: PatientVerifier, dataset: CXRDataset, batch_size: int) -> np.ndarray:
+    out = np.zeros((len(dataset), model.dim), dtype=np.float32)
+    chunks = dataset.iter_images(size=model.image_size, batch_size=batch_size)
+    for idx, imgs in progress(chunks, desc="re-ID embeddings", unit="batch",
+                              total=math.ceil(len(dataset) / batch_size)):
+        out[idx[0]:idx[-1] + 1] = model.embed_images(imgs.astype(np.float32),
+                                                     batch_size=batch_size)
+    return out
+
+
+def index_patients(model: PatientVerifier | str | os.PathLike | None,
+                   data: CXRDataset | str | os.PathLike, *, split: str | None = "train",
+                   batch_size: int = 128) -> PatientIndex:
+    """Embed the reference records (default: the training split) for re-ID search.
+
+    Parameters
+    ----------
+    model : PatientVerifier, path or None
+        ``None``: the embedded default re-ID model.
+    data : CXRDataset or path
+    split : str or None, optional
+        Records to index; ``None`` for all.
+    batch_size : int, optional
+
+    Returns
+    -------
+    PatientIndex
+
+    Raises
+    ------
+    DataError
+        When the split is empty or the dataset has no patient ids.
+    """
+    from diffmem.data import load
+
+    model = _model(model)
+    dataset = data if isinstance(data, CXRDataset) else load(data)
+    positions = [i for i, s in enumerate(dataset) if split is None or s.split == split]
+    reference = dataset.subset(indices=positions)
+    if len(reference) == 0:
+        raise DataError(f"no {split!r} records to re-identify against (splits present: "
+                        f"{dict(dataset.split_counts())})", path=dataset.root)
+    patient_records(reference)  # raises without patient ids
+    return PatientIndex(embeddings=_embed_dataset(model, reference, batch_size),
+                        patient_ids=[s.patient_id for s in reference],
+                        study_ids=[s.study_id for s in reference], records=positions,
+                        model_fingerprint=model.fingerprint(),
+                        data_fingerprint=reference.fingerprint())
+
+
+def most_similar_patient(embeddings: np.ndarray, index: PatientIndex, *,
+                         block: int = _BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """For each query embedding, the largest cosine similarity to any indexed record and that
+    record's row (whose patient is the most similar patient), searched in blocks.
+
+    Returns
+    -------
+    (scores, rows) : ndarray (G,) float64, ndarray (G,) int
+    """
+    q = np.asarray(embeddings, dtype=np.float64)
+    if q.ndim != 2 or q.shape[1] != index.embeddings.shape[1]:
+        raise DataError(f"query embeddings have shape {q.shape}; expected (G, "
+                        f"{index.embeddings.shape[1]}) from the model that built the index")
+    best = np.full(len(q), -np.inf)
+    rows = np.zeros(len(q), dtype=np.int64)
+    for start in range(0, len(index), block):
+        sims = q @ index.embeddings[start:start + block].astype(np.float64).T
+        arg = sims.argmax(axis=1)
+        val = sims[np.arange(len(q)), arg]
+        better = val > best
+        best[better], rows[better] = val[better], arg[better] + start
+    return np.clip(best, -1.0, 1.0), rows
+
+
+def calibrate_reid_threshold(model: PatientVerifier | str | os.PathLike | None,
+                             index: PatientIndex, heldout: CXRDataset, *,
+                             fpr: float = 0.01, batch_size: int = 128) -> Threshold:
+    """The re-ID threshold whose false-positive rate on held-out patients is at most ``fpr``.
+
+    Each held-out image's re-ID score against the indexed (training) patients is a null value:
+    its patient is none of them. The threshold is
+    :func:`~diffmem.detect.verdicts.calibrate_threshold` of those scores.
+
+    Raises
+    ------
+    DataError
+        When ``heldout`` is empty or shares patients with the index (they would not be held
+        out).
+    """
+    model = _model(model)
+    if len(heldout) == 0:
+        raise DataError("no held-out images to calibrate the re-ID threshold on: pass records "
+                        "of patients outside the training set (the validate/test split)")
+    shared = sorted({s.patient_id for s in heldout} & set(index.patient_ids))
+    if shared:
+        raise DataError(f"{len(shared)} held-out patient(s) also have indexed training records "
+                        f"(e.g. {shared[:3]}); calibrate on patients outside the training set",
+                        path=heldout.root)
+    scores, _ = most_similar_patient(_embed_dataset(model, heldout, batch_size), index)
+    return calibrate_threshold(scores, fpr=fpr)
+
+
+def reid_verdicts(model: PatientVerifier | str | os.PathLike | None, images: np.ndarray,
+                  index: PatientIndex, threshold: Threshold | float) -> ReIDVerdicts:
+    """Re-ID verdicts of generated images: most similar training patient, score, match.
+
+    Parameters
+    ----------
+    model : PatientVerifier, path or None
+        The model that built ``index``.
+    images : ndarray, shape (G, H, W)
+        Generations, float in [0, 1]; another side than the model's is converted (logged).
+    index : PatientIndex
+        From :func:`index_patients` on the training data.
+    threshold : Threshold or float
+        From :func:`calibrate_reid_threshold`, or a fixed value.
+
+    Returns
+    -------
+    ReIDVerdicts
+    """
+    model = _model(model)
+    if index.model_fingerprint and index.model_fingerprint != model.fingerprint():
+        raise DataError(f"the patient index was built with another re-ID model (fingerprint "
+                        f"{index.model_fingerprint}, this one {model.fingerprint()}); rebuild it "
+                        "with index_patients(model, data)")
+    scores, rows = most_similar_patient(model.embed_images(images), index)
+    if not isinstance(threshold, Threshold):
+        threshold = fixed_threshold(threshold)
+    match = copy_verdicts(scores, threshold)
+    return ReIDVerdicts(score=scores, patient_id=[index.patient_ids[r] for r in rows],
+                        study_id=[index.study_ids[r] for r in rows],
+                        record=np.asarray([index.records[r] for r in rows], dtype=np.int64),
+                        match=match, threshold=threshold)
