@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from diffmem._lazy import lazy_getattr
+
 from diffmem.attribution.markers import (
     MARKER_CONVENTIONS,
     PHI_PATTERNS,
@@ -61,9 +63,4 @@ __all__ = sorted(["MARKER_CONVENTIONS", "PHI_PATTERNS", "PLACEHOLDER_DETECTORS",
                   "find_markers", "marker_summary", "pool_tokens", "segment", *_WHERE])
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        import importlib
-
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'diffmem.attribution' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)

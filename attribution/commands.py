@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.attribution.result import TokenAttribution
+from diffmem.checks import as_adapter
 
 __all__ = ["format_ranking", "run_attribute"]
 
@@ -41,7 +42,6 @@ def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str = 
     from diffmem.attribution.methods import attribute, get_method
     from diffmem.attribution.render import save_attribution
     from diffmem.errors import ConfigError
-    from diffmem.models import DiffusionModelAdapter, load_model
 
     get_method(method)  # an unknown method fails before the model loads
     if out is not None and Path(out).suffix.lower() not in (".html", ".htm", ".png", ".json"):
@@ -50,8 +50,7 @@ def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str = 
         from diffmem.data import load
 
         options["reference"] = load(options["reference"])
-    adapter = model if isinstance(model, DiffusionModelAdapter) else \
-        load_model(model, device=device, dtype=dtype)
+    adapter = as_adapter(model, device=device, dtype=dtype)
     result = attribute(adapter, prompt, method=method, **options)
     return result, None if out is None else save_attribution(result, out)
 

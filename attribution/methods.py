@@ -54,6 +54,7 @@ from diffmem.models import (
     trajectory_noise_gaps,
     walk_trajectory,
 )
+from diffmem.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ __all__ = [
     "register_method",
 ]
 
-_METHODS: dict[str, Callable[..., TokenAttribution]] = {}
+_METHODS: Registry[Callable[..., TokenAttribution]] = Registry("attribution method",
+                                                              known="known methods")
 
 #: How occlusion takes a unit out: delete its tokens (the rest shift left, as if the words were
 #: not written) or overwrite them with the padding token (positions kept).
@@ -79,10 +81,7 @@ OCCLUSION_TARGETS = ("magnitude", "similarity")
 def register_method(name: str) -> Callable[[Callable[..., TokenAttribution]],
                                            Callable[..., TokenAttribution]]:
     """Decorator: make an attribution function available to :func:`attribute` as ``name``."""
-    def wrap(fn: Callable[..., TokenAttribution]) -> Callable[..., TokenAttribution]:
-        _METHODS[name] = fn
-        return fn
-    return wrap
+    return _METHODS.register(name)
 
 
 def list_methods() -> list[str]:
@@ -93,7 +92,7 @@ def list_methods() -> list[str]:
     >>> list_methods()
     ['attention', 'gradient', 'occlusion']
     """
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def get_method(name: str) -> Callable[..., TokenAttribution]:
@@ -104,10 +103,7 @@ def get_method(name: str) -> Callable[..., TokenAttribution]:
     ConfigError
         For an unknown name; the message lists the known ones.
     """
-    if name not in _METHODS:
-        raise ConfigError(f"unknown attribution method {name!r}; known methods: "
-                          f"{', '.join(list_methods())}")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def attribute(adapter: DiffusionModelAdapter, prompt: str, *, method: str = "gradient",

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.attribution.markers import DEID_KINDS, MarkerTally, Span, segment, split_pieces
+from diffmem.checks import as_adapter, check_int
 from diffmem.data.prompts import TABLE_SUFFIXES, iter_prompts, table_columns
 from diffmem.errors import ConfigError, DataError, PromptError
 from diffmem.utils import prepare_out_dir, progress, write_json
@@ -676,9 +677,7 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
     # 1. check inputs
     if isinstance(prompts, str):
         prompts = [prompts]
-    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) \
-            or min_count < 1:
-        raise ConfigError(f"min_count={min_count!r}; use a positive integer")
+    check_int("min_count", min_count)
     _check_near_threshold(near_threshold)
     if adapter is not None:
         from diffmem.attribution.methods import get_method
@@ -813,10 +812,7 @@ def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prom
     fn = get_method(method)
     distinct = sorted(copies)
     if max_prompts is not None:
-        if isinstance(max_prompts, bool) or not isinstance(max_prompts, (int, np.integer)) \
-                or max_prompts < 1:
-            raise ConfigError(f"max_prompts={max_prompts!r}; use a positive integer or None "
-                              "(all prompts)")
+        check_int("max_prompts", max_prompts, hint=" or None (all prompts)")
         if max_prompts < len(distinct):
             rng = np.random.default_rng(seed)
             pick = rng.choice(len(distinct), size=int(max_prompts), replace=False)
@@ -961,10 +957,7 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     out = prepare_out_dir(out, inputs=[source])
     adapter = None
     if model is not None:
-        from diffmem.models import DiffusionModelAdapter, load_model
-
-        adapter = model if isinstance(model, DiffusionModelAdapter) else \
-            load_model(model, device=device, dtype=dtype)
+        adapter = as_adapter(model, device=device, dtype=dtype)
     try:
         result = scan_prompts(prompts, adapter=adapter, **options)
     except BaseException:

@@ -43,7 +43,6 @@ Examples
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
 import logging
@@ -57,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.errors import DataError, OutputError
-from diffmem.utils import sha256_text, stable_json, write_json
+from diffmem.utils import sha256_text, stable_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -454,17 +453,7 @@ class ResultsStore:
                     extra.append(col)
                 d[col] = json.dumps(val) if isinstance(val, (dict, list)) else val
             flat.append(d)
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=[*_RESULT_COLUMNS, *extra])
-                w.writeheader()
-                w.writerows(flat)
-            os.replace(tmp, path)
-        except OSError as e:
-            raise OutputError(f"cannot write {str(path)!r}: {e.strerror}") from None
-        return path
+        return write_csv(path, [*_RESULT_COLUMNS, *extra], flat)
 
     def export_json(self, path: str | os.PathLike, **filters: Any) -> Path:
         """Write runs, parameters and results as one JSON document and return the path."""

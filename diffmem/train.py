@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffmem.checks import as_dataset, package_versions
 from diffmem.data import CXRDataset, Study
 from diffmem.errors import ConfigError, DataError, TrainingError
 from diffmem.utils import prepare_out_dir, progress, write_json
@@ -271,17 +272,9 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return out
 
 
-def _package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("diffmem", "torch", "diffusers", "transformers", "tokenizers", "accelerate",
-                 "safetensors", "numpy"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+#: The packages a model card records (``versions``).
+_VERSIONED = ("diffmem", "torch", "diffusers", "transformers", "tokenizers", "accelerate",
+              "safetensors", "numpy")
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -413,7 +406,6 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    from diffmem.data import load
     from diffmem.pipelines import build_pipeline, load_preset
 
     t_start = time.time()
@@ -421,7 +413,7 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     preset = load_preset(config.preset)
     cfg = config.resolved(dict(preset.training))
 
-    dataset = data if isinstance(data, CXRDataset) else load(data)
+    dataset = as_dataset(data)
     out = Path(out)
     prepare_out_dir(out, inputs=[dataset.root])
     train_set = dataset.subset(split=cfg.split)
@@ -431,20 +423,12 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     fingerprint = train_set.fingerprint()
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    world, rank = acc.num_processes, acc.process_index
+    world = acc.num_processes
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {world} "
                           "processes; use a multiple of the process count")
-    local_bs = cfg.batch_size // world
 
     checkpoints = _list_checkpoints(out)
-    if checkpoints and not resume:
-        raise TrainingError(f"{out} already holds checkpoints (newest: step "
-                            f"{checkpoints[-1][0]}); pass --resume to continue that run or "
-                            "choose a new --out")
-    if resume and not checkpoints:
-        log.warning("--resume given but %s has no checkpoint yet: starting from step 0", out)
-
     run_meta = {
         "preset": preset.name, "data_fingerprint": fingerprint, "seed": cfg.seed,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
@@ -452,13 +436,7 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
         "transform": getattr(caption_transform, "__name__", None) if caption_transform else None,
         "loss_filter": getattr(loss_filter, "__name__", None) if loss_filter else None,
     }
-    if checkpoints and resume:
-        saved = json.loads((checkpoints[-1][1] / "state.json").read_text())
-        diffs = {k: (saved.get(k), v) for k, v in run_meta.items() if saved.get(k) != v}
-        if diffs:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
-            raise TrainingError(f"cannot resume {out}: the run's settings or data changed "
-                                f"({detail}); resume with the same settings or use a new --out")
+    _check_resume(out, checkpoints, resume, run_meta)
 
     set_seed(cfg.seed)
     tokenizer = _make_tokenizer(out, train_set.prompts, preset, resume=resume,
@@ -493,78 +471,18 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
                 if resume and line.strip() and json.loads(line).get("step", 0) <= start_step]
         log_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
-    alphas = noise_sched.alphas_cumprod
-    n = len(train_set)
+    run = _Run(cfg=cfg, acc=acc, pipe=pipe, tokenizer=tokenizer, noise_sched=noise_sched,
+               images=images, train_set=train_set, ddp_model=ddp_model, opt=opt, sched=sched,
+               ema_state=ema_state, out=out, caption_transform=caption_transform,
+               loss_filter=loss_filter)
     end_step = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
-    last_loss, filtered_total = float("nan"), 0
+    last_loss = float("nan")
     bar = progress(range(start_step, end_step), desc="training", total=end_step - start_step,
                    unit="step", disable=None if acc.is_main_process else True)
     ddp_model.train()
     for step in bar:
-        # 1. the global batch, its noise, timesteps and caption decisions (all seeded by step)
-        idx = _batch_indices(n, cfg.batch_size, cfg.seed, step)
-        g = _step_generator(cfg.seed, step, 0)
-        x0_all = images.get(idx)
-        noise_all = torch.randn((len(idx), *pipe.sample_shape), generator=g)
-        t_all = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
-        drop_all = torch.rand(len(idx), generator=g) < cfg.caption_dropout
-        sl = slice(rank * local_bs, (rank + 1) * local_bs)
-        studies = [train_set[i] for i in idx[sl]]
-        prompts = []
-        tg = _step_generator(cfg.seed, step, 1)
-        for study, drop in zip(studies, drop_all[sl].tolist()):
-            text = caption_transform(study.prompt, study, tg) if caption_transform else study.prompt
-            prompts.append("" if drop else text)
-
-        # 2. forward process and loss
-        with torch.no_grad():
-            x0 = pipe.encode_images(x0_all[sl], generator=_step_generator(cfg.seed, step, 2))
-        noise, t = noise_all[sl].to(x0.dtype), t_all[sl]
-        x_t = noise_sched.add_noise(x0, noise, t)
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        eps_pred, cond = ddp_model(x_t.to(acc.device), t.to(acc.device), ids.to(acc.device))
-        losses = F.mse_loss(eps_pred.float(), noise.to(acc.device).float(),
-                            reduction="none").mean(dim=(1, 2, 3))
-        keep = torch.ones_like(losses, dtype=torch.bool)
-        if loss_filter is not None:
-            def _uncond(x_t=x_t, t=t):
-                with torch.no_grad():
-                    empty = tokenizer([""] * len(prompts), padding="max_length",
-                                      max_length=tokenizer.model_max_length, truncation=True,
-                                      return_tensors="pt").input_ids.to(acc.device)
-                    inner = acc.unwrap_model(ddp_model)
-                    return inner.unet(x_t.to(acc.device), t.to(acc.device),
-                                      encoder_hidden_states=inner.encode(empty),
-                                      return_dict=False)[0]
-            keep = loss_filter(LossFilterBatch(
-                losses=losses.detach(), x_t=x_t, timesteps=t, noise=noise, eps_pred=eps_pred.detach(),
-                cond=cond.detach(), prompts=prompts, studies=studies, step=step,
-                _eps_uncond_fn=_uncond)).to(losses.device).bool()
-            filtered_total += int((~keep).sum())
-        # mean over the kept samples of the *global* batch size keeps processes consistent
-        loss = (losses * keep).sum() / local_bs
-
-        # 3. optimizer step
-        if not torch.isfinite(loss.detach()):
-            good = _list_checkpoints(out)
-            where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written yet"
-            raise TrainingError(f"the loss became {float(loss.detach())} at step {step}; training stopped "
-                                f"and nothing further was saved ({where}); lower --lr or check the data")
-        acc.backward(loss)
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema_state is not None:
-            with torch.no_grad():
-                for k, v in acc.unwrap_model(ddp_model).state_dict().items():
-                    if v.dtype.is_floating_point:
-                        ema_state[k].mul_(cfg.ema).add_(v.detach(), alpha=1 - cfg.ema)
-                    else:
-                        ema_state[k].copy_(v)
-
+        loss = _batch_loss(run, step)  # 1.-2. the batch, the forward process and the loss
+        _optimizer_step(run, loss, step)  # 3.
         # 4. logging and checkpoints
         done = step + 1
         last_loss = float(acc.reduce(loss.detach(), reduction="mean"))
@@ -575,7 +493,7 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": done, "loss": last_loss,
                                         "lr": sched.get_last_lr()[0],
-                                        "filtered": filtered_total,
+                                        "filtered": run.filtered_total,
                                         "elapsed_s": round(time.time() - t_start, 2)}) + "\n")
         if done % cfg.checkpoint_every == 0 or done == end_step:
             acc.wait_for_everyone()
@@ -591,30 +509,152 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
             inner.load_state_dict(ema_state)
         pipe.unet, pipe.text_encoder = inner.unet, inner.text_encoder
         pipe.save_pretrained(str(out))
-        _write_model_card(out, preset, cfg, fingerprint, train_set, final_step, last_loss,
-                          time.time() - t_start, resumed_from)
+        _write_model_card(out, preset, cfg, train_set, fingerprint, {
+            "steps": final_step, "final_loss": last_loss,
+            "wall_seconds_last_session": round(time.time() - t_start, 1),
+            "resumed_from": resumed_from})
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(out=str(out), steps=final_step, final_loss=last_loss,
                        wall_seconds=round(time.time() - t_start, 2), resumed_from=resumed_from,
-                       filtered_samples=filtered_total)
+                       filtered_samples=run.filtered_total)
 
 
-def _write_model_card(out: Path, preset, cfg: TrainConfig, fingerprint: str, train_set: CXRDataset,
-                      steps: int, loss: float, seconds: float, resumed_from: int | None) -> None:
+def _check_resume(out: Path, checkpoints: list[tuple[int, Path]], resume: bool,
+                  run_meta: dict[str, Any]) -> None:
+    """Refuse to overwrite checkpoints without ``resume``, or to resume a different run."""
+    if checkpoints and not resume:
+        raise TrainingError(f"{out} already holds checkpoints (newest: step "
+                            f"{checkpoints[-1][0]}); pass --resume to continue that run or "
+                            "choose a new --out")
+    if resume and not checkpoints:
+        log.warning("--resume given but %s has no checkpoint yet: starting from step 0", out)
+    if checkpoints and resume:
+        saved = json.loads((checkpoints[-1][1] / "state.json").read_text())
+        diffs = {k: (saved.get(k), v) for k, v in run_meta.items() if saved.get(k) != v}
+        if diffs:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+            raise TrainingError(f"cannot resume {out}: the run's settings or data changed "
+                                f"({detail}); resume with the same settings or use a new --out")
+
+
+@dataclass
+class _Run:
+    """What every training step uses (built once by :func:`train`)."""
+
+    cfg: TrainConfig
+    acc: Any
+    pipe: Any
+    tokenizer: Any
+    noise_sched: Any
+    images: _ImageSource
+    train_set: CXRDataset
+    ddp_model: Any
+    opt: Any
+    sched: Any
+    ema_state: dict[str, torch.Tensor] | None
+    out: Path
+    caption_transform: Callable | None
+    loss_filter: Callable | None
+    filtered_total: int = 0
+
+    @property
+    def local_bs(self) -> int:
+        return self.cfg.batch_size // self.acc.num_processes
+
+
+def _batch_loss(run: _Run, step: int) -> torch.Tensor:
+    """Steps 1-2 of a training step: this process's share of the global batch (noise,
+    timesteps and caption decisions all seeded by ``step``), the forward process and the loss
+    (after the loss filter)."""
+    cfg, acc, pipe, tokenizer, ddp_model = run.cfg, run.acc, run.pipe, run.tokenizer, run.ddp_model
+    local_bs, rank = run.local_bs, acc.process_index
+    # 1. the global batch, its noise, timesteps and caption decisions (all seeded by step)
+    idx = _batch_indices(len(run.train_set), cfg.batch_size, cfg.seed, step)
+    g = _step_generator(cfg.seed, step, 0)
+    x0_all = run.images.get(idx)
+    noise_all = torch.randn((len(idx), *pipe.sample_shape), generator=g)
+    t_all = torch.randint(0, run.noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
+    drop_all = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+    sl = slice(rank * local_bs, (rank + 1) * local_bs)
+    studies = [run.train_set[i] for i in idx[sl]]
+    prompts = []
+    tg = _step_generator(cfg.seed, step, 1)
+    for study, drop in zip(studies, drop_all[sl].tolist()):
+        text = run.caption_transform(study.prompt, study, tg) if run.caption_transform \
+            else study.prompt
+        prompts.append("" if drop else text)
+
+    # 2. forward process and loss
+    with torch.no_grad():
+        x0 = pipe.encode_images(x0_all[sl], generator=_step_generator(cfg.seed, step, 2))
+    noise, t = noise_all[sl].to(x0.dtype), t_all[sl]
+    x_t = run.noise_sched.add_noise(x0, noise, t)
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    eps_pred, cond = ddp_model(x_t.to(acc.device), t.to(acc.device), ids.to(acc.device))
+    losses = F.mse_loss(eps_pred.float(), noise.to(acc.device).float(),
+                        reduction="none").mean(dim=(1, 2, 3))
+    keep = torch.ones_like(losses, dtype=torch.bool)
+    if run.loss_filter is not None:
+        def _uncond(x_t=x_t, t=t):
+            with torch.no_grad():
+                empty = tokenizer([""] * len(prompts), padding="max_length",
+                                  max_length=tokenizer.model_max_length, truncation=True,
+                                  return_tensors="pt").input_ids.to(acc.device)
+                inner = acc.unwrap_model(ddp_model)
+                return inner.unet(x_t.to(acc.device), t.to(acc.device),
+                                  encoder_hidden_states=inner.encode(empty),
+                                  return_dict=False)[0]
+        keep = run.loss_filter(LossFilterBatch(
+            losses=losses.detach(), x_t=x_t, timesteps=t, noise=noise, eps_pred=eps_pred.detach(),
+            cond=cond.detach(), prompts=prompts, studies=studies, step=step,
+            _eps_uncond_fn=_uncond)).to(losses.device).bool()
+        run.filtered_total += int((~keep).sum())
+    # mean over the kept samples of the *global* batch size keeps processes consistent
+    return (losses * keep).sum() / local_bs
+
+
+def _optimizer_step(run: _Run, loss: torch.Tensor, step: int) -> None:
+    """Step 3: backward, gradient clipping, optimizer and schedule steps, EMA update."""
+    cfg, acc, ddp_model, opt, ema_state = run.cfg, run.acc, run.ddp_model, run.opt, run.ema_state
+    if not torch.isfinite(loss.detach()):
+        good = _list_checkpoints(run.out)
+        where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written yet"
+        raise TrainingError(f"the loss became {float(loss.detach())} at step {step}; training stopped "
+                            f"and nothing further was saved ({where}); lower --lr or check the data")
+    acc.backward(loss)
+    if cfg.grad_clip:
+        acc.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
+    opt.step()
+    run.sched.step()
+    opt.zero_grad(set_to_none=True)
+    if ema_state is not None:
+        with torch.no_grad():
+            for k, v in acc.unwrap_model(ddp_model).state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema_state[k].mul_(cfg.ema).add_(v.detach(), alpha=1 - cfg.ema)
+                else:
+                    ema_state[k].copy_(v)
+
+
+def _write_model_card(out: Path, preset, cfg: TrainConfig, train_set: CXRDataset,
+                      fingerprint: str, result: dict[str, Any]) -> None:
+    """``model_card.json`` and ``README.md``; ``result`` holds ``steps``, ``final_loss``,
+    ``wall_seconds_last_session`` and ``resumed_from``."""
     card = {
         "model": "CXRDiffusionPipeline",
         "preset": preset.name,
         "preset_config": preset.to_dict(),
         "training": asdict(cfg),
-        "steps": steps,
-        "final_loss": loss,
-        "wall_seconds_last_session": round(seconds, 1),
-        "resumed_from": resumed_from,
+        "steps": result["steps"],
+        "final_loss": result["final_loss"],
+        "wall_seconds_last_session": result["wall_seconds_last_session"],
+        "resumed_from": result["resumed_from"],
         "data": {"root": str(train_set.root), "format": train_set.format,
                  "fingerprint": fingerprint, "records": len(train_set),
                  "patients": len({s.patient_id for s in train_set})},
-        "versions": _package_versions(),
+        "versions": package_versions(*_VERSIONED),
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
                     "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
     }
@@ -622,11 +662,11 @@ def _write_model_card(out: Path, preset, cfg: TrainConfig, fingerprint: str, tra
     lines = [
         "# Model card: CXRDiffusionPipeline trained by diffmem", "",
         f"- preset: `{preset.name}` — {preset.description}",
-        f"- steps: {steps}, global batch {cfg.batch_size}, lr {cfg.lr}, caption dropout "
+        f"- steps: {result['steps']}, global batch {cfg.batch_size}, lr {cfg.lr}, caption dropout "
         f"{cfg.caption_dropout}, seed {cfg.seed}, EMA {cfg.ema or 'off'}",
         f"- data: {len(train_set)} `{cfg.split}` records from `{train_set.root}` "
         f"({train_set.format}), fingerprint `{fingerprint}`",
-        f"- final training loss: {loss:.4f}",
+        f"- final training loss: {result['final_loss']:.4f}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items()), "",
         "This model was trained on patient images and may reproduce them: run `diffmem detect` "
         "before sharing it or its samples.", "",

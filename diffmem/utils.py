@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,3 +122,27 @@ def weights_fingerprint(config: Any, module: Any) -> str:
         h.update(name.encode("utf-8"))
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str],
+              rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` as a CSV with header ``columns`` (other keys are ignored), atomically:
+    through ``path.tmp`` and :func:`os.replace`, so a reader never sees half a file.
+
+    Raises
+    ------
+    OutputError
+        Naming the file when it cannot be written (the temporary file is removed).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {str(path)!r}: {e.strerror}") from None
+    return path

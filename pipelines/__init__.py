@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from diffmem._lazy import lazy_getattr
+
 from diffmem.pipelines.presets import (PipelinePreset, build_pipeline, default_model_dir,
                                        list_presets, load_preset)
 from diffmem.pipelines.tokenizer import MARKER_TOKENS, train_tokenizer
@@ -22,16 +24,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from diffmem.pipelines.pipeline_cxr import (CXRDiffusionPipeline, CXRPipelineOutput,
                                                 check_pipeline_folder)
 
-_LAZY = {"CXRDiffusionPipeline", "CXRPipelineOutput", "check_pipeline_folder"}
+_LAZY = {name: "diffmem.pipelines.pipeline_cxr"
+         for name in ("CXRDiffusionPipeline", "CXRPipelineOutput", "check_pipeline_folder")}
 
 __all__ = ["CXRDiffusionPipeline", "CXRPipelineOutput", "MARKER_TOKENS", "PipelinePreset",
            "build_pipeline", "check_pipeline_folder", "default_model_dir", "list_presets", "load_preset",
            "train_tokenizer"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        from diffmem.pipelines import pipeline_cxr
-
-        return getattr(pipeline_cxr, name)
-    raise AttributeError(f"module 'diffmem.pipelines' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

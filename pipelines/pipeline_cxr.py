@@ -39,7 +39,6 @@ folder is loaded. Recent diffusers (0.42 here) run a folder's ``pipeline.py`` on
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
@@ -55,7 +54,10 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffmem.checks import check_int
 from diffmem.errors import ConfigError, DataError, ModelError, PromptError
+from diffmem.pipelines.folder import (WEIGHTED_COMPONENTS, IndexProblem, read_model_index,
+                                      weight_files)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,6 @@ _CONFIG_FILES = {
     "scheduler": ("scheduler_config.json",),
     "tokenizer": ("tokenizer.json", "tokenizer_config.json"),
 }
-_HAS_WEIGHTS = ("unet", "text_encoder", "vae")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -305,7 +305,7 @@ class CXRDiffusionPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale,
-                     num_images_per_prompt, output_type, prompt_embeds=None,
+                     num_images_per_prompt, output_type, *, prompt_embeds=None,
                      negative_prompt_embeds=None, callback_on_step_end_tensor_inputs=None) -> None:
         """Raise :class:`PromptError` or :class:`ConfigError` naming the first bad argument."""
         if prompt is None and prompt_embeds is None:
@@ -335,16 +335,11 @@ class CXRDiffusionPipeline(DiffusionPipeline):
                                   f"(one per prompt), got {negative_prompt!r}")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise PromptError("pass either negative_prompt or negative_prompt_embeds, not both")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or num_inference_steps < 1:
-            raise ConfigError(f"num_inference_steps={num_inference_steps!r}; use a positive integer")
+        check_int("num_inference_steps", num_inference_steps)
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ConfigError(f"guidance_scale={guidance_scale!r}; use a finite number "
                               "(1 turns classifier-free guidance off)")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ConfigError(f"num_images_per_prompt={num_images_per_prompt!r}; use a positive "
-                              "integer")
+        check_int("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type={output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
         unknown = [k for k in (callback_on_step_end_tensor_inputs or [])
@@ -362,6 +357,8 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         return super().progress_bar(iterable=iterable, total=total)
 
     # ------------------------------------------------------------------ sampling
+    # Nine positional-or-keyword parameters on purpose: the argument order of diffusers'
+    # pipelines (pipe(prompt, num_inference_steps, ...)); the rest are keyword-only.
     @torch.no_grad()
     def __call__(
         self,
@@ -430,8 +427,9 @@ class CXRDiffusionPipeline(DiffusionPipeline):
         """
         # 1. check inputs
         self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                          num_images_per_prompt, output_type, prompt_embeds,
-                          negative_prompt_embeds, callback_on_step_end_tensor_inputs)
+                          num_images_per_prompt, output_type, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
 
         # 2. define call parameters
         if prompt is not None:
@@ -574,17 +572,16 @@ def check_pipeline_folder(folder: str | os.PathLike, *, passed: Sequence[str] = 
         Naming the folder and what is missing or wrong, and how to fix it.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"{folder}: not a folder; CXRDiffusionPipeline.from_pretrained loads a "
-                         "local folder written by save_pretrained or `diffmem train`")
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        raise ModelError(f"{folder}: no model_index.json, so this is not a saved diffusers "
-                         "pipeline; point to the folder that `diffmem train` wrote")
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{index_path}: cannot be read as JSON ({e})") from e
+    index = read_model_index(folder)
+    if isinstance(index, IndexProblem):
+        if index.kind in ("missing", "file"):
+            raise ModelError(f"{folder}: not a folder; CXRDiffusionPipeline.from_pretrained "
+                             "loads a local folder written by save_pretrained or `diffmem train`")
+        if index.kind == "no_index":
+            raise ModelError(f"{folder}: no model_index.json, so this is not a saved diffusers "
+                             "pipeline; point to the folder that `diffmem train` wrote")
+        raise ModelError(f"{folder / 'model_index.json'}: cannot be read as JSON "
+                         f"({index.detail})")
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     if class_name != CXRDiffusionPipeline.__name__:
         raise ModelError(f"{folder}: holds a {class_name!r} pipeline, not a "
@@ -606,11 +603,11 @@ def check_pipeline_folder(folder: str | os.PathLike, *, passed: Sequence[str] = 
         if not any((sub / f).is_file() for f in _CONFIG_FILES[name]):
             raise ModelError(f"{sub}: missing {' or '.join(_CONFIG_FILES[name])}; the {name} "
                              "component cannot be built")
-        if name in _HAS_WEIGHTS:
-            safe = list(sub.glob("*.safetensors")) + list(sub.glob("*.safetensors.index.json"))
-            pickled = [p.name for p in sub.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if name in WEIGHTED_COMPONENTS:
+            safe, pickled = weight_files(sub)
+            safe += [p.name for p in sub.glob("*.safetensors.index.json")]
             if not safe and pickled:
-                raise ModelError(f"{sub}: weights only as pickle ({', '.join(sorted(pickled))}); "
+                raise ModelError(f"{sub}: weights only as pickle ({', '.join(pickled)}); "
                                  "diffmem never unpickles model files. Convert them to safetensors "
                                  "(load in a trusted session and save_pretrained with "
                                  "safe_serialization=True)")

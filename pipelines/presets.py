@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffmem.errors import ConfigError
+from diffmem.errors import ConfigError, ModelError
 from diffmem.presets import preset_names, read_preset_json
 
 log = logging.getLogger(__name__)
@@ -306,8 +306,6 @@ def default_model_dir() -> Path:
     ModelError
         When the package was installed without it.
     """
-    from diffmem.errors import ModelError
-
     if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         raise ModelError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; "
                          "reinstall diffmem, or train one with `diffmem synth --out D --preset "

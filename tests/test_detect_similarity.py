@@ -9,11 +9,13 @@ from skimage.metrics import structural_similarity
 
 from conftest import xray
 from diffmem.data.images import resize_square
+from diffmem.detect import similarity
 from diffmem.detect.similarity import (
     SimilarityBackend,
     as_image_batch,
     get_backend,
     list_backends,
+    register_backend,
 )
 from diffmem.errors import ConfigError, DataError
 
@@ -25,7 +27,8 @@ def _pair(backend, a, b):
 
 def test_registry_lists_and_rejects_with_names():
     assert list_backends() == ["embedding", "pixel", "ssim", "tiled_l2"]
-    with pytest.raises(ConfigError, match=r"unknown similarity backend 'l3'.*'pixel'"):
+    with pytest.raises(ConfigError, match="unknown similarity backend 'l3'; known: embedding, "
+                                          "pixel, ssim, tiled_l2"):
         get_backend("l3")
     with pytest.raises(ConfigError, match=r"'pixel' takes no option\(s\) \['grid'\].*'size'"):
         get_backend("pixel", grid=4)
@@ -218,9 +221,44 @@ def test_image_batches_are_checked_not_fixed():
     np.testing.assert_array_equal(good, untouched)
 
 
+def test_a_user_backend_registers_by_name():
+    class MeanBackend(SimilarityBackend):
+        """Minus the difference of mean brightness."""
+
+        name = "mean_test"
+
+        def features(self, images):
+            return as_image_batch(images).mean(axis=(1, 2))[:, None].astype(np.float32)
+
+        def similarity(self, query, reference):
+            return -np.abs(query.astype(np.float64) - reference[:, 0].astype(np.float64))
+
+        def to_distance(self, similarity):
+            return -np.asarray(similarity)
+
+        def params(self):
+            return {"backend": self.name}
+
+    assert register_backend(MeanBackend) is MeanBackend
+    try:
+        assert "mean_test" in list_backends()
+        backend = get_backend("mean_test")
+        s = backend.similarity(backend.features(np.full((2, 4, 4), [[[0.25]], [[0.75]]])),
+                               backend.features(np.full((1, 4, 4), 0.5)))
+        np.testing.assert_allclose(s, [[-0.25], [-0.25]])
+    finally:
+        similarity._BACKENDS.unregister("mean_test")
+    assert "mean_test" not in list_backends()
+    with pytest.raises(ConfigError, match="has no 'name'"):
+        register_backend(type("Nameless", (SimilarityBackend,), {}))
+
+
 def test_params_identify_the_settings():
     assert get_backend("tiled_l2").params() == {"backend": "tiled_l2", "size": 64, "grid": 4}
     assert get_backend("ssim").params() == {"backend": "ssim", "size": 32, "win_size": 7}
     assert get_backend("pixel").params() == {"backend": "pixel", "size": 32}
-    assert isinstance(get_backend("pixel"), SimilarityBackend)
+    built = get_backend("pixel", size=8)
+    assert get_backend(built) is built  # a built backend passes through unchanged
+    with pytest.raises(ConfigError, match=r"options \['size'\].*already built 'pixel'"):
+        get_backend(built, size=4)
     assert repr(get_backend("pixel", size=16)) == "PixelBackend(size=16)"

@@ -98,7 +98,7 @@ def test_embeddings_are_unit_norm_with_the_preset_dimension_for_any_image_size(t
 
 
 def test_text_pooling_and_truncation_keep_eos(trained):
-    from diffmem.embed.encoder import _tokenize
+    from diffmem.embed.model import _tokenize
 
     enc = trained.encoder
     tok = enc.tokenizer

@@ -88,7 +88,7 @@ def test_register_a_custom_mitigation(model):
     finally:
         from diffmem.mitigate import registry
 
-        registry._REGISTRY.pop("no_guidance_test")
+        registry._REGISTRY.unregister("no_guidance_test")
     with pytest.raises(ConfigError, match="must hold 0"):
         register_mitigation("bad_range", build, preset={
             "default_strength": 2.0, "strength_range": [1, 3], "strength": "x", "paper": "p"})

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from diffmem.cli import main
+from diffmem.cli.mitigate import parse_strengths
 from diffmem.errors import ConfigError, DataError
-from diffmem.mitigate.compare import (CSV_COLUMNS, ComparisonConfig, compare_mitigations,
-                                      pareto_front, parse_strengths)
+from diffmem.mitigate.compare import CSV_COLUMNS, ComparisonConfig, compare_mitigations, pareto_front
 
 FAST = {"n_prompts": 2, "generations": 2, "steps": 2, "batch_size": 8, "candidates": 3,
         "detect_generations": 1}

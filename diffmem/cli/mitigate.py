@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping, Sequence
+
+from diffmem.errors import ConfigError
 
 from diffmem.cli._common import add_device, device_options
 
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"diffmem mitigate: error: the following arguments are required: "
               f"{', '.join(missing)} (or pass --list)", file=sys.stderr)
         return 2
-    from diffmem.mitigate.compare import compare_mitigations, parse_strengths
+    from diffmem.mitigate.compare import compare_mitigations
 
     result = compare_mitigations(
         args.model, args.data, args.out, methods=args.methods,
@@ -81,6 +84,45 @@ def run(args: argparse.Namespace) -> int:
         command=["diffmem", *sys.argv[1:]], **device_options(args))
     print(format_summary(result))
     return 0
+
+
+def parse_strengths(specs: Sequence[str] | str | None,
+                    ) -> Mapping[str, list[float]] | list[float] | None:
+    """Parse the CLI's ``--strengths``: ``default``; ``0.1,0.5`` (for every method); or
+    ``NAME=0.1,0.5`` items (per method, several allowed).
+
+    Examples
+    --------
+    >>> parse_strengths(["0.1,0.2"])
+    [0.1, 0.2]
+    >>> parse_strengths(["guidance_delay=0.3,0.5", "opposite_guidance=0.35"])
+    {'guidance_delay': [0.3, 0.5], 'opposite_guidance': [0.35]}
+    """
+    if specs is None:
+        return None
+    if isinstance(specs, str):
+        specs = [specs]
+    specs = [s for spec in specs for s in spec.split() if s]
+    if not specs or specs == ["default"]:
+        return None
+
+    def numbers(text: str, where: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--strengths {where!r}: not a comma-separated list of numbers; "
+                              "use e.g. 0.1,0.5 or NAME=0.1,0.5") from None
+
+    if all("=" not in s for s in specs):
+        return [v for s in specs for v in numbers(s, s)]
+    if any("=" not in s for s in specs):
+        raise ConfigError(f"--strengths {' '.join(specs)!r} mixes NAME=VALUES items with bare "
+                          "values; use one form")
+    table: dict[str, list[float]] = {}
+    for s in specs:
+        name, _, values = s.partition("=")
+        table.setdefault(name.strip(), []).extend(numbers(values, s))
+    return table
 
 
 def format_summary(result) -> str:

@@ -5,7 +5,7 @@ from diffmem.data.dicom import PHIFinding, read_dicom, scan_dicom_phi, write_dic
 from diffmem.data.images import read_image
 from diffmem.data.loader import detect_format, load, verify_images
 from diffmem.data.reports import count_deid_markers, extract_prompt, parse_sections, read_report
-from diffmem.data.study import SPLITS, CXRDataset, Study
+from diffmem.data.dataset import SPLITS, CXRDataset, Study
 
 __all__ = [
     "SPLITS",

@@ -1,5 +1,7 @@
 """DICOM chest X-rays: read pixels the way a viewer shows them, scan headers for identifying
-information, write small valid files (tests, synthetic data) and load a MIMIC-CXR DICOM tree.
+information, write small valid files (tests, synthetic data); tell DICOM files by name or
+preamble (:func:`is_dicom_file`). The MIMIC-CXR DICOM tree loads with
+:func:`diffmem.data.mimic.load_dicom_tree`.
 
 Reading follows the DICOM grayscale pipeline (PS3.4 N.2.1): stored values -> Modality LUT or
 rescale -> VOI LUT or window -> MONOCHROME1 inversion, then scales to [0, 1].
@@ -7,19 +9,18 @@ rescale -> VOI LUT or window -> MONOCHROME1 inversion, then scales to [0, 1].
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from diffmem.data._reading import DICOM_SUFFIXES, RASTER_SUFFIXES
 from diffmem.errors import ConfigError, DataError, MissingDependencyError
-
-if TYPE_CHECKING:
-    from diffmem.data.study import CXRDataset
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,23 @@ PHI_KEYWORDS = (
 _CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 _PRIVATE_GROUP = 0x0011
 _PRIVATE_CREATOR = "DIFFMEM SYNTH"
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True for a ``.dcm``/``.dicom`` name, or for a file with another suffix (not
+    ``.jpg``/``.jpeg``/``.png``) whose bytes 128-131 read ``DICM``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix in RASTER_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def _pydicom():
@@ -267,8 +285,6 @@ def _preview(value: Any, limit: int = 40) -> str:
 
 
 def _is_empty(value: Any) -> bool:
-    import collections.abc
-
     if value is None:
         return True
     if isinstance(value, bytes):
@@ -320,8 +336,6 @@ def scan_dicom_phi(path: str | os.PathLike) -> list[PHIFinding]:
     DataError
         When ``path`` does not exist or a DICOM file cannot be parsed.
     """
-    from diffmem.data.images import is_dicom_file
-
     path = Path(path)
     if path.is_file():
         files = [path]
@@ -405,11 +419,27 @@ def write_dicom(path: str | os.PathLike, pixels01: np.ndarray, *,
     True
     """
     _pydicom()
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.datadict import tag_for_keyword
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    x = _check_write_inputs(pixels01, photometric=photometric, bits=bits, phi=phi,
+                            attributes=attributes, private=private)  # 1.
+    # 2. header values as DICOM will store them (DS strings), then the stored pixels
+    stored, numbers = _stored_pixels(x, photometric=photometric, bits=bits, window=window,
+                                     rescale=rescale)
+    # 3. the dataset
+    ds = _cr_dataset(stored, numbers, photometric=photometric, bits=bits, phi=phi,
+                     attributes=attributes, private=private)
+    # 4. write
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
-    # 1. check inputs
+
+def _check_write_inputs(pixels01: np.ndarray, *, photometric: str, bits: Any,
+                        phi: Mapping[str, Any] | None, attributes: Mapping[str, Any] | None,
+                        private: Mapping[int, str] | None) -> np.ndarray:
+    """Step 1 of :func:`write_dicom`: the pixels as float64, or the error naming the problem."""
+    from pydicom.datadict import tag_for_keyword
+
     x = np.asarray(pixels01, dtype=np.float64)
     if x.ndim != 2 or x.size == 0:
         raise DataError(f"pixels01 must be a non-empty 2-D array, got shape {x.shape}")
@@ -429,10 +459,16 @@ def write_dicom(path: str | os.PathLike, pixels01: np.ndarray, *,
     for offset in (private or {}):
         if not 0 <= int(offset) <= 0xFF:
             raise ConfigError(f"private element offsets run 0x00-0xFF, got {offset!r}")
+    return x
 
-    # 2. header values as DICOM will store them (DS strings), then the stored pixels
+
+def _stored_pixels(x: np.ndarray, *, photometric: str, bits: int,
+                   window: tuple[float, float] | None, rescale: tuple[float, float] | None,
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Step 2 of :func:`write_dicom`: the stored pixel values, and the DS header values
+    (``slope``, ``intercept``, ``center``, ``width``; ``None`` where not written)."""
     smax = 2**bits - 1
-    slope_ds = intercept_ds = None
+    slope_ds = intercept_ds = center_ds = width_ds = None
     if rescale is not None:
         slope_ds, intercept_ds = _ds_number(rescale[0]), _ds_number(rescale[1])
         if float(slope_ds) == 0.0:
@@ -457,8 +493,17 @@ def write_dicom(path: str | os.PathLike, pixels01: np.ndarray, *,
                 "window, move its center, or raise bits")
         stored = np.rint(((shown - 0.5) * (w - 1.0) + (c - 0.5) - intercept) / slope)
     stored = np.clip(stored, 0, smax).astype(np.uint8 if bits <= 8 else np.uint16)
+    return stored, {"slope": slope_ds, "intercept": intercept_ds, "center": center_ds,
+                    "width": width_ds}
 
-    # 3. the dataset
+
+def _cr_dataset(stored: np.ndarray, numbers: Mapping[str, Any], *, photometric: str, bits: int,
+                phi: Mapping[str, Any] | None, attributes: Mapping[str, Any] | None,
+                private: Mapping[int, str] | None) -> Any:
+    """Step 3 of :func:`write_dicom`: the Computed Radiography dataset with its file meta."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = _CR_IMAGE_STORAGE
@@ -482,49 +527,24 @@ def write_dicom(path: str | os.PathLike, pixels01: np.ndarray, *,
     for keyword, value in {**(attributes or {}), **(phi or {})}.items():
         setattr(ds, keyword, value)
     ds.set_pixel_data(stored, photometric, bits, generate_instance_uid=False)
-    if rescale is not None:
-        ds.RescaleSlope = slope_ds
-        ds.RescaleIntercept = intercept_ds
+    if numbers["slope"] is not None:
+        ds.RescaleSlope = numbers["slope"]
+        ds.RescaleIntercept = numbers["intercept"]
         ds.RescaleType = "US"
-    if window is not None:
-        ds.WindowCenter = center_ds
-        ds.WindowWidth = width_ds
+    if numbers["center"] is not None:
+        ds.WindowCenter = numbers["center"]
+        ds.WindowWidth = numbers["width"]
         ds.VOILUTFunction = "LINEAR"
     if private:
         block = ds.private_block(_PRIVATE_GROUP, _PRIVATE_CREATOR, create=True)
         for offset, value in sorted(private.items()):
             block.add_new(int(offset), "LO", str(value))
-
-    # 4. write
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return ds
 
 
-# -- dataset loader --------------------------------------------------------------------------
+# -- header ----------------------------------------------------------------------------------
 def dicom_view_position(path: str | os.PathLike) -> str | None:
     """The ViewPosition of a DICOM file's header (pixels are not read), or ``None``."""
     ds = _dcmread(Path(path), stop_before_pixels=True, specific_tags=["ViewPosition"])
     view = str(ds.get("ViewPosition", "") or "").strip()
     return view or None
-
-
-def load_dicom_tree(root: str | os.PathLike, *, prompt_section: str = "impression",
-                    views: str | Sequence[str] | None = None,
-                    on_error: str = "raise") -> CXRDataset:
-    """Load a MIMIC-CXR (DICOM) folder: ``files/pXX/pXXXXXXXX/sXXXXXXXX/<id>.dcm``.
-
-    Reports are paired by study folder exactly as for MIMIC-CXR-JPG
-    (``files/pXX/pXXXXXXXX/sXXXXXXXX.txt`` or ``mimic-cxr-reports/files/...``); the split and
-    metadata tables at the root are used when present. Without the metadata table, each
-    file's view is read from its header's ViewPosition (header only), so a corrupt file is
-    reported here already. Parameters are those of :func:`diffmem.data.mimic.load_mimic_jpg`;
-    the result has ``format="dicom"``. For any other folder of DICOM files, write a manifest
-    whose ``image`` column points at the ``.dcm`` files.
-    """
-    from diffmem.data.mimic import load_mimic_tree
-
-    return load_mimic_tree(root, suffixes=(".dcm", ".dicom"), format="dicom",
-                           prompt_section=prompt_section, views=views, on_error=on_error,
-                           header_view=dicom_view_position)

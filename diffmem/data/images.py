@@ -12,32 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.data._reading import DICOM_SUFFIXES, RASTER_SUFFIXES
+from diffmem.data.dicom import is_dicom_file, read_dicom
 from diffmem.errors import ConfigError, DataError
 
-DICOM_SUFFIXES = (".dcm", ".dicom")
-RASTER_SUFFIXES = (".jpg", ".jpeg", ".png")
+__all__ = ["DICOM_SUFFIXES", "RASTER_SUFFIXES", "center_crop_square", "is_dicom_file",
+           "read_image", "resize_square"]
 
 # Largest code value of Pillow's integer modes: 16-bit data is scaled by the format's full
 # range, not by the image's own maximum, so brightness means the same across images.
 _MODE_MAX = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
              "I": 65535.0}
-
-
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True for a ``.dcm``/``.dicom`` name, or for a file with another suffix (not
-    ``.jpg``/``.jpeg``/``.png``) whose bytes 128-131 read ``DICM``."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in DICOM_SUFFIXES:
-        return True
-    if suffix in RASTER_SUFFIXES:
-        return False
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def read_image(path: str | os.PathLike, *, size: int | None = None) -> np.ndarray:
@@ -91,8 +76,6 @@ def read_image(path: str | os.PathLike, *, size: int | None = None) -> np.ndarra
         raise DataError("image file not found (moved or deleted since the dataset was "
                         "loaded?); restore it or use --on-error skip", path=path)
     if is_dicom_file(path):
-        from diffmem.data.dicom import read_dicom
-
         arr, _ = read_dicom(path)
         return arr if size is None else resize_square(arr, size)
     return _read_raster(path, size)

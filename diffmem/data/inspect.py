@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.data._records import skip_counts
+from diffmem.data._reading import skip_counts
 from diffmem.data.reports import DEID_MARKER_PATTERNS
-from diffmem.data.study import CXRDataset
+from diffmem.data.dataset import CXRDataset
 from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.utils import is_within, progress, sha256_file
 
@@ -44,8 +45,6 @@ def _length_stats(prompts: Sequence[str]) -> dict[str, Any]:
 
 
 def _deid_stats(prompts: Sequence[str]) -> dict[str, Any]:
-    import re
-
     per_kind = {k: [len(re.findall(p, t)) for t in prompts]
                 for k, p in DEID_MARKER_PATTERNS.items()}
     totals = np.sum([v for v in per_kind.values()], axis=0) if prompts else np.zeros(0)

@@ -8,10 +8,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffmem.data._records import check_on_error, handle, warn_skipped
+from diffmem.data._reading import check_on_error, handle, warn_skipped
 from diffmem.data.images import DICOM_SUFFIXES, RASTER_SUFFIXES, read_image
 from diffmem.data.manifest import MANIFEST_SUFFIXES, load_manifest
-from diffmem.data.study import CXRDataset
+from diffmem.data.mimic import load_dicom_tree, load_mimic_jpg
+from diffmem.data.dataset import CXRDataset
 from diffmem.errors import DataError
 from diffmem.utils import progress
 
@@ -116,12 +117,8 @@ def load(path: str | os.PathLike, *, prompt_section: str = "impression",
     if fmt == "manifest":
         dataset = load_manifest(target, **kwargs)
     elif fmt == "mimic-cxr-jpg":
-        from diffmem.data.mimic import load_mimic_jpg
-
         dataset = load_mimic_jpg(target, **kwargs)
     else:
-        from diffmem.data.dicom import load_dicom_tree
-
         dataset = load_dicom_tree(target, **kwargs)
     if not len(dataset):
         why = []

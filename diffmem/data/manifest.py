@@ -29,9 +29,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffmem.data._records import check_on_error, handle, normalize_views, warn_skipped
+from diffmem.data._reading import check_on_error, handle, normalize_views, warn_skipped
 from diffmem.data.reports import PROMPT_SECTIONS, extract_prompt, normalize_whitespace
-from diffmem.data.study import SPLITS, CXRDataset, Study
+from diffmem.data.dataset import SPLITS, CXRDataset, Study
 from diffmem.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

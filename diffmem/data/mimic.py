@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffmem.data._records import (check_on_error, find_table, handle, normalize_views,
+from diffmem.data._reading import (check_on_error, find_table, handle, normalize_views,
                                    read_csv_rows, warn_skipped)
 from diffmem.data.reports import PROMPT_SECTIONS, extract_prompt, read_report
-from diffmem.data.study import SPLITS, CXRDataset, Study
+from diffmem.data.dataset import SPLITS, CXRDataset, Study
+from diffmem.data.dicom import dicom_view_position
 from diffmem.errors import ConfigError, DataError
 from diffmem.utils import progress
 
@@ -123,7 +124,7 @@ def load_mimic_tree(root: str | os.PathLike, *, suffixes: Sequence[str], format:
                     header_view: Callable[[Path], str | None] | None = None) -> CXRDataset:
     """Load a MIMIC-CXR style tree whose images have one of ``suffixes``.
 
-    Shared by :func:`load_mimic_jpg` and :func:`diffmem.data.dicom.load_dicom_tree`; see
+    Shared by :func:`load_mimic_jpg` and :func:`load_dicom_tree`; see
     :func:`load_mimic_jpg` for the parameters. ``header_view(path)``, when given, reads an
     image's view position from its own header where the metadata table is absent.
     """
@@ -250,3 +251,21 @@ def load_mimic_jpg(root: str | os.PathLike, *, prompt_section: str = "impression
     """
     return load_mimic_tree(root, suffixes=JPG_SUFFIXES, format="mimic-cxr-jpg",
                            prompt_section=prompt_section, views=views, on_error=on_error)
+
+
+def load_dicom_tree(root: str | os.PathLike, *, prompt_section: str = "impression",
+                    views: str | Sequence[str] | None = None,
+                    on_error: str = "raise") -> CXRDataset:
+    """Load a MIMIC-CXR (DICOM) folder: ``files/pXX/pXXXXXXXX/sXXXXXXXX/<id>.dcm``.
+
+    Reports are paired by study folder exactly as for MIMIC-CXR-JPG
+    (``files/pXX/pXXXXXXXX/sXXXXXXXX.txt`` or ``mimic-cxr-reports/files/...``); the split and
+    metadata tables at the root are used when present. Without the metadata table, each
+    file's view is read from its header's ViewPosition (header only), so a corrupt file is
+    reported here already. Parameters are those of :func:`diffmem.data.mimic.load_mimic_jpg`;
+    the result has ``format="dicom"``. For any other folder of DICOM files, write a manifest
+    whose ``image`` column points at the ``.dcm`` files.
+    """
+    return load_mimic_tree(root, suffixes=(".dcm", ".dicom"), format="dicom",
+                           prompt_section=prompt_section, views=views, on_error=on_error,
+                           header_view=dicom_view_position)

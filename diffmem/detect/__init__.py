@@ -6,6 +6,7 @@ Scores are functions ("higher = more memorized"); verdicts (thresholds calibrate
 real images) and evaluation live apart from them, and results go to :mod:`diffmem.store`.
 """
 
+from diffmem._lazy import lazy_getattr
 from diffmem.detect.evaluate import Evaluation, evaluate, tpr_at_fpr
 from diffmem.detect.neighbors import (
     NeighborResult,
@@ -50,12 +51,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'diffmem.detect' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.data.study import CXRDataset
+from diffmem.checks import check_int
+from diffmem.data.dataset import CXRDataset
 from diffmem.detect.similarity import (
     SimilarityBackend,
     _unit_rows,
@@ -302,9 +303,7 @@ def nearest_neighbors(query_images: np.ndarray | CXRDataset,
     batch_size = _check_batch_size(batch_size)
     if index not in INDEXES:
         raise ConfigError(f"index={index!r}; use one of {list(INDEXES)}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k={k!r}; use a positive integer (2 for the ratio criterion)")
-    k = int(k)
+    k = check_int("k", k, hint=" (2 for the ratio criterion)")
     if isinstance(reference, ReferenceFeatures) and reference.backend != backend.params():
         raise ConfigError(f"reference features were made with {reference.backend}, not "
                           f"{backend.params()}; recompute them with this backend")
@@ -461,10 +460,7 @@ def _load_size(backend: SimilarityBackend) -> int:
 
 
 def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}; use a positive integer")
-    return int(batch_size)
+    return check_int("batch_size", batch_size)
 
 
 def _cache_name(key: dict[str, Any], source: dict[str, Any]) -> str:

@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from diffmem.errors import ConfigError, DataError
+from diffmem.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ __all__ = [
     "register_backend",
 ]
 
-_BACKENDS: dict[str, type[SimilarityBackend]] = {}
+_BACKENDS: Registry[type[SimilarityBackend]] = Registry("similarity backend")
 
 # Elements of the largest float64 temporary a pairwise block may hold (8 MiB per array;
 # SSIM peaks near 100 MB, and larger blocks are no faster).
@@ -76,13 +77,12 @@ def register_backend(cls: type[SimilarityBackend]) -> type[SimilarityBackend]:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{cls.__name__} has no 'name'; set a class attribute name = '...'")
-    _BACKENDS[name] = cls
-    return cls
+    return _BACKENDS.add(name, cls)
 
 
 def list_backends() -> list[str]:
     """Names of the registered similarity backends."""
-    return sorted(_BACKENDS)
+    return _BACKENDS.names()
 
 
 def get_backend(name: str | SimilarityBackend, **options: Any) -> SimilarityBackend:
@@ -108,9 +108,7 @@ def get_backend(name: str | SimilarityBackend, **options: Any) -> SimilarityBack
                               f"{name.name!r} backend; pass the backend's name instead, or set "
                               "them when building it")
         return name
-    if name not in _BACKENDS:
-        raise ConfigError(f"unknown similarity backend {name!r}; known: {list_backends()}")
-    cls = _BACKENDS[name]
+    cls = _BACKENDS.get(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.data.study import CXRDataset
+from diffmem.data.dataset import CXRDataset
 from diffmem.detect.neighbors import (
     ReferenceFeatures,
     _load_size,

@@ -7,11 +7,9 @@ computed.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -20,7 +18,7 @@ from diffmem.detect import plots
 from diffmem.detect.results import SCORE_COLUMNS, DetectionResult
 from diffmem.errors import OutputError
 from diffmem.store import ResultsStore, prompt_hash
-from diffmem.utils import write_json
+from diffmem.utils import write_csv, write_json
 
 __all__ = ["COPIES_CSV", "COPIES_DIR", "COPY_COLUMNS", "RESULTS_JSON", "SCORES_CSV", "STORE_FILE",
            "SUMMARY_JSON", "copy_image_path", "save_copy_images", "save_png", "write_outputs"]
@@ -76,13 +74,13 @@ def write_outputs(result: DetectionResult, out: Path) -> None:
     """
     files = {}
     rows = [p.to_row() for p in result.prompts]
-    files["scores"] = _write_csv(out / SCORES_CSV, SCORE_COLUMNS, rows)
+    files["scores"] = str(write_csv(out / SCORES_CSV, SCORE_COLUMNS, rows))
     copy_rows = [{"kind": p.kind, "prompt": p.prompt,
                   "prompt_study_id": p.study_ids[0] if p.study_ids else "",
                   "label": "" if p.label is None else p.label, **{
                       k: v for k, v in g.to_dict().items() if k != "copy"}}
                  for p in result.prompts for g in p.generations if g.copy]
-    files["copies"] = _write_csv(out / COPIES_CSV, COPY_COLUMNS, copy_rows)
+    files["copies"] = str(write_csv(out / COPIES_CSV, COPY_COLUMNS, copy_rows))
     with ResultsStore(out / STORE_FILE) as store:
         files["results_json"] = str(store.export_json(out / RESULTS_JSON,
                                                       model_fingerprint=result.model_fingerprint))
@@ -114,16 +112,3 @@ def write_outputs(result: DetectionResult, out: Path) -> None:
         write_json(out / SUMMARY_JSON, result.to_dict())
     except OSError as e:
         raise OutputError(f"cannot write {out / SUMMARY_JSON}: {e.strerror}") from None
-
-
-def _write_csv(path: Path, columns: Iterable[str], rows: list[dict[str, Any]]) -> str:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror}") from None
-    return str(path)

@@ -14,18 +14,24 @@ Importing this package is cheap: torch and open_clip load on first use of the en
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from diffmem._lazy import lazy_getattr
 
 from diffmem.embed.metrics import (alignment_score, feature_stats, frechet_distance,
                                    frechet_distance_from_stats)
 from diffmem.embed.presets import EncoderPreset, list_presets, load_preset
+from diffmem.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diffmem.embed.encoder import (EncoderResult, InDomainEncoder, embed_dataset,
-                                       load_encoder, open_clip_config, train_encoder)
+    from diffmem.embed.model import InDomainEncoder, embed_dataset, load_encoder, open_clip_config
+    from diffmem.embed.training import EncoderResult, train_encoder
 
-_LAZY = {"EncoderResult", "InDomainEncoder", "embed_dataset", "load_encoder", "open_clip_config",
-         "train_encoder"}
+#: Names loaded on first use (torch and open_clip come with them), and their modules.
+_LAZY = {**{name: "diffmem.embed.model" for name in ("InDomainEncoder", "embed_dataset",
+                                                     "load_encoder", "open_clip_config")},
+         **{name: "diffmem.embed.training" for name in ("EncoderResult", "train_encoder")}}
 
 __all__ = ["EncoderPreset", "EncoderResult", "InDomainEncoder", "alignment_score",
            "default_encoder_dir", "embed_dataset", "feature_stats", "frechet_distance",
@@ -33,12 +39,7 @@ __all__ = ["EncoderPreset", "EncoderResult", "InDomainEncoder", "alignment_score
            "open_clip_config", "train_encoder"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        from diffmem.embed import encoder
-
-        return getattr(encoder, name)
-    raise AttributeError(f"module 'diffmem.embed' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def default_encoder_dir():
@@ -59,10 +60,6 @@ def default_encoder_dir():
     ModelError
         When the package was installed without it.
     """
-    from pathlib import Path
-
-    from diffmem.errors import ModelError
-
     folder = Path(__file__).parent / "default_encoder"
     if not (folder / "encoder_config.json").is_file():
         raise ModelError(f"the embedded default encoder is missing from {folder}; reinstall "

@@ -12,7 +12,7 @@ A preset file holds:
     optionally ``quick_gelu``). ``vision_cfg`` must not set ``image_size`` (taken from the
     preset's ``image_size``); ``text_cfg`` must not set ``vocab_size``, ``context_length``,
     ``pad_id``, ``eos_id`` or ``pool_type``: those come from the tokenizer (see
-    :mod:`diffmem.embed.encoder`).
+    :mod:`diffmem.embed.model`).
 ``tokenizer``
     ``vocab_size`` and ``model_max_length`` for :func:`diffmem.pipelines.train_tokenizer`.
 ``training``
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffmem.checks import check_int
 from diffmem.errors import ConfigError
 from diffmem.presets import preset_names, read_preset_json
 
@@ -141,8 +142,7 @@ def _validate(p: EncoderPreset) -> None:
     for key in ("model", "tokenizer", "training", "augment"):
         if not isinstance(getattr(p, key), Mapping):
             raise ConfigError(f"{where}: field {key!r} must be a JSON object")
-    if isinstance(p.image_size, bool) or not isinstance(p.image_size, int) or p.image_size < 8:
-        raise ConfigError(f"{where}: image_size={p.image_size!r}; use an integer >= 8")
+    check_int(f"{where}: image_size", p.image_size, low=8)
     model = p.model
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in model:

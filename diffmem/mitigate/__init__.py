@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from diffmem._lazy import lazy_getattr
+
 from diffmem.mitigate.registry import (
     Mitigation,
     get_mitigation,
@@ -44,15 +46,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from diffmem.mitigate.compare import (ComparisonConfig, MitigationComparison,
                                           compare_mitigations)
 
-_LAZY = {"ComparisonConfig", "MitigationComparison", "compare_mitigations"}
+_LAZY = {name: "diffmem.mitigate.compare"
+         for name in ("ComparisonConfig", "MitigationComparison", "compare_mitigations")}
 
 __all__ = ["ComparisonConfig", "Mitigation", "MitigationComparison", "compare_mitigations",
            "get_mitigation", "list_mitigations", "mitigation_hooks", "register_mitigation"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        from diffmem.mitigate import compare
-
-        return getattr(compare, name)
-    raise AttributeError(f"module 'diffmem.mitigate' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -40,16 +40,17 @@ from typing import Any
 
 import numpy as np
 
+from diffmem.checks import as_adapter, as_dataset, check_int
 from diffmem.detect.verdicts import CopyVerdicts, fixed_threshold, is_copy, prepare_verdicts
 from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.mitigate.registry import get_mitigation, list_mitigations
 from diffmem.store import ResultsStore
-from diffmem.utils import prepare_out_dir, progress, write_json
+from diffmem.utils import prepare_out_dir, progress, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CSV_COLUMNS", "ComparisonConfig", "MitigationComparison", "compare_mitigations",
-           "pareto_front", "parse_strengths", "points"]
+           "pareto_front", "points"]
 
 CSV_NAME = "mitigations.csv"
 SUMMARY_NAME = "summary.json"
@@ -78,7 +79,8 @@ class ComparisonConfig:
     strengths : mapping or sequence or None
         ``None``: each method at its preset (paper) strength. A sequence of numbers: those
         strengths for every method. A mapping ``name -> numbers``: per method (methods not in
-        it use their default). See :func:`parse_strengths` for the CLI syntax.
+        it use their default). See :func:`diffmem.cli.mitigate.parse_strengths` for the CLI
+        syntax.
     n_prompts : int
         Prompts per set (memorized and control; default 8).
     generations : int
@@ -150,9 +152,9 @@ class ComparisonConfig:
         strengths = _resolve_strengths(methods, self.strengths)
         for name, low in (("n_prompts", 1), ("generations", 1), ("steps", 1),
                           ("batch_size", 1), ("detect_generations", 1), ("seed", 0)):
-            _check_int(name, getattr(self, name), low)
+            check_int(name, getattr(self, name), low=low)
         if self.candidates is not None:
-            _check_int("candidates", self.candidates, 1)
+            check_int("candidates", self.candidates)
         if self.generations * self.n_prompts < 2:
             raise ConfigError("n_prompts * generations must be at least 2 (a Fréchet distance "
                               "needs two images per set)")
@@ -168,11 +170,6 @@ class ComparisonConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (tuples as lists, an encoder object by its repr)."""
         return json.loads(json.dumps(asdict(self), default=repr))
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name}={value!r}; use an integer >= {low}")
 
 
 def _resolve_strengths(methods: tuple[str, ...], strengths: Any) -> dict[str, tuple[float, ...]]:
@@ -199,44 +196,6 @@ def _resolve_strengths(methods: tuple[str, ...], strengths: Any) -> dict[str, tu
             raise ConfigError(f"only strength 0 given for {m}; strength 0 is the plain pipeline "
                               "(the 'none' baseline row): give a positive strength")
     return out
-
-
-def parse_strengths(specs: Sequence[str] | str | None) -> Mapping[str, list[float]] | list[float] | None:
-    """Parse the CLI's ``--strengths``: ``default``; ``0.1,0.5`` (for every method); or
-    ``NAME=0.1,0.5`` items (per method, several allowed).
-
-    Examples
-    --------
-    >>> parse_strengths(["0.1,0.2"])
-    [0.1, 0.2]
-    >>> parse_strengths(["guidance_delay=0.3,0.5", "opposite_guidance=0.35"])
-    {'guidance_delay': [0.3, 0.5], 'opposite_guidance': [0.35]}
-    """
-    if specs is None:
-        return None
-    if isinstance(specs, str):
-        specs = [specs]
-    specs = [s for spec in specs for s in spec.split() if s]
-    if not specs or specs == ["default"]:
-        return None
-
-    def numbers(text: str, where: str) -> list[float]:
-        try:
-            return [float(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--strengths {where!r}: not a comma-separated list of numbers; "
-                              "use e.g. 0.1,0.5 or NAME=0.1,0.5") from None
-
-    if all("=" not in s for s in specs):
-        return [v for s in specs for v in numbers(s, s)]
-    if any("=" not in s for s in specs):
-        raise ConfigError(f"--strengths {' '.join(specs)!r} mixes NAME=VALUES items with bare "
-                          "values; use one form")
-    table: dict[str, list[float]] = {}
-    for s in specs:
-        name, _, values = s.partition("=")
-        table.setdefault(name.strip(), []).extend(numbers(values, s))
-    return table
 
 
 # ---------------------------------------------------------------------------- results
@@ -393,9 +352,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                           f"{', '.join(ComparisonConfig.__dataclass_fields__)}")
     config = replace(config or ComparisonConfig(), methods=methods, strengths=strengths,
                      **options).validated()
-    from diffmem.data import CXRDataset, load
-
-    dataset = data if isinstance(data, CXRDataset) else load(data)
+    dataset = as_dataset(data)
     train_set = dataset.subset(split="train")
     heldout = dataset.subset(split=["validate", "test"])
     if len(train_set) < 2:
@@ -413,10 +370,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
 
     # 2. model and encoder
     from diffmem.detect.scores import default_guidance
-    from diffmem.models import load_model
-
-    adapter = model if hasattr(model, "sample") and hasattr(model, "fingerprint") \
-        else load_model(model, device=device, dtype=dtype)
+    adapter = as_adapter(model, device=device, dtype=dtype)
     enc, enc_info = _resolve_encoder(encoder, adapter, model_source)
     guidance = default_guidance(adapter) if config.guidance is None else float(config.guidance)
     model_fp, data_fp = adapter.fingerprint(), train_set.fingerprint()
@@ -900,18 +854,9 @@ def _alignment_change(rows: list[dict[str, Any]], best: Mapping[str, Any],
 def _write_outputs(result: MitigationComparison, out: Path, multi: set[str]) -> None:
     from diffmem.mitigate.plots import plot_pareto
 
-    tmp = out / (CSV_NAME + ".tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
-            w.writeheader()
-            for r in result.rows:
-                w.writerow({k: ("" if r[k] is None else
-                                str(r[k]).lower() if isinstance(r[k], bool) else r[k])
-                            for k in CSV_COLUMNS})
-        os.replace(tmp, out / CSV_NAME)
-    except OSError as e:
-        raise OutputError(f"cannot write {out / CSV_NAME}: {e.strerror}") from None
+    write_csv(out / CSV_NAME, CSV_COLUMNS,
+              ({k: ("" if r[k] is None else str(r[k]).lower() if isinstance(r[k], bool) else r[k])
+                for k in CSV_COLUMNS} for r in result.rows))
     mem_set = "memorized" if result.prompts.get("memorized") else "control"
     result.files = {"csv": str(out / CSV_NAME), "summary": str(out / SUMMARY_NAME),
                     "store": str(out / STORE_NAME)}

@@ -17,6 +17,7 @@ from typing import Any
 
 from diffmem.errors import ConfigError
 from diffmem.presets import read_preset_json
+from diffmem.registry import Registry
 
 __all__ = ["Mitigation", "get_mitigation", "list_mitigations", "mitigation_hooks",
            "register_mitigation", "row_generator", "row_seed"]
@@ -85,7 +86,18 @@ class Mitigation:
                 "description": self.description}
 
 
-_REGISTRY: dict[str, Mitigation] = {}
+def _load_builtins() -> None:
+    """Register the built-in methods (their modules are imported on the first look-up)."""
+    import importlib
+
+    for name, module in _BUILTINS.items():
+        if name not in _REGISTRY:  # a user's registration of the same name wins
+            mod = importlib.import_module(f"diffmem.mitigate.{module}")
+            register_mitigation(name, getattr(mod, "BUILDERS", {}).get(name,
+                                                                       getattr(mod, "build", None)))
+
+
+_REGISTRY: Registry[Mitigation] = Registry("mitigation", known="registered", load=_load_builtins)
 
 
 def register_mitigation(name: str, build: Builder, *, preset: str | Path | Mapping | None = None,
@@ -128,8 +140,7 @@ def register_mitigation(name: str, build: Builder, *, preset: str | Path | Mappi
     if not lo <= 0 <= hi or not lo <= entry.default_strength <= hi:
         raise ConfigError(f"mitigation {name!r}: strength_range [{lo:g}, {hi:g}] must hold 0 "
                           f"(off) and the default {entry.default_strength:g}")
-    _REGISTRY[name] = entry
-    return entry
+    return _REGISTRY.add(name, entry)
 
 
 def list_mitigations() -> list[str]:
@@ -140,8 +151,7 @@ def list_mitigations() -> list[str]:
     >>> "attention_rescaling" in list_mitigations()
     True
     """
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_mitigation(name: str) -> Mitigation:
@@ -157,10 +167,7 @@ def get_mitigation(name: str) -> Mitigation:
     >>> get_mitigation("gaussian_noise_embedding").default_strength
     0.1
     """
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown mitigation {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def mitigation_hooks(name: str, adapter: Any, strength: float | None = None, *, seed: int = 0,
@@ -239,19 +246,3 @@ _BUILTINS = {
     "deid_marker_removal": "deid_markers",
     "deid_marker_randomization": "deid_markers",
 }
-_loaded = False
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    import importlib
-
-    _loaded = True
-    for name, module in _BUILTINS.items():
-        if name in _REGISTRY:
-            continue
-        mod = importlib.import_module(f"diffmem.mitigate.{module}")
-        builder = getattr(mod, "BUILDERS", {}).get(name, getattr(mod, "build", None))
-        register_mitigation(name, builder)

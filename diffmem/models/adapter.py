@@ -727,9 +727,9 @@ class DiffusionModelAdapter:
             token_mask = torch.cat([masks[uncond_ids], masks[cond_ids]])
 
             # 4. denoising loop
-            latents = self._denoise(noise, cond, uncond, token_mask, generators, steps=int(steps),
-                                    guidance=float(guidance), hooks=hooks, eta=float(eta),
-                                    desc=f"sampling {b + 1}/{n_batches}")
+            latents = self._denoise(noise, (cond, uncond, token_mask), generators,
+                                    steps=int(steps), guidance=float(guidance), hooks=hooks,
+                                    eta=float(eta), desc=f"sampling {b + 1}/{n_batches}")
             images.append(self.decode(latents)[:, 0].cpu().numpy())
             if return_latents:
                 latents_out.append(latents.float().cpu())
@@ -747,9 +747,13 @@ class DiffusionModelAdapter:
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler.timesteps.clone()
 
-    def _denoise(self, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                 token_mask: torch.Tensor, generators: list[torch.Generator], *, steps: int,
-                 guidance: float, hooks: SamplingHooks, eta: float, desc: str) -> torch.Tensor:
+    def _denoise(self, noise: torch.Tensor,
+                 embeds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 generators: list[torch.Generator], *, steps: int, guidance: float,
+                 hooks: SamplingHooks, eta: float, desc: str) -> torch.Tensor:
+        """The guided denoising loop from ``noise``; ``embeds`` is (cond, uncond, token_mask)
+        with the mask over ``[uncond; cond]`` rows."""
+        cond, uncond, token_mask = embeds
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
         step_params = inspect.signature(scheduler.step).parameters

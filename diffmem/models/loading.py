@@ -5,7 +5,6 @@ unsafe one fails with an error that says what would work."""
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 from pathlib import Path
@@ -16,6 +15,8 @@ import torch
 from diffmem.errors import ConfigError, ModelError
 from diffmem.models.adapter import DiffusionModelAdapter
 from diffmem.models.device import resolve_device, resolve_dtype
+from diffmem.pipelines.folder import (WEIGHTED_COMPONENTS, IndexProblem, read_model_index,
+                                      weight_files)
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ SCHEDULERS = {
     "ddpm": "DDPMScheduler",
     "pndm": "PNDMScheduler",
 }
-_WEIGHTED = ("unet", "text_encoder", "vae")
-_PICKLES = ("*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl")
 _IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
 
 
@@ -102,7 +101,7 @@ def load_model(path_or_pipeline: str | os.PathLike | Any, *,
         pipeline = _from_folder(folder, kind, variant=variant, dtype=dtype)
         source = str(folder)
         pipeline.to(device)
-        for name in _WEIGHTED:
+        for name in WEIGHTED_COMPONENTS:
             module = getattr(pipeline, name, None)
             if module is not None:
                 module.eval().requires_grad_(False)
@@ -137,26 +136,9 @@ def check_model_folder(folder: str | os.PathLike, *, variant: str | None = None)
         Naming the folder, what was found and what would work.
     """
     folder = Path(folder)
-    if not folder.exists():
-        raise ModelError(f"model folder {str(folder)!r} does not exist; pass a folder written "
-                         "by pipeline.save_pretrained(folder) or `diffmem train`")
-    if folder.is_file():
-        hint = ("convert it to a diffusers folder first: StableDiffusionPipeline."
-                "from_single_file(path).save_pretrained(folder, safe_serialization=True)"
-                if folder.suffix == ".safetensors" else
-                "it is a single file; diffmem opens diffusers pipeline folders (model_index.json "
-                "plus one subfolder per component) with safetensors weights")
-        raise ModelError(f"{str(folder)!r} is a file, not a model folder; {hint}")
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        found = sorted(p.name for p in folder.iterdir())[:8]
-        raise ModelError(f"{str(folder)!r} has no model_index.json (found: "
-                         f"{', '.join(found) or 'nothing'}); it is not a diffusers pipeline "
-                         "folder: pass the folder written by pipeline.save_pretrained(folder)")
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {str(index_path)!r}: {e}") from e
+    index = read_model_index(folder)
+    if isinstance(index, IndexProblem):
+        _raise_index_problem(folder, index)
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     if class_name not in PIPELINE_CLASSES:
         raise ModelError(f"{str(folder)!r} holds a {class_name!r} pipeline; diffmem supports "
@@ -172,7 +154,7 @@ def check_model_folder(folder: str | os.PathLike, *, variant: str | None = None)
         if not sub.is_dir():
             problems.append(f"component {name!r} ({spec[1]}) has no subfolder {name}/")
             continue
-        if name in _WEIGHTED:
+        if name in WEIGHTED_COMPONENTS:
             problems.extend(_weight_problems(sub, name, variant))
         elif name == "scheduler" and not (sub / "scheduler_config.json").is_file():
             problems.append("scheduler/ lacks scheduler_config.json")
@@ -189,17 +171,35 @@ def check_model_folder(folder: str | os.PathLike, *, variant: str | None = None)
     return PIPELINE_CLASSES[class_name]
 
 
+def _raise_index_problem(folder: Path, problem: IndexProblem) -> None:
+    if problem.kind == "missing":
+        raise ModelError(f"model folder {str(folder)!r} does not exist; pass a folder written "
+                         "by pipeline.save_pretrained(folder) or `diffmem train`")
+    if problem.kind == "file":
+        hint = ("convert it to a diffusers folder first: StableDiffusionPipeline."
+                "from_single_file(path).save_pretrained(folder, safe_serialization=True)"
+                if folder.suffix == ".safetensors" else
+                "it is a single file; diffmem opens diffusers pipeline folders (model_index.json "
+                "plus one subfolder per component) with safetensors weights")
+        raise ModelError(f"{str(folder)!r} is a file, not a model folder; {hint}")
+    if problem.kind == "no_index":
+        found = sorted(p.name for p in folder.iterdir())[:8]
+        raise ModelError(f"{str(folder)!r} has no model_index.json (found: "
+                         f"{', '.join(found) or 'nothing'}); it is not a diffusers pipeline "
+                         "folder: pass the folder written by pipeline.save_pretrained(folder)")
+    raise ModelError(f"cannot read {str(folder / 'model_index.json')!r}: {problem.detail}")
+
+
 def _weight_problems(sub: Path, name: str, variant: str | None) -> list[str]:
     if not (sub / "config.json").is_file():
         return [f"{name}/ lacks config.json"]
-    tensors = sorted(p.name for p in sub.glob("*.safetensors"))
+    tensors, pickles = weight_files(sub)
     if variant is not None:
         wanted = [t for t in tensors if f".{variant}." in t]
     else:
         wanted = [t for t in tensors if t.count(".") == 1 or "-of-" in t]
     if wanted:
         return []
-    pickles = sorted({p.name for pattern in _PICKLES for p in sub.glob(pattern)})
     if pickles:
         return [(f"{name}/ has weights only as pickles ({', '.join(pickles)}), which diffmem "
                  "never unpickles (they can run code); convert them once in a trusted "

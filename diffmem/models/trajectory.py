@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffmem.checks import check_int
 from diffmem.errors import ConfigError
 from diffmem.models.adapter import DiffusionModelAdapter, SamplingHooks
 from diffmem.utils import progress
@@ -116,12 +117,6 @@ def default_guidance(adapter: DiffusionModelAdapter) -> float:
     return float(param.default)
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name}={value!r}; use a positive integer")
-    return int(value)
-
-
 def check_trajectory(adapter: DiffusionModelAdapter, *, generations: Any, steps: Any,
                      num_inference_steps: Any, batch_size: Any, guidance: Any,
                      ) -> tuple[int, int, int, int, float]:
@@ -148,10 +143,10 @@ def check_trajectory(adapter: DiffusionModelAdapter, *, generations: Any, steps:
     ...                  guidance=None)
     (2, 1, 50, 8, 7.5)
     """
-    generations = _positive("generations", generations)
-    steps = _positive("steps", steps)
-    num_inference_steps = _positive("num_inference_steps", num_inference_steps)
-    batch_size = _positive("batch_size", batch_size)
+    generations = check_int("generations", generations)
+    steps = check_int("steps", steps)
+    num_inference_steps = check_int("num_inference_steps", num_inference_steps)
+    batch_size = check_int("batch_size", batch_size)
     if steps > num_inference_steps:
         raise ConfigError(f"steps={steps} but num_inference_steps={num_inference_steps}; a "
                           "score can only average over steps the sampler takes: lower steps or "

@@ -165,7 +165,7 @@ class PatientVerifier:
         """
         import torch
 
-        from diffmem.embed.encoder import _check_images, _prepare_images
+        from diffmem.embed.model import _check_images, _prepare_images
 
         arr = _check_images(images)
         if len(arr) and arr.shape[1:] != (self.image_size, self.image_size):
@@ -186,7 +186,7 @@ class PatientVerifier:
 def model_config(backbone: Mapping[str, Any], *, embed_dim: int, image_size: int,
                  **extra: Any) -> dict[str, Any]:
     """The head of ``reid_config.json``: what :func:`load_reid_model` needs, plus ``extra``."""
-    from diffmem.embed.encoder import INPUT_MEAN, INPUT_STD
+    from diffmem.embed.model import INPUT_MEAN, INPUT_STD
 
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "description": "Patient-verification network (siamese, cosine of L2-normalized "

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from diffmem.checks import check_int, check_positive, package_versions
 from diffmem.data import CXRDataset
 from diffmem.errors import ConfigError, DataError, TrainingError
 from diffmem.reid.network import PatientVerifier, build_network, model_config, save_reid_model
@@ -136,7 +137,7 @@ def _batch(patients: list[list[int]], studies: list[str], group_of: np.ndarray, 
     pixels."""
     import torch
 
-    from diffmem.embed.encoder import _batch as draw_groups
+    from diffmem.embed.training import _batch as draw_groups
 
     picked = draw_groups([[k] for k in range(len(patients))], size, seed, step)
     gen = torch.Generator().manual_seed((seed * _SEED_STRIDE + step) * 4 + 3)
@@ -177,18 +178,16 @@ def nt_xent(z_a, z_b, temperature: float):
 
 
 def _check_overrides(p: ReIDPreset, steps, patients_per_batch, lr, image_size, seed):
-    from diffmem.embed.encoder import _positive_float, _positive_int
-
     tr = p.training
-    steps = _positive_int("steps", tr["steps"] if steps is None else steps)
-    size = _positive_int("patients_per_batch",
+    steps = check_int("steps", tr["steps"] if steps is None else steps)
+    size = check_int("patients_per_batch",
                          tr["patients_per_batch"] if patients_per_batch is None
                          else patients_per_batch)
     if size < 2:
         raise ConfigError(f"patients_per_batch={size}; use at least 2 (negatives are the other "
                           "patients of the batch)")
-    lr = _positive_float("lr", tr["lr"] if lr is None else lr)
-    image_size = p.image_size if image_size is None else _positive_int("image_size", image_size)
+    lr = check_positive("lr", tr["lr"] if lr is None else lr)
+    image_size = p.image_size if image_size is None else check_int("image_size", image_size)
     if image_size < 16:
         raise ConfigError(f"image_size={image_size}; use at least 16 px")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -244,8 +243,8 @@ def train_reid(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     import torch
 
     from diffmem.data import load
-    from diffmem.embed.encoder import (_augment, _lr_factor, _package_versions,
-                                       _prepare_images, _TrainingImages)
+    from diffmem.embed.model import _prepare_images
+    from diffmem.embed.training import _VERSIONED, _augment, _lr_factor, _TrainingImages
 
     t_start = time.time()
     # 1. check inputs
@@ -340,7 +339,7 @@ def train_reid(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
                  "trained_records": len(train_set), "trained_patients": len(patients)}
     config = model_config(p.backbone, embed_dim=p.embed_dim, image_size=size,
                           preset=p.to_dict(), data=data_info, training=training,
-                          versions=_package_versions())
+                          versions=package_versions(*_VERSIONED))
     model = PatientVerifier(network, config, path=str(out))
     validation = _validate(model, val_set, val_source, seed)
     wall = time.time() - t_start

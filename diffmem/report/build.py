@@ -198,8 +198,8 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
         "studies": studies_found,
         "methods": [dict(m) for m in METHODS],
         "references": REFERENCES,
-        "reproducibility": reproducibility(ident, dataset, found, det, scn, mit, stu, command,
-                                           mode),
+        "reproducibility": reproducibility(ident, found, det, scn, mit, stu, command=command,
+                                           mode=mode),
         "warnings": warnings,
     }
 

@@ -5,6 +5,7 @@ mode says, :mod:`diffmem.report.images`), heat-coloured prompts from
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,6 @@ def _tokens_chart(scn: dict[str, Any]) -> str | None:
     rows = [t for t in scn["tokens"] if t.get("score") is not None]
     if not rows:
         return None
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="diffmem-report-") as tmp:
         path = plot_token_ranking(ScanResult(rows, scn["summary"]), Path(tmp) / "tokens.png",

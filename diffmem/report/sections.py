@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shlex
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffmem.checks import package_versions
 from diffmem.report.risk import OUTLIER_Z, noise_outliers
 
 log = logging.getLogger(__name__)
@@ -322,23 +325,17 @@ def summary_facts(risk: Any, detection: dict | None, attribution: dict | None,
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("diffmem", "torch", "diffusers", "transformers", "numpy", "open_clip_torch",
-                 "jinja2"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    versions = package_versions("diffmem", "torch", "diffusers", "transformers", "numpy",
+                                "open_clip_torch", "jinja2")
+    return {"python": versions.pop("python"), "platform": platform.platform(), **versions}
 
 
-def reproducibility(ident: dict, dataset: Any, found: Any, det: dict | None, scn: dict | None,
-                    mit: dict | None, stu: list[dict], command: Any,
+def reproducibility(ident: dict, found: Any, det: dict | None, scn: dict | None,
+                    mit: dict | None, stu: list[dict], *, command: Any,
                     mode: str) -> dict[str, Any]:
     """Reproducibility: command lines, package versions, seeds, model and data fingerprints,
-    the results folders read and the image mode."""
+    the results folders read (``det``, ``scn``, ``mit``, ``stu``: what was read of each) and the
+    image mode."""
     seeds: dict[str, Any] = {}
     commands: dict[str, Any] = {}
     if det is not None:
@@ -355,8 +352,6 @@ def reproducibility(ident: dict, dataset: Any, found: Any, det: dict | None, scn
         commands[f"study {s['study']}"] = s["command"]
     card = ident["model_card"]
     if isinstance(command, (list, tuple)):
-        import shlex
-
         command = " ".join(shlex.quote(str(c)) for c in command)
     return {
         "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -381,7 +376,6 @@ def _store_commands(folder: Path) -> list[str]:
     path = Path(folder) / "results.sqlite"
     if not path.is_file():
         return []
-    import sqlite3
 
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)

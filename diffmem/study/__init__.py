@@ -13,6 +13,7 @@ Every study returns a :class:`StudyResult` and writes ``study.json`` (see
 :mod:`diffmem.study.results`). Importing this package is cheap: torch loads on first use.
 """
 
+from diffmem._lazy import lazy_getattr
 from diffmem.study.results import StudyResult, write_study
 
 _LAZY = {
@@ -29,12 +30,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'diffmem.study' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = sorted(["StudyResult", "write_study", *_LAZY])

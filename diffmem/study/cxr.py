@@ -9,6 +9,7 @@ skipped, killed ones resume exactly), measure it with :func:`diffmem.study.measu
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,10 +18,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from diffmem.checks import as_dataset
 from diffmem.errors import ConfigError, DataError
 from diffmem.study.measure import MeasureConfig, measure_model, resolve_encoder
 from diffmem.study.results import StudyResult, machine_info, write_study
 from diffmem.study.runs import RunInfo, train_or_resume
+from diffmem.utils import prepare_out_dir, progress
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,7 @@ PLOT_METRICS = ("memorization_rate_own", "memorization_rate_any", "copy_rate_unc
 
 
 def _load(data):
-    from diffmem.data import CXRDataset, load
-
-    dataset = data if isinstance(data, CXRDataset) else load(data)
+    dataset = as_dataset(data)
     if len(dataset.subset(split="train")) == 0:
         raise DataError("the data has no training split to train on", path=dataset.root)
     return dataset
@@ -50,8 +51,6 @@ def embedded_baseline(train_set, config, steps: int) -> tuple[str, dict] | None:
     """The packaged default model's folder and card when it *is* the run ``config`` asks for
     (demo preset, same data fingerprint, seed, lr, steps, batch, caption dropout, no hooks);
     otherwise None."""
-    import json
-
     from diffmem.pipelines import default_model_dir
 
     try:
@@ -178,7 +177,6 @@ def run_lr_study(data, out: str | os.PathLike, *, lrs: Sequence[float],
     StudyResult
     """
     from diffmem.train import TrainConfig
-    from diffmem.utils import prepare_out_dir, progress
 
     t0 = time.perf_counter()
     if schedule not in SCHEDULES:
@@ -306,7 +304,6 @@ def run_train_mitigation_study(data, out: str | os.PathLike, *,
     """
     from diffmem.study.training import get_training_mitigation, list_training_mitigations
     from diffmem.train import TrainConfig
-    from diffmem.utils import prepare_out_dir, progress
 
     t0 = time.perf_counter()
     methods = list(dict.fromkeys(methods))

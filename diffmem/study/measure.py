@@ -23,12 +23,14 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffmem.checks import as_dataset
 from diffmem.errors import ConfigError, DataError
 from diffmem.utils import write_json
 
@@ -247,15 +249,12 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
     -------
     Measurement
     """
-    import time
-
-    from diffmem.data import CXRDataset, load
     from diffmem.detect.detector import detect
     from diffmem.detect.scores import default_guidance
     from diffmem.models import load_model
 
     cfg = config or MeasureConfig()
-    dataset = data if isinstance(data, CXRDataset) else load(data)
+    dataset = as_dataset(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     enc = resolve_encoder(encoder)

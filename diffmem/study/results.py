@@ -11,7 +11,6 @@ plus ``summary.json`` and a CSV of the records (:func:`write_study`).
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import platform
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import OutputError
-from diffmem.utils import write_json
+from diffmem.utils import write_csv, write_json
 
 __all__ = ["StudyResult", "machine_info", "write_study"]
 
@@ -125,14 +124,8 @@ def write_study(result: StudyResult, out: Path, *, csv_name: str,
     try:
         if columns is None:
             columns = list(dict.fromkeys(k for r in result.records for k in r))
-        path = out / csv_name
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            w.writeheader()
-            for r in result.records:
-                w.writerow({k: _csv_value(r.get(k)) for k in columns})
-        os.replace(tmp, path)
+        path = write_csv(out / csv_name, columns,
+                         ({k: _csv_value(r.get(k)) for k in columns} for r in result.records))
         result.files["csv"] = str(path)
         write_json(out / SUMMARY_JSON, _clean(summary if summary is not None
                                               else result.to_dict()))

@@ -45,13 +45,15 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from diffmem.checks import check_int
 from diffmem.errors import ConfigError
 from diffmem.study.results import StudyResult, machine_info, write_study
+from diffmem.utils import prepare_out_dir, progress
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +138,7 @@ class ToyConfig:
         if self.dim not in (1, 2):
             raise ConfigError(f"dim={self.dim!r}; the toy study runs in 1 or 2 dimensions")
         for name in ("n_train", "width", "levels", "batch_size", "n_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (
-                    3 if name == "n_train" else 1):
-                low = 3 if name == "n_train" else 1
-                raise ConfigError(f"{name}={value!r}; use an integer >= {low}")
+            check_int(name, getattr(self, name), low=3 if name == "n_train" else 1)
         for name in ("min_spacing", "t_min", "flow_time", "init_scale", "epsilon", "bandwidth"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -447,8 +445,6 @@ class ToyRun:
 
 def run_toy(cfg: ToyConfig, lrs: Sequence[float], seeds: Sequence[int]) -> ToyRun:
     """Train, sample and measure every (lr, seed) of one dimension (no files)."""
-    from diffmem.utils import progress
-
     cfg = cfg.validated()
     lrs = _check_lrs(lrs)
     run = ToyRun(config=cfg)
@@ -564,14 +560,10 @@ def run_toy_study(out: str | os.PathLike, *, dim: int = 1,
     >>> [r["lr"] for r in res.records]
     [0.1, 0.5]
     """
-    from dataclasses import replace
-
     from diffmem.study import plots
-    from diffmem.utils import prepare_out_dir
 
     t0 = time.perf_counter()
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats={repeats!r}; use an integer >= 1 (the number of seeds)")
+    check_int("repeats", repeats, hint=" (the number of seeds)")
     cfg = replace(config or ToyConfig(), dim=dim).validated()
     lrs = _check_lrs(lrs)
     out = prepare_out_dir(out)

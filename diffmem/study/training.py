@@ -36,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from diffmem.checks import check_fraction, check_int, check_positive
 from diffmem.errors import ConfigError
+from diffmem.utils import progress
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +94,7 @@ def vocabulary(prompts) -> list[str]:
 
 
 def _check_p(name: str, p: Any) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-        raise ConfigError(f"{name}={p!r}; use a probability in [0, 1]")
-    return float(p)
+    return check_fraction(name, p, hint=" (a probability)")
 
 
 def _named(fn: Callable, name: str) -> Callable:
@@ -140,8 +140,7 @@ def caption_randomization(vocab: list[str], *, p: float = 0.1, mode: str = "repl
     if not vocab:
         raise ConfigError("caption randomization needs a vocabulary: the training prompts "
                           "have no words")
-    if isinstance(n_words, bool) or not isinstance(n_words, int) or n_words < 1:
-        raise ConfigError(f"n_words={n_words!r}; use an integer >= 1")
+    check_int("n_words", n_words)
 
     def transform(prompt: str, study, generator):
         if p == 0 or float(torch.rand((), generator=generator)) >= p:
@@ -217,9 +216,7 @@ def noise_gap_filter(*, tau: float = 2.0) -> Callable:
     >>> noise_gap_filter(tau=2.0)(batch).tolist()
     [True, False]
     """
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) \
-            or tau <= 0:
-        raise ConfigError(f"tau={tau!r}; use a positive threshold (Wen et al.: 2)")
+    check_positive("tau", tau, hint=" (the noise-magnitude threshold; Wen et al.: 2)")
 
     from diffmem.models import noise_gap
 
@@ -242,7 +239,6 @@ def deduplicate(train_set, *, threshold: float = 0.95, size: int = 32,
         "records_after", "groups_collapsed", "threshold", "size"}``.
     """
     from diffmem.detect.similarity import get_backend
-    from diffmem.utils import progress
 
     if not isinstance(threshold, (int, float)) or not -1 < threshold <= 1:
         raise ConfigError(f"threshold={threshold!r}; use a similarity in (-1, 1] (e.g. 0.95)")

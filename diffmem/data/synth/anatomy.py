@@ -379,14 +379,49 @@ def render_chest(anatomy: Anatomy, findings: Findings, *, view: str, pose: Pose,
     if view not in ("PA", "AP"):
         raise ValueError(f"view must be 'PA' or 'AP', got {view!r}")
     tex = textures if textures is not None else anatomy_textures(anatomy)
-    a, f = anatomy, findings
-    ap = view == "AP"
-    fr = _Frame(size, pose)
-    u, v, eps = fr.u, fr.v, fr.eps
     rng = np.random.default_rng(noise_seed)
     dev_rng = np.random.default_rng(noise_seed if device_seed is None else device_seed)
-
     # 1. geometry of this film (AP: magnified heart, lower volumes, higher clavicles)
+    film = _film(anatomy, findings, pose, ap=view == "AP", size=size)
+    img = _draw_body(film, tex)  # 2.
+    _draw_lungs(img, film)  # 3.
+    _draw_mediastinum(img, film, tex)  # 4.
+    _draw_bones(img, film)  # 5.-9. (and the gastric bubble, breasts, heart density)
+    # 10. findings
+    img, no_markings = _draw_findings(img, film, tex, rng)
+    img += film.vessels * (1.0 - no_markings)
+    # 11. devices and external objects
+    img = _draw_devices(img, film, dev_rng)
+    # 12. exposure, noise, markers
+    return _expose(img, pose, film.ap, size=size, marker=marker, rng=rng)
+
+
+@dataclass
+class _Film:
+    """One film's geometry and the anatomy masks the drawing steps share."""
+
+    fr: _Frame
+    a: Anatomy
+    f: Findings
+    ap: bool
+    ha: float
+    hb: float
+    dome: dict
+    lat: dict
+    top: float
+    lung: np.ndarray | None = None
+    lung_masks: dict | None = None
+    heart: np.ndarray | None = None
+    lung_vis: np.ndarray | None = None
+    lung_open: dict | None = None
+    carina_v: float = 0.0
+    tx: float = 0.0
+    hilum: dict | None = None
+    vessels: np.ndarray | None = None
+    body: np.ndarray | None = None
+
+
+def _film(a: Anatomy, f: Findings, pose: Pose, *, ap: bool, size: int) -> _Film:
     heart_scale = {None: 1.0, "mild": 1.16, "moderate": 1.3, "severe": 1.45}[f.cardiomegaly]
     ha = a.heart_a * heart_scale * (1.1 if ap else 1.0)
     hb = a.heart_b * (1.0 + 0.6 * (heart_scale - 1.0)) * (1.08 if ap else 1.0)
@@ -394,12 +429,19 @@ def render_chest(anatomy: Anatomy, findings: Findings, *, view: str, pose: Pose,
     dome = {"right": a.dome_r + insp, "left": a.dome_l + insp}
     lat = {"right": a.lung_lat_r, "left": a.lung_lat_l}
     top = a.lung_top + (0.02 if ap else 0.0)
+    return _Film(fr=_Frame(size, pose), a=a, f=f, ap=ap, ha=ha, hb=hb, dome=dome, lat=lat,
+                 top=top)
 
-    # 2. body: neck, shoulders, chest wall, abdomen
+
+def _draw_body(film: _Film, tex: dict[str, np.ndarray]) -> np.ndarray:
+    """2. body: neck, shoulders, chest wall, abdomen (a new image)."""
+    a, ap, dome = film.a, film.ap, film.dome
+    u, v, eps = film.fr.u, film.fr.v, film.fr.eps
     knots_v = [-1.3, -1.0, -0.92, -0.84, -0.72, -0.3, 0.3, 1.3]
     knots_w = [0.26, 0.28, 0.6, 0.9, 1.03, 0.97, 0.94, 0.88]
     wb = np.interp(v, knots_v, knots_w) * a.body_w * (1.04 if ap else 1.0)
     body = _step(wb - np.abs(u), eps * 1.5)
+    film.body = body
     thick = np.sqrt(np.clip(1.0 - (u / wb) ** 2, 0.0, 1.0))
     img = body * (0.34 + 0.30 * thick ** 0.6) * a.tissue
     img += body * 0.05 * _sample(tex["coarse"], u, v)
@@ -407,8 +449,13 @@ def render_chest(anatomy: Anatomy, findings: Findings, *, view: str, pose: Pose,
     sx = np.abs(u)
     dome_line = np.where(u < 0, dome["right"], dome["left"]) + 0.25 * (sx / 0.75) ** 2
     img += body * _step(v - dome_line, 0.05) * (0.08 + 0.05 * (u < 0))
+    return img
 
-    # 3. lungs: rounded apex, lateral wall, dome with deep costophrenic recess
+
+def _draw_lungs(img: np.ndarray, film: _Film) -> None:
+    """3. lungs: rounded apex, lateral wall, dome with deep costophrenic recess; the heart."""
+    a, ap, dome, lat, top = film.a, film.ap, film.dome, film.lat, film.top
+    u, v, eps = film.fr.u, film.fr.v, film.fr.eps
     lung = np.zeros_like(u)
     lung_masks = {}
     for side, s in (("right", -1.0), ("left", 1.0)):
@@ -429,21 +476,27 @@ def render_chest(anatomy: Anatomy, findings: Findings, *, view: str, pose: Pose,
         lung_masks[side] = m
         lung = lung + m
     hy = a.heart_y + (0.03 if ap else 0.0)
-    heart = np.maximum(_ellipse(u, v, a.heart_x, hy, ha, hb, a.heart_rot, eps),
-                       _ellipse(u, v, a.heart_x + 0.03, hy + 0.13, ha * 0.9, hb * 0.85,
+    heart = np.maximum(_ellipse(u, v, a.heart_x, hy, film.ha, film.hb, a.heart_rot, eps),
+                       _ellipse(u, v, a.heart_x + 0.03, hy + 0.13, film.ha * 0.9, film.hb * 0.85,
                                 a.heart_rot, eps))
     # the heart hides the lung in front of it; the left lower lobe still shows faintly
     lung_vis = lung * (1.0 - 0.9 * heart)
-    lung_open = {k: m * (1.0 - 0.9 * heart) for k, m in lung_masks.items()}
+    film.lung, film.lung_masks, film.heart, film.lung_vis = lung, lung_masks, heart, lung_vis
+    film.lung_open = {k: m * (1.0 - 0.9 * heart) for k, m in lung_masks.items()}
     # lungs are darkest at mid height, greyer at the apices (muscle, bone) and bases (soft
     # tissue, breasts), and a little greyer medially
     height = np.clip((v - top) / (max(dome["right"], dome["left"]) - top), 0, 1)
     depth = 0.72 + 0.28 * np.clip(np.sin(height * np.pi), 0.0, 1.0) ** 0.7
     img -= 0.38 * lung_vis * depth * (0.9 if ap else 1.0)
 
-    # 4. mediastinum details: trachea and bronchi (air), hila, vessels
+
+def _draw_mediastinum(img: np.ndarray, film: _Film, tex: dict[str, np.ndarray]) -> None:
+    """4. mediastinum details: trachea and bronchi (air), hila, vessels (kept for step 10)."""
+    a, ap, lung, heart = film.a, film.ap, film.lung, film.heart
+    u, v, eps = film.fr.u, film.fr.v, film.fr.eps
     carina_v = -0.16 + (0.02 if ap else 0.0)
     tx = a.spine_x + 0.01
+    film.carina_v, film.tx = carina_v, tx
     trachea = (_step(0.028 - np.abs(u - tx), eps) * _step(carina_v - v, eps)
                * _step(v + 1.05, eps))
     for s in (-1.0, 1.0):
@@ -456,9 +509,16 @@ def render_chest(anatomy: Anatomy, findings: Findings, *, view: str, pose: Pose,
         hu, hv = s * 0.19 + 0.01, -0.04 if side == "right" else -0.08
         hilum[side] = (hu, hv)
         img += 0.07 * _gauss(u, v, hu, hv, 0.05, 0.08)
-    vessels = 0.09 * lung * (1.0 - 0.7 * heart) * _sample(tex["vessels"], u, v)
+    film.hilum = hilum
+    film.vessels = 0.09 * lung * (1.0 - 0.7 * heart) * _sample(tex["vessels"], u, v)
     img += lung * 0.018 * _sample(tex["fine"], u, v)
 
+
+def _draw_bones(img: np.ndarray, film: _Film) -> None:
+    """5.-9. spine, ribs, clavicles, scapulae and humeral heads; gastric bubble and breast
+    shadows; heart and great vessels."""
+    a, ap, dome, lat, top, body = film.a, film.ap, film.dome, film.lat, film.top, film.body
+    u, v, eps = film.fr.u, film.fr.v, film.fr.eps
     # 5. spine (through the mediastinum), vertebral bodies and pedicles
     su = u - a.spine_x
     spine = _step(0.07 - np.abs(su), eps)
@@ -521,18 +581,13 @@ def render_chest(anatomy: Anatomy, findings: Findings, *, view: str, pose: Pose,
             img += 0.06 * _ellipse(u, v, s * 0.5, 0.42, 0.36, 0.24, s * 10, 0.05) * body
 
     # 9. heart and great vessels
-    img += 0.025 * heart * body
+    img += 0.025 * film.heart * body
     img += 0.04 * a.aorta * _gauss(u, v, 0.14, -0.33, 0.05, 0.05)
 
-    # 10. findings
-    img, no_markings = _draw_findings(img, fr, f, a, tex, lung_open, lung_vis, heart, dome,
-                                      lat, top, hilum, ap, rng)
-    img += vessels * (1.0 - no_markings)
 
-    # 11. devices and external objects
-    img = _draw_devices(img, fr, f, a, carina_v, tx, dome, lat, ap, heart, dev_rng)
-
-    # 12. exposure, noise, markers
+def _expose(img: np.ndarray, pose: Pose, ap: bool, *, size: int, marker: bool,
+            rng: np.random.Generator) -> np.ndarray:
+    """12. exposure, quantum noise and burned-in film markers; float32 in [0, 1]."""
     img = np.clip(img, 0.0, None) * pose.exposure
     img = np.clip(img / 0.95, 0.0, 1.0) ** (1.15 * pose.gamma)
     noise = rng.standard_normal(img.shape)
@@ -561,7 +616,11 @@ def _lobe_center(lobe, dome, lat, top):
     return s * 0.45 * L / 0.75, d - 0.1, 0.2, 0.14
 
 
-def _draw_findings(img, fr, f, a, tex, lung_masks, lung, heart, dome, lat, top, hilum, ap, rng):
+def _draw_findings(img, film: _Film, tex: dict[str, np.ndarray], rng):
+    """10. findings; returns the image and where a pneumothorax hides lung markings."""
+    fr, f, a, ap = film.fr, film.f, film.a, film.ap
+    lung_masks, lung, heart = film.lung_open, film.lung_vis, film.heart
+    dome, lat, top, hilum = film.dome, film.lat, film.top, film.hilum
     u, v, eps = fr.u, fr.v, fr.eps
     blotch = _sample(tex["blotch"], u, v)
     # edema: perihilar haze and indistinct vessels, Kerley lines when worse
@@ -643,8 +702,11 @@ def _draw_findings(img, fr, f, a, tex, lung_masks, lung, heart, dome, lat, top, 
     return img, no_markings
 
 
-def _draw_devices(img, fr, f, a, carina_v, tx, dome, lat, ap, heart, rng):
-    dev = f.devices
+def _draw_devices(img, film: _Film, rng):
+    """11. tubes, lines, pacemaker, sternotomy wires and (portable films) ECG leads."""
+    fr, a, carina_v, tx, dome, lat, ap = (film.fr, film.a, film.carina_v, film.tx, film.dome,
+                                         film.lat, film.ap)
+    dev = film.f.devices
     px = fr.size / 2.0  # pixels per anatomy unit
     metal = np.zeros_like(img)
     tube_w = max(0.9, 0.006 * px)

@@ -1,5 +1,5 @@
-"""Helpers shared by the dataset loaders: the ``on_error`` policy, skip bookkeeping and strict
-CSV reading (plain or gzip-compressed, UTF-8)."""
+"""Helpers shared by the dataset readers: the file suffixes they know, the ``on_error`` policy,
+skip bookkeeping and strict CSV reading (plain or gzip-compressed, UTF-8)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from diffmem.errors import ConfigError, DataError
 log = logging.getLogger("diffmem.data")
 
 ON_ERROR = ("raise", "skip")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+RASTER_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # Phrases of our own DataError messages -> the short kind counted in skip summaries.
 _KINDS = (

@@ -1,0 +1,116 @@
+"""Shared argument checks and small helpers: one home for the rules every package applies.
+
+* :func:`check_int`, :func:`check_positive`, :func:`check_fraction` - a number argument or a
+  :class:`~diffmem.errors.ConfigError` that names it, the value received and what would work;
+* :func:`as_dataset`, :func:`as_adapter` - a dataset or model given as an object or a path;
+* :func:`package_versions` - the versions a result records for reproducibility.
+
+Atomic file writers (:func:`~diffmem.utils.write_json`, :func:`~diffmem.utils.write_csv`) live in
+:mod:`diffmem.utils`.
+
+Examples
+--------
+>>> check_int("steps", 3), check_fraction("p", 0.5), check_positive("lr", 1e-3)
+(3, 0.5, 0.001)
+>>> check_int("steps", 0)
+Traceback (most recent call last):
+...
+diffmem.errors.ConfigError: steps=0; use an integer >= 1
+>>> check_int("seed", True, low=0)
+Traceback (most recent call last):
+...
+diffmem.errors.ConfigError: seed=True; use an integer >= 0
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import math
+import platform
+from typing import Any
+
+import numpy as np
+
+from diffmem.errors import ConfigError, DiffMemError
+
+__all__ = ["as_adapter", "as_dataset", "check_fraction", "check_int", "check_positive",
+           "package_versions"]
+
+
+def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None, hint: str = "",
+              error: type[DiffMemError] = ConfigError) -> int:
+    """``value`` as an ``int`` when it is a whole number (not a bool) in ``[low, high]``.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for the message.
+    value : object
+    low, high : int, optional
+        Inclusive bounds (default: at least 1, no upper bound).
+    hint : str, optional
+        Appended to the message (e.g. ``" (the number of seeds)"``).
+    error : DiffMemError subclass, optional
+        What to raise (default :class:`ConfigError`).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low \
+            or (high is not None and value > high):
+        want = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise error(f"{name}={value!r}; use {want}{hint}")
+    return int(value)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) \
+        and math.isfinite(float(value))
+
+
+def check_positive(name: str, value: Any, *, hint: str = "",
+                   error: type[DiffMemError] = ConfigError) -> float:
+    """``value`` as a ``float`` when it is a finite number > 0 (``hint`` ends the message)."""
+    if not _is_number(value) or value <= 0:
+        raise error(f"{name}={value!r}; use a finite number > 0{hint}")
+    return float(value)
+
+
+def check_fraction(name: str, value: Any, *, open_low: bool = False, open_high: bool = False,
+                   hint: str = "", error: type[DiffMemError] = ConfigError) -> float:
+    """``value`` as a ``float`` when it is a number in [0, 1] (``open_low``/``open_high``
+    exclude 0/1; ``hint`` ends the message)."""
+    lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
+    if not _is_number(value) or value < 0 or value > 1 or (open_low and value == 0) \
+            or (open_high and value == 1):
+        raise error(f"{name}={value!r}; use a number in {lo}0, 1{hi}{hint}")
+    return float(value)
+
+
+def as_dataset(data: Any) -> Any:
+    """A :class:`~diffmem.data.CXRDataset`, given one or a dataset path
+    (read with :func:`diffmem.data.load`)."""
+    from diffmem.data import CXRDataset, load  # here: diffmem.data uses these checks itself
+
+    return data if isinstance(data, CXRDataset) else load(data)
+
+
+def as_adapter(model: Any, **options: Any) -> Any:
+    """A :class:`~diffmem.models.DiffusionModelAdapter`, given one (or an object with its
+    ``sample`` and ``fingerprint``), a loaded pipeline or a model folder (read with
+    :func:`diffmem.models.load_model`, which takes the ``options``)."""
+    from diffmem.models import DiffusionModelAdapter, load_model  # here: models use the checks
+
+    if isinstance(model, DiffusionModelAdapter) or (
+            hasattr(model, "sample") and hasattr(model, "fingerprint")):
+        return model
+    return load_model(model, **options)
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Python's version and the installed versions of ``names`` (``"not installed"`` when
+    absent), for the reproducibility record of a result."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
