@@ -35,6 +35,10 @@ def test_sd15_on_cpu_is_refused(capsys):
     assert "--size small" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown model size preset 'xl'"):
         bench_device(size="xl", device="cpu")
+    with pytest.raises(ConfigError, match="prompts=0; use an integer >= 1"):
+        bench_device(size="small", device="cpu", prompts=0)
+    with pytest.raises(ConfigError, match="float16 does not run on the CPU"):
+        bench_device(size="small", device="cpu", dtype="float16")
 
 
 def test_small_smoke_run(tmp_path, capsys):

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffmem.checks import check_int
 from diffmem.detect.bench import machine_info
 from diffmem.detect.scores import noise_magnitude
 from diffmem.errors import ConfigError
@@ -113,8 +114,8 @@ def bench_device(*, size: str = "sd15", device: str | None = None, dtype: str | 
                           "smoke test of the same code")
     for name, value in (("prompts", prompts), ("images", images), ("steps", steps),
                         ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r}; use a positive integer")
+        check_int(name, value)
+    check_int("baseline_prompts", baseline_prompts, low=0)
     pipe = stable_diffusion_from_configs(topology["unet"], topology["vae"],
                                          topology["text_encoder"], seed=seed,
                                          model_max_length=77)
