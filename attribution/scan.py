@@ -43,8 +43,9 @@ import numpy as np
 from diffmem.attribution.markers import DEID_KINDS, MarkerTally, Span, segment, split_pieces
 from diffmem.checks import as_adapter, check_int
 from diffmem.data.prompts import TABLE_SUFFIXES, iter_prompts, table_columns
-from diffmem.errors import ConfigError, DataError, PromptError
-from diffmem.utils import prepare_out_dir, progress, write_json
+from diffmem.errors import ConfigError, DataError, OutputError, PromptError
+from diffmem.utils import (check_outside, disk_full_error, is_disk_full, prepare_out_dir, progress,
+                           write_json)
 
 log = logging.getLogger(__name__)
 
@@ -904,6 +905,15 @@ def write_scan(result: ScanResult, out: str | os.PathLike, *,
         What was written, by name.
     """
     out = prepare_out_dir(out, inputs=[Path(p) for p in inputs])
+    try:
+        return _write_scan_files(result, out, plots=plots)
+    except OSError as e:  # scan.json itself is written atomically and cleans up after itself
+        if is_disk_full(e):
+            raise disk_full_error(out) from None
+        raise OutputError(f"cannot write the scan into {str(out)!r}: {e.strerror or e}") from None
+
+
+def _write_scan_files(result: ScanResult, out: Path, *, plots: bool) -> dict[str, Path]:
     paths = {"tokens": out / "tokens.csv", "scan": out / "scan.json"}
     with open(paths["tokens"], "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(TOKEN_COLUMNS))
@@ -952,12 +962,23 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     result : ScanResult
     paths : dict of str to Path
     """
+    from diffmem.data.loader import dataset_root
+    from diffmem.models import DiffusionModelAdapter, check_model_folder
+
+    # inputs first, then the output folder: nothing is created for a run that cannot start,
+    # and nothing is written into the dataset's folder or the model folder
     prompts, info = iter_source(source, split=split, prompt_section=prompt_section)
-    created = not Path(out).exists()
-    out = prepare_out_dir(out, inputs=[source])
+    model_folder = None if model is None or isinstance(model, DiffusionModelAdapter) else model
+    if model_folder is not None:
+        check_model_folder(model_folder)  # reads JSON and file names only
+    inputs = [dataset_root(source) if str(info.get("kind", "")).startswith("dataset")
+              else source, model_folder]
+    check_outside(out, inputs)
     adapter = None
     if model is not None:
         adapter = as_adapter(model, device=device, dtype=dtype)
+    created = not Path(out).exists()
+    out = prepare_out_dir(out, inputs=inputs)
     try:
         result = scan_prompts(prompts, adapter=adapter, **options)
     except BaseException:
@@ -968,4 +989,4 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     if adapter is not None:
         result.summary["model"]["source"] = adapter.source
         result.summary["model"]["fingerprint"] = adapter.fingerprint()
-    return result, write_scan(result, out, inputs=[source])
+    return result, write_scan(result, out, inputs=[p for p in inputs if p is not None])

@@ -56,7 +56,8 @@ from typing import Any
 import numpy as np
 
 from diffmem.errors import DataError, OutputError
-from diffmem.utils import sha256_text, stable_json, write_csv, write_json
+from diffmem.utils import (disk_full_error, is_disk_full, sha256_text, shell_command, stable_json,
+                           write_csv, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,8 @@ class ResultsStore:
                     raise OutputError(f"results store {str(self.path)!r} stayed locked for "
                                       f"{self._timeout:g} s by another process; wait for it or "
                                       "raise the timeout") from None
+                if is_disk_full(e):
+                    raise disk_full_error(self.path.parent) from None
                 raise DataError(f"not a diffmem results store ({e}); choose another --out or "
                                 "move the file away", path=self.path) from None
             except sqlite3.DatabaseError as e:
@@ -269,7 +272,7 @@ class ResultsStore:
                                  (APP, SCHEMA_VERSION))
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
         self._verify()
 
@@ -286,6 +289,12 @@ class ResultsStore:
             raise DataError(f"written by a newer diffmem (schema {rows[0]['version']}, this "
                             f"version reads up to {SCHEMA_VERSION}); upgrade diffmem",
                             path=self.path)
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not already (it does on SQLITE_FULL,
+        and a second ROLLBACK would hide that error behind "cannot rollback")."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         self._db.close()
@@ -307,20 +316,29 @@ class ResultsStore:
                   command: str | Sequence[str] | None = None,
                   params: Mapping[str, Any] | None = None) -> int:
         """Record a run (one command invocation) and return its id."""
-        if not isinstance(command, str) and command is not None:
-            command = " ".join(str(c) for c in command)
-        cur = self._db.execute(
+        if command is not None:
+            command = shell_command(command)
+        cur = self._write(
             "INSERT INTO runs (model_fingerprint, data_fingerprint, command, params, created) "
             "VALUES (?, ?, ?, ?, ?)",
             (model_fingerprint, data_fingerprint, command,
              None if params is None else stable_json(_plain(params)), _now()))
         return int(cur.lastrowid)
 
+    def _write(self, sql: str, args: Sequence[Any]) -> sqlite3.Cursor:
+        """One auto-committed write; a full disk is :func:`~diffmem.utils.disk_full_error`."""
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.OperationalError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.path.parent) from None
+            raise
+
     def put_params(self, params: Mapping[str, Any]) -> str:
         """Store a parameter dict under its :func:`params_hash` and return the hash."""
         h = params_hash(params)
-        self._db.execute("INSERT OR IGNORE INTO params (params_hash, params) VALUES (?, ?)",
-                         (h, stable_json(_plain(params))))
+        self._write("INSERT OR IGNORE INTO params (params_hash, params) VALUES (?, ?)",
+                    (h, stable_json(_plain(params))))
         return h
 
     def put_many(self, records: Iterable[Mapping[str, Any]], *, run_id: int | None = None,
@@ -380,8 +398,10 @@ class ResultsStore:
                 "prompt, study_id, value, run_id, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows)
             self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
+        except BaseException as e:
+            self._rollback()
+            if isinstance(e, sqlite3.Error) and is_disk_full(e):
+                raise disk_full_error(self.path.parent) from None
             raise
         return self._db.total_changes - before
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from diffmem.checks import as_dataset, package_versions
 from diffmem.data import CXRDataset, Study
 from diffmem.errors import ConfigError, DataError, TrainingError
-from diffmem.utils import prepare_out_dir, progress, write_json
+from diffmem.utils import disk_full_error, is_disk_full, prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,19 @@ class _ImageSource:
         return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1)
 
 
+def _read_images(dataset: CXRDataset, size: int) -> _ImageSource:
+    """:class:`_ImageSource` of ``dataset``; an unreadable image is a DataError that does not
+    suggest ``--on-error skip``, which ``train`` does not take."""
+    from diffmem.data._reading import without_skip_hint
+
+    try:
+        return _ImageSource(dataset, size)
+    except DataError as e:
+        raise DataError(f"{without_skip_hint(str(e))}; `diffmem train` trains on every record "
+                        "and skips none: fix or remove the file (`diffmem inspect DATA "
+                        "--on-error skip` lists every unreadable one)") from None
+
+
 def _note_conversion(dataset: CXRDataset, size: int) -> None:
     """Log once when stored images are not already ``size`` x ``size`` grayscale."""
     from PIL import Image
@@ -325,21 +338,67 @@ def _save_checkpoint(out: Path, step: int, model: _Denoiser, ema: dict[str, torc
     tmp = root / f".tmp-{_STEP_PREFIX}{step:07d}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_safetensors(opt)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    write_json(tmp / "optimizer.json", opt_meta)
-    write_json(tmp / "state.json", {"step": step, "lr_scheduler": sched.state_dict(), **run_meta})
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_safetensors(opt)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "optimizer.json", opt_meta)
+        write_json(tmp / "state.json", {"step": step, "lr_scheduler": sched.state_dict(),
+                                        **run_meta})
+    except Exception as e:  # SafetensorError, OSError, OutputError: the half checkpoint goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full_error(root) from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for _, old in _list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from, or None: a JSON file that does
+    not parse, a safetensors file that is missing or truncated (its header and size are checked;
+    no tensor is read)."""
+    from safetensors import safe_open
+
+    for name in ("state.json", "optimizer.json"):
+        try:
+            json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return f"{name}: {e}"
+    names = ["model.safetensors", "optimizer.safetensors"]
+    if (path / "ema.safetensors").exists():
+        names.append("ema.safetensors")
+    for name in names:
+        try:
+            with safe_open(str(path / name), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: both mean unreadable
+            return f"{name}: {e}"
+    return None
+
+
+def _resumable(checkpoints: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """``checkpoints`` without the unreadable newest ones, each named in a warning (nothing is
+    deleted); a TrainingError when none can be read."""
+    bad = []
+    while checkpoints and (problem := _checkpoint_problem(checkpoints[-1][1])) is not None:
+        bad.append(f"{checkpoints[-1][1]} ({problem})")
+        checkpoints = checkpoints[:-1]
+        log.warning("checkpoint %s cannot be read; %s", bad[-1],
+                    f"resuming from the one before it, {checkpoints[-1][1]} (nothing is deleted)"
+                    if checkpoints else "no older checkpoint")
+    if bad and not checkpoints:
+        raise TrainingError(f"cannot resume: no checkpoint can be read ({'; '.join(bad)}); "
+                            "train into a new --out (nothing was deleted)")
+    return checkpoints
 
 
 def _load_checkpoint(path: Path, model: _Denoiser, opt, sched) -> tuple[int, dict | None, dict]:
@@ -429,6 +488,8 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
                           "processes; use a multiple of the process count")
 
     checkpoints = _list_checkpoints(out)
+    if resume and checkpoints:
+        checkpoints = _resumable(checkpoints)  # skips (and names) unreadable newest ones
     run_meta = {
         "preset": preset.name, "data_fingerprint": fingerprint, "seed": cfg.seed,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
@@ -438,6 +499,9 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     }
     _check_resume(out, checkpoints, resume, run_meta)
 
+    size = preset.resolution
+    _note_conversion(train_set, size)
+    images = _read_images(train_set, size)  # before the tokenizer is written into out
     set_seed(cfg.seed)
     tokenizer = _make_tokenizer(out, train_set.prompts, preset, resume=resume,
                                 is_main=acc.is_main_process, acc=acc)
@@ -446,9 +510,6 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
         pipe.vae.requires_grad_(False)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     model = _Denoiser(pipe.unet, pipe.text_encoder)
-    size = preset.resolution
-    _note_conversion(train_set, size)
-    images = _ImageSource(train_set, size)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler("constant_with_warmup", optimizer=opt,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import hashlib
 import json
 import os
 import random
+import shlex
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,19 +84,39 @@ def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return p == f or f in p.parents
 
 
+def check_outside(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
+                  what: str = "output folder") -> None:
+    """Refuse (``OutputError``) an output ``path`` that is or lies inside one of ``inputs``.
+
+    The one guard behind "diffmem never writes into a dataset or model folder": every command
+    passes the folders it reads (dataset root, model folder, results it reads from) before it
+    creates or writes anything. ``None`` entries are ignored. Creates nothing.
+
+    Examples
+    --------
+    >>> check_outside("/tmp/results", ["/data/cxr", None])
+    >>> check_outside("/data/cxr/out", ["/data/cxr"])
+    Traceback (most recent call last):
+    ...
+    diffmem.errors.OutputError: output folder '/data/cxr/out' lies inside the input '/data/cxr'; \
+diffmem never writes into a dataset folder or a model folder: choose a path outside it
+    """
+    for src in inputs:
+        if src is not None and is_within(path, src):
+            raise OutputError(
+                f"{what} {str(path)!r} lies inside the input {str(src)!r}; diffmem never "
+                "writes into a dataset folder or a model folder: choose a path outside it")
+
+
 def prepare_out_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
                     exist_ok: bool = True) -> Path:
     """Create and return the output folder ``out``.
 
-    Refuses (``OutputError``) when ``out`` lies inside one of ``inputs`` (a user's dataset is
-    never written into), when it exists and ``exist_ok`` is false, or when it is not writable.
+    Refuses (``OutputError``) when ``out`` lies inside one of ``inputs`` (see
+    :func:`check_outside`; a user's dataset or model is never written into), when it exists and ``exist_ok`` is false, or when it is not writable.
     """
     out = Path(out)
-    for src in inputs:
-        if src is not None and is_within(out, src):
-            raise OutputError(
-                f"output folder {str(out)!r} lies inside the input {str(src)!r}; diffmem never "
-                "writes into a dataset folder: choose an --out outside it")
+    check_outside(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {str(out)!r} exists and is not a folder")
     if out.exists() and not exist_ok and any(out.iterdir()):
@@ -106,12 +130,83 @@ def prepare_out_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLik
     return out
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (temp file then rename)."""
+def shell_command(command: str | Sequence[Any]) -> str:
+    """A command as a user can paste it into a POSIX shell: each argument shell-quoted.
+
+    The one place diffmem turns a command into text it shows (report "to run" hints, recorded
+    command lines, "next:" hints), so a path with spaces or shell metacharacters stays one
+    argument. A string is taken as an already-formed command line and returned unchanged.
+
+    Examples
+    --------
+    >>> shell_command(["diffmem", "scan", "data; rm -rf ~", "--out", "my out"])
+    "diffmem scan 'data; rm -rf ~' --out 'my out'"
+    >>> shell_command("diffmem demo")
+    'diffmem demo'
+    """
+    if isinstance(command, str):
+        return command
+    return shlex.join(str(part) for part in command)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for an error that means the disk (or the user's quota) is full: ``ENOSPC`` or
+    ``EDQUOT`` from the OS, ``SQLITE_FULL`` ("database or disk is full") from SQLite, or such an
+    OS error wrapped in another library's error text (safetensors).
+
+    Examples
+    --------
+    >>> is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    True
+    >>> is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    False
+    """
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if getattr(error, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+        return True
+    text = str(error)  # safetensors' SafetensorError wraps the OS error in its text
+    return any(s in text for s in ("database or disk is full", "No space left on device",
+                                   "StorageFull", "Disk quota exceeded"))
+
+
+def disk_full_error(folder: str | os.PathLike) -> OutputError:
+    """The one message for a full disk: the folder, the space left there, and what to do."""
+    where = Path(folder)
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return OutputError(f"the disk holding {str(where)!r} is full ({free}); free some space "
+                       "there or choose an --out on another disk, then run the same command "
+                       "again (finished work is kept)")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file beside it, then a rename.
+
+    On failure the temp file is removed, ``path`` is left as it was, and the error is an
+    :class:`OutputError` naming the file (:func:`disk_full_error` for a full disk).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(path.parent) from None
+        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def weights_fingerprint(config: Any, module: Any) -> str:
@@ -143,6 +238,9 @@ def write_csv(path: str | os.PathLike, columns: Sequence[str],
             w.writerows(rows)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror}") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(path.parent) from None
+        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     return path

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import listing, write_table
 from diffmem.attribution import (
     find_markers,
     log_odds_enrichment,
@@ -239,6 +240,36 @@ def test_bad_inputs(tmp_path, mimic_jpg, capsys):
         from diffmem.attribution import run_scan
 
         run_scan(mimic_jpg, out=mimic_jpg / "scan")
+
+
+def test_scan_never_writes_into_the_data_or_the_model(tmp_path, copy_tree, mimic_jpg, model,
+                                                     capsys):
+    """An --out inside the dataset given by its manifest file, or inside the model folder, is
+    refused before anything is written (the same guard as train, detect and report)."""
+    root = copy_tree(mimic_jpg, "with-manifest")
+    images = sorted(root.rglob("*.jpg"))
+    write_table(root / "manifest.csv", ["image", "prompt"],
+                [[str(p.relative_to(root)), f"Dr. ___ was notified of study {i}."]
+                 for i, p in enumerate(images)])
+    data_before, model_before = listing(root), listing(model)
+    for argv in (["scan", str(root / "manifest.csv"), "--split", "all",
+                  "--out", str(root / "scan")],
+                 ["scan", str(root), "--split", "all", "--model", str(model),
+                  "--out", str(model / "scan")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "never writes into a dataset folder or a model folder" in err, err
+    assert listing(root) == data_before and listing(model) == model_before
+
+
+def test_scan_checks_the_model_before_creating_out(tmp_path, mimic_jpg, capsys):
+    """A model folder that cannot be opened fails before --out is created."""
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    out = tmp_path / "out"
+    assert main(["scan", str(mimic_jpg), "--model", str(not_a_model), "--out", str(out)]) == 2
+    assert "has no model_index.json" in capsys.readouterr().err
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------- demo scenario

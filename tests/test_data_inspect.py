@@ -74,7 +74,7 @@ def test_render_grid(mimic_jpg, tmp_path):
     with Image.open(out) as im:
         w, h = im.size
     assert w > h > 0  # two rows of up to three studies
-    with pytest.raises(OutputError, match="lies inside the dataset"):
+    with pytest.raises(OutputError, match="lies inside the input"):
         render_grid(ds, mimic_jpg / "grid.png")
 
 
@@ -94,8 +94,23 @@ def test_cli_json_and_no_writes(mimic_jpg, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "6 images, 5 studies, 3 patients" in text and "de-id marks" in text
     assert main(["inspect", str(mimic_jpg), "--grid", str(mimic_jpg / "g.png")]) == 2
-    assert "lies inside the dataset" in capsys.readouterr().err
+    assert "lies inside the input" in capsys.readouterr().err
     assert listing(mimic_jpg) == before
+
+
+def test_cli_grid_to_an_unwritable_path(mimic_jpg, tmp_path, capsys):
+    """A grid path that cannot be written (its folder is a file; a directory in the way) is one
+    clear error naming the path, exit 2, no traceback and no temporary file left."""
+    place = tmp_path / "place"
+    place.mkdir()
+    blocker = place / "not-a-folder"
+    blocker.write_text("x", encoding="utf-8")
+    (place / "a-folder.png").mkdir()
+    for grid in (blocker / "grid.png", place / "a-folder.png"):
+        assert main(["inspect", str(mimic_jpg), "--grid", str(grid)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write the grid {str(grid)!r}" in err and "Traceback" not in err
+    assert sorted(p.name for p in place.iterdir()) == ["a-folder.png", "not-a-folder"]
 
 
 def _damage(kind, root, tmp_path):

@@ -202,6 +202,9 @@ def test_bad_records_raise_or_skip_with_counts(mimic_jpg, copy_tree, caplog):
     assert "skipped 3 record(s)" in warning[0]
     for kind in ("1 missing report", "1 non-UTF-8 text", "1 empty prompt"):
         assert kind in warning[0]
+    # the summary of a run that skipped does not advise to skip
+    assert "--on-error skip" not in warning[0]
+    assert not any("--on-error" in reason for _, reason in ds.skipped)
 
 
 def test_verify_images_finds_truncated_files(mimic_jpg, copy_tree):

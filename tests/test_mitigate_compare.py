@@ -11,7 +11,7 @@ import pytest
 
 from diffmem.cli import main
 from diffmem.cli.mitigate import parse_strengths
-from diffmem.errors import ConfigError, DataError
+from diffmem.errors import ConfigError, DataError, ModelError
 from diffmem.mitigate.compare import CSV_COLUMNS, ComparisonConfig, compare_mitigations, pareto_front
 
 FAST = {"n_prompts": 2, "generations": 2, "steps": 2, "batch_size": 8, "candidates": 3,
@@ -149,7 +149,14 @@ def test_bad_input(model, data, encoder, tmp_path):
     with pytest.raises(DataError, match="scores.csv is missing"):
         compare_mitigations(model, data, tmp_path / "a", encoder=encoder,
                             methods="guidance_delay", detect_dir=tmp_path)
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    with pytest.raises(ModelError, match="has no model_index.json"):
+        compare_mitigations(not_a_model, data, tmp_path / "a", encoder=encoder,
+                            methods="guidance_delay")
     assert not (data / "cache").exists()
+    # a run that fails its checks of model, encoder or data leaves no (empty) output folder
+    assert not (tmp_path / "a").exists()
 
 
 def test_pareto_front_against_a_hand_computed_case():

@@ -131,6 +131,21 @@ def test_error_wrong_class(sd_folder, tmp_path):
         load_model(dest)
 
 
+def test_error_class_name_not_a_string(sd_folder, tmp_path):
+    """A '_class_name' that is a list (or an index that is not an object) is a ModelError naming
+    model_index.json, not a TypeError."""
+    dest = _copy(sd_folder, tmp_path)
+    index = json.loads((dest / "model_index.json").read_text())
+    index["_class_name"] = ["StableDiffusionPipeline"]
+    (dest / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match=r"model_index.json': '_class_name' is "
+                                         r"\['StableDiffusionPipeline'\], not a pipeline class"):
+        load_model(dest)
+    (dest / "model_index.json").write_text(json.dumps([index]))
+    with pytest.raises(ModelError, match="model_index.json' holds a JSON list, not an object"):
+        load_model(dest)
+
+
 def test_error_pickle_only_weights(sd_folder, tmp_path):
     dest = _copy(sd_folder, tmp_path)
     weights = dest / "unet" / "diffusion_pytorch_model.safetensors"

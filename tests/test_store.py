@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -180,6 +181,51 @@ def test_exports_csv_and_json(tmp_path):
     assert doc["runs"][0]["params"] == {"k": 2}
     assert doc["results"][2]["value"] == 0.5
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_recorded_commands_are_shell_quoted(tmp_path):
+    """A recorded command line pastes back into a shell as the same arguments."""
+    argv = ["diffmem", "detect", "--data", "my data; touch pwned", "--out", "$(id)"]
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        store.start_run("m", command=argv)
+        assert shlex.split(store.runs()[0]["command"]) == argv
+
+
+def test_a_full_disk_is_one_clear_error_and_a_rerun_finishes(tmp_path):
+    """SQLite's own page quota (max_page_count) makes the real SQLITE_FULL, "database or disk is
+    full": one OutputError naming the folder (not "cannot rollback"), nothing of the batch
+    written, and the same batch goes in once there is space."""
+    path = tmp_path / "out" / "results.sqlite"
+    records = [_record(f"prompt {i} " * 40, float(i)) for i in range(300)]
+    with ResultsStore(path) as store:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(OutputError, match=r"the disk holding '.*out' is full \(.*MiB free\)"
+                                              r".*run the same command again"):
+            store.put_many(records)
+        with pytest.raises(OutputError, match="is full"):
+            store.start_run("m", command=["diffmem", "detect"] + ["x" * 4000] * 8)
+        assert len(store) == 0
+        store._db.execute("PRAGMA max_page_count = 1073741823")  # space freed
+        assert store.put_many(records) == 300
+
+
+def test_a_store_created_on_a_full_disk_says_disk_full(tmp_path, monkeypatch):
+    """Creating the store on a full disk is not "not a diffmem results store"."""
+    real_connect = ResultsStore._connect
+
+    def full_disk(self, readonly):
+        db = real_connect(self, readonly)
+        db.execute("PRAGMA max_page_count = 1")  # the real SQLite quota: SQLITE_FULL
+        return db
+
+    path = tmp_path / "out" / "results.sqlite"
+    monkeypatch.setattr(ResultsStore, "_connect", full_disk)
+    with pytest.raises(OutputError, match="the disk holding .* is full"):
+        ResultsStore(path)
+    monkeypatch.undo()
+    with ResultsStore(path) as store:  # the re-run, with space
+        assert store.put_many([_record("a", 1.0)]) == 1
 
 
 def _worker(tmp_path, db, *, shard=0, shards=1, batch=5, pause=0.0, go="-"):

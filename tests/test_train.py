@@ -137,6 +137,81 @@ def test_kill_9_then_resume_matches_uninterrupted(manifest_data, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), comp
 
 
+def test_resume_skips_a_truncated_newest_checkpoint(manifest_data, tmp_path, caplog):
+    """The newest checkpoint cut short: resume names it, falls back to the one before (the
+    result still equals an uninterrupted run) and deletes nothing; none readable: one error."""
+    full = tmp_path / "full"
+    train(manifest_data, full, config=_cfg())
+    out = tmp_path / "m"
+    train(manifest_data, out, config=_cfg(), stop_after=4)  # checkpoints at 2 and 4
+    bad = out / "checkpoints" / "step-0000004" / "model.safetensors"
+    with open(bad, "r+b") as f:
+        f.truncate(bad.stat().st_size // 2)
+    caplog.set_level("WARNING", logger="diffmem")
+    res = train(manifest_data, out, config=_cfg(), resume=True)
+    assert res.resumed_from == 2
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{bad.parent} (model.safetensors:" in said and "step-0000002" in said
+    for comp in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(full / comp)), load_file(str(out / comp))
+        assert all(torch.equal(a[k], b[k]) for k in a), comp
+
+    only = tmp_path / "only"
+    train(manifest_data, only, config=_cfg(), stop_after=2)
+    state = only / "checkpoints" / "step-0000002" / "state.json"
+    state.write_text(state.read_text()[:20])
+    before = sorted(p.relative_to(only) for p in only.rglob("*"))
+    with pytest.raises(TrainingError, match=r"no checkpoint can be read \(.*step-0000002 "
+                                            r"\(state.json: .*nothing was deleted"):
+        train(manifest_data, only, config=_cfg(), resume=True)
+    assert sorted(p.relative_to(only) for p in only.rglob("*")) == before
+
+
+def test_full_disk_at_a_checkpoint_is_one_error_and_resume_finishes(manifest_data, tmp_path,
+                                                                    monkeypatch):
+    """The disk fills while a checkpoint is written (a wrapper around the real safetensors
+    save_file writes the file, then fails as safetensors does on ENOSPC): one OutputError naming
+    the folder, no half checkpoint (.tmp-step-*) left, and --resume then finishes."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from diffmem.errors import OutputError
+
+    real_save, calls = safetensors.torch.save_file, []
+
+    def save_file(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        calls.append(filename)
+        if len(calls) == 3:  # the second checkpoint's model weights
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                                  'StorageFull, message: "No space left on device" })')
+
+    out = tmp_path / "m"
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(OutputError, match=r"the disk holding '.*checkpoints' is full"):
+        train(manifest_data, out, config=_cfg())
+    monkeypatch.undo()
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(("step", ".tmp"))
+            ] == ["step-0000002"]
+    assert train(manifest_data, out, config=_cfg(), resume=True).resumed_from == 2
+
+
+def test_unreadable_image_fails_before_writing_and_without_skip_advice(manifest_data, tmp_path,
+                                                                       capsys):
+    """train takes no --on-error: an unreadable image is one error naming it that does not
+    suggest --on-error skip, and nothing (no checkpoints/tokenizer) is left in --out."""
+    from diffmem.cli import main
+
+    (manifest_data / "img2.png").write_bytes(b"not a png at all")
+    out = tmp_path / "model"
+    assert main(["train", "--data", str(manifest_data), "--out", str(out), "--preset", "tiny",
+                 "--steps", "2", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "img2.png" in err and "Traceback" not in err
+    assert "use --on-error skip" not in err and "skips none" in err
+    assert not out.exists()
+
+
 def test_nan_loss_stops_with_error_and_keeps_checkpoint(manifest_data, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(TrainingError, match="loss became .* at step .*last good checkpoint"):

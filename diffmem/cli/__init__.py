@@ -10,8 +10,10 @@ inside their handlers so that ``diffmem --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -81,8 +83,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def _set_threads(n: int) -> None:
-    import os
-
     if n < 1:
         raise SystemExit(f"diffmem: error: --threads must be >= 1, got {n}")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -99,13 +99,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         _set_threads(args.threads)
     if args.quiet:
-        import os
-
         os.environ["DIFFMEM_NO_PROGRESS"] = "1"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    out = getattr(args, "out", None)
+    fresh_out = isinstance(out, str) and not os.path.lexists(out)
+    code = 1  # an unexpected exception propagates
+    try:
+        code = _call(args)
+    finally:
+        if fresh_out and code != 0:
+            _remove_if_empty(out)
+    return code
+
+
+def _call(args: argparse.Namespace) -> int:
+    """Run the command's handler; a DiffMemError is one line on stderr and exit code 2."""
     try:
         return int(args.handler(args) or 0)
     except DiffMemError as e:
@@ -114,3 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"diffmem {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _remove_if_empty(folder: str) -> None:
+    """Remove ``folder`` when it is an empty directory: a failed command leaves no empty
+    ``--out`` it created (one holding anything, or that existed before, stays)."""
+    with contextlib.suppress(OSError):
+        if os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder):
+            os.rmdir(folder)

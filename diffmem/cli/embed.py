@@ -70,6 +70,7 @@ def run_train(args: argparse.Namespace) -> int:
         args._parser.error("--data and --out are required (or --list-presets)")
     from diffmem.data import load
     from diffmem.embed import train_encoder
+    from diffmem.utils import shell_command
 
     data = load(args.data, prompt_section=args.prompt_section)
     result = train_encoder(data, args.out, preset=args.preset, steps=args.steps,
@@ -78,8 +79,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"trained the in-domain encoder for {result.steps} steps in {result.wall_seconds:.0f} s "
           f"(loss {result.initial_loss:.3f} -> {result.final_loss:.3f}; {result.embed_dim}-d, "
           f"{result.image_size} px); encoder folder: {result.out}")
-    print(f"next: diffmem embed images --encoder {result.out} --data {args.data} "
-          "--out embeddings.npy")
+    print("next: " + shell_command(["diffmem", "embed", "images", "--encoder", result.out,
+                                    "--data", args.data, "--out", "embeddings.npy"]))
     return 0
 
 

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         args._parser.error("--out DIR is required (or use --list-presets)")
 
     from diffmem.data.synth import synthesize
+    from diffmem.utils import shell_command
 
     out = synthesize(args.out, preset=args.preset, seed=args.seed, dicom=args.dicom,
                      overwrite=args.overwrite)
@@ -65,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  dataset card: {out / 'dataset_card.json'}")
     if args.dicom:
         print(f"  DICOM copy:   {out / 'dicom'}")
-    print(f"next: diffmem inspect {out}")
+    print("next: " + shell_command(["diffmem", "inspect", out]))
     return 0

@@ -8,6 +8,7 @@ import gzip
 import io
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -52,12 +53,30 @@ def skip_kind(reason: str) -> str:
     return "other"
 
 
+# The advice to skip, which a loader's error gives; a record that was skipped does not repeat it.
+_SKIP_HINT = re.compile(r",? or use --on-error skip(?: to leave [^.;]*? out)?")
+
+
+def without_skip_hint(message: str) -> str:
+    """``message`` without its "or use --on-error skip" advice (for records already skipped).
+
+    Examples
+    --------
+    >>> without_skip_hint("image file not found; restore it or use --on-error skip")
+    'image file not found; restore it'
+    >>> without_skip_hint("bad report, or use --on-error skip to leave such studies out")
+    'bad report'
+    """
+    return _SKIP_HINT.sub("", message)
+
+
 def handle(error: DataError, *, on_error: str, skipped: list[tuple[str, str]],
            record: str | os.PathLike) -> None:
-    """Raise ``error`` (``on_error="raise"``) or append ``(record, message)`` to ``skipped``."""
+    """Raise ``error`` (``on_error="raise"``) or append ``(record, message)`` to ``skipped``
+    (the message without its advice to use ``--on-error skip``)."""
     if on_error == "raise":
         raise error
-    skipped.append((str(record), str(error)))
+    skipped.append((str(record), without_skip_hint(str(error))))
 
 
 def skip_counts(skipped: Sequence[tuple[str, str]]) -> dict[str, int]:

@@ -7,6 +7,7 @@ duplicate prompts and (near-)duplicate images, and a grid of each patient's stud
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ from diffmem.data._reading import skip_counts
 from diffmem.data.reports import DEID_MARKER_PATTERNS
 from diffmem.data.dataset import CXRDataset
 from diffmem.errors import ConfigError, DataError, OutputError
-from diffmem.utils import is_within, progress, sha256_file
+from diffmem.utils import check_outside, progress, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -294,16 +295,13 @@ def render_grid(dataset: CXRDataset, out_png: str | os.PathLike, *, n_patients: 
     Raises
     ------
     OutputError
-        When ``out_png`` lies inside the dataset folder.
+        When ``out_png`` lies inside the dataset folder or cannot be written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     out_png = Path(out_png)
-    if is_within(out_png, dataset.root):
-        raise OutputError(f"grid path {str(out_png)!r} lies inside the dataset "
-                          f"{str(dataset.root)!r}; diffmem never writes into a dataset folder: "
-                          "choose a path outside it")
+    check_outside(out_png, [dataset.root], what="grid path")
     for name, value in (("n_patients", n_patients), ("per_patient", per_patient),
                         ("size", size)):
         if int(value) < 1:
@@ -358,8 +356,16 @@ def render_grid(dataset: CXRDataset, out_png: str | os.PathLike, *, n_patients: 
                 ax.set_ylabel(f"{patient}\n{total} studies", fontsize=7)
     fig.suptitle(f"{dataset.format}: studies per patient (most first)", fontsize=8)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, format="png")
+    tmp = out_png.with_name(out_png.name + ".tmp")
+    try:
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out_png)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the grid {str(out_png)!r}: {e.strerror or e}; choose "
+                          "a writable path (a .png file in a folder you can write to)") from e
     return out_png
 
 
@@ -385,15 +391,10 @@ def inspect_dataset(path: str | os.PathLike, *, prompt_section: str = "impressio
     dict
         :func:`summarize`'s dict, with ``grid`` (the PNG's path or ``None``).
     """
-    from diffmem.data.loader import load, verify_images
+    from diffmem.data.loader import dataset_root, load, verify_images
 
-    source = Path(path)
     if grid is not None:
-        data_root = source if source.is_dir() else source.parent
-        if is_within(grid, data_root):
-            raise OutputError(f"grid path {str(grid)!r} lies inside the dataset "
-                              f"{str(data_root)!r}; diffmem never writes into a dataset "
-                              "folder: choose a path outside it")
+        check_outside(grid, [dataset_root(path)], what="grid path")
     dataset = load(path, prompt_section=prompt_section, views=views, on_error=on_error)
     dataset = verify_images(dataset, on_error=on_error)
     if not len(dataset):

@@ -26,6 +26,23 @@ _LOOKED_FOR = ("a .csv or .jsonl manifest file; a folder holding manifest.csv or
                "files/pXX/pXXXXXXXX/sXXXXXXXX/<id>.jpg (MIMIC-CXR-JPG) or <id>.dcm (DICOM)")
 
 
+def dataset_root(path: str | os.PathLike) -> Path:
+    """The folder a dataset path stands for: the folder itself, or a manifest file's folder
+    (a manifest's images lie inside it). The folder nothing may be written into.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> (folder / "manifest.csv").write_text("image,report\\n", encoding="utf-8")
+    13
+    >>> dataset_root(folder / "manifest.csv") == dataset_root(folder) == folder
+    True
+    """
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
     """Which loader reads ``path``, and the file or folder to give it.
 

@@ -45,7 +45,7 @@ from diffmem.detect.verdicts import CopyVerdicts, fixed_threshold, is_copy, prep
 from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.mitigate.registry import get_mitigation, list_mitigations
 from diffmem.store import ResultsStore
-from diffmem.utils import prepare_out_dir, progress, write_csv, write_json
+from diffmem.utils import check_outside, prepare_out_dir, progress, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     detect_info = _read_detect_dir(Path(detect_dir)) if detect_dir is not None else None
     model_source = Path(model) if isinstance(model, (str, os.PathLike)) else None
     inputs = [dataset.root] + [p for p in (model_source, detect_dir) if p is not None]
-    out = prepare_out_dir(out, inputs=inputs)
+    check_outside(out, inputs)  # created below, once the model and the encoder have loaded
     notes: list[str] = []
 
     # 2. model and encoder
@@ -374,6 +374,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     enc, enc_info = _resolve_encoder(encoder, adapter, model_source)
     guidance = default_guidance(adapter) if config.guidance is None else float(config.guidance)
     model_fp, data_fp = adapter.fingerprint(), train_set.fingerprint()
+    out = prepare_out_dir(out, inputs=inputs)
 
     # 3. threshold, reference features, prompt sets
     verdicts = _verdicts(config, detect_info, train_set, heldout, out)

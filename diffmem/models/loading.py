@@ -139,7 +139,15 @@ def check_model_folder(folder: str | os.PathLike, *, variant: str | None = None)
     index = read_model_index(folder)
     if isinstance(index, IndexProblem):
         _raise_index_problem(folder, index)
-    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    index_path = folder / "model_index.json"
+    if not isinstance(index, dict):
+        raise ModelError(f"{str(index_path)!r} holds a JSON {type(index).__name__}, not an "
+                         "object; pass the folder written by pipeline.save_pretrained(folder)")
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, str):
+        raise ModelError(f"{str(index_path)!r}: '_class_name' is {class_name!r}, not a pipeline "
+                         f"class name; diffmem supports {', '.join(PIPELINE_CLASSES)} (write the "
+                         "folder with pipeline.save_pretrained(folder))")
     if class_name not in PIPELINE_CLASSES:
         raise ModelError(f"{str(folder)!r} holds a {class_name!r} pipeline; diffmem supports "
                          f"{', '.join(PIPELINE_CLASSES)} (text-to-image models whose UNet "

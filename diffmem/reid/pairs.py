@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffmem.data.study import CXRDataset
+from diffmem.data.dataset import CXRDataset
 from diffmem.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -195,6 +195,51 @@ def _check_overrides(p: ReIDPreset, steps, patients_per_batch, lr, image_size, s
     return steps, size, lr, image_size, int(seed)
 
 
+@dataclass
+class _PatientPool:
+    """The training patients of a re-ID run: records, images, study groups, batch size."""
+
+    train_set: CXRDataset
+    val_set: CXRDataset | None
+    val_source: str
+    images: Any
+    group_of: np.ndarray
+    patients: list
+    studies: list[str]
+    batch_patients: int
+
+
+def _patient_pool(dataset: CXRDataset, full_train: CXRDataset, *, split: str, size: int,
+                  seed: int, validation_fraction: float, batch_patients: int) -> _PatientPool:
+    """Split off held-out validation patients and keep the training patients with two studies
+    whose images differ (``batch_patients`` capped at their number)."""
+    from diffmem.embed.training import _TrainingImages
+
+    train_set, val_set, val_source = _split_validation(dataset, full_train,
+                                                       validation_fraction, seed)
+    images = _TrainingImages(train_set, size)
+    group_of = np.empty(len(train_set), dtype=np.int64)
+    for g, members in enumerate(images.groups):
+        group_of[members] = g
+    usable = _usable_patients(train_set, group_of)
+    if not usable:
+        raise DataError(f"{NO_TWO_STUDIES} whose images differ in the {split!r} split (planted "
+                        "exact duplicates under new study ids do not count)", path=dataset.root)
+    if batch_patients > len(usable):
+        log.info("patients_per_batch=%d exceeds the %d usable training patients; using %d",
+                 batch_patients, len(usable), len(usable))
+        batch_patients = len(usable)
+    if batch_patients < 2:
+        raise DataError(f"only {len(usable)} training patient has two studies; contrastive "
+                        "training needs at least 2 (the other patient gives the negatives)",
+                        path=dataset.root)
+    patient_ids = sorted(usable)
+    patients = [usable[q] for q in patient_ids]
+    studies = [s.study_id for s in train_set]
+    return _PatientPool(train_set, val_set, val_source, images, group_of, patients, studies,
+                        batch_patients)
+
+
 def train_reid(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
                preset: str | os.PathLike | ReIDPreset = "demo", steps: int | None = None,
                patients_per_batch: int | None = None, lr: float | None = None,
@@ -244,7 +289,7 @@ def train_reid(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
 
     from diffmem.data import load
     from diffmem.embed.model import _prepare_images
-    from diffmem.embed.training import _VERSIONED, _augment, _lr_factor, _TrainingImages
+    from diffmem.embed.training import _VERSIONED, _augment, _lr_factor
 
     t_start = time.time()
     # 1. check inputs
@@ -262,27 +307,12 @@ def train_reid(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     require_two_studies(full_train, what=f"{split!r} split")
 
     # 2. patients: training and held-out validation
-    train_set, val_set, val_source = _split_validation(dataset, full_train,
-                                                       float(tr["validation_fraction"]), seed)
-    images = _TrainingImages(train_set, size)
-    group_of = np.empty(len(train_set), dtype=np.int64)
-    for g, members in enumerate(images.groups):
-        group_of[members] = g
-    usable = _usable_patients(train_set, group_of)
-    if not usable:
-        raise DataError(f"{NO_TWO_STUDIES} whose images differ in the {split!r} split (planted "
-                        "exact duplicates under new study ids do not count)", path=dataset.root)
-    if batch_patients > len(usable):
-        log.info("patients_per_batch=%d exceeds the %d usable training patients; using %d",
-                 batch_patients, len(usable), len(usable))
-        batch_patients = len(usable)
-    if batch_patients < 2:
-        raise DataError(f"only {len(usable)} training patient has two studies; contrastive "
-                        "training needs at least 2 (the other patient gives the negatives)",
-                        path=dataset.root)
-    patient_ids = sorted(usable)
-    patients = [usable[q] for q in patient_ids]
-    studies = [s.study_id for s in train_set]
+    pool = _patient_pool(dataset, full_train, split=split, size=size, seed=seed,
+                         validation_fraction=float(tr["validation_fraction"]),
+                         batch_patients=batch_patients)
+    train_set, val_set, val_source = pool.train_set, pool.val_set, pool.val_source
+    images, group_of, patients, studies = pool.images, pool.group_of, pool.patients, pool.studies
+    batch_patients = pool.batch_patients
 
     # 3. network and optimizer (AdamW, warm-up + cosine, no decay on gains and biases)
     network = build_network(p.backbone, embed_dim=p.embed_dim, seed=seed).to(device)

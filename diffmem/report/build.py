@@ -29,14 +29,14 @@ from typing import Any
 
 from diffmem.errors import DataError, OutputError
 from diffmem.report.images import IMAGE_MODES, check_mode
-from diffmem.report.inputs import (COMMANDS, read_detect, read_mitigate, read_scan, read_study,
-                                   resolve_inputs)
+from diffmem.report.inputs import (read_detect, read_mitigate, read_scan, read_study,
+                                   resolve_inputs, todo_commands)
 from diffmem.report.render import pictures, render_report
 from diffmem.report.risk import assess_risk
 from diffmem.report.sections import (METHODS, REFERENCES, attribution_facts, dataset_facts,
                                      detection_facts, jsonable, mitigation_facts,
                                      reproducibility, study_facts, summary_facts)
-from diffmem.utils import prepare_out_dir, write_json
+from diffmem.utils import prepare_out_dir, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     _check_match(ident, dataset, det, scn, mit)
 
     # 3. facts of every section
-    fill = {"model": str(model), "data": str(data),
-            "results": str(results) if results is not None else "RESULTS"}
-    todo = {k: v.format(**fill) for k, v in COMMANDS.items()}
+    todo = todo_commands(model=model, data=data, results=results)
     ds = dataset_facts(dataset, scn,
                        None if results is None else Path(results) / "inspect.json")
     detection = detection_facts(det) if det else None
@@ -209,7 +207,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
 
     # 5. files
     html_path, json_path = out / REPORT_HTML, out / REPORT_JSON
-    _write_text(html_path, html)
+    write_text_atomic(html_path, html)
     facts["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(json_path, jsonable(facts))
     log.info("report: %s (risk %s)", html_path, risk.level)
@@ -235,15 +233,6 @@ def _prepare_out(out: Path, *, overwrite: bool, inputs: list[Path]) -> Path:
             "--overwrite to write report.html and report.json into it (nothing else in it is "
             "touched)")
     return prepare_out_dir(out, inputs=inputs)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror}") from None
 
 
 # ---------------------------------------------------------------------------- 2. identity

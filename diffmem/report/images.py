@@ -4,8 +4,12 @@ Training images are patient data, and so is a generation that copies one (it is,
 pixel, nearly that image). :data:`IMAGE_MODES` says what the report does with both:
 
 * ``include``: shown as they are (down-scaled to :data:`THUMB_SIZE` pixels), with a notice;
-* ``blur``: both blurred with a strong Gaussian blur (sigma :data:`BLUR_SIGMA` of the side),
-  with a notice: the layout stays visible, anatomy and burnt-in text do not;
+* ``blur``: both reduced to a coarse mosaic of their local contrast (:func:`obscure`), with a
+  notice: the chest's layout (lung fields, mediastinum, the silhouette every chest X-ray
+  shares) is removed and only :data:`BLUR_TILES` x :data:`BLUR_TILES` tiles of what is left
+  stay, so a blurred picture correlates weakly with its original (a Gaussian blur kept the
+  layout and correlated 0.85-0.91 at 64 px); anatomy and burnt-in text are gone, and a blurred
+  generation can still be set beside its blurred training image;
 * ``omit``: neither is in the file (no bytes of them); the similarity numbers stay.
 
 Figures (score histograms, ROC curves, bar charts, Pareto plots) hold no images and are
@@ -22,19 +26,22 @@ import numpy as np
 
 from diffmem.errors import ConfigError
 
-__all__ = ["BLUR_SIGMA", "IMAGE_MODES", "THUMB_SIZE", "array_png", "check_mode", "data_uri",
-           "patient_image"]
+__all__ = ["BLUR_LAYOUT_SIGMA", "BLUR_TILES", "IMAGE_MODES", "THUMB_SIZE", "array_png",
+           "check_mode", "data_uri", "obscure", "patient_image"]
 
 IMAGE_MODES = {
     "include": "training images and the generations that copy them are shown",
-    "blur": "training images and the generations that copy them are blurred (Gaussian, sigma "
-            "= 8% of the image side)",
+    "blur": "training images and the generations that copy them are obscured: their layout "
+            "(Gaussian low-pass, sigma = 10% of the side) removed, the rest averaged over 4 x 4 "
+            "tiles",
     "omit": "no training image and no generation flagged as a copy is in this file",
 }
 #: Side, in pixels, of the patient images embedded in the report.
 THUMB_SIZE = 160
-#: Gaussian sigma of ``blur`` mode, as a fraction of the image side.
-BLUR_SIGMA = 0.08
+#: ``blur`` mode: Gaussian sigma, as a fraction of the image side, of the layout removed.
+BLUR_LAYOUT_SIGMA = 0.10
+#: ``blur`` mode: tiles per side of the mosaic that is shown.
+BLUR_TILES = 4
 
 
 def check_mode(images: str) -> str:
@@ -63,17 +70,60 @@ def array_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _blur(image: np.ndarray) -> np.ndarray:
+def obscure(image: np.ndarray, *, tiles: int = BLUR_TILES,
+            layout_sigma: float = BLUR_LAYOUT_SIGMA) -> np.ndarray:
+    """The ``blur`` mode's picture of a grey image: its layout removed, the rest as coarse tiles.
+
+    The image minus its Gaussian low-pass (sigma ``layout_sigma`` of the side) keeps the local
+    contrast and drops the silhouette that all chest X-rays share and that dominates their
+    correlation; that remainder is averaged over ``tiles`` x ``tiles`` tiles, which drops every
+    finer detail, and shown around mid-grey (4 standard deviations span black to white).
+    Measured on the 594 training images of the ``demo`` preset (seed 0) at the report's
+    160 px, the correlation with the original at 64 px is mean 0.12, max 0.47 (a Gaussian blur
+    of sigma 8% of the side: mean 0.85, max 0.91); the tiles and sigma were chosen on the
+    ``tiny`` preset's images and this is their first measurement on ``demo``.
+
+    Parameters
+    ----------
+    image : ndarray
+        2-D grey image in [0, 1]; not modified.
+    tiles : int, optional
+        Tiles per side.
+    layout_sigma : float, optional
+        Gaussian sigma of the removed layout, as a fraction of the longer side.
+
+    Returns
+    -------
+    ndarray
+        Same shape, values in [0, 1], constant over each tile.
+
+    Examples
+    --------
+    >>> x = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    >>> y = obscure(x)
+    >>> y.shape, len(np.unique(y)) <= BLUR_TILES ** 2, bool(0 <= y.min() <= y.max() <= 1)
+    ((64, 64), True, True)
+    """
     from scipy.ndimage import gaussian_filter
 
-    return gaussian_filter(image, sigma=BLUR_SIGMA * max(image.shape), mode="nearest")
+    image = np.asarray(image, dtype=np.float64)
+    detail = image - gaussian_filter(image, sigma=layout_sigma * max(image.shape),
+                                     mode="nearest")
+    rows = np.array_split(np.arange(image.shape[0]), tiles)
+    cols = np.array_split(np.arange(image.shape[1]), tiles)
+    out = np.empty_like(detail)
+    for r in rows:
+        for c in cols:
+            out[np.ix_(r, c)] = detail[np.ix_(r, c)].mean()
+    spread = 4.0 * out.std()
+    return np.clip(0.5 + (out - out.mean()) / (spread if spread > 0 else 1.0), 0.0, 1.0)
 
 
 def patient_image(path: str | os.PathLike, mode: str, *, resolution: int | None = None
                   ) -> str | None:
     """A patient image (a training image, or a generation that copies one) as the report shows
-    it in ``mode``: a PNG data URI of the image at :data:`THUMB_SIZE` pixels (blurred in
-    ``blur`` mode), or None in ``omit`` mode, where the file is not even read.
+    it in ``mode``: a PNG data URI of the image at :data:`THUMB_SIZE` pixels (:func:`obscure`
+    in ``blur`` mode), or None in ``omit`` mode, where the file is not even read.
 
     Parameters
     ----------
@@ -97,5 +147,5 @@ def patient_image(path: str | os.PathLike, mode: str, *, resolution: int | None 
     else:
         image = np.asarray(read_image(path, size=THUMB_SIZE), dtype=np.float64)
     if mode == "blur":
-        image = _blur(image)
+        image = obscure(image)
     return data_uri(array_png(image))

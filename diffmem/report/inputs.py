@@ -20,23 +20,51 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import DataError
+from diffmem.utils import shell_command
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ReportInputs", "read_detect", "read_mitigate", "read_scan", "read_study",
            "resolve_inputs"]
 
-#: What to run when a section's results are missing (``{model}``, ``{data}`` filled in).
-COMMANDS = {
-    "detect": "diffmem detect --model {model} --data {data} --out {results}/detect",
-    "scan": "diffmem scan {data} --model {model} --out {results}/scan",
-    "attributions": "diffmem scan {data} --model {model} --out {results}/scan  (a scan with "
-                    "--model writes the per-prompt attributions, attributions.jsonl)",
-    "mitigate": "diffmem mitigate --model {model} --data {data} --out {results}/mitigate",
-    "study": "diffmem study toy --out {results}/study/toy;  diffmem study lr --data {data} --out "
-             "{results}/study/lr;  diffmem study train-mitigations --data {data} --out "
-             "{results}/study/train-mitigations",
+#: What to run when a section's results are missing: argument lists whose ``{model}``,
+#: ``{data}`` and ``{results}`` :func:`todo_commands` fills in and shell-quotes.
+COMMANDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "detect": (("diffmem", "detect", "--model", "{model}", "--data", "{data}",
+                "--out", "{results}/detect"),),
+    "scan": (("diffmem", "scan", "{data}", "--model", "{model}", "--out", "{results}/scan"),),
+    "attributions": (("diffmem", "scan", "{data}", "--model", "{model}",
+                      "--out", "{results}/scan"),),
+    "mitigate": (("diffmem", "mitigate", "--model", "{model}", "--data", "{data}",
+                  "--out", "{results}/mitigate"),),
+    "study": (("diffmem", "study", "toy", "--out", "{results}/study/toy"),
+              ("diffmem", "study", "lr", "--data", "{data}", "--out", "{results}/study/lr"),
+              ("diffmem", "study", "train-mitigations", "--data", "{data}",
+               "--out", "{results}/study/train-mitigations")),
 }
+#: Said after a command of :data:`COMMANDS`.
+COMMAND_NOTES = {"attributions": "(a scan with --model writes the per-prompt attributions, "
+                                 "attributions.jsonl)"}
+
+
+def todo_commands(*, model: str | os.PathLike, data: str | os.PathLike,
+                  results: str | os.PathLike | None) -> dict[str, str]:
+    """The :data:`COMMANDS` with the model, data and results folders filled in, each argument
+    shell-quoted (a path with spaces or ``;`` stays one argument when pasted).
+
+    Examples
+    --------
+    >>> todo_commands(model="m", data="my data; rm -rf ~", results=None)["scan"]
+    "diffmem scan 'my data; rm -rf ~' --model m --out RESULTS/scan"
+    """
+    fill = {"model": str(model), "data": str(data),
+            "results": "RESULTS" if results is None else str(results)}
+    todo = {}
+    for key, commands in COMMANDS.items():
+        text = ";  ".join(shell_command([arg.format(**fill) for arg in argv])
+                          for argv in commands)
+        todo[key] = f"{text}  {COMMAND_NOTES[key]}" if key in COMMAND_NOTES else text
+    return todo
 
 
 @dataclass
@@ -179,7 +207,8 @@ def read_detect(folder: str | os.PathLike) -> dict[str, Any]:
         When summary.json or scores.csv is missing or malformed.
     """
     folder = Path(folder)
-    command = "diffmem detect --model M --data DATA --out " + str(folder)
+    command = shell_command(["diffmem", "detect", "--model", "M", "--data", "DATA", "--out",
+                             str(folder)])
     summary = _json(folder / "summary.json", command)
     if not isinstance(summary, dict) or "model_fingerprint" not in summary:
         raise DataError("is not a detection summary (no 'model_fingerprint'); re-run "
@@ -243,7 +272,7 @@ def read_scan(folder: str | os.PathLike) -> dict[str, Any]:
         attributions.jsonl is not a JSON object.
     """
     folder = Path(folder)
-    command = "diffmem scan DATA --model M --out " + str(folder)
+    command = shell_command(["diffmem", "scan", "DATA", "--model", "M", "--out", str(folder)])
     summary = _json(folder / "scan.json", command)
     if not isinstance(summary, dict) or "n_prompts" not in summary:
         raise DataError(f"is not a scan summary (no 'n_prompts'); re-run `{command}`",
@@ -302,7 +331,8 @@ def read_mitigate(folder: str | os.PathLike) -> dict[str, Any]:
         When neither summary.json nor mitigations.csv is there, or one is malformed.
     """
     folder = Path(folder)
-    command = "diffmem mitigate --model M --data DATA --out " + str(folder)
+    command = shell_command(["diffmem", "mitigate", "--model", "M", "--data", "DATA", "--out",
+                             str(folder)])
     if not (folder / "summary.json").is_file() and not (folder / "mitigations.csv").is_file():
         raise DataError(f"holds neither summary.json nor mitigations.csv; run `{command}`",
                         path=folder)
@@ -344,7 +374,8 @@ def read_study(folder: str | os.PathLike) -> dict[str, Any]:
         When study.json is missing or not a JSON object.
     """
     folder = Path(folder)
-    command = "diffmem study toy|lr|train-mitigations --out " + str(folder)
+    command = shell_command(["diffmem", "study", "NAME", "--out", str(folder)]) + \
+        " (NAME: toy, lr or train-mitigations)"
     data = _json(folder / "study.json", command)
     if not isinstance(data, dict):
         raise DataError(f"is not a JSON object; re-run `{command}`", path=folder / "study.json")
@@ -364,5 +395,7 @@ def read_study(folder: str | os.PathLike) -> dict[str, Any]:
             "findings": [str(f) for f in (findings if isinstance(findings, list) else
                                            [findings])],
             "config": data.get("config") or {}, "machine": data.get("machine") or {},
-            "seconds": _float(data.get("seconds")), "command": data.get("command"),
+            "seconds": _float(data.get("seconds")),
+            "command": shell_command(data["command"])
+            if isinstance(data.get("command"), (str, list)) and data["command"] else None,
             "figures": figures}

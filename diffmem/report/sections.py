@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shlex
 import sqlite3
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from diffmem.checks import package_versions
 from diffmem.report.risk import OUTLIER_Z, noise_outliers
+from diffmem.utils import shell_command
 
 log = logging.getLogger(__name__)
 
@@ -351,10 +351,8 @@ def reproducibility(ident: dict, found: Any, det: dict | None, scn: dict | None,
         seeds[f"study {s['study']}"] = cfg.get("seed", cfg.get("seeds"))
         commands[f"study {s['study']}"] = s["command"]
     card = ident["model_card"]
-    if isinstance(command, (list, tuple)):
-        command = " ".join(shlex.quote(str(c)) for c in command)
     return {
-        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": shell_command(command or [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "versions": _versions(),
         "model": ident["model"], "model_fingerprint": ident["model_fingerprint"],
         "model_kind": ident["model_kind"],
@@ -389,9 +387,10 @@ def _store_commands(folder: Path) -> list[str]:
     for (c,) in rows:
         if c:
             try:
-                c = " ".join(json.loads(c)) if c.startswith("[") else c
+                parsed = json.loads(c) if c.startswith("[") else c
             except ValueError:
-                pass
+                parsed = c
+            c = shell_command(parsed if isinstance(parsed, (str, list)) else c)
             if c not in out:
                 out.append(c)
     return out
