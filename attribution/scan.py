@@ -1050,6 +1050,7 @@ def dataset_copy_prone(source: str | os.PathLike, *, split: str | None = "train"
 def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
              model: str | os.PathLike | Any = None, split: str | None = "train",
              prompt_section: str = "impression", device: str | None = None,
+             dtype: str | None = None,
              images: bool = True, image_threshold: float | None = 0.97,
              patient_min: int | None = 10, faithfulness: int = 0,
              **options: Any) -> tuple[ScanResult, dict[str, Path]]:
@@ -1065,8 +1066,8 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
         Model folder (or adapter) for the model-based part.
     split, prompt_section
         See :func:`read_prompts`.
-    device : str, optional
-        Device to load the model on.
+    device, dtype : str, optional
+        Device and precision to load the model with (see :func:`~diffmem.models.load_model`).
     images : bool, optional
         For a dataset: contrast the prompts of records whose image or patient repeats too
         (:func:`dataset_copy_prone`; default True).
@@ -1098,7 +1099,7 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     check_outside(out, inputs)
     adapter = None
     if model is not None:
-        adapter = as_adapter(model, device=device)
+        adapter = as_adapter(model, device=device, dtype=dtype)
     found = dataset_copy_prone(source, split=split, prompt_section=prompt_section,
                                image_threshold=image_threshold, patient_min=patient_min) \
         if images else None

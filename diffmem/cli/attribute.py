@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 50
 
 
@@ -46,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also measure deletion and insertion curves (RISE, Petsiuk et al. "
                         "2018) of gradient, occlusion and attention against random orders, "
                         "units replaced by padding, and print their areas")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    add_device(p)
     p.add_argument("--top", type=int, default=None, help="print only the TOP best-ranked units")
     p.set_defaults(handler=run)
 
@@ -57,14 +59,15 @@ def run(args: argparse.Namespace) -> int:
     extra = {k: v for k, v in (("reference", args.reference), ("target", args.target))
              if v is not None}
     model = args.model
+    device = device_options(args)
     if args.faithfulness:  # one model for the attribution and the curves
         from diffmem.attribution.methods import get_method
         from diffmem.models import load_model
 
         get_method(args.method)
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, **device)
     result, path = run_attribute(model, args.prompt, method=args.method, out=args.out,
-                                 device=args.device, generations=args.generations,
+                                 **device, generations=args.generations,
                                  steps=args.steps, num_inference_steps=args.num_inference_steps,
                                  guidance=args.guidance, seed=args.seed, truncate=args.truncate,
                                  **extra)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 55
 
 
@@ -48,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --model: deletion/insertion curves of gradient, occlusion and "
                         "attention vs random order on the N most memorized prompts "
                         "(DIR/faithfulness.csv)")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    add_device(p)
     p.set_defaults(handler=run)
 
 
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.attribution.scan import run_scan
 
     result, paths = run_scan(args.data, out=args.out, model=args.model, split=args.split,
-                             prompt_section=args.prompt_section, device=args.device,
+                             prompt_section=args.prompt_section, **device_options(args),
                              images=args.images, faithfulness=args.faithfulness,
                              method=args.method, max_prompts=args.max_prompts,
                              near_threshold=args.near_threshold, min_count=args.min_count,
