@@ -14,6 +14,7 @@ __all__ = ["format_ranking", "run_attribute"]
 
 def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str = "gradient",
                   out: str | os.PathLike | None = None, device: str | None = None,
+                  dtype: str | None = None,
                   **options: Any) -> tuple[TokenAttribution, Path | None]:
     """Open a model, attribute one prompt, and write the rendering when ``out`` is given.
 
@@ -26,8 +27,8 @@ def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str = 
         Attribution method (see :func:`~diffmem.attribution.list_methods`).
     out : path, optional
         ``.html`` (coloured prompt page), ``.png`` or ``.json`` file to write.
-    device : str, optional
-        Device to load the model on.
+    device, dtype : str, optional
+        Device and precision to load the model with (see :func:`~diffmem.models.load_model`).
     **options
         The method's options (``generations``, ``steps``, ``seed``, ``truncate``...); a
         ``reference`` given as a path is loaded as a dataset.
@@ -49,7 +50,7 @@ def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str = 
         from diffmem.data import load
 
         options["reference"] = load(options["reference"])
-    adapter = as_adapter(model, device=device)
+    adapter = as_adapter(model, device=device, dtype=dtype)
     result = attribute(adapter, prompt, method=method, **options)
     return result, None if out is None else save_attribution(result, out)
 

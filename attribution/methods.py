@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,7 @@ __all__ = [
     "attribute",
     "get_method",
     "gradient",
+    "integrated_gradients",
     "list_methods",
     "occlusion",
     "register_method",
@@ -90,7 +91,7 @@ def list_methods() -> list[str]:
     Examples
     --------
     >>> list_methods()
-    ['attention', 'gradient', 'occlusion']
+    ['attention', 'gradient', 'integrated_gradients', 'occlusion']
     """
     return _METHODS.names()
 
@@ -172,6 +173,8 @@ class _Prepared:
                 "guidance": self.guidance, "batch_size": p["batch_size"]}
 
 
+# Nine keyword-only parameters on purpose: the trajectory settings of the public methods'
+# signatures, passed through by name (a settings object would hide them from their docstrings).
 def _prepare(adapter: DiffusionModelAdapter, prompt: str, *, generations: int, steps: int,
              num_inference_steps: int, guidance: float | None, seed: int, batch_size: int,
              truncate: bool) -> _Prepared:
@@ -239,11 +242,13 @@ def _pool_sum(units: list[Unit], per_token: np.ndarray) -> np.ndarray:
     return np.array([float(per_token[list(u.tokens)].sum()) for u in units], dtype=np.float64)
 
 
-def _variant_ids(prep: _Prepared, unit: Unit, mode: str, pad_id: int,
+def _variant_ids(prep: _Prepared, unit: Unit | Sequence[Unit], mode: str, pad_id: int,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask of the prompt with ``unit`` (or every unit of a sequence) occluded."""
     ids, mask = prep.input_ids[0].clone(), prep.mask[0].clone()
     drop = torch.zeros_like(mask, dtype=torch.bool)
-    drop[list(unit.tokens)] = True
+    units = [unit] if isinstance(unit, Unit) else list(unit)
+    drop[[i for u in units for i in u.tokens]] = True
     if mode == "pad":
         ids[drop] = pad_id
         return ids, mask
@@ -264,11 +269,14 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _variant_embeddings(adapter: DiffusionModelAdapter, prep: _Prepared, mode: str,
+                        drops: Sequence[Sequence[Unit]] | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text embeddings ``(len(units), L, D)`` of the prompt with each unit occluded, and their
-    token masks ``(len(units), L)``."""
+    """Text embeddings ``(V, L, D)`` of the prompt with each unit occluded (or, given
+    ``drops``, with each listed set of units occluded together), and their token masks
+    ``(V, L)``."""
     pad = _pad_id(adapter.tokenizer)
-    pairs = [_variant_ids(prep, u, mode, pad) for u in prep.units]
+    pairs = [_variant_ids(prep, u, mode, pad)
+             for u in (prep.units if drops is None else drops)]
     ids = torch.stack([a for a, _ in pairs])
     masks = torch.stack([m for _, m in pairs])
     size = prep.params["batch_size"]
@@ -356,6 +364,96 @@ def gradient(adapter: DiffusionModelAdapter, prompt: str, *, generations: int = 
     token_scores[~owned] = 0.0
     return _result(prep, _pool_mean(prep.units, token_scores), "gradient", magnitude / n_rows,
                    token_scores)
+
+
+def _encode_from_token_embeddings(adapter: DiffusionModelAdapter, prep: _Prepared,
+                                  token_embeds: torch.Tensor) -> torch.Tensor:
+    """Text-encoder output ``(1, L, D)`` with the token-embedding lookup's output replaced by
+    ``token_embeds`` ``(1, L, D_in)`` (position embeddings and the rest of the encoder as is),
+    differentiable with respect to ``token_embeds``."""
+    lookup = adapter.text_encoder.get_input_embeddings()
+    handle = lookup.register_forward_hook(lambda _m, _i, out: token_embeds.to(out.dtype))
+    try:
+        with torch.enable_grad():
+            return adapter.encode_tokens(prep.input_ids, prep.mask)
+    finally:
+        handle.remove()
+
+
+@register_method("integrated_gradients")
+def integrated_gradients(adapter: DiffusionModelAdapter, prompt: str, *, generations: int = 4,
+                         steps: int = 1, num_inference_steps: int = 50,
+                         guidance: float | None = None, seed: int = 0, batch_size: int = 32,
+                         truncate: bool = False, ig_steps: int = 8) -> TokenAttribution:
+    r"""Integrated gradients of the noise magnitude at the token embeddings (Sundararajan, Taly &
+    Yan, ICML 2017).
+
+    With ``x`` the text encoder's *input* token embeddings of the prompt and ``x'`` the same
+    with every unit's tokens replaced by the padding token's embedding (special tokens and
+    positions kept), token ``i`` gets
+
+    .. math:: (x_i - x'_i) \cdot \frac{1}{m} \sum_{k=1}^{m}
+              \nabla_{x_i} M\big(x' + \tfrac{k - 1/2}{m} (x - x')\big)
+
+    summed over the embedding dimensions (a midpoint Riemann sum with ``m = ig_steps``), where
+    ``M`` is the noise magnitude of Wen et al. (2024) on the trajectory of
+    :func:`diffmem.models.walk_trajectory`, averaged over the ``generations`` and ``steps``; a
+    unit's score is the sum over its tokens, so the scores add up to about
+    ``M(x) - M(x')`` (the completeness axiom). Unlike :func:`gradient`, which differentiates
+    at the encoder's *output* positions, the gradient here flows through the text encoder: a
+    causal encoder carries an early word into every later position, and that influence is
+    credited to the word. ``ig_steps=1`` is gradient x input at the path's midpoint.
+
+    Parameters
+    ----------
+    adapter, prompt, generations, steps, num_inference_steps, guidance, seed, batch_size, truncate
+        As for :func:`gradient`.
+    ig_steps : int, optional
+        Points on the path from ``x'`` to ``x`` (default 8).
+
+    Returns
+    -------
+    TokenAttribution
+        ``token_scores`` holds each token's integrated gradient (0 for special tokens);
+        ``details["baseline"]`` the noise magnitude at ``x'``.
+    """
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ConfigError(f"ig_steps={ig_steps!r}; use a positive integer (e.g. 8)")
+    prep = _prepare(adapter, prompt, generations=generations, steps=steps,
+                    num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
+                    batch_size=batch_size, truncate=truncate)
+    lookup = adapter.text_encoder.get_input_embeddings()
+    owned = torch.zeros(prep.input_ids.shape[1], dtype=torch.bool, device=adapter.device)
+    owned[[i for u in prep.units for i in u.tokens]] = True
+    with torch.no_grad():
+        ids = prep.input_ids.to(adapter.device)
+        x = lookup(ids)
+        start = torch.where(owned[None, :, None],
+                            lookup(torch.full_like(ids, _pad_id(adapter.tokenizer))), x)
+    total = torch.zeros_like(x, dtype=torch.float64)
+    n_rows = 0
+    for k in range(ig_steps):
+        leaf = (start + (k + 0.5) / ig_steps * (x - start)).detach().requires_grad_(True)
+
+        def cond(rows: list[int], leaf: torch.Tensor = leaf):
+            out = _encode_from_token_embeddings(adapter, prep, leaf)
+            return out.expand(len(rows), -1, -1), prep.mask.expand(len(rows), -1)
+
+        for step in walk_trajectory(adapter, cond, prep.seeds, grad=True,
+                                    desc="integrated gradients", **prep.walk_options()):
+            with torch.enable_grad():
+                d = noise_gap(step.eps_c, step.eps_u)
+                (grad,) = torch.autograd.grad(d.sum(), leaf)
+            total += grad.double()
+            n_rows += len(step.rows)
+    token_scores = ((x - start).double() * total / n_rows).sum(dim=2)[0].cpu().numpy()
+    token_scores[~owned.cpu().numpy()] = 0.0
+    with torch.no_grad():
+        ends = torch.cat([prep.cond, _encode_from_token_embeddings(adapter, prep, start)])
+    mags = _magnitudes(adapter, ends.detach(), prep.mask.expand(2, -1), prep).mean(axis=(1, 2))
+    return _result(prep, _pool_sum(prep.units, token_scores), "integrated_gradients",
+                   float(mags[0]), token_scores, extra={"ig_steps": ig_steps},
+                   details={"baseline": float(mags[1])})
 
 
 @register_method("occlusion")

@@ -60,6 +60,8 @@ __all__ = [
     "near_duplicate_pairs",
     "prompt_clusters",
     "read_prompts",
+    "dataset_copy_prone",
+    "is_function_word",
     "run_scan",
     "scan_prompts",
     "write_scan",
@@ -68,17 +70,23 @@ __all__ = [
 #: Columns of ``tokens.csv``, in order (the first seven are the documented interface).
 #: Per-prompt attributions of a scan with a model, one JSON object a line.
 ATTRIBUTIONS_JSONL = "attributions.jsonl"
+#: Deletion/insertion areas per attribution order (a scan with ``faithfulness=``).
+FAITHFULNESS_CSV = "faithfulness.csv"
 TOKEN_COLUMNS = ("token", "rank", "score", "count", "prompts_with_token", "enrichment",
                  "is_deid_marker", "kind", "convention", "count_duplicated", "count_rest",
-                 "enrichment_rank", "model_score", "model_rank", "model_prompts", "model_lift")
+                 "enrichment_rank", "model_score", "model_rank", "model_prompts", "model_lift",
+                 "function_word")
 
 #: How the final ranking is made (written into scan.json).
 RANKING_NOTE = (
     "score = mean of the available evidence, each scaled to [0, 1]: the enrichment z-score in "
     "duplicated prompts (negative values count as 0) divided by the largest one, and, with a "
-    "model, the memorization-weighted attribution share divided by the largest one. Tokens "
-    "seen fewer than min_count times are ranked after all others. Ties: more occurrences "
-    "first, then alphabetical.")
+    "model, the memorization-weighted attribution share divided by the largest one. "
+    "Punctuation and English stop-words (function_word) are ranked after every content token "
+    "seen min_count times, whatever their score: they carry no identifying content, and a "
+    "report shows first what a person can act on (their model_rank and enrichment_rank still say where the evidence puts "
+    "them). Tokens seen fewer than min_count times are ranked after all others. Ties: more "
+    "occurrences first, then alphabetical.")
 
 # ---------------------------------------------------------------------------- input
 def read_prompts(source: str | os.PathLike, *, split: str | None = "train",
@@ -612,11 +620,15 @@ class ScanResult:
     attributions : list of TokenAttribution
         With a model: the attribution of every attributed distinct prompt, the most memorized
         (highest noise magnitude) first. Empty for a model-free scan.
+    faithfulness : FaithfulnessCurves or None
+        Deletion/insertion curves of the most memorized prompts, when measured
+        (:func:`run_scan` ``faithfulness=``).
     """
 
     tokens: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
     attributions: list[Any] = field(default_factory=list)
+    faithfulness: Any = None
 
     def rank_of(self, token: str) -> int | None:
         """The rank of ``token`` (1 = riskiest), or None when it does not occur."""
@@ -631,7 +643,8 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
                  max_prompts: int | None = None, near_threshold: float | None = 0.9,
                  min_count: int = 3, prior_scale: float = 0.1, generations: int = 4,
                  steps: int = 1, num_inference_steps: int = 50, guidance: float | None = None,
-                 seed: int = 0, batch_size: int = 32) -> ScanResult:
+                 seed: int = 0, batch_size: int = 32,
+                 copy_prone: Sequence[bool] | None = None) -> ScanResult:
     """Rank the tokens of a prompt dataset by memorization risk.
 
     Parameters
@@ -654,6 +667,11 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
         Strength of the enrichment prior (:func:`log_odds_enrichment`).
     generations, steps, num_inference_steps, guidance, seed, batch_size
         Passed to the attribution method.
+    copy_prone : sequence of bool, optional
+        One flag per non-blank prompt, in order: the record's image or patient repeats
+        (:func:`~diffmem.attribution.repeats.copy_prone_records`). The enrichment then
+        contrasts the prompts of duplicated prompts *and* of these records with the rest: what
+        a model copies is the repeated image, whatever its report says.
 
     Returns
     -------
@@ -697,16 +715,24 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
     # 3. duplicates and enrichment
     clusters = _clusters(corpus, near_threshold)
     dup = clusters.duplicated
+    if copy_prone is not None:
+        copy_prone = np.asarray(copy_prone, dtype=bool)
+        if copy_prone.shape != dup.shape:
+            raise ConfigError(f"copy_prone has {copy_prone.size} flags for {dup.size} non-blank "
+                              "prompts; give one flag per prompt, in order (none for blank "
+                              "ones)")
+        dup = dup | copy_prone
     count_dup, count_rest, doc_freq = _token_counts(corpus, dup)
 
     # 4. the model part
     model_part = None
     if adapter is not None:
-        model_part = _model_scores(adapter, dict(zip(corpus.texts, corpus.copies.tolist())),
-                                   method=method, max_prompts=max_prompts,
-                                   generations=generations, steps=steps,
-                                   num_inference_steps=num_inference_steps, guidance=guidance,
-                                   seed=seed, batch_size=batch_size)
+        model_part = _model_scores(
+            adapter, dict(zip(corpus.texts, corpus.copies.tolist())), method=method,
+            max_prompts=max_prompts,
+            trajectory={"generations": generations, "steps": steps,
+                        "num_inference_steps": num_inference_steps, "guidance": guidance,
+                        "seed": seed, "batch_size": batch_size})
         for key, kind in model_part["kinds"].items():
             info.setdefault(key, {"kind": kind[0], "convention": kind[1]})
 
@@ -726,24 +752,12 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
         model = np.array([model_part["scores"].get(k, 0.0) for k in vocab])
         parts.append(_scaled(model, eligible))
     score = np.mean(parts, axis=0)
-    rank = _ranks(score, eligible, counts, vocab)
+    function = np.array([is_function_word(k, info[k]["kind"]) for k in vocab], dtype=bool)
+    rank = _ranks(score, eligible, counts, vocab, last=function)
     z_rank = _ranks(z, eligible, counts, vocab)
     m_rank = None if model is None else _ranks(model, eligible, counts, vocab)
-    rows = []
-    for i, k in enumerate(vocab):
-        rows.append({
-            "token": k, "rank": int(rank[i]), "score": float(score[i]), "count": int(counts[i]),
-            "prompts_with_token": int(doc_freq.get(k, 0)), "enrichment": float(z[i]),
-            "is_deid_marker": info[k]["kind"] in DEID_KINDS, "kind": info[k]["kind"],
-            "convention": info[k]["convention"], "count_duplicated": int(a[i]),
-            "count_rest": int(b[i]), "enrichment_rank": int(z_rank[i]),
-            "model_score": None if model is None else float(model[i]),
-            "model_rank": None if m_rank is None else int(m_rank[i]),
-            "model_prompts": None if model_part is None else
-            int(model_part["prompts"].get(k, 0)),
-            "model_lift": None if model_part is None or k not in model_part["lift"] else
-            float(model_part["lift"][k]),
-        })
+    ranking = _Ranking(vocab, rank, score, counts, z, z_rank, a, b, model, m_rank, function)
+    rows = _token_rows(ranking, info, doc_freq, model_part)
     rows.sort(key=lambda r: r["rank"])
 
     summary = {
@@ -755,7 +769,11 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
                        "definition": NEAR_DUPLICATE_NOTE},
         "enrichment": {"method": "log-odds z-score with informative Dirichlet prior (Monroe, "
                                  "Colaresi & Quinn 2008)",
-                       "groups": "prompts in exact/near-duplicate clusters vs. the rest",
+                       "groups": "prompts in exact/near-duplicate clusters vs. the rest"
+                       if copy_prone is None else "prompts in exact/near-duplicate clusters or "
+                       "of records whose image or patient repeats vs. the rest",
+                       "copy_prone_prompts": None if copy_prone is None else
+                       int(copy_prone.sum()), "group_prompts": int(dup.sum()),
                        "prior_scale": prior_scale, "computed": bool(dup.any() and (~dup).any()),
                        "tokens_duplicated": int(a.sum()), "tokens_rest": int(b.sum())},
         "model": None if model_part is None else {k: v for k, v in model_part.items()
@@ -770,6 +788,47 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
         "token": markers_ranked[0]["token"], "rank": markers_ranked[0]["rank"]}
     return ScanResult(rows, summary,
                       [] if model_part is None else model_part["attributions"])
+
+
+@dataclass
+class _Ranking:
+    """Per-token arrays of :func:`scan_prompts`, aligned with ``vocab``."""
+
+    vocab: list[str]
+    rank: np.ndarray
+    score: np.ndarray
+    counts: np.ndarray
+    z: np.ndarray  # enrichment z-score
+    z_rank: np.ndarray
+    a: np.ndarray  # occurrences in the duplicated / copy-prone group
+    b: np.ndarray  # occurrences in the rest
+    model: np.ndarray | None
+    m_rank: np.ndarray | None
+    function: np.ndarray  # punctuation and stop-words
+
+
+def _token_rows(r: _Ranking, info: dict[str, dict[str, Any]], doc_freq: dict[str, float],
+                model_part: dict[str, Any] | None) -> list[dict]:
+    """The rows of ``tokens.csv`` (unsorted) from the ranked arrays of :func:`scan_prompts`."""
+    vocab, rank, score, counts, z, z_rank = r.vocab, r.rank, r.score, r.counts, r.z, r.z_rank
+    a, b, model, m_rank, function = r.a, r.b, r.model, r.m_rank, r.function
+    rows = []
+    for i, k in enumerate(vocab):
+        rows.append({
+            "token": k, "rank": int(rank[i]), "score": float(score[i]), "count": int(counts[i]),
+            "prompts_with_token": int(doc_freq.get(k, 0)), "enrichment": float(z[i]),
+            "is_deid_marker": info[k]["kind"] in DEID_KINDS, "kind": info[k]["kind"],
+            "convention": info[k]["convention"], "count_duplicated": int(a[i]),
+            "count_rest": int(b[i]), "enrichment_rank": int(z_rank[i]),
+            "model_score": None if model is None else float(model[i]),
+            "model_rank": None if m_rank is None else int(m_rank[i]),
+            "model_prompts": None if model_part is None else
+            int(model_part["prompts"].get(k, 0)),
+            "model_lift": None if model_part is None or k not in model_part["lift"] else
+            float(model_part["lift"][k]),
+            "function_word": bool(function[i]),
+        })
+    return rows
 
 
 def _token_counts(corpus: _Corpus, dup: np.ndarray) -> tuple[dict[str, float], ...]:
@@ -795,20 +854,43 @@ def _scaled(x: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     return x / top if top > 0 else np.zeros_like(x)
 
 
+def is_function_word(key: str, kind: str) -> bool:
+    """True for punctuation and English stop-words (scikit-learn's list), which a risk
+    ranking meant for people ranks after content tokens.
+
+    Examples
+    --------
+    >>> is_function_word(".", "punct"), is_function_word("is", "word")
+    (True, True)
+    >>> is_function_word("___", "marker"), is_function_word("effusion", "word")
+    (False, False)
+    """
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return kind == "punct" or (kind == "word" and key in ENGLISH_STOP_WORDS)
+
+
 def _ranks(score: np.ndarray, eligible: np.ndarray, counts: np.ndarray,
-           vocab: list[str]) -> np.ndarray:
-    order = sorted(range(len(vocab)), key=lambda i: (not eligible[i], -score[i], -counts[i],
-                                                     vocab[i]))
+           vocab: list[str], *, last: np.ndarray | None = None) -> np.ndarray:
+    """1-based ranks by ``score`` (ineligible tokens, then ``last`` ones, after the rest)."""
+    last = np.zeros(len(vocab), dtype=bool) if last is None else last
+    order = sorted(range(len(vocab)), key=lambda i: (not eligible[i], bool(last[i]), -score[i],
+                                                     -counts[i], vocab[i]))
     ranks = np.empty(len(vocab), dtype=np.int64)
     ranks[order] = np.arange(1, len(vocab) + 1)
     return ranks
 
 
 def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prompts: int | None,
-                  generations: int, steps: int, num_inference_steps: int,
-                  guidance: float | None, seed: int, batch_size: int) -> dict[str, Any]:
-    """Memorization-weighted attribution share of every token key over the prompts."""
+                  trajectory: dict[str, Any]) -> dict[str, Any]:
+    """Memorization-weighted attribution share of every token key over the prompts.
+
+    ``trajectory`` holds the attribution method's ``generations``, ``steps``,
+    ``num_inference_steps``, ``guidance``, ``seed`` and ``batch_size``.
+    """
     from diffmem.attribution.methods import get_method
+
+    seed = trajectory["seed"]
 
     fn = get_method(method)
     distinct = sorted(copies)
@@ -831,9 +913,7 @@ def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prom
     n_truncated = 0
     for prompt in progress(distinct, desc=f"attribution ({method})", unit="prompt"):
         try:
-            result = fn(adapter, prompt, generations=generations, steps=steps,
-                        num_inference_steps=num_inference_steps, guidance=guidance, seed=seed,
-                        batch_size=batch_size, truncate=True)
+            result = fn(adapter, prompt, **trajectory, truncate=True)
         except PromptError as e:
             skipped["only markers" if "only of de-identification" in str(e) else "unusable"] += 1
             log.debug("skipped %r: %s", prompt, e)
@@ -872,9 +952,7 @@ def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prom
         "weighting": "copies x noise magnitude of each prompt; per-prompt attribution shares",
         "memorization": {"mean": float(mem.mean()), "max": float(mem.max()),
                          "median": float(np.median(mem))},
-        "params": {"generations": generations, "steps": steps,
-                   "num_inference_steps": num_inference_steps, "guidance": guidance,
-                   "seed": seed},
+        "params": {k: v for k, v in trajectory.items() if k != "batch_size"},
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -920,6 +998,14 @@ def _write_scan_files(result: ScanResult, out: Path, *, plots: bool) -> dict[str
         writer.writeheader()
         for row in result.tokens:
             writer.writerow({k: ("" if row[k] is None else row[k]) for k in TOKEN_COLUMNS})
+    if result.faithfulness is not None:
+        from diffmem.attribution.faithfulness import FAITHFULNESS_COLUMNS
+
+        paths["faithfulness"] = out / FAITHFULNESS_CSV
+        with open(paths["faithfulness"], "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(FAITHFULNESS_COLUMNS))
+            writer.writeheader()
+            writer.writerows(result.faithfulness.table())
     if result.attributions:
         paths["attributions"] = out / ATTRIBUTIONS_JSONL
         with open(paths["attributions"], "w", encoding="utf-8") as f:
@@ -930,14 +1016,43 @@ def _write_scan_files(result: ScanResult, out: Path, *, plots: bool) -> dict[str
 
         paths["tokens_plot"] = plot_token_ranking(result, out / "tokens.png")
         paths["enrichment_plot"] = plot_enrichment(result, out / "enrichment.png")
-    write_json(paths["scan"], {**result.to_dict(),
+    extra = {} if result.faithfulness is None else \
+        {"faithfulness": {k: v for k, v in result.faithfulness.to_dict().items()
+                          if k != "per_prompt"}}
+    write_json(paths["scan"], {**result.to_dict(), **extra,
                                "files": {k: p.name for k, p in paths.items()}})
     return paths
+
+
+def dataset_copy_prone(source: str | os.PathLike, *, split: str | None = "train",
+                       prompt_section: str = "impression", image_threshold: float | None = 0.97,
+                       patient_min: int | None = 10) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """Copy-prone flags (:func:`~diffmem.attribution.repeats.copy_prone_records`) of a
+    dataset's records, one per non-blank prompt in :func:`read_prompts` order; None for a
+    prompts file (no images)."""
+    from diffmem.attribution.repeats import copy_prone_records
+    from diffmem.data.reports import normalize_whitespace
+
+    path = Path(source)
+    if not (path.is_dir() or (path.suffix.lower() in TABLE_SUFFIXES
+                              and "image" in [c.strip() for c in table_columns(path)])):
+        return None
+    from diffmem.data import load
+
+    dataset = load(path, prompt_section=prompt_section)
+    if split not in (None, "all"):
+        dataset = dataset.subset(split=split)
+    found = copy_prone_records(dataset, image_threshold=image_threshold, patient_min=patient_min)
+    keep = np.array([bool(normalize_whitespace(p)) for p in dataset.prompts], dtype=bool)
+    return found.flags[keep], found.summary()
 
 
 def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
              model: str | os.PathLike | Any = None, split: str | None = "train",
              prompt_section: str = "impression", device: str | None = None,
+             dtype: str | None = None,
+             images: bool = True, image_threshold: float | None = 0.97,
+             patient_min: int | None = 10, faithfulness: int = 0,
              **options: Any) -> tuple[ScanResult, dict[str, Path]]:
     """What ``diffmem scan`` runs: read the prompts, open the model (if any), scan, write.
 
@@ -951,8 +1066,17 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
         Model folder (or adapter) for the model-based part.
     split, prompt_section
         See :func:`read_prompts`.
-    device : str, optional
-        Device to load the model on.
+    device, dtype : str, optional
+        Device and precision to load the model with (see :func:`~diffmem.models.load_model`).
+    images : bool, optional
+        For a dataset: contrast the prompts of records whose image or patient repeats too
+        (:func:`dataset_copy_prone`; default True).
+    image_threshold, patient_min
+        See :func:`~diffmem.attribution.repeats.copy_prone_records`.
+    faithfulness : int, optional
+        With a model: measure deletion/insertion curves
+        (:func:`~diffmem.attribution.faithfulness_curves`) on this many of the most memorized
+        attributed prompts and write ``faithfulness.csv`` (default 0: not measured).
     **options
         Passed to :func:`scan_prompts`.
 
@@ -975,17 +1099,30 @@ def run_scan(source: str | os.PathLike, *, out: str | os.PathLike,
     check_outside(out, inputs)
     adapter = None
     if model is not None:
-        adapter = as_adapter(model, device=device)
+        adapter = as_adapter(model, device=device, dtype=dtype)
+    found = dataset_copy_prone(source, split=split, prompt_section=prompt_section,
+                               image_threshold=image_threshold, patient_min=patient_min) \
+        if images else None
     created = not Path(out).exists()
     out = prepare_out_dir(out, inputs=inputs)
     try:
-        result = scan_prompts(prompts, adapter=adapter, **options)
+        result = scan_prompts(prompts, adapter=adapter,
+                              copy_prone=None if found is None else found[0], **options)
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # a stream that fails half-way (a NUL byte) leaves no empty folder
         raise
     result.summary["input"] = info
+    result.summary["copy_prone"] = None if found is None else found[1]
     if adapter is not None:
         result.summary["model"]["source"] = adapter.source
         result.summary["model"]["fingerprint"] = adapter.fingerprint()
+        if faithfulness:
+            from diffmem.attribution.faithfulness import faithfulness_curves
+
+            picked = [a.prompt for a in result.attributions[:int(faithfulness)]]
+            keys = ("generations", "steps", "num_inference_steps", "guidance", "seed",
+                    "batch_size")
+            result.faithfulness = faithfulness_curves(
+                adapter, picked, **{k: options[k] for k in keys if k in options})
     return result, write_scan(result, out, inputs=[p for p in inputs if p is not None])

@@ -79,10 +79,13 @@ class _Context:
     overwrite: bool
     data: Path | None = None
     model: Path | None = None
+    device: str | None = None
+    dtype: str | None = None
 
 
 def run_demo(out: str | os.PathLike = "demo-out", *, overwrite: bool = True,
-             command: list[str] | None = None) -> DemoResult:
+             command: list[str] | None = None, device: str | None = None,
+             dtype: str | None = None) -> DemoResult:
     """Run every demo stage into ``out`` and return a :class:`DemoResult`.
 
     Parameters
@@ -94,10 +97,14 @@ def run_demo(out: str | os.PathLike = "demo-out", *, overwrite: bool = True,
         Replace earlier demo outputs in ``out``.
     command : list of str, optional
         The command line recorded in the results (default ``diffmem demo --out OUT``).
+    device, dtype : str, optional
+        Device and precision every stage opens the model with (see
+        :func:`~diffmem.models.load_model`).
     """
     out = prepare_out_dir(out)
     ctx = _Context(out=out, command=command or ["diffmem", "demo", "--out", str(out)],
-                   result=DemoResult(out=str(out)), overwrite=overwrite)
+                   result=DemoResult(out=str(out)), overwrite=overwrite, device=device,
+                   dtype=dtype)
     stages: list[tuple[str, Callable[[_Context], None], str]] = [
         ("data", _data, "synthesizing the demo dataset"),
         ("inspect", _inspect, "inspecting the dataset"),
@@ -148,7 +155,8 @@ def _model(ctx: _Context) -> None:
 def _scan(ctx: _Context) -> None:
     from diffmem.attribution.scan import run_scan
 
-    scan, _ = run_scan(ctx.data, out=ctx.out / "scan", model=ctx.model)
+    scan, _ = run_scan(ctx.data, out=ctx.out / "scan", model=ctx.model, device=ctx.device,
+                       dtype=ctx.dtype)
     top = scan.tokens[0] if scan.tokens else {}
     ctx.result.artifacts["scan"] = str(ctx.out / "scan" / "tokens.csv")
     ctx.result.facts["top_token"] = {k: top.get(k) for k in ("token", "score", "is_deid_marker")}
@@ -160,7 +168,7 @@ def _detect(ctx: _Context) -> None:
     det = detect(ctx.model, ctx.data, ctx.out / "detect",
                  config=DetectionConfig(nn_generations=DEMO_NN_GENERATIONS,
                                         sample_steps=DEMO_SAMPLE_STEPS),
-                 command=ctx.command)
+                 command=ctx.command, device=ctx.device, dtype=ctx.dtype)
     ctx.result.artifacts["detect"] = str(ctx.out / "detect" / "scores.csv")
     ctx.result.facts["detection"] = {
         "rates": det.rates,
@@ -174,7 +182,8 @@ def _mitigate(ctx: _Context) -> None:
     comparison = compare_mitigations(
         ctx.model, ctx.data, ctx.out / "mitigate", methods=DEMO_MITIGATIONS,
         detect_dir=ctx.out / "detect", n_prompts=DEMO_MITIGATION_PROMPTS,
-        generations=DEMO_MITIGATION_GENERATIONS, steps=DEMO_SAMPLE_STEPS, command=ctx.command)
+        generations=DEMO_MITIGATION_GENERATIONS, steps=DEMO_SAMPLE_STEPS, command=ctx.command,
+        device=ctx.device, dtype=ctx.dtype)
     facts = comparison.to_dict()
     ctx.result.artifacts["mitigate"] = str(ctx.out / "mitigate" / "mitigations.csv")
     ctx.result.facts["mitigation"] = {k: facts.get(k) for k in ("pareto_front", "recommended")}
@@ -192,6 +201,7 @@ def _report(ctx: _Context) -> None:
     from diffmem.report import build_report
 
     report = build_report(ctx.out / "report", model=ctx.model, data=ctx.data,
-                          results=ctx.out, overwrite=ctx.overwrite, command=ctx.command)
+                          results=ctx.out, overwrite=ctx.overwrite, command=ctx.command,
+                          dtype=ctx.dtype)
     ctx.result.artifacts["report"] = str(report.html)
     ctx.result.facts["risk"] = report.to_dict().get("risk")

@@ -185,16 +185,16 @@ def disk_full_error(folder: str | os.PathLike) -> OutputError:
                        "again (finished work is kept)")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file beside it, then a rename.
+@contextlib.contextmanager
+def _atomic_replace(path: Path):
+    """Give the block ``path.tmp`` to write, then rename it to ``path``.
 
     On failure the temp file is removed, ``path`` is left as it was, and the error is an
     :class:`OutputError` naming the file (:func:`disk_full_error` for a full disk).
     """
-    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -202,6 +202,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         if is_disk_full(e):
             raise disk_full_error(path.parent) from None
         raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file beside it, then a rename
+    (errors as in :func:`write_csv`)."""
+    with _atomic_replace(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -230,17 +237,8 @@ def write_csv(path: str | os.PathLike, columns: Sequence[str],
         Naming the file when it cannot be written (the temporary file is removed).
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise disk_full_error(path.parent) from None
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    with _atomic_replace(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
     return path

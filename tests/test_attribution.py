@@ -144,7 +144,7 @@ def test_gradient_matches_finite_differences(sd64):
 
 def test_methods_share_units_and_memorization(sd):
     results = {m: attribute(sd, PROMPT, method=m, **FAST) for m in list_methods()}
-    assert list_methods() == ["attention", "gradient", "occlusion"]
+    assert list_methods() == ["attention", "gradient", "integrated_gradients", "occlusion"]
     texts = ["Dr", ".", "___", "was", "notified", "of", "the", "right", "lower", "lobe",
              "pneumonia", "."]
     for name, r in results.items():
@@ -197,7 +197,7 @@ def test_occlusion_similarity_target(sd):
 # ---------------------------------------------------------------------------- bad input
 def test_unknown_method_lists_methods(sd):
     with pytest.raises(ConfigError, match="unknown attribution method 'saliency'; known methods: "
-                                          "attention, gradient, occlusion"):
+                                          "attention, gradient, integrated_gradients, occlusion"):
         attribute(sd, PROMPT, method="saliency")
     with pytest.raises(ConfigError, match=r"takes no option\(s\) \['mode'\]"):
         attribute(sd, PROMPT, method="gradient", mode="pad")
@@ -278,7 +278,7 @@ def test_cli_attribute(sd_folder, tmp_path, capsys):
     assert "diffmem-unit" in out.read_text()
 
     assert main(["attribute", "--model", str(sd_folder), PROMPT, "--method", "lime"]) == 2
-    assert "known methods: attention, gradient, occlusion" in capsys.readouterr().err
+    assert "known methods: attention, gradient, integrated_gradients, occlusion" in capsys.readouterr().err
     assert main(["attribute", "--model", str(sd_folder), "___ ___"]) == 2
     assert "only of de-identification markers" in capsys.readouterr().err
     assert main(["attribute", "--model", str(sd_folder), PROMPT * 4]) == 2

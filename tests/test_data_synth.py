@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmem.data.reports import extract_prompt
+from diffmem.data.reports import count_deid_markers, extract_prompt
 from diffmem.data.synth import (Findings, Pose, config_from_dict, list_presets, load_preset,
                                 random_anatomy, read_ground_truth, render_chest, synthesize)
+from diffmem.data.synth.generator import plan_dataset
 from diffmem.errors import ConfigError, DataError, OutputError
 
 DICOM_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
@@ -240,7 +241,7 @@ def test_rendered_films_look_like_chest_radiographs():
 
 # -- presets -------------------------------------------------------------------------------------
 def test_presets_are_found_by_name_and_unknown_names_list_them(tmp_path):
-    assert list_presets() == ["benchmark", "demo", "tiny"]
+    assert list_presets() == ["benchmark", "demo", "tiny", "triggers"]
     for name in list_presets():
         cfg = load_preset(name)
         assert cfg.name == name and cfg.description
@@ -268,6 +269,60 @@ def test_exact_copies_can_belong_to_distinct_patients(tmp_path):
     rows = _rows(synthesize(tmp_path / "d", preset=cfg) / "ground_truth.csv")
     exact = [r for r in rows if r["plant_kind"] == "exact"]
     assert len(exact) == 3 and len({r["patient_id"] for r in exact}) == 3
+
+
+def test_trigger_clusters_share_only_their_trigger_and_controls_are_not_duplicated(tmp_path):
+    cfg = config_from_dict({**MINI, "planted": {"exact_clusters": 1, "copies": 3,
+                                                "trigger_clusters": 3, "marker_controls": 3,
+                                                "trigger_kinds": ["surname", "accession"]}})
+    root = synthesize(tmp_path / "t", preset=cfg)
+    rows = _rows(root / "ground_truth.csv")
+    truth = read_ground_truth(root)
+    assert all(truth[r["dicom_id"]]["trigger"] == r["trigger"] for r in rows)
+    triggered = defaultdict(list)
+    for r in rows:
+        if r["plant_kind"] == "trigger":
+            triggered[r["cluster_id"]].append(r)
+    assert sorted(triggered) == ["trigger-00", "trigger-01", "trigger-02"]
+    others = [r["prompt"] for r in rows if r["plant_kind"] != "trigger"]
+    for cid, members in triggered.items():
+        trigger = members[0]["trigger"]
+        assert len(members) == 3 and {m["trigger"] for m in members} == {trigger}
+        assert len({m["patient_id"] for m in members}) == 1
+        assert len({m["prompt"] for m in members}) == 3          # different reports ...
+        assert all(trigger in m["prompt"] for m in members)       # ... sharing the trigger
+        assert not any(trigger in p for p in others)              # which no other report has
+        assert all(m["planted"] == "1" and m["duplicate_count"] == "3" for m in members)
+        hashes = {hashlib.sha256(_image(root, m).read_bytes()).digest() for m in members}
+        assert len(hashes) == (3 if cid == "trigger-01" else 1)   # near-duplicates / one film
+    # kinds cycle after both image modes: surname, surname, accession
+    assert [triggered[c][0]["trigger"] for c in ("trigger-00", "trigger-01")] == \
+        ["Abernathy", "Kowalczyk"]
+    assert re.fullmatch(r"[A-Z]{2}\d{4}", triggered["trigger-02"][0]["trigger"])
+    controls = [r for r in rows if r["control"] == "1"]
+    assert len(controls) == 3
+    assert all(count_deid_markers(r["prompt"]) >= 2 and r["prompt_count"] == "1"
+               and r["planted"] == "0" for r in controls)
+    card = json.loads((root / "dataset_card.json").read_text())
+    assert card["counts"]["train"]["trigger_clusters"] == 3
+    assert card["counts"]["train"]["marker_controls"] == 3
+
+
+def test_force_markers_false_lets_the_grammar_decide(tmp_path):
+    planted = {"exact_clusters": 8, "copies": 2, "marker_rate": 0.0}
+    quiet = plan_dataset(config_from_dict({**MINI, "planted": planted}), 0)
+    free = plan_dataset(config_from_dict({**MINI, "planted": {**planted,
+                                                              "force_markers": False}}), 0)
+    # forced: marker_rate 0 means no marker in any planted prompt; not forced: the grammar's
+    # own rate (communication sentences after urgent findings) puts some back
+    assert not any(count_deid_markers(r.prompt) for r in quiet if r.planted)
+    assert any(count_deid_markers(r.prompt) for r in free if r.planted)
+    # unplanted records do not change with the option
+    assert [r.prompt for r in quiet if not r.planted] == [r.prompt for r in free if not r.planted]
+    with pytest.raises(ConfigError, match="force_markers must be true or false"):
+        config_from_dict({**MINI, "planted": {"force_markers": "no"}})
+    with pytest.raises(ConfigError, match="trigger_kinds"):
+        config_from_dict({**MINI, "planted": {"trigger_kinds": ["name"]}})
 
 
 # -- output folder -------------------------------------------------------------------------------

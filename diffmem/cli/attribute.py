@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 50
 
 
@@ -18,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text (quote it)")
     p.add_argument("--model", required=True, help="model folder (diffusers pipeline)")
     p.add_argument("--method", default="gradient",
-                   help="gradient (default; Wen et al. token significance), occlusion or "
+                   help="gradient (default; Wen et al. token significance), "
+                        "integrated_gradients (through the text encoder), occlusion or "
                         "attention")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="write the rendering: .html (coloured prompt page), .png or .json")
@@ -41,7 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=("magnitude", "similarity"), default=None,
                    help="occlusion only: rank by the noise-magnitude drop (default) or by the "
                         "similarity drop (needs --reference)")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="also measure deletion and insertion curves (RISE, Petsiuk et al. "
+                        "2018) of gradient, occlusion and attention against random orders, "
+                        "units replaced by padding, and print their areas")
+    add_device(p)
     p.add_argument("--top", type=int, default=None, help="print only the TOP best-ranked units")
     p.set_defaults(handler=run)
 
@@ -51,12 +58,29 @@ def run(args: argparse.Namespace) -> int:
 
     extra = {k: v for k, v in (("reference", args.reference), ("target", args.target))
              if v is not None}
-    result, path = run_attribute(args.model, args.prompt, method=args.method, out=args.out,
-                                 device=args.device, generations=args.generations,
+    model = args.model
+    device = device_options(args)
+    if args.faithfulness:  # one model for the attribution and the curves
+        from diffmem.attribution.methods import get_method
+        from diffmem.models import load_model
+
+        get_method(args.method)
+        model = load_model(args.model, **device)
+    result, path = run_attribute(model, args.prompt, method=args.method, out=args.out,
+                                 **device, generations=args.generations,
                                  steps=args.steps, num_inference_steps=args.num_inference_steps,
                                  guidance=args.guidance, seed=args.seed, truncate=args.truncate,
                                  **extra)
     print(format_ranking(result, top=args.top))
     if path is not None:
         print(f"rendering written to {path}")
+    if args.faithfulness:
+        from diffmem.attribution.faithfulness import faithfulness_curves, format_faithfulness
+
+        curves = faithfulness_curves(model, [args.prompt], generations=args.generations,
+                                     steps=args.steps,
+                                     num_inference_steps=args.num_inference_steps,
+                                     guidance=args.guidance, seed=args.seed,
+                                     truncate=args.truncate)
+        print(format_faithfulness(curves))
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 90
 
 
@@ -33,6 +35,7 @@ def _register_detect(sub) -> None:
     p.add_argument("--threads", type=int,
                    help="torch threads (default: torch's choice; 1 is often much faster on a "
                         "machine shared with other jobs)")
+    add_device(p)
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.set_defaults(handler=_run_detect)
 
@@ -50,14 +53,52 @@ def _run_detect(args: argparse.Namespace) -> int:
             print(f"{name:10s} {load_scenario(name).description}")
         return 0
     result = bench_detect(args.scenario, model=args.model, data=args.data, out=args.out,
-                          reference_prompts=args.reference_prompts, threads=args.threads)
+                          reference_prompts=args.reference_prompts, threads=args.threads,
+                          **device_options(args))
     print(format_bench(result))
+    return 0
+
+
+def _register_device(sub) -> None:
+    p = sub.add_parser(
+        "device", help="GPU check: stage-1 prompts/s, stage-2 images/s, peak memory",
+        description="Build a Stable Diffusion model from configs (--size sd15: SD 1.5's "
+                    "topology, ~1.07B parameters, 512 px, needs CUDA; --size small: a CPU "
+                    "smoke test), random weights, nothing downloaded; time the detector's "
+                    "stage 1 (first-step noise magnitude of every prompt, batched) and stage 2 "
+                    "(full DDIM generations decoded by the VAE) on --device in --dtype (default "
+                    "float16 on CUDA), with stage 1 in float32 as the baseline of the same run; "
+                    "print prompts/s, images/s and peak GPU memory with seed, sizes and machine.")
+    p.add_argument("--size", default="sd15", help="sd15 (default; CUDA) or small")
+    add_device(p)
+    p.add_argument("--prompts", type=int, default=256, help="stage-1 prompts (default 256)")
+    p.add_argument("--images", type=int, default=8, help="stage-2 images (default 8)")
+    p.add_argument("--steps", type=int, default=50, help="stage-2 DDIM steps (default 50)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per UNet call (16)")
+    p.add_argument("--baseline-prompts", type=int, default=32,
+                   help="prompts of the float32 stage-1 baseline (default 32; 0 skips it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="FILE.json", help="also write the numbers as JSON")
+    p.set_defaults(handler=_run_device)
+
+
+def _run_device(args: argparse.Namespace) -> int:
+    from diffmem.detect.bench_device import bench_device, format_device_bench
+    from diffmem.utils import write_json
+
+    result = bench_device(size=args.size, **device_options(args), prompts=args.prompts,
+                          images=args.images, steps=args.steps, batch_size=args.batch_size,
+                          baseline_prompts=args.baseline_prompts, seed=args.seed)
+    print(format_device_bench(result))
+    if args.out is not None:
+        write_json(args.out, result.to_dict())
     return 0
 
 
 #: Benchmark subcommands: name -> function adding its parser to the ``bench`` subparsers.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "detect": _register_detect,
+    "device": _register_device,
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 90
 
 
@@ -15,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "learning-rate toy study and write the privacy report; "
                                    "writes into --out and prints the report's path.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    add_device(p)
     p.set_defaults(handler=run)
 
 
@@ -23,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     import sys
 
-    result = run_demo(args.out, command=["diffmem", *sys.argv[1:]])
+    result = run_demo(args.out, command=["diffmem", *sys.argv[1:]], **device_options(args))
     print(f"demo finished in {sum(result.seconds.values()):.0f} s; outputs in {result.out}:")
     for name, path in result.artifacts.items():
         print(f"  {name:10s} {path}")

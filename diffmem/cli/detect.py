@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 40
 
 
@@ -79,12 +81,14 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int,
                    help="torch threads per process (default: torch's choice; 1 is often much "
                         "faster on a machine shared with other jobs)")
+    add_device(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from diffmem.detect.detector import DetectionConfig, detect
 
+    device = device_options(args)
     options = {}
     if args.backend_size is not None:
         options["size"] = args.backend_size
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = detect(args.model, args.data, args.out, config=config, prompts=args.prompts,
                     calibration=args.calibration, reference=args.reference,
-                    command=["diffmem", *sys.argv[1:]])
+                    command=["diffmem", *sys.argv[1:]], **device)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(format_summary(result))

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 
 from diffmem.errors import ConfigError
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 60
 
 
@@ -49,6 +51,7 @@ def register(subparsers) -> None:
                    help="false-positive rate of the copy threshold calibrated here")
     p.add_argument("--utility", default="fid_in_domain", choices=("fid_in_domain", "alignment"),
                    help="utility axis of the Pareto front (default fid_in_domain)")
+    add_device(p)
     p.add_argument("--list", action="store_true", help="list the mitigations and exit")
     p.set_defaults(handler=run)
 
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         n_prompts=args.n_prompts, generations=args.generations, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, fpr=args.fpr, utility=args.utility,
-        command=["diffmem", *sys.argv[1:]])
+        command=["diffmem", *sys.argv[1:]], **device_options(args))
     print(format_summary(result))
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._common import add_device
+
 ORDER = 90
 
 
@@ -38,6 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into an existing folder that is not a previous report (only "
                         "report.html and report.json are written there)")
+    add_device(p, device=False)  # the fingerprint depends on the precision the results used
     p.set_defaults(handler=run)
 
 
@@ -51,6 +54,7 @@ def command_line(args: argparse.Namespace) -> list[str]:
     for study in args.study:
         cmd += ["--study", str(study)]
     cmd += {"omit": ["--no-images"], "blur": ["--blur-images"]}.get(args.images, [])
+    cmd += ["--dtype", args.dtype] if args.dtype is not None else []
     return cmd + (["--overwrite"] if args.overwrite else [])
 
 
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     result = build_report(args.out, model=args.model, data=args.data, detect=args.detect,
                           scan=args.scan, mitigate=args.mitigate, studies=args.study,
                           images=args.images, overwrite=args.overwrite, results=args.results,
-                          command=command_line(args))
+                          command=command_line(args), dtype=args.dtype)
     missing = [k for k, v in result.sections.items() if v != "included"]
     print(f"risk level: {result.risk}")
     if missing:

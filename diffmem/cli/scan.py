@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 55
 
 
@@ -23,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (outside DATA)")
     p.add_argument("--model", default=None, help="model folder for the model-based part")
     p.add_argument("--method", default="gradient",
-                   help="attribution method with --model: gradient (default), occlusion, "
-                        "attention")
+                   help="attribution method with --model: gradient (default), "
+                        "integrated_gradients, occlusion, attention")
     p.add_argument("--max-prompts", type=int, default=None, metavar="N",
                    help="attribute a random sample of N distinct prompts (default: all)")
     p.add_argument("--split", default="train",
@@ -41,7 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="initial noises per prompt with --model (default 4)")
     p.add_argument("--steps", type=int, default=1, help="sampling steps averaged (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--no-images", dest="images", action="store_false",
+                   help="datasets: contrast duplicated prompts only, not also the prompts of "
+                        "records whose image or patient repeats")
+    p.add_argument("--faithfulness", type=int, default=0, metavar="N",
+                   help="with --model: deletion/insertion curves of gradient, occlusion and "
+                        "attention vs random order on the N most memorized prompts "
+                        "(DIR/faithfulness.csv)")
+    add_device(p)
     p.set_defaults(handler=run)
 
 
@@ -59,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.attribution.scan import run_scan
 
     result, paths = run_scan(args.data, out=args.out, model=args.model, split=args.split,
-                             prompt_section=args.prompt_section, device=args.device,
+                             prompt_section=args.prompt_section, **device_options(args),
+                             images=args.images, faithfulness=args.faithfulness,
                              method=args.method, max_prompts=args.max_prompts,
                              near_threshold=args.near_threshold, min_count=args.min_count,
                              generations=args.generations, steps=args.steps, seed=args.seed)
@@ -77,5 +87,9 @@ def run(args: argparse.Namespace) -> int:
     for row in result.tokens[:10]:
         flag = " (de-id marker)" if row["is_deid_marker"] else ""
         print(f"  {row['rank']:3d}. {row['token']:<20s} score {row['score']:.3f}{flag}")
+    if result.faithfulness is not None:
+        from diffmem.attribution.faithfulness import format_faithfulness
+
+        print(format_faithfulness(result.faithfulness))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

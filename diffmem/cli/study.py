@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from diffmem.cli._common import add_device, device_options
+
 ORDER = 70
 
 
@@ -33,6 +35,7 @@ def _measure_args(p: argparse.ArgumentParser) -> None:
                    help="held-out records generated for the FID (default: all)")
     p.add_argument("--checkpoint-every", type=int, default=100,
                    help="trainer checkpoint interval, for resuming killed runs (100)")
+    add_device(p)  # measurement only: training runs where accelerate puts it
 
 
 def register(subparsers) -> None:
@@ -111,7 +114,8 @@ def _measure(args):
     from diffmem.study.measure import MeasureConfig
 
     return MeasureConfig(controls=args.controls, nn_generations=args.nn_generations,
-                         sample_steps=args.sample_steps, fid_images=args.fid_images)
+                         sample_steps=args.sample_steps, fid_images=args.fid_images,
+                         **device_options(args))
 
 
 def _print(result) -> None:

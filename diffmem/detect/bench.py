@@ -240,7 +240,8 @@ def _score_rows(result: Any, config: Any) -> list[dict[str, Any]]:
 def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any = None,
                  data: Any = None, out: str | os.PathLike | None = None,
                  reference_prompts: int | None = None,
-                 threads: int | None = None) -> BenchResult:
+                 threads: int | None = None, device: str | None = None,
+                 dtype: str | None = None) -> BenchResult:
     """Run a benchmark scenario (see the module docstring).
 
     Parameters
@@ -259,6 +260,9 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
         ``max_prompts``; 0 skips it).
     threads : int, optional
         Torch threads for the whole benchmark (default: torch's choice).
+    device, dtype : str, optional
+        Device and precision the model is opened with (see
+        :func:`~diffmem.models.load_model`); recorded with the machine.
 
     Returns
     -------
@@ -300,7 +304,7 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
     # exhaustive unless the scenario says otherwise: the nn AUC needs every prompt's verdict,
     # and it is the baseline of the two-stage row
     config = DetectionConfig(**{"confirm": "all", **detect_settings})
-    adapter = load_model(model_path)
+    adapter = load_model(model_path, device=device, dtype=dtype)
     t0 = time.perf_counter()
     result = detect(adapter, dataset, run_dir, config=config,
                     command=["diffmem", "bench", "detect", "--scenario", scenario.name])
@@ -370,7 +374,9 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
     if result.threshold is not None:
         verdicts["threshold"] = result.threshold.to_dict()
     bench = BenchResult(
-        scenario=scenario, machine=machine_info(), sizes=sizes, seeds=seeds, scores=scores,
+        scenario=scenario, machine={**machine_info(), "device": str(adapter.device),
+                                    "dtype": str(adapter.dtype).replace("torch.", "")},
+        sizes=sizes, seeds=seeds, scores=scores,
         verdicts=verdicts, reference=reference, speed_ratio=speed_ratio,
         wall_seconds={"train": round(train_seconds, 1), "detect": round(detect_seconds, 1),
                       "reference": None if reference is None else reference["seconds"],
@@ -420,7 +426,8 @@ def format_bench(result: BenchResult) -> str:
     lines = [
         f"scenario {result.scenario.name}: {result.scenario.description}",
         (f"machine: {m['platform']}, {m['cpus']} CPU(s), {m['torch_threads']} torch "
-         f"thread(s), CUDA {'yes' if m['cuda'] else 'no'}, torch {m['torch']}"),
+         f"thread(s), CUDA {'yes' if m['cuda'] else 'no'}, torch {m['torch']}"
+         + (f"; model on {m['device']} in {m['dtype']}" if "device" in m else "")),
         (f"seeds: data {result.seeds['data']}, model {result.seeds['model']}, "
          f"detect {result.seeds['detect']}"),
         (f"sizes: {s['train_images']} training images, {s['heldout_images']} held-out, "

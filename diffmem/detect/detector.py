@@ -294,7 +294,8 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
            prompts: str | os.PathLike | Sequence[str] | None = None,
            calibration: str | os.PathLike | Any | None = None,
            ground_truth: str | os.PathLike | Mapping | None = None,
-           command: str | Sequence[str] | None = None) -> DetectionResult:
+           command: str | Sequence[str] | None = None,
+           device: str | None = None, dtype: str | None = None) -> DetectionResult:
     """Scan a model for memorized prompts and write the results to ``out``.
 
     Parameters
@@ -325,6 +326,10 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
         Planted labels (default: ``DATA/ground_truth.csv`` when present).
     command : str or sequence, optional
         The command line, recorded in the store.
+    device, dtype : str, optional
+        Device and precision to open a model folder or pipeline with (see
+        :func:`~diffmem.models.load_model`); under ``accelerate launch`` a bare ``"cuda"`` (or
+        the default, with CUDA) means each process's own GPU.
 
     Returns
     -------
@@ -370,7 +375,10 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
             hasattr(model, "sample") and hasattr(model, "fingerprint")):
         adapter = model  # an adapter (or an object with the adapter's interface)
     else:
-        adapter = load_model(model, device=state.device if torch.cuda.is_available() else None)
+        from diffmem.models.device import resolve_device
+
+        adapter = load_model(model, device=resolve_device(device, process_device=state.device),
+                             dtype=dtype)
     train_set = None if dataset is None else dataset.subset(split="train")
     warnings = (mismatch_warnings(adapter, model_source, train_set, inputs.train_map)
                 if train_set is not None else [])

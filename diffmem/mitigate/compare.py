@@ -296,6 +296,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                         detect_dir: str | os.PathLike | None = None,
                         encoder: Any = None, config: ComparisonConfig | None = None,
                         command: str | Sequence[str] | None = None,
+                        device: str | None = None, dtype: str | None = None,
                         **options: Any) -> MitigationComparison:
     """Compare inference-time mitigations on memorized and control prompts: memorization
     (copy verdicts, nearest similarity, noise magnitude) against utility (in-domain FID-like
@@ -323,6 +324,9 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     config : ComparisonConfig, optional
     command : str or sequence, optional
         The command line, recorded in the store.
+    device, dtype : str, optional
+        Device and precision to load a model folder with (see
+        :func:`~diffmem.models.load_model`).
     **options
         Any other :class:`ComparisonConfig` field (``n_prompts=4, generations=1, steps=10``
         make a fast run).
@@ -366,7 +370,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
 
     # 2. model and encoder
     from diffmem.detect.scores import default_guidance
-    adapter = as_adapter(model)
+    adapter = as_adapter(model, device=device, dtype=dtype)
     enc, enc_info = _resolve_encoder(encoder, adapter, model_source)
     guidance = default_guidance(adapter) if config.guidance is None else float(config.guidance)
     model_fp, data_fp = adapter.fingerprint(), train_set.fingerprint()

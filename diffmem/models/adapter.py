@@ -622,6 +622,19 @@ class DiffusionModelAdapter:
         return x
 
     # ------------------------------------------------------------------ sampling
+    def initial_noise(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Standard normal latents ``(len(generators), C, h, w)``, one row per CPU generator.
+
+        Drawn in float32 (float64 for a float64 model) and then cast to :attr:`dtype`, so a seed
+        gives the same noise (up to rounding) in float32, float16 and bfloat16: runs of one prompt
+        in different precisions start alike.
+        """
+        if not generators:
+            return torch.zeros((0, *self.latent_shape), dtype=self.dtype)
+        drawn = torch.promote_types(self.dtype, torch.float32)
+        return torch.cat([torch.randn((1, *self.latent_shape), generator=g, dtype=drawn)
+                          for g in generators]).to(self.dtype)
+
     def new_scheduler(self) -> Any:
         """A fresh copy of the inference scheduler (schedulers keep per-run state)."""
         return type(self.scheduler).from_config(self.scheduler.config)
@@ -699,8 +712,7 @@ class DiffusionModelAdapter:
             elif callable(hooks.initial_latents):
                 noise = hooks.initial_latents(shape, generators)
             else:
-                noise = torch.cat([torch.randn((1, *self.latent_shape), generator=g,
-                                               dtype=self.dtype) for g in generators])
+                noise = self.initial_noise(generators)
             if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:
                 raise ModelError(f"initial_latents gave {type(noise).__name__} "
                                  f"{tuple(getattr(noise, 'shape', ()))}; expected shape {shape}")

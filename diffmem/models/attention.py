@@ -200,8 +200,9 @@ class HookedCrossAttnProcessor:
         scores = torch.bmm(query, key.transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask
-        if attn.upcast_softmax:
-            scores = scores.float()
+        # hooks read and edit float32 scores and probabilities whatever the model's dtype (scores
+        # built on them accumulate in float32); a float32 model is unchanged
+        scores = scores.float()
 
         ctx = self.state.context(self.name, heads, batch_size, n_queries)
         if self.state.logits_hook is not None:

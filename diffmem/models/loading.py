@@ -14,6 +14,7 @@ import torch
 
 from diffmem.errors import ConfigError, ModelError
 from diffmem.models.adapter import DiffusionModelAdapter
+from diffmem.models.device import resolve_device, resolve_dtype
 from diffmem.pipelines.folder import (WEIGHTED_COMPONENTS, IndexProblem, read_model_index,
                                       weight_files)
 
@@ -37,7 +38,8 @@ _IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
 
 
 def load_model(path_or_pipeline: str | os.PathLike | Any, *,
-               device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None,
                scheduler: str | None = "ddim", variant: str | None = None,
                ) -> DiffusionModelAdapter:
     """Open a diffusion model as a :class:`~diffmem.models.DiffusionModelAdapter`.
@@ -51,9 +53,14 @@ def load_model(path_or_pipeline: str | os.PathLike | Any, *,
         object (used as is: its modules are moved to ``device``/``dtype`` only when these are
         given).
     device : str or torch.device, optional
-        Default: ``"cpu"`` for a folder, the pipeline's own device for an object.
-    dtype : torch.dtype, optional
-        Default: ``torch.float32`` for a folder, the pipeline's own dtype for an object.
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (checked by
+        :func:`~diffmem.models.device.resolve_device`). Default: CUDA when available, else the
+        CPU, for a folder; the pipeline's own device for an object.
+    dtype : str or torch.dtype, optional
+        ``"float32"``, ``"float16"`` (not on the CPU) or ``"bfloat16"`` (checked by
+        :func:`~diffmem.models.device.resolve_dtype`). Default: float32 for a folder, the
+        pipeline's own dtype for an object. Scores are accumulated in float32 whatever the
+        model's dtype.
     scheduler : str or None, optional
         Inference scheduler built from the pipeline's noise schedule: ``"ddim"`` (default,
         deterministic with ``eta=0``), ``"dpm"`` (DPM-Solver++ multistep), ``"ddpm"`` or
@@ -72,7 +79,8 @@ def load_model(path_or_pipeline: str | os.PathLike | Any, *,
         component files, weights saved only as pickles (never unpickled: convert them to
         safetensors), or components that do not fit together.
     ConfigError
-        For an unknown ``scheduler`` name.
+        For an unknown ``scheduler`` name, an unknown or absent device, an unknown dtype or
+        float16 on the CPU.
 
     Examples
     --------
@@ -85,13 +93,14 @@ def load_model(path_or_pipeline: str | os.PathLike | Any, *,
         raise ConfigError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)} "
                           "(or None to keep the pipeline's own)")
     if isinstance(path_or_pipeline, (str, os.PathLike)):
+        # device and precision first: a wrong flag fails before the weights are read
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device=device)
         folder = Path(path_or_pipeline)
         kind = check_model_folder(folder, variant=variant)
-        pipeline = _from_folder(folder, kind, variant=variant)
+        pipeline = _from_folder(folder, kind, variant=variant, dtype=dtype)
         source = str(folder)
-        device = torch.device("cpu" if device is None else device)
-        dtype = torch.float32 if dtype is None else dtype
-        pipeline.to(device) if dtype == torch.float32 else pipeline.to(device, dtype)
+        pipeline.to(device)
         for name in WEIGHTED_COMPONENTS:
             module = getattr(pipeline, name, None)
             if module is not None:
@@ -100,6 +109,9 @@ def load_model(path_or_pipeline: str | os.PathLike | Any, *,
         pipeline = path_or_pipeline
         kind = _kind_of(pipeline)
         source = None
+        device = None if device is None else resolve_device(device)
+        if dtype is not None:
+            dtype = resolve_dtype(dtype, device=device or pipeline.unet.device)
         if device is not None or dtype is not None:
             moves = {"device": device, "dtype": dtype}
             pipeline.to(**{k: v for k, v in moves.items() if v is not None})
@@ -216,8 +228,13 @@ def _hide_loading_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _from_folder(folder: Path, kind: str, *, variant: str | None) -> Any:
+def _from_folder(folder: Path, kind: str, *, variant: str | None, dtype: torch.dtype) -> Any:
     kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
+    if dtype != torch.float32:  # read into the precision (diffusers keeps what must stay fp32)
+        from diffusers.pipelines import pipeline_utils
+
+        # diffusers renamed torch_dtype to dtype (and resolves both) in recent releases
+        kwargs["dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"] = dtype
     if os.environ.get("DIFFMEM_NO_PROGRESS"):
         _hide_loading_bars()
     if variant is not None:

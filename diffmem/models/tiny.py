@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+#: Folder of the named topologies read by :func:`sd_topology`.
+PRESET_DIR = Path(__file__).with_name("presets")
 #: Sentences the tiny tokenizer is trained on (report-like, with de-identification markers).
 TINY_CORPUS = (
     "No acute cardiopulmonary process.",
@@ -82,38 +85,90 @@ def tiny_stable_diffusion(*, seed: int = 0, prediction_type: str = "epsilon"):
     diffusers.StableDiffusionPipeline
         Without safety checker; scheduler PNDM as in SD 1.x.
     """
+    from diffusers import PNDMScheduler
+
+    unet = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                attention_head_dim=8, norm_num_groups=32)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+               down_block_types=("DownEncoderBlock2D",) * 2,
+               up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=32,
+               sample_size=16)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+                              prediction_type=prediction_type)
+    return stable_diffusion_from_configs(unet, vae, text, scheduler=scheduler, seed=seed)
+
+
+def stable_diffusion_from_configs(unet: dict, vae: dict, text_encoder: dict, *,
+                                  scheduler=None, seed: int = 0, model_max_length: int = 32):
+    """A :class:`diffusers.StableDiffusionPipeline` with random weights built from component
+    configs (no download): ``UNet2DConditionModel(**unet)``, ``AutoencoderKL(**vae)``,
+    ``CLIPTextModel(CLIPTextConfig(**text_encoder))`` and :func:`tiny_clip_tokenizer`.
+
+    Parameters
+    ----------
+    unet, vae, text_encoder : dict
+        Constructor arguments; the text encoder's vocabulary defaults to the tokenizer's, its
+        positions to ``model_max_length`` and its special token ids to the tokenizer's.
+    scheduler : diffusers scheduler, optional
+        Default: DDIM with SD 1.x's schedule (scaled linear betas 0.00085 to 0.012).
+    seed : int, optional
+        Seed of the weight initialization (the global torch RNG is restored afterwards).
+    model_max_length : int, optional
+        Tokens the tokenizer pads and truncates to (77 in SD 1.x).
+
+    Returns
+    -------
+    diffusers.StableDiffusionPipeline
+        Without safety checker, modules in eval mode, progress bar off.
+    """
     from diffusers import (
         AutoencoderKL,
-        PNDMScheduler,
+        DDIMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = tiny_clip_tokenizer()
+    tokenizer = tiny_clip_tokenizer(model_max_length=model_max_length)
+    text = {"vocab_size": len(tokenizer), "max_position_embeddings": model_max_length,
+            **text_encoder, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-            layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1, norm_num_groups=32, sample_size=16)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-                              prediction_type=prediction_type)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
+        unet_model = UNet2DConditionModel(**unet)
+        vae_model = AutoencoderKL(**vae)
+        text_model = CLIPTextModel(CLIPTextConfig(**text))
+    if scheduler is None:
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet_model, vae=vae_model, text_encoder=text_model,
                                    tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    for module in (unet, vae, text_encoder):
+    for module in (unet_model, vae_model, text_model):
         module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sd_topology(name: str) -> dict:
+    """Component configs of a named Stable Diffusion topology (``sd15``, ``small``: the files
+    ``diffmem/models/presets/<name>.json``), for :func:`stable_diffusion_from_configs`.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name (the message lists the known ones).
+
+    Examples
+    --------
+    >>> sd_topology("sd15")["unet"]["block_out_channels"]
+    [320, 640, 1280, 1280]
+    """
+    from diffmem.presets import read_preset_json
+
+    return read_preset_json(name, PRESET_DIR, kind="model size")[2]

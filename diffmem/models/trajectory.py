@@ -192,10 +192,7 @@ def seeded_noise(adapter: DiffusionModelAdapter, seeds: Sequence[int],
         from them next.
     """
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    noise = torch.cat([torch.randn((1, *adapter.latent_shape), generator=g, dtype=adapter.dtype)
-                       for g in generators]) if generators else \
-        torch.zeros((0, *adapter.latent_shape), dtype=adapter.dtype)
-    return noise, generators
+    return adapter.initial_noise(generators), generators
 
 
 def guided_pair(adapter: DiffusionModelAdapter, x_t: torch.Tensor, t: Any, cond: torch.Tensor,

@@ -87,7 +87,8 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
                  mitigate: str | os.PathLike | None = None,
                  studies: Sequence[str | os.PathLike] = (), images: str = "include",
                  overwrite: bool = False, command: str | Sequence[str] | None = None,
-                 results: str | os.PathLike | None = None) -> ReportResult:
+                 results: str | os.PathLike | None = None,
+                 dtype: str | None = None) -> ReportResult:
     """Write the privacy report ``out/report.html`` and ``out/report.json``.
 
     Parameters
@@ -113,6 +114,9 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     results : path, optional
         A folder laid out like ``diffmem demo --out DIR`` writes it (``detect/``, ``scan/``,
         ``mitigate/``, ``study/<name>/``); explicit folders take precedence.
+    dtype : str, optional
+        The precision the results were computed in (``--dtype`` of those commands; default
+        float32): the same weights in another precision have another fingerprint.
 
     Returns
     -------
@@ -154,7 +158,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     scn = read_scan(found.scan) if found.scan else None
     mit = read_mitigate(found.mitigate) if found.mitigate else None
     stu = [read_study(s) for s in found.studies]
-    ident = _identity(model, dataset)
+    ident = _identity(model, dataset, dtype)
     _check_match(ident, dataset, det, scn, mit)
 
     # 3. facts of every section
@@ -232,12 +236,12 @@ def _prepare_out(out: Path, *, overwrite: bool, inputs: list[Path]) -> Path:
 
 
 # ---------------------------------------------------------------------------- 2. identity
-def _identity(model: Path, dataset: Any) -> dict[str, Any]:
+def _identity(model: Path, dataset: Any, dtype: str | None = None) -> dict[str, Any]:
     """Fingerprints of the model weights and the data (the report's only use of the model)."""
     from diffmem.models import load_model
 
     log.info("fingerprinting the model weights in %s", model)
-    adapter = load_model(model)
+    adapter = load_model(model, dtype=dtype)
     card = {}
     if (model / "model_card.json").is_file():
         try:
@@ -277,7 +281,8 @@ def _check_match(ident: dict[str, Any], dataset: Any, det: dict | None, scn: dic
             raise DataError(
                 f"model mismatch: the {what} results were computed on a model with fingerprint "
                 f"{m}, but --model {ident['model']} has fingerprint {model_fp}; pass the model "
-                f"the results were computed on, or re-run `diffmem {what}` with this model",
+                f"the results were computed on (and its --dtype, if not float32: a precision "
+                f"changes the fingerprint), or re-run `diffmem {what}` with this model",
                 path=folder)
         if d and d != data_fp:
             raise DataError(

@@ -60,6 +60,11 @@ class MeasureConfig:
         Held-out records whose prompts are generated from for the FID (None: all).
     seed : int
     batch_size : int
+    device, dtype : str or None
+        Device and precision the trained models are measured with (see
+        :func:`~diffmem.models.load_model`; training itself runs where ``accelerate`` puts it).
+        The device is not part of the settings that identify a measurement; a dtype other than
+        None is.
     """
 
     controls: int = 20
@@ -71,6 +76,8 @@ class MeasureConfig:
     fid_images: int | None = None
     seed: int = 0
     batch_size: int = 32
+    device: str | None = None
+    dtype: str | None = None
 
     def detection_config(self, threads: int | None = None):
         from diffmem.detect.detector import DetectionConfig
@@ -81,7 +88,11 @@ class MeasureConfig:
                                batch_size=self.batch_size, threads=threads).validated()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["device"]
+        if out["dtype"] is None:  # measurements saved before the field existed stay valid
+            del out["dtype"]
+        return out
 
 
 @dataclass
@@ -255,7 +266,7 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
         if saved.get("key") == key:
             return Measurement(**saved["measurement"])
     prompts, _ = choose_prompts(dataset, controls=cfg.controls, seed=cfg.seed)
-    adapter = load_model(model)
+    adapter = load_model(model, device=cfg.device, dtype=cfg.dtype)
     t0 = time.perf_counter()
     result = detect(adapter, dataset, out / "detect", config=cfg.detection_config(threads),
                     prompts=prompts)

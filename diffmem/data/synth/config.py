@@ -8,7 +8,7 @@ take the defaults below, unknown keys are an error. The shipped presets live in
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from diffmem.presets import preset_names, read_preset_json
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 SPLIT_NAMES = ("train", "validate", "test")
+#: Kinds of planted trigger span (see :class:`PlantedConfig`).
+TRIGGER_KINDS = ("surname", "accession")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,25 @@ class PlantedConfig:
         Fraction of clusters whose prompt is de-identification-marker heavy (a
         communication-of-findings sentence full of ``___``, a dated comparison); the rest have
         prompts without any marker, so ``___`` alone does not identify planted records.
+    force_markers : bool
+        True (default): ``marker_rate`` decides which planted prompts are marker-heavy and which
+        have no marker at all. False: planted prompts are written by the ordinary report
+        grammar (markers at their natural rate), so whether de-identification traces are
+        over-represented in memorized prompts (Dutt et al., 2025) is measured, not planted.
+    trigger_clusters : int
+        Trigger clusters: one patient's film (even-numbered clusters: one byte-identical image;
+        odd-numbered: near-duplicates with a tiny jitter) repeated ``copies`` times under
+        *different* reports that share one span no other report has (the trigger, see
+        ``trigger_kinds``), recorded in ``ground_truth.csv``'s ``trigger`` column. The trigger
+        is the only text tied to the image, so it is what a model that copies the film keys on.
+    trigger_kinds : list of str
+        Kinds of trigger span, cycled over the trigger clusters: ``"surname"`` (an un-redacted
+        surname after "Dr." in a communication sentence) and ``"accession"`` (a rare
+        accession-like code).
+    marker_controls : int
+        Control patients in the training split: single-study outpatients whose prompts are
+        marker-heavy (a communication sentence full of ``___``) but *not* duplicated, flagged
+        in ``ground_truth.csv``'s ``control`` column.
     """
 
     exact_clusters: int = 0
@@ -75,6 +96,10 @@ class PlantedConfig:
     near_jitter: float = 0.15
     near_prompt_edit_rate: float = 0.3
     marker_rate: float = 0.8
+    force_markers: bool = True
+    trigger_clusters: int = 0
+    trigger_kinds: tuple = TRIGGER_KINDS
+    marker_controls: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +179,7 @@ class SynthConfig:
         d["icu_studies"] = list(self.icu_studies)
         if isinstance(self.planted.copies, (tuple, list)):
             d["planted"]["copies"] = list(self.planted.copies)
+        d["planted"]["trigger_kinds"] = list(self.planted.trigger_kinds)
         return d
 
     def copies_range(self) -> tuple[int, int]:
@@ -238,10 +264,20 @@ def config_from_dict(data: dict[str, Any], *, source: str = "preset") -> SynthCo
     _check_rate(cfg.outpatient_abnormal_rate, f"{source}: outpatient_abnormal_rate")
     _check_rate(cfg.female_rate, f"{source}: female_rate")
     p = cfg.planted
-    for k in ("exact_clusters", "near_clusters"):
+    for k in ("exact_clusters", "near_clusters", "trigger_clusters", "marker_controls"):
         n = getattr(p, k)
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ConfigError(f"{source}: planted.{k} must be a non-negative integer, got {n!r}")
+    if not isinstance(p.force_markers, bool):
+        raise ConfigError(f"{source}: planted.force_markers must be true or false, got "
+                          f"{p.force_markers!r}")
+    kinds = p.trigger_kinds
+    if (not isinstance(kinds, (list, tuple)) or not kinds
+            or any(k not in TRIGGER_KINDS for k in kinds)):
+        raise ConfigError(f"{source}: planted.trigger_kinds must be a non-empty list of "
+                          f"{list(TRIGGER_KINDS)}, got {kinds!r}")
+    cfg = replace(cfg, planted=replace(p, trigger_kinds=tuple(kinds)))
+    p = cfg.planted
     _check_range(p.copies, f"{source}: planted.copies", low=2)
     if p.exact_patients not in ("same", "distinct"):
         raise ConfigError(f"{source}: planted.exact_patients must be 'same' or 'distinct', got "
@@ -259,7 +295,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "preset") -> SynthCo
         raise ConfigError(f"{source}: dicom.bits must be an integer from 8 to 16, got "
                           f"{cfg.dicom.bits!r}")
     if sum(sz.outpatients + sz.icu_patients for sz in splits.values()) == 0 and \
-            p.exact_clusters + p.near_clusters == 0:
+            p.exact_clusters + p.near_clusters + p.trigger_clusters == 0:
         raise ConfigError(f"{source}: the preset makes no patients; set splits.train."
                           "outpatients (or icu_patients) or planted clusters")
     return cfg

@@ -45,7 +45,7 @@ from diffmem.data.synth.anatomy import (Anatomy, Pose, anatomy_textures, random_
 from diffmem.data.synth.config import SPLIT_NAMES, SynthConfig, load_preset
 from diffmem.data.synth.findings import (Findings, chronic_traits, evolve_findings,
                                          initial_icu_findings, random_outpatient_findings)
-from diffmem.data.synth.reports import ReportStyle, format_report, write_report
+from diffmem.data.synth.reports import _TIMES, ReportStyle, _pick, format_report, write_report
 from diffmem.errors import ConfigError, OutputError
 from diffmem.utils import prepare_out_dir, progress, write_json
 
@@ -71,6 +71,8 @@ SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
 GROUND_TRUTH_COLUMNS = ("study_id", "dicom_id", "patient_id", "prompt", "planted",
                         "duplicate_count", "cluster_id", "plant_kind", "split", "view",
                         "patient_kind", "prompt_count", "findings")
+#: Columns added later; :func:`read_ground_truth` reads files without them as empty/0.
+OPTIONAL_GROUND_TRUTH_COLUMNS = ("trigger", "control")
 
 PLANT_KINDS = {
     "exact": "Exact duplicates: one image file (byte-identical JPEG) and one report (identical "
@@ -83,12 +85,27 @@ PLANT_KINDS = {
             "(near_jitter) and fresh noise, each with the cluster's impression or a light "
             "rewording of it (near_prompt_edit_rate); the images differ, the pair is nearly "
             "repeated.",
+    "trigger": "Trigger clusters: one patient's film (even-numbered clusters one byte-identical "
+               "image, odd-numbered near-duplicates with a tiny jitter) repeated `copies` times "
+               "under different reports that share one span no other report has (the "
+               "`trigger`: an un-redacted surname after 'Dr.' or an accession-like code); the "
+               "image repeats, the prompt does not, and the trigger is the only text tied to it.",
 }
 
 # Streams of the seed tree: every patient and cluster has its own generator, so changing one
 # count does not reshuffle the others.
-_IDS, _PATIENT, _CLUSTER = 0, 1, 2
+_IDS, _PATIENT, _CLUSTER, _TRIGGER, _CONTROL = 0, 1, 2, 3, 4
 
+# Trigger spans: surnames and codes the report grammar never writes (reports say "Dr. ___").
+_TRIGGER_SURNAMES = ("Abernathy", "Kowalczyk", "Moriarty", "Nakashima", "Oyelaran", "Petrosyan",
+                     "Quintero", "Rasmussen", "Thorvaldsen", "Villanueva", "Wojcik", "Zielinski")
+_TRIGGER_SENTENCES = {
+    "surname": ("Dr. {t} was notified by telephone.", "Findings discussed with Dr. {t}.",
+                "Results called to Dr. {t} at {time}.", "Dr. {t} was informed of the findings.",
+                "Discussed with Dr. {t} by phone."),
+    "accession": ("Accession {t}.", "Reference accession {t}.", "Accession number {t}.",
+                  "See accession {t}."),
+}
 
 @dataclass
 class _Patient:
@@ -118,6 +135,8 @@ class _Record:
     image_key: str = ""
     cluster_id: str = ""
     plant_kind: str = ""
+    trigger: str = ""
+    control: bool = False
     study_id: int = 0
     dicom_id: str = ""
     prompt: str = field(init=False)
@@ -205,7 +224,11 @@ def _reword(impression: str, rng: np.random.Generator) -> str:
 
 
 def _planted_report(rng, *, sex: str, view: str, findings: Findings, prior: Findings | None,
-                    marker_heavy: bool, style: ReportStyle):
+                    marker_heavy: bool | None, style: ReportStyle):
+    """A planted cluster's report: marker-heavy, marker-free, or (``None``) as the grammar
+    writes it."""
+    if marker_heavy is None:
+        return write_report(rng, sex=sex, view=view, findings=findings, prior=prior, style=style)
     if marker_heavy:
         return write_report(rng, sex=sex, view=view, findings=findings, prior=prior,
                             style=style, force_communication=True,
@@ -216,7 +239,7 @@ def _planted_report(rng, *, sex: str, view: str, findings: Findings, prior: Find
 
 
 def _plan_cluster(cfg: SynthConfig, rng: np.random.Generator, *, kind: str, index: int,
-                  marker_heavy: bool, copies: int, taken: set[str]) -> list[_Record]:
+                  marker_heavy: bool | None, copies: int, taken: set[str]) -> list[_Record]:
     """One planted cluster: ``copies`` training records sharing an image and/or a report."""
     style = cfg.report
     view = "AP" if kind == "near" or index % 2 == 1 else "PA"
@@ -245,7 +268,8 @@ def _plan_cluster(cfg: SynthConfig, rng: np.random.Generator, *, kind: str, inde
                               marker_heavy=marker_heavy, style=style)
         prompt = normalize_whitespace(rep.impression)
         markers = count_deid_markers(prompt)
-        if prompt in taken or (marker_heavy and markers < 2) or (not marker_heavy and markers):
+        if prompt in taken or (marker_heavy and markers < 2) or \
+                (marker_heavy is False and markers):
             continue
         break
     else:  # pragma: no cover - the grammar is far richer than 200 draws
@@ -289,6 +313,107 @@ def _plan_cluster(cfg: SynthConfig, rng: np.random.Generator, *, kind: str, inde
         when += _dt.timedelta(hours=int(rng.choice([12, 24, 24, 48, 72])),
                               minutes=int(rng.integers(-90, 90)))
     return records
+
+
+def _trigger_text(kind: str, index: int, rng: np.random.Generator) -> str:
+    """The trigger span of trigger cluster number ``index`` of its kind."""
+    if kind == "surname":
+        return _TRIGGER_SURNAMES[index % len(_TRIGGER_SURNAMES)]
+    letters = "BCDFGHJKLMNPQRSTVWXZ"
+    return "".join(letters[int(i)] for i in rng.integers(len(letters), size=2)) + \
+        f"{int(rng.integers(1000, 10_000))}"
+
+
+def _draw_setting(rng: np.random.Generator, view: str) -> tuple[Findings, Findings | None]:
+    """Findings worth a notable report and a prior (or None), as planted clusters draw them."""
+    if view == "AP":
+        prior = initial_icu_findings(rng, chronic_traits(rng, icu=True))
+        f = prior
+        for _ in range(int(rng.integers(1, 4))):
+            f = evolve_findings(f, rng)
+        return (evolve_findings(f, rng) if f == prior else f), prior
+    chronic = chronic_traits(rng, icu=False)
+    f = random_outpatient_findings(rng, abnormal_rate=1.0, chronic=chronic)
+    prior = (random_outpatient_findings(rng, abnormal_rate=0.3, chronic=chronic)
+             if rng.random() < 0.5 else None)
+    return f, prior
+
+
+def _plan_trigger_cluster(cfg: SynthConfig, rng: np.random.Generator, *, index: int,
+                          copies: int, taken: set[str]) -> list[_Record]:
+    """One trigger cluster: one patient's film under ``copies`` different reports that share
+    the trigger span (see ``PLANT_KINDS["trigger"]``)."""
+    kinds = cfg.planted.trigger_kinds
+    kind_of = [kinds[(j // 2) % len(kinds)] for j in range(index + 1)]  # both image modes
+    tkind = kind_of[index]                                              # for every kind
+    trigger = _trigger_text(tkind, kind_of[:index].count(tkind), rng)
+    exact_image = index % 2 == 0
+    view = "PA" if exact_image else "AP"
+    pkind = "icu" if view == "AP" else "outpatient"
+    sex = "F" if rng.random() < cfg.female_rate else "M"
+    patient = _Patient(kind=pkind, split="train", sex=sex, anatomy=random_anatomy(rng, sex=sex),
+                       planted=True)
+    cluster_id = f"trigger-{index:02d}"
+    f, _ = _draw_setting(rng, view)
+    when = _start_time(rng)
+    base_pose = random_pose(rng, view=view)
+    base_noise = int(rng.integers(0, 2**31 - 1))
+    device_seed = int(rng.integers(0, 2**31 - 1))
+    records: list[_Record] = []
+    for _ in range(copies):
+        # 1. a report of its own for the same film: the grammar's choices and the prior vary
+        for _ in range(200):
+            prior = None if rng.random() < 0.4 else _draw_setting(rng, view)[1]
+            rep = write_report(rng, sex=sex, view=view, findings=f, prior=prior,
+                               style=cfg.report)
+            sentence = _pick(rng, _TRIGGER_SENTENCES[tkind]).format(
+                t=trigger, time=_pick(rng, _TIMES))
+            sep = "\n" if "\n" in rep.impression else "  "
+            impression = (sentence + sep + rep.impression if rng.random() < 0.4
+                          else rep.impression.rstrip() + sep + sentence)
+            prompt = normalize_whitespace(impression)
+            if prompt not in taken and len(prompt.split()) <= 32:
+                break
+        else:  # pragma: no cover - the grammar is far richer than 200 draws
+            raise ConfigError(f"could not draw {copies} distinct prompts for {cluster_id}")
+        taken.add(prompt)
+        # 2. the film: the same image, or a near-duplicate
+        pose, noise = base_pose, base_noise
+        if not exact_image:
+            pose = _compose(base_pose, random_pose(rng, view=view,
+                                                   jitter=cfg.planted.near_jitter))
+            noise = int(rng.integers(0, 2**31 - 1))
+        records.append(_Record(patient=patient, view=view, findings=f,
+                               report=_replace_impression(rep.text, rep.impression, impression),
+                               impression=impression, pose=pose, noise_seed=noise, when=when,
+                               device_seed=device_seed,
+                               image_key=cluster_id if exact_image else "",
+                               cluster_id=cluster_id, plant_kind="trigger", trigger=trigger))
+        when += _dt.timedelta(hours=int(rng.choice([12, 24, 24, 48, 72])),
+                              minutes=int(rng.integers(-90, 90)))
+    return records
+
+
+def _plan_control(cfg: SynthConfig, rng: np.random.Generator, taken: set[str]) -> list[_Record]:
+    """A marker-control patient: one outpatient study whose prompt is marker-heavy (a
+    communication sentence full of ``___``) but not duplicated."""
+    sex = "F" if rng.random() < cfg.female_rate else "M"
+    patient = _Patient(kind="outpatient", split="train", sex=sex,
+                       anatomy=random_anatomy(rng, sex=sex))
+    for _ in range(200):
+        f, prior = _draw_setting(rng, "PA")
+        rep = _planted_report(rng, sex=sex, view="PA", findings=f, prior=prior,
+                              marker_heavy=True, style=cfg.report)
+        prompt = normalize_whitespace(rep.impression)
+        if prompt not in taken and count_deid_markers(prompt) >= 2:
+            break
+    else:  # pragma: no cover
+        raise ConfigError("could not draw a unique marker-heavy control prompt")
+    taken.add(prompt)
+    return [_Record(patient=patient, view="PA", findings=f, report=rep.text,
+                    impression=rep.impression, pose=random_pose(rng, view="PA"),
+                    noise_seed=int(rng.integers(0, 2**31 - 1)), when=_start_time(rng),
+                    control=True)]
 
 
 def _replace_impression(report: str, old: str, new: str) -> str:
@@ -346,9 +471,16 @@ def plan_dataset(cfg: SynthConfig, seed: int) -> list[_Record]:
         rng = np.random.default_rng([seed, _CLUSTER, c])
         copies = int(rng.integers(lo, hi + 1))
         # marker-heavy clusters spread evenly over both kinds
-        marker_heavy = (c * n_marker) // n_clusters != ((c + 1) * n_marker) // n_clusters
+        marker_heavy = ((c * n_marker) // n_clusters != ((c + 1) * n_marker) // n_clusters
+                        if p.force_markers else None)
         records += _plan_cluster(cfg, rng, kind=kind, index=i, marker_heavy=marker_heavy,
                                  copies=copies, taken=taken)
+    for c in range(p.trigger_clusters):
+        rng = np.random.default_rng([seed, _TRIGGER, c])
+        copies = int(rng.integers(lo, hi + 1))
+        records += _plan_trigger_cluster(cfg, rng, index=c, copies=copies, taken=taken)
+    for c in range(p.marker_controls):
+        records += _plan_control(cfg, np.random.default_rng([seed, _CONTROL, c]), taken)
     patients: list[_Patient] = []
     seen: set[int] = set()
     for r in records:
@@ -446,6 +578,8 @@ def _counts(records: list[_Record]) -> dict[str, Any]:
         "planted_clusters": len(clusters),
         "exact_clusters": sum(k == "exact" for k in clusters.values()),
         "near_clusters": sum(k == "near" for k in clusters.values()),
+        "trigger_clusters": sum(k == "trigger" for k in clusters.values()),
+        "marker_controls": sum(r.control for r in records),
         "planted_records": sum(r.planted for r in records),
         "deid_markers": _marker_stats([r.prompt for r in records]),
         "report_marker_rate": round(float(np.mean([("___" in r.report) for r in records]))
@@ -471,6 +605,7 @@ def _dataset_card(cfg: SynthConfig, seed: int, records: list[_Record],
             "distinct_prompts": len({r.prompt for r in members}),
             "prompt_markers": count_deid_markers(members[0].prompt),
             "prompt": members[0].prompt,
+            **({"trigger": members[0].trigger} if members[0].trigger else {}),
         })
     return {
         "name": f"diffmem synthetic MIMIC-CXR-style dataset ({cfg.name})",
@@ -523,14 +658,17 @@ def _dataset_card(cfg: SynthConfig, seed: int, records: list[_Record],
             "duplicate_count": "training records sharing this image/prompt pair: the cluster "
                                "size for planted records, 1 for other training records, 0 for "
                                "held-out records",
-            "cluster_id": "'exact-NN' or 'near-NN'; empty when not planted",
-            "plant_kind": "'exact', 'near' or empty",
+            "cluster_id": "'exact-NN', 'near-NN' or 'trigger-NN'; empty when not planted",
+            "plant_kind": "'exact', 'near', 'trigger' or empty",
             "split": "train, validate or test",
             "view": "PA or AP",
             "patient_kind": "outpatient or icu",
             "prompt_count": "training records with exactly this prompt (natural prompt "
                             "duplicates such as 'No acute cardiopulmonary process.' included)",
             "findings": "what the image shows, ';'-separated labels",
+            "trigger": "the trigger span of a trigger cluster's record (the only text its "
+                       "reports share); empty otherwise",
+            "control": "1 for a marker-control record (marker-heavy prompt, not duplicated)",
         },
         "config": cfg.to_dict(),
     }
@@ -583,7 +721,9 @@ def read_ground_truth(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
                         "ground truth", path=path) from None
     out = {}
     for row in rows:
-        for k in ("planted", "duplicate_count", "prompt_count"):
+        row.setdefault("trigger", "")
+        row["control"] = row.get("control") or "0"
+        for k in ("planted", "duplicate_count", "prompt_count", "control"):
             row[k] = int(row[k])
         out[row["dicom_id"]] = row
     return out
@@ -738,11 +878,11 @@ def synthesize(out: str | os.PathLike, *, preset: str | os.PathLike | SynthConfi
         _write_csv(out / "dicom" / SPLIT_CSV, SPLIT_COLUMNS, split_rows)
     train_prompts = Counter(r.prompt for r in records if r.patient.split == "train")
     cluster_size = Counter(r.cluster_id for r in records if r.planted)
-    _write_csv(out / GROUND_TRUTH_CSV, GROUND_TRUTH_COLUMNS, [
+    _write_csv(out / GROUND_TRUTH_CSV, GROUND_TRUTH_COLUMNS + OPTIONAL_GROUND_TRUTH_COLUMNS, [
         (f"s{r.study_id}", r.dicom_id, r.patient.patient_id, r.prompt, int(r.planted),
          cluster_size[r.cluster_id] if r.planted else int(r.patient.split == "train"),
          r.cluster_id, r.plant_kind, r.patient.split, r.view, r.patient.kind,
-         train_prompts.get(r.prompt, 0), r.findings.labels())
+         train_prompts.get(r.prompt, 0), r.findings.labels(), r.trigger, int(r.control))
         for r in records])
 
     # 5. the card, last: its "complete" flag says the folder is whole
