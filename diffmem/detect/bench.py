@@ -268,9 +268,7 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
     -------
     BenchResult
     """
-    from diffmem.detect.detector import DetectionConfig, _quiet_truncation, detect
-    from diffmem.detect.evaluate import evaluate
-    from diffmem.detect.scores import default_guidance, noise_magnitude
+    from diffmem.detect.detector import DetectionConfig, detect
     from diffmem.models import load_model
 
     scenario = load_scenario(scenario)
@@ -320,6 +318,49 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
     # 3. the reference protocol on a subset of the same prompts
     ref = scenario.reference
     n_ref = int(ref["max_prompts"] if reference_prompts is None else reference_prompts)
+    reference, speed_ratio = _reference_protocol(adapter, main, result, config, ref, n_ref)
+
+    # 4. sizes, seeds, machine
+    dataset_counts = {"train": 0, "validate": 0, "test": 0, **dataset.split_counts()}
+    sizes = {"train_images": dataset_counts["train"],
+             "heldout_images": dataset_counts["validate"] + dataset_counts["test"],
+             "prompts": len(main), "planted_prompts": sum(p.label == 1 for p in main),
+             "model_parameters": int(sum(p.numel() for p in adapter.unet.parameters()) +
+                                     sum(p.numel() for p in adapter.text_encoder.parameters())),
+             "image_size": adapter.image_size}
+    seeds = {"data": scenario.data.get("seed"), "model": scenario.model.get("seed"),
+             "detect": config.seed}
+    verdicts = {k: result.rates[k] for k in ("planted", "not_planted", "unrelated",
+                                             "unconditional") if k in result.rates}
+    if result.threshold is not None:
+        verdicts["threshold"] = result.threshold.to_dict()
+    bench = BenchResult(
+        scenario=scenario, machine={**machine_info(), "device": str(adapter.device),
+                                    "dtype": str(adapter.dtype).replace("torch.", "")},
+        sizes=sizes, seeds=seeds, scores=scores,
+        verdicts=verdicts, reference=reference, speed_ratio=speed_ratio,
+        wall_seconds={"train": round(train_seconds, 1), "detect": round(detect_seconds, 1),
+                      "reference": None if reference is None else reference["seconds"],
+                      "total": round(time.perf_counter() - started, 1)},
+        paths={"data": str(data_path), "model": str(model_path), "out": str(run_dir)},
+        detection=result, two_stage=two_stage)
+    try:
+        from diffmem.utils import write_json
+
+        write_json(Path(out) / "bench.json", bench.to_dict())
+    except OSError as e:
+        raise OutputError(f"cannot write {Path(out) / 'bench.json'}: {e.strerror}") from None
+    return bench
+
+
+def _reference_protocol(adapter: Any, main: list, result: Any, config: Any,
+                        ref: dict[str, Any], n_ref: int) -> tuple[dict | None, float | None]:
+    """The reference protocol (each prompt alone, several generations and steps) on a labelled
+    subset of ``main``: its AUC and speed beside the fast batched score of the same prompts."""
+    from diffmem.detect.detector import _quiet_truncation
+    from diffmem.detect.evaluate import evaluate
+    from diffmem.detect.scores import default_guidance, noise_magnitude
+
     reference = None
     speed_ratio = None
     labelled = [p for p in main if p.label is not None]
@@ -358,38 +399,7 @@ def bench_detect(scenario: str | os.PathLike | Scenario = "demo", *, model: Any 
         fast_pps = (result.timings.get("noise_magnitude") or {}).get("prompts_per_second")
         if fast_pps:
             speed_ratio = round(fast_pps / reference["prompts_per_second"], 1)
-
-    # 4. sizes, seeds, machine
-    dataset_counts = {"train": 0, "validate": 0, "test": 0, **dataset.split_counts()}
-    sizes = {"train_images": dataset_counts["train"],
-             "heldout_images": dataset_counts["validate"] + dataset_counts["test"],
-             "prompts": len(main), "planted_prompts": sum(p.label == 1 for p in main),
-             "model_parameters": int(sum(p.numel() for p in adapter.unet.parameters()) +
-                                     sum(p.numel() for p in adapter.text_encoder.parameters())),
-             "image_size": adapter.image_size}
-    seeds = {"data": scenario.data.get("seed"), "model": scenario.model.get("seed"),
-             "detect": config.seed}
-    verdicts = {k: result.rates[k] for k in ("planted", "not_planted", "unrelated",
-                                             "unconditional") if k in result.rates}
-    if result.threshold is not None:
-        verdicts["threshold"] = result.threshold.to_dict()
-    bench = BenchResult(
-        scenario=scenario, machine={**machine_info(), "device": str(adapter.device),
-                                    "dtype": str(adapter.dtype).replace("torch.", "")},
-        sizes=sizes, seeds=seeds, scores=scores,
-        verdicts=verdicts, reference=reference, speed_ratio=speed_ratio,
-        wall_seconds={"train": round(train_seconds, 1), "detect": round(detect_seconds, 1),
-                      "reference": None if reference is None else reference["seconds"],
-                      "total": round(time.perf_counter() - started, 1)},
-        paths={"data": str(data_path), "model": str(model_path), "out": str(run_dir)},
-        detection=result, two_stage=two_stage)
-    try:
-        from diffmem.utils import write_json
-
-        write_json(Path(out) / "bench.json", bench.to_dict())
-    except OSError as e:
-        raise OutputError(f"cannot write {Path(out) / 'bench.json'}: {e.strerror}") from None
-    return bench
+    return reference, speed_ratio
 
 
 def _two_stage_row(adapter: Any, dataset: Any, run_dir: Path, config: Any, exhaustive: Any,
