@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,13 @@ def read_preset_json(name_or_path: str | os.PathLike, folder: str | os.PathLike,
         raise ConfigError(f"{kind} preset file {str(path)!r} must hold a JSON object, "
                           f"got {type(data).__name__}")
     return path.stem, path, data
+
+
+def preset_dict(preset: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """A preset dataclass as a JSON-ready dict: ``name`` plus the fields ``keys`` (mappings
+    deep-copied through JSON, so the dict can be changed without touching the preset)."""
+    d: dict[str, Any] = {"name": preset.name}
+    for key in keys:
+        value = getattr(preset, key)
+        d[key] = json.loads(json.dumps(value)) if isinstance(value, Mapping) else value
+    return d

@@ -29,7 +29,6 @@ Built-in presets: ``tiny`` (tests), ``demo`` (CPU, 32 px pixel space) and ``base
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import ConfigError, ModelError
-from diffmem.presets import preset_names, read_preset_json
+from diffmem.presets import preset_dict, preset_names, read_preset_json
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +78,7 @@ class PipelinePreset:
 
     def to_dict(self) -> dict[str, Any]:
         """The preset as a JSON-ready dict (the file's fields plus ``name``)."""
-        d = {"name": self.name}
-        for key in _KEYS:
-            value = getattr(self, key)
-            d[key] = json.loads(json.dumps(value)) if isinstance(value, Mapping) else value
-        return d
+        return preset_dict(self, _KEYS)
 
 
 def list_presets() -> list[str]:

@@ -31,7 +31,6 @@ minutes on the synthetic demo set). Any JSON file of the same shape loads by pat
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from typing import Any
 
 from diffmem.checks import check_int
 from diffmem.errors import ConfigError
-from diffmem.presets import preset_names, read_preset_json
+from diffmem.presets import preset_dict, preset_names, read_preset_json
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 _KEYS = ("description", "image_size", "model", "tokenizer", "training", "augment")
@@ -77,11 +76,7 @@ class EncoderPreset:
 
     def to_dict(self) -> dict[str, Any]:
         """The preset as a JSON-ready dict (the file's fields plus ``name``)."""
-        d: dict[str, Any] = {"name": self.name}
-        for key in _KEYS:
-            value = getattr(self, key)
-            d[key] = json.loads(json.dumps(value)) if isinstance(value, Mapping) else value
-        return d
+        return preset_dict(self, _KEYS)
 
 
 def list_presets() -> list[str]:

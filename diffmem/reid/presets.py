@@ -32,7 +32,6 @@ Built-in presets: ``tiny`` (tests), ``demo`` (CPU, minutes on the synthetic demo
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import ConfigError
-from diffmem.presets import preset_names, read_preset_json
+from diffmem.presets import preset_dict, preset_names, read_preset_json
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 _KEYS = ("description", "image_size", "backbone", "embed_dim", "training", "augment")
@@ -75,11 +74,7 @@ class ReIDPreset:
 
     def to_dict(self) -> dict[str, Any]:
         """The preset as a JSON-ready dict (the file's fields plus ``name``)."""
-        d: dict[str, Any] = {"name": self.name}
-        for key in _KEYS:
-            value = getattr(self, key)
-            d[key] = json.loads(json.dumps(value)) if isinstance(value, Mapping) else value
-        return d
+        return preset_dict(self, _KEYS)
 
 
 def list_presets() -> list[str]:
