@@ -42,7 +42,7 @@ import numpy as np
 
 from diffmem.attribution.markers import DEID_KINDS, MarkerTally, Span, segment, split_pieces
 from diffmem.checks import as_adapter, check_int
-from diffmem.data.prompts import TABLE_SUFFIXES, iter_prompts, table_columns
+from diffmem.data.prompts import TABLE_SUFFIXES, check_prompt, iter_prompts, table_columns
 from diffmem.errors import ConfigError, DataError, OutputError, PromptError
 from diffmem.utils import (check_outside, disk_full_error, is_disk_full, prepare_out_dir, progress,
                            write_json)
@@ -180,19 +180,6 @@ def iter_source(source: str | os.PathLike, *, split: str | None = "train",
                             "prompt is blank): give at least one prompt", path=path)
 
     return stream(), info
-
-
-def check_prompt(text: str, where: str, *, path: str | os.PathLike | None = None) -> None:
-    """Refuse a prompt with a NUL byte (a binary file or a broken export), naming ``where``.
-
-    Raises
-    ------
-    DataError
-    """
-    if "\x00" in text:
-        raise DataError(f"{where} holds a NUL byte (\\x00), which no report text has: is this a "
-                        "binary file? Give a UTF-8 text file with one prompt per line (or strip "
-                        "the NUL bytes, e.g. tr -d '\\000')", path=path)
 
 
 # ---------------------------------------------------------------------------- distinct prompts

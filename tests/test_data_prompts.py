@@ -73,3 +73,13 @@ def test_bad_prompts_files(tmp_path):
 def _latin(path):
     path.write_bytes(b"prompt\nok\n\xe9panchement\n")
     return path
+
+
+def test_a_nul_byte_is_refused_naming_the_line(tmp_path):
+    """detect --prompts and scan read files through the same reader, so both refuse NUL."""
+    from diffmem.data.prompts import read_prompts as read_for_detect
+
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"No acute process.\nMild\x00 edema.\n")
+    with pytest.raises(DataError, match=r"p.txt: line 2 holds a NUL byte"):
+        read_for_detect(path)

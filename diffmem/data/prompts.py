@@ -29,7 +29,7 @@ from diffmem.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROMPT_COLUMNS", "TABLE_SUFFIXES", "iter_prompts", "read_prompts", "table_columns"]
+__all__ = ["PROMPT_COLUMNS", "TABLE_SUFFIXES", "check_prompt", "iter_prompts", "read_prompts", "table_columns"]
 
 #: Column names that hold the prompts of a table, in order of preference.
 PROMPT_COLUMNS = ("prompt", "text", "caption")
@@ -135,6 +135,19 @@ def table_columns(path: str | os.PathLike) -> list[str]:
     return []
 
 
+def check_prompt(text: str, where: str, *, path: str | os.PathLike | None = None) -> None:
+    """Refuse a prompt with a NUL byte (a binary file or a broken export), naming ``where``.
+
+    Raises
+    ------
+    DataError
+    """
+    if "\x00" in text:
+        raise DataError(f"{where} holds a NUL byte (\\x00), which no report text has: is this a "
+                        "binary file? Give a UTF-8 text file with one prompt per line (or strip "
+                        "the NUL bytes, e.g. tr -d '\\000')", path=path)
+
+
 def _lines(path: Path, *, keep_ends: bool = False) -> Iterator[tuple[int, str]]:
     """Decoded lines of a UTF-8 file, streamed (a byte-order mark removed; line ends removed
     unless ``keep_ends``)."""
@@ -155,6 +168,7 @@ def _lines(path: Path, *, keep_ends: bool = False) -> Iterator[tuple[int, str]]:
                 raise DataError(f"line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
                                 f"column {e.start + 1}); save the file as UTF-8 (e.g. iconv -f "
                                 "latin1 -t utf-8)", path=path) from None
+            check_prompt(text, f"line {n}", path=path)
             yield n, text if keep_ends else text.rstrip("\r\n")
 
 
