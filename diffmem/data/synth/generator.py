@@ -47,7 +47,7 @@ from diffmem.data.synth.findings import (Findings, chronic_traits, evolve_findin
                                          initial_icu_findings, random_outpatient_findings)
 from diffmem.data.synth.reports import _TIMES, ReportStyle, _pick, format_report, write_report
 from diffmem.errors import ConfigError, OutputError
-from diffmem.utils import prepare_out_dir, progress, write_json
+from diffmem.utils import holds_files, prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +532,7 @@ def _prepare(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and holds_files(out):
         if not overwrite:
             raise OutputError(f"output folder {str(out)!r} exists and is not empty; choose a new "
                               "folder, or pass overwrite=True (--overwrite) to replace the "
