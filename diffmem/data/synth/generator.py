@@ -674,6 +674,12 @@ def _dataset_card(cfg: SynthConfig, seed: int, records: list[_Record],
     }
 
 
+def ground_truth_path(root: str | os.PathLike) -> Path:
+    """``root/ground_truth.csv`` for a dataset folder, ``root`` itself for a file."""
+    path = Path(root)
+    return path / GROUND_TRUTH_CSV if path.is_dir() else path
+
+
 def read_ground_truth(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Read a synthetic dataset's ``ground_truth.csv``, keyed by image id (``dicom_id``).
 
@@ -705,9 +711,7 @@ def read_ground_truth(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """
     from diffmem.errors import DataError
 
-    path = Path(root)
-    if path.is_dir():
-        path = path / GROUND_TRUTH_CSV
+    path = ground_truth_path(root)
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
