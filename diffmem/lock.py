@@ -160,13 +160,9 @@ def _open_locked(path: Path, *, create: bool) -> int | None:
     for attempt in range(_RETRIES + 1):
         try:
             fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-        except FileNotFoundError:
-            if not create:
-                return None
-            raise
         except OSError as e:
             if not create:
-                return None  # unreadable: the real claim will say why
+                return None  # no lock file (or none readable: the claim will say why)
             raise OutputError(f"cannot create the lock file {str(path)!r} ({e.strerror}); "
                               "choose a writable --out") from None
         try:
