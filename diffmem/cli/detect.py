@@ -32,6 +32,11 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", metavar="FILE",
                    help="prompts to scan: one per line, or a .csv/.jsonl table with a 'prompt' "
                         "column (default: the training split's unique prompts)")
+    p.add_argument("--ground-truth", metavar="FILE",
+                   help="labels to score the detection against (AUC, TPR at 1%% FPR): a CSV "
+                        "with a key column (study_id or dicom_id, with --data; or prompt) and a "
+                        "0/1 column (memorized, label or planted). Default: DATA/ground_truth.csv "
+                        "when it has that shape")
     p.add_argument("--methods", default="noise,attention,nn",
                    help="comma-separated: noise, attention, nn (default all)")
     p.add_argument("--generations", type=int, default=1,
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = detect(args.model, args.data, args.out, config=config, prompts=args.prompts,
                     calibration=args.calibration, reference=args.reference,
+                    ground_truth=args.ground_truth,
                     command=["diffmem", *sys.argv[1:]], **device)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -141,9 +147,12 @@ def format_summary(result) -> str:
                 lines.append(f"copies from {kind} prompts: {r['copies']} of {r['generations']} "
                              f"generation(s)" + (f" (studies {', '.join(r['copied_studies'][:5])})"
                                                  if r["copies"] else ""))
+    if result.labels is not None and result.evaluations:
+        lines.append(f"scored against {result.labels.get('file') or 'the given labels'} "
+                     f"({result.labels['key']} -> {result.labels['column']})")
     for name, ev in result.evaluations.items():
         lines.append(f"{name:18s} AUC {ev.auc:.3f}  TPR@1%FPR {ev.tpr_at_1pct_fpr:.3f}  "
-                     f"(planted {ev.n_pos}, not planted {ev.n_neg})")
+                     f"(memorized {ev.n_pos}, not {ev.n_neg})")
     for key in ("planted", "not_planted"):
         r = result.rates.get(key)
         if r:

@@ -323,7 +323,10 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
         Held-out real images for the threshold (a dataset, or a folder of PNG/JPEG/DICOM
         files) instead of the data's validate/test splits.
     ground_truth : path or mapping, optional
-        Planted labels (default: ``DATA/ground_truth.csv`` when present).
+        Labels to score the run against (AUC, TPR at low FPR): a CSV keyed by ``study_id``,
+        ``dicom_id`` or ``prompt`` with a 0/1 ``memorized``, ``label`` or ``planted`` column
+        (:mod:`diffmem.detect.labels`). Default: ``DATA/ground_truth.csv`` when present and of
+        that shape (one that is not is skipped with a warning).
     command : str or sequence, optional
         The command line, recorded in the store.
     device, dtype : str, optional
@@ -380,8 +383,9 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
         adapter = load_model(model, device=resolve_device(device, process_device=state.device),
                              dtype=dtype)
     train_set = None if dataset is None else dataset.subset(split="train")
-    warnings = (mismatch_warnings(adapter, model_source, train_set, inputs.train_map)
-                if train_set is not None else [])
+    warnings = ([] if inputs.label_source is None else list(inputs.label_source.warnings)) + (
+        mismatch_warnings(adapter, model_source, train_set, inputs.train_map)
+        if train_set is not None else [])
     model_fp = adapter.fingerprint()
     data_fp = (reference_fingerprint(inputs.reference) if inputs.reference is not None
                else train_set.fingerprint() if train_set is not None else "")
@@ -427,6 +431,8 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
                              null_similarities=null, timings=timings,
                              model_fingerprint=model_fp, data_fingerprint=data_fp, out=out,
                              warnings=warnings, world_size=world,
+                             labels=None if inputs.label_source is None
+                             else inputs.label_source.source or None,
                              screen=plan if plan is not None or "nn" not in config.methods
                              else ScreenPlan("all", "none", len(_main(items)), audit_copies=0))
     _evaluate(result)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffmem.data.prompts import read_prompts
+from diffmem.detect.labels import Labels, resolve_labels
 from diffmem.detect.verdicts import NO_HELDOUT
 from diffmem.errors import DataError, OutputError
 from diffmem.store import prompt_hash
@@ -47,44 +48,26 @@ def training_prompts(dataset: Any) -> dict[str, list[str]]:
 
 def prompt_labels(dataset: Any, ground_truth: str | os.PathLike | Mapping | None = None,
                   ) -> dict[str, int] | None:
-    """Planted label of each training prompt: 1 when any of its training images is a planted
-    duplicate.
+    """Label of each training prompt: 1 when any of its training images (or studies) is
+    labelled memorized (a planted duplicate in ``diffmem synth``'s ground truth).
 
     Parameters
     ----------
-    dataset : CXRDataset
+    dataset : CXRDataset or None
     ground_truth : path or mapping, optional
-        A ``ground_truth.csv`` (or its folder) as written by ``diffmem synth``, or its rows
-        keyed by image id (:func:`diffmem.data.synth.read_ground_truth`). Default: the
-        dataset folder's ``ground_truth.csv`` when there is one.
+        A labels file (:mod:`diffmem.detect.labels`: ``diffmem synth``'s ``ground_truth.csv``
+        or a user's CSV keyed by ``study_id``, ``dicom_id`` or ``prompt`` with a 0/1
+        ``memorized``/``label``/``planted`` column), or synth's rows keyed by image id
+        (:func:`diffmem.data.synth.read_ground_truth`). Default: the dataset folder's
+        ``ground_truth.csv`` when there is one and it fits.
 
     Returns
     -------
     dict or None
-        ``prompt -> 0/1``; None when there is no ground truth.
+        ``prompt -> 0/1``; None when there is no (fitting) ground truth.
     """
-    from diffmem.data.synth import read_ground_truth
-
-    if ground_truth is None:
-        if not (Path(dataset.root) / "ground_truth.csv").is_file():
-            return None
-        ground_truth = dataset.root
-    truth = ground_truth if isinstance(ground_truth, Mapping) else read_ground_truth(ground_truth)
-    labels: dict[str, int] = {}
-    missing = 0
-    for s in dataset:
-        if s.split != "train":
-            continue
-        row = truth.get(s.image_id)
-        if row is None:
-            missing += 1
-            continue
-        labels[s.prompt] = max(labels.get(s.prompt, 0), int(row["planted"]))
-    if missing:
-        log.warning("ground truth has no row for %d training image(s); their prompts count as "
-                    "not planted", missing)
-    return labels
-
+    labels = resolve_labels(dataset, ground_truth)
+    return None if labels is None else labels.by_prompt
 
 
 # ---------------------------------------------------------------------------- work items
@@ -263,7 +246,7 @@ class DetectInputs:
     train_map : dict
         Training prompt -> study ids (empty without data).
     labels : dict or None
-        Planted labels.
+        Prompt -> 0/1 labels (:mod:`diffmem.detect.labels`).
     items : list of WorkItem
     heldout : Any
         Held-out images for the threshold (None without ``nn`` or with a fixed threshold).
@@ -278,6 +261,7 @@ class DetectInputs:
     items: list[WorkItem]
     heldout: Any
     roots: list[Path]
+    label_source: Labels | None = None
 
 
 def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, ground_truth: Any,
@@ -305,13 +289,16 @@ def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, grou
             raise DataError(NO_REFERENCE)
         ref = reference_images(reference) if reference is not None else _train_split(dataset)
     train_map = training_prompts(dataset) if dataset is not None else {}
-    labels = prompt_labels(dataset, ground_truth) if dataset is not None else None
+    found = resolve_labels(dataset, ground_truth)
+    labels = None if found is None else found.by_prompt
     items = work_items(dataset, train_map, labels, prompts, config)
+    if found is not None:
+        found.check_scanned([it.prompt for it in items if it.kind in ("train", "prompt")])
     heldout = heldout_images(dataset, calibration, config) if ref is not None else None
     roots = [Path(x.root if isinstance(x, CXRDataset) else x) for x in (data, reference,
                                                                            calibration)
              if x is not None and (isinstance(x, (str, os.PathLike, CXRDataset)))]
-    return DetectInputs(dataset, ref, train_map, labels, items, heldout, roots)
+    return DetectInputs(dataset, ref, train_map, labels, items, heldout, roots, found)
 
 
 def mismatch_warnings(adapter: Any, model_source: Path | None, train_set: Any,

@@ -190,6 +190,9 @@ class DetectionResult:
     screen : ScreenPlan or None
         The confirmation policy of the ``nn`` verdicts (two-stage: flagged, audit, bound,
         widening; or ``all``); None without ``nn``.
+    labels : dict or None
+        Where the labels of ``evaluations`` came from (``file``, ``key``, ``column``,
+        ``rows``); None without labels.
     """
 
     prompts: list[PromptResult]
@@ -206,6 +209,7 @@ class DetectionResult:
     warnings: list[str] = field(default_factory=list)
     world_size: int = 1
     screen: Any = None
+    labels: dict[str, Any] | None = None
 
     def of_kind(self, *kinds: str) -> list[PromptResult]:
         return [p for p in self.prompts if p.kind in kinds]
@@ -226,6 +230,7 @@ class DetectionResult:
             "memorized": {kind: sum(bool(p.memorized) for p in self.of_kind(kind))
                           for kind in counts},
             "threshold": None if self.threshold is None else self.threshold.to_dict(),
+            "labels": None if self.labels is None else dict(self.labels),
             "evaluations": {k: v.to_dict(curve=False) for k, v in self.evaluations.items()},
             "rates": dict(self.rates),
             "timings": dict(self.timings),

@@ -36,7 +36,7 @@ from diffmem.report.risk import assess_risk
 from diffmem.report.sections import (METHODS, REFERENCES, attribution_facts, dataset_facts,
                                      detection_facts, jsonable, mitigation_facts,
                                      reproducibility, study_facts, summary_facts)
-from diffmem.utils import prepare_out_dir, write_json, write_text_atomic
+from diffmem.utils import holds_files, prepare_out_dir, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def _is_report_folder(folder: Path) -> bool:
 
 
 def _prepare_out(out: Path, *, overwrite: bool, inputs: list[Path]) -> Path:
-    if out.is_dir() and any(out.iterdir()) and not overwrite and not _is_report_folder(out):
+    if out.is_dir() and holds_files(out) and not overwrite and not _is_report_folder(out):
         raise OutputError(
             f"output folder {str(out)!r} exists and is not a previous report (it holds no "
             f"{REPORT_JSON} written by `diffmem report`); choose a new folder, or pass "
