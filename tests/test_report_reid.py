@@ -126,3 +126,26 @@ def test_cli_reid_eval_option(model, data, detect_dir, tmp_path, capsys):
                  str(detect_dir), "--out", str(tmp_path / "r2"), "--reid-eval",
                  str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_mitigation_table_shows_the_reid_rate(model, data, detect_dir, tmp_path):
+    summary = json.loads((detect_dir / "summary.json").read_text())
+    folder = tmp_path / "mitigate"
+    folder.mkdir()
+    cols = ["method", "strength", "prompt_set", "n_prompts", "n_generations",
+            "memorization_rate", "prompt_memorization_rate", "reid_rate", "prompt_reid_rate",
+            "mean_nn_similarity", "noise_magnitude", "fid_in_domain", "alignment",
+            "seconds_per_image", "pareto"]
+    rows = [["none", 0, "control", 2, 4, 0.0, 0.0, 0.75, 1.0, 0.3, 0.5, 9.0, 0.2, 0.1, "true"],
+            ["guidance_delay", 0.5, "control", 2, 4, 0.0, 0.0, 0.25, 0.5, 0.2, 0.5, 9.5, 0.2,
+             0.1, "true"]]
+    (folder / "mitigations.csv").write_text("\n".join(",".join(map(str, r))
+                                                      for r in [cols] + rows) + "\n")
+    (folder / "summary.json").write_text(json.dumps({
+        "model_fingerprint": summary["model_fingerprint"],
+        "data_fingerprint": summary["data_fingerprint"]}))
+    result = build_report(tmp_path / "r", model=model, data=data, detect=detect_dir,
+                          mitigate=folder, images="omit")
+    html = result.html.read_text(encoding="utf-8")
+    assert "<th>reid rate</th>" in html and "<td class=\"n\">0.75</td>" in html
+    assert json.loads(result.json.read_text())["mitigation"]["reid"] is True

@@ -28,7 +28,9 @@ generations -> nearest training images -> calibrated copy verdicts -> results st
    (:mod:`diffmem.reid.verdicts`: max over that patient's studies, after Packhäuser et al.,
    Sci. Rep. 2022, used on generations as Dutt et al. do); it **re-identifies** the patient when
    the re-ID score is above a threshold calibrated like the copy threshold, on held-out
-   patients' images; a prompt is **patient-leaking** when any of its generations does;
+   patients' images; a prompt is **patient-leaking** when any of its generations does. In a
+   two-stage run re-ID judges the generations stage 2 made (flagged, audited, unrelated and
+   empty prompts); the audit's bound and its widening rule are about copies only;
 5. **write** ``scores.csv``, ``copies.csv`` (and ``reidentified.csv``), ``summary.json``,
    ``results.json`` and figures.
 

@@ -344,7 +344,7 @@ def read_scan(folder: str | os.PathLike) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- mitigate
 _MITIGATION_NUMBERS = ("strength", "n_prompts", "n_generations", "memorization_rate",
-                       "mean_nn_similarity", "noise_magnitude", "fid_in_domain", "alignment",
+                       "reid_rate", "prompt_reid_rate", "mean_nn_similarity", "noise_magnitude", "fid_in_domain", "alignment",
                        "seconds_per_image")
 
 

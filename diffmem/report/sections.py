@@ -346,7 +346,8 @@ def mitigation_facts(mit: dict[str, Any]) -> dict[str, Any]:
             "notes": [str(n) for n in (s.get("notes") or [])] if isinstance(
                 s.get("notes"), list) else ([str(s["notes"])] if s.get("notes") else []),
             "threshold": s.get("threshold"), "encoder": s.get("encoder"),
-            "seconds": s.get("seconds"), "config": s.get("config")}
+            "seconds": s.get("seconds"), "config": s.get("config"),
+            "reid": any(r.get("reid_rate") is not None for r in mit["rows"])}
 
 
 def study_facts(study: dict[str, Any]) -> dict[str, Any]:
