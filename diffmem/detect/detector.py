@@ -65,7 +65,6 @@ from diffmem.detect.inputs import (
     prompt_labels,
     reference_fingerprint,
     reid_fix,
-    reid_inputs,
     training_prompts,
 )
 from diffmem.detect.neighbors import nearest_neighbors, one_blas_thread
@@ -377,8 +376,8 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
     ------
     DataError
         Data without a training split; a prompts file with non-UTF-8 bytes or no prompt;
-        ``nn`` without held-out images and without ``threshold`` ("pass --calibration DIR or
-        --threshold").
+        ``nn`` without held-out images or ``threshold`` ("pass --calibration DIR or
+        --threshold"); ``reid`` on data without patient ids (naming ``--patient-from``).
     OutputError
         An output folder that cannot be written or lies inside the data.
     ConfigError, ModelError
@@ -389,7 +388,6 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
     model_source = None if not isinstance(model, (str, os.PathLike)) else Path(model)
     inputs = check_inputs(data, reference, prompts, calibration, ground_truth, config)
     dataset, items = inputs.dataset, inputs.items
-    reid_sets = reid_inputs(inputs, config) if "reid" in config.methods else None
     if model_source is not None:
         from diffmem.models import check_model_folder
 
@@ -434,7 +432,7 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
             inputs.reference, backend=config.backend, backend_options=config.backend_options,
             threshold=config.threshold, heldout=inputs.heldout, fpr=config.fpr,
             cache_dir=out / "cache", state=state)
-    reid = None if reid_sets is None else _prepare_reid(config, *reid_sets)
+    reid = _prepare_reid(config, inputs.reid)
 
     # 4. scan, shard by shard, committing every chunk
     store = ResultsStore(out / STORE_FILE)
@@ -469,7 +467,7 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
                              warnings=warnings, world_size=world,
                              screen=plan if plan is not None or "nn" not in config.methods
                              else ScreenPlan("all", "none", len(_main(items)), audit_copies=0),
-                             reid=None if reid is None else _reid_info(reid))
+                             reid=_reid_info(reid))
     _evaluate(result)
 
     # 6. files (main process only)
@@ -511,19 +509,25 @@ class _quiet_truncation:
         self._logger.removeFilter(self._filter)
 
 
-def _prepare_reid(config: DetectionConfig, train_set: Any, heldout: Any) -> ReIDSetup:
+def _prepare_reid(config: DetectionConfig, sets: tuple[Any, Any] | None) -> ReIDSetup | None:
     """The re-ID model, the training patients' index and the re-ID threshold (calibrated at
-    ``config.fpr`` on held-out patients, or ``config.reid_threshold``)."""
+    ``config.fpr`` on held-out patients, or ``config.reid_threshold``), from the (training,
+    held-out) records of :func:`~diffmem.detect.inputs.reid_inputs`; None without re-ID."""
     from diffmem.reid import default_reid_dir
 
+    if sets is None:
+        return None
+    train_set, heldout = sets
     source = config.reid_model if config.reid_model is not None else default_reid_dir()
     return prepare_reid(source, train_set, heldout=heldout, threshold=config.reid_threshold,
                         fpr=config.fpr, batch_size=max(config.batch_size, 64),
                         fix=reid_fix(config))
 
 
-def _reid_info(reid: ReIDSetup) -> dict[str, Any]:
-    """What the results say about the re-ID verdicts' setup."""
+def _reid_info(reid: ReIDSetup | None) -> dict[str, Any] | None:
+    """What the results say about the re-ID verdicts' setup (None without re-ID)."""
+    if reid is None:
+        return None
     return {"model": reid.source, "model_fingerprint": reid.index.model_fingerprint,
             "reference_fingerprint": reid.index.data_fingerprint,
             "training_patients": len(set(reid.index.patient_ids)),

@@ -270,6 +270,9 @@ class DetectInputs:
         Held-out images for the threshold (None without ``nn`` or with a fixed threshold).
     roots : list of Path
         Input folders the output must stay out of.
+    reid : tuple or None
+        The (training, held-out) records of re-ID verdicts with patient ids
+        (:func:`reid_inputs`); None without ``reid``.
     """
 
     dataset: Any
@@ -279,6 +282,7 @@ class DetectInputs:
     items: list[WorkItem]
     heldout: Any
     roots: list[Path]
+    reid: tuple[Any, Any] | None = None
 
 
 def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, ground_truth: Any,
@@ -291,8 +295,9 @@ def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, grou
     Raises
     ------
     DataError
-        ``nn`` without reference images (naming ``--reference``), nothing to scan, or any
-        unreadable input.
+        ``nn`` without reference images (naming ``--reference``), nothing to scan, ``reid``
+        without patient ids or held-out patients (:func:`reid_inputs`), or any unreadable
+        input.
     """
     from diffmem.data import CXRDataset, load
 
@@ -312,7 +317,10 @@ def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, grou
     roots = [Path(x.root if isinstance(x, CXRDataset) else x) for x in (data, reference,
                                                                            calibration)
              if x is not None and (isinstance(x, (str, os.PathLike, CXRDataset)))]
-    return DetectInputs(dataset, ref, train_map, labels, items, heldout, roots)
+    inputs = DetectInputs(dataset, ref, train_map, labels, items, heldout, roots)
+    if "reid" in config.methods:
+        inputs.reid = reid_inputs(inputs, config)
+    return inputs
 
 
 def reid_fix(config: DetectionConfig) -> str:

@@ -403,8 +403,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     out = prepare_out_dir(out, inputs=inputs)
 
     # 3. thresholds, reference features, prompt sets
-    verdicts = _verdicts(config, detect_info, train_set, heldout, out)
-    reid = _reid(config, train_set, heldout)
+    verdicts, reid = _judges(config, detect_info, train_set, heldout, out)
     if detect_info is not None:
         sets = _sets_from_detect(detect_info, config, model_fp, notes)
     else:
@@ -428,8 +427,8 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     try:
         run_id = store.start_run(model_fp, data_fingerprint=data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance})
-        unit_of = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp, data_fp,
-                         reid)
+        unit_of = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp,
+                         data_fp, reid)
         units: dict[tuple[str, float, str], dict[str, Any]] = {}
         work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
         for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
@@ -447,10 +446,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                      f"magnitude of the baseline control prompts ({peo_target:.4g})")
 
     # 5. metrics, front, recommendation
-    rows = [{**_row(method, strength, set_name, unit, verdicts.threshold, real, sets[set_name],
-                    enc),
-             **_reid_rates(unit, len(sets[set_name]), None if reid is None else reid.threshold)}
-            for (method, strength, set_name), unit in units.items()]
+    rows = _rows(units, sets, verdicts.threshold, reid, real, enc)
     multi = {m for m in config.methods if len(config.strengths[m]) > 1}
     axes = ("memorized" if sets["memorized"] else "control", "control")
     front = pareto_front(rows, utility=config.utility, memorization_set=axes[0],
@@ -521,6 +517,14 @@ def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None):
     enc = load_encoder(folder)
     return enc, {"path": str(folder), "fingerprint": enc.fingerprint(), "default": True,
                  "data_fingerprint": enc_fp}
+
+
+def _judges(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
+            heldout: Any, out: Path) -> tuple[CopyVerdicts, Any]:
+    """The copy verdicts (:func:`_verdicts`) and, with ``config.reid``, the re-ID setup
+    (:func:`_reid`)."""
+    return (_verdicts(config, detect_info, train_set, heldout, out),
+            _reid(config, train_set, heldout))
 
 
 def _verdicts(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
@@ -771,13 +775,23 @@ class _FirstStepProbe:
 
 
 # ---------------------------------------------------------------------------- metrics
-def _reid_rates(unit: Mapping[str, Any], n_prompts: int, reid_threshold: Any,
-                ) -> dict[str, float | None]:
-    """Re-identification rates of one unit: of its generations, and of its prompts (at least
-    one re-identifying generation); None without re-ID."""
-    if reid_threshold is None:
+def _rows(units: Mapping[tuple[str, float, str], Mapping[str, Any]],
+          sets: Mapping[str, list[str]], threshold: Any, reid: Any, real: Mapping[str, Any],
+          enc: Any) -> list[dict[str, Any]]:
+    """One row per (method, strength, set) unit: its metrics (:func:`_row`) and, with ``reid``,
+    its re-identification rates (:func:`_reid_rates`)."""
+    return [{**_row(method, strength, name, unit, threshold, real, sets[name], enc),
+             **_reid_rates(unit, len(sets[name]), reid)}
+            for (method, strength, name), unit in units.items()]
+
+
+def _reid_rates(unit: Mapping[str, Any], n_prompts: int, reid: Any) -> dict[str, float | None]:
+    """Re-identification rates of one unit at the threshold of ``reid`` (a
+    :class:`~diffmem.reid.verdicts.ReIDSetup`): of its generations, and of its prompts (at
+    least one re-identifying generation); None without re-ID."""
+    if reid is None:
         return {"reid_rate": None, "prompt_reid_rate": None}
-    leaks = is_copy(np.asarray(unit["reid_score"], dtype=np.float64), reid_threshold)
+    leaks = reid.judge(np.asarray(unit["reid_score"], dtype=np.float64))
     index = np.asarray(unit["prompt_index"], dtype=np.int64)
     return {"reid_rate": round(float(leaks.mean()), 6),
             "prompt_reid_rate": round(float(np.mean([bool(leaks[index == p].any())
