@@ -19,6 +19,7 @@ from conftest import save_jpeg, write_table, xray
 from scipy import ndimage
 
 from diffmem.cli import main
+from diffmem.cli.detect import format_summary
 from diffmem.data import CXRDataset, Study
 from diffmem.detect.detector import SCORE_COLUMNS, DetectionConfig, detect
 from diffmem.errors import ConfigError, DataError
@@ -132,6 +133,9 @@ def test_reid_names_the_training_patient_and_counts_agree(dataset, tmp_path):
     assert summary["reid"]["model_fingerprint"]
     for r in leaks:
         assert (out / r["image"]).is_file()
+    text = format_summary(result)
+    assert f"{counts['leaks']} of {counts['generations']} generation(s) re-identify" in text
+    assert f"({counts['leaks_not_copies']} of them not pixel copies" in text
 
 
 def test_two_stage_runs_reid_on_the_generations_that_exist(model, data, tmp_path):
@@ -176,6 +180,20 @@ def test_data_without_patient_ids_exits_2_naming_the_fix(model, tmp_path, capsys
     err = capsys.readouterr().err
     assert "--patient-from 'mrn': no record has that column" in err
     assert not (data / "o1").exists() and sorted(p.name for p in data.iterdir())[-1] == "s5.jpg"
+
+
+def test_cli_patient_from_a_column_runs_reid(model, tmp_path, capsys):
+    data = _manifest(tmp_path / "m", with_mrn=True)
+    out = tmp_path / "out"
+    assert main(["-q", "detect", "--model", str(model), "--data", str(data), "--out", str(out),
+                 "--methods", "nn,reid", "--patient-from", "mrn", "--confirm", "all",
+                 "--nn-generations", "1", "--sample-steps", "2", "--unconditional", "0",
+                 "--unrelated", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "re-ID threshold:" in printed and "calibrated on 2 held-out patient image(s)" in printed
+    rows = _csv(out / "scores.csv")
+    assert len(rows) == 2 and {r["reid_patient_id"] for r in rows} <= {"m0", "m1"}
+    assert (out / "reidentified.csv").is_file()
 
 
 def test_patient_from_a_column(tmp_path):
