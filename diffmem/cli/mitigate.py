@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from diffmem.errors import ConfigError
 
-from diffmem.cli._common import add_device, device_options
+from diffmem.cli._common import add_device, add_index, device_options
 
 ORDER = 60
 
@@ -52,6 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--utility", default="fid_in_domain", choices=("fid_in_domain", "alignment"),
                    help="utility axis of the Pareto front (default fid_in_domain)")
     add_device(p)
+    add_index(p)
     p.add_argument("--list", action="store_true", help="list the mitigations and exit")
     p.set_defaults(handler=run)
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         n_prompts=args.n_prompts, generations=args.generations, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, fpr=args.fpr, utility=args.utility,
-        command=["diffmem", *sys.argv[1:]], **device_options(args))
+        command=["diffmem", *sys.argv[1:]], index=args.index, **device_options(args))
     print(format_summary(result))
     return 0
 
