@@ -205,3 +205,32 @@ def test_cli_build_then_detect_with_the_index(data, model, tmp_path, capsys):
     assert main(["-q", "detect", "--model", str(model), "--data", str(data), "--out",
                  str(tmp_path / "f"), "--index", str(tmp_path / "none"), *fast]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+class _Encoder:
+    """A stand-in encoder with an identity (a fingerprint) and an input size."""
+
+    image_size = 16
+
+    def __init__(self, fingerprint):
+        self.fingerprint = fingerprint
+
+    def embed_images(self, images):
+        n = len(images)
+        return images.reshape(n, 8, -1).mean(axis=2) - 0.5
+
+
+def test_embedding_index_is_keyed_by_the_encoder(data, dataset, tmp_path):
+    from diffmem.errors import ConfigError
+
+    train = dataset.subset(split="train")
+    card = build_index(data, tmp_path / "e", get_backend("embedding", encoder=_Encoder("enc-a")))
+    assert card.backend == {"backend": "embedding", "encoder": "enc-a"} and card.dim == 8
+    opened = open_index(tmp_path / "e", train, get_backend("embedding",
+                                                           encoder=_Encoder("enc-a")))
+    assert opened.features.shape == (len(train), 8)
+    with pytest.raises(DataError, match="backend encoder: the index has enc-a, this run uses "
+                                        "enc-b.*--encoder ENC_DIR"):
+        open_index(tmp_path / "e", train, get_backend("embedding", encoder=_Encoder("enc-b")))
+    with pytest.raises(ConfigError, match="no stable identity"):
+        build_index(data, tmp_path / "n", get_backend("embedding", encoder=_Encoder(None)))
