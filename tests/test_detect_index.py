@@ -27,7 +27,7 @@ def pixel_index(data, tmp_path_factory):
     """A pixel (32 px) reference index of the tiny data, with FAISS."""
     pytest.importorskip("faiss")
     out = tmp_path_factory.mktemp("index") / "pixel"
-    build_index(data, out, build_backend("pixel"), batch_size=8)
+    build_index(data, out, build_backend("pixel"), batch_size=8, use_faiss=True)
     return out
 
 
@@ -84,6 +84,18 @@ def test_detect_with_the_index_gives_the_same_verdicts(pixel_index, dataset, tmp
     assert v1.threshold == v2.threshold
 
 
+def test_auto_faiss_follows_the_cpu_time_probe(data, tmp_path):
+    pytest.importorskip("faiss")
+    card = build_index(data, tmp_path / "auto", build_backend("pixel", {"size": 16}))
+    probe = json.loads((tmp_path / "auto" / "index.json").read_text())["search_probe"]
+    assert probe["rows"] == card.n and probe["queries"] == min(64, card.n)
+    assert probe["faiss_faster"] == (probe["faiss_cpu_s"] < probe["blocked_cpu_s"])
+    assert card.faiss == probe["faiss_faster"] == (tmp_path / "auto" / "faiss.index").exists()
+    off = build_index(data, tmp_path / "off", build_backend("pixel", {"size": 16}),
+                      use_faiss=False)
+    assert not off.faiss and not (tmp_path / "off" / "faiss.index").exists()
+
+
 def test_a_stale_index_is_refused_naming_the_difference(pixel_index, dataset):
     train = dataset.subset(split="train")
     with pytest.raises(DataError, match="backend size: the index has 32, this run uses 16.*"
@@ -138,7 +150,7 @@ def test_an_interrupted_build_resumes(data, tmp_path, monkeypatch, caplog, pixel
         read_card(out)
     monkeypatch.setattr(index_mod, "feature_batches", real)
     caplog.set_level(logging.INFO, logger="diffmem")
-    card = build_index(data, out, build_backend("pixel"), batch_size=8)
+    card = build_index(data, out, build_backend("pixel"), batch_size=8, use_faiss=True)
     assert any("resuming the index build at image 16" in r.getMessage()
                for r in caplog.records)
     assert not (out / "build.json").exists()
