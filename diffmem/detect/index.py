@@ -54,6 +54,7 @@ from diffmem.data.dataset import CXRDataset
 from diffmem.detect.neighbors import ReferenceFeatures, feature_batches, one_blas_thread
 from diffmem.detect.similarity import SimilarityBackend
 from diffmem.errors import ConfigError, DataError, MissingDependencyError, OutputError
+from diffmem.lock import LOCK_NAME
 from diffmem.utils import prepare_out_dir, shell_command, write_json
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,7 @@ def build_index(data: Any, out: str | os.PathLike, backend: SimilarityBackend, *
         raise OutputError(f"{folder} holds a reference index of other data or features ({diff});"
                           " choose another --out, or delete that folder to rebuild it there")
     others = sorted(p.name for p in folder.iterdir() if p.name not in _FILES
-                    and not p.name.endswith(".tmp"))
+                    and p.name != LOCK_NAME and not p.name.endswith(".tmp"))
     if others:
         raise OutputError(f"{folder} holds other files ({', '.join(others[:3])}); build the "
                           "index in a new or empty folder")
