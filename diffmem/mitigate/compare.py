@@ -430,29 +430,14 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     real = _real_features(enc, inputs, config)
 
     # 4. every configuration on every set, resumable through the store
-    configs = [(BASELINE, 0.0)] + [(m, s) for m in config.methods for s in config.strengths[m]]
-    peo_target = None
     store = ResultsStore(out / STORE_NAME)
     try:
         run_id = store.start_run(model_fp, data_fingerprint=inputs.data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance})
-        unit_of = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp,
-                         inputs.data_fp)
-        units: dict[tuple[str, float, str], dict[str, Any]] = {}
-        work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
-        for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
-            params = {}
-            if method == "prompt_embedding_optimization" and \
-                    get_mitigation(method).params.get("target") is None:
-                peo_target = _peo_target(units) if peo_target is None else peo_target
-                params["target"] = peo_target
-            units[(method, strength, set_name)] = unit_of.get(method, strength, params,
-                                                              sets[set_name], set_name)
+        units = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp,
+                       inputs.data_fp).all(sets, notes)
     finally:
         store.close()
-    if peo_target is not None:
-        notes.append(f"prompt_embedding_optimization stops at the median first-step noise "
-                     f"magnitude of the baseline control prompts ({peo_target:.4g})")
 
     # 5. metrics, front, recommendation
     threshold = None if verdicts is None else verdicts.threshold
@@ -845,6 +830,30 @@ class _Units:
     encoder: Any
     model_fp: str
     data_fp: str
+
+    def all(self, sets: Mapping[str, list[str]], notes: list[str],
+            ) -> dict[tuple[str, float, str], dict[str, Any]]:
+        """Every (method, strength) and the ``none`` baseline on every non-empty set, keyed
+        ``(method, strength, set)``; a note when prompt-embedding optimization's target is
+        taken from the baseline."""
+        config = self.config
+        configs = [(BASELINE, 0.0)] + [(m, s) for m in config.methods
+                                       for s in config.strengths[m]]
+        peo_target = None
+        units: dict[tuple[str, float, str], dict[str, Any]] = {}
+        work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
+        for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
+            params = {}
+            if method == "prompt_embedding_optimization" and \
+                    get_mitigation(method).params.get("target") is None:
+                peo_target = _peo_target(units) if peo_target is None else peo_target
+                params["target"] = peo_target
+            units[(method, strength, set_name)] = self.get(method, strength, params,
+                                                           sets[set_name], set_name)
+        if peo_target is not None:
+            notes.append(f"prompt_embedding_optimization stops at the median first-step noise "
+                         f"magnitude of the baseline control prompts ({peo_target:.4g})")
+        return units
 
     def get(self, method: str, strength: float, params: dict, prompts: list[str],
             set_name: str) -> dict[str, Any]:
