@@ -67,6 +67,12 @@ def register(subparsers) -> None:
                    help="utility axis of the Pareto front (default: fid_in_domain when there are "
                         "held-out real images, else alignment)")
     add_device(p)
+    p.add_argument("--reid", nargs="?", const="", metavar="REID_DIR",
+                   help="also measure the re-identification rate beside the copy rate "
+                        "(a re-ID model folder, default: the embedded one)")
+    p.add_argument("--reid-threshold", type=float,
+                   help="fixed re-ID threshold (cosine) instead of calibrating one at --fpr on "
+                        "held-out patients")
     p.add_argument("--list", action="store_true", help="list the mitigations and exit")
     p.set_defaults(handler=run)
 
@@ -97,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         n_prompts=args.n_prompts, generations=args.generations, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, fpr=args.fpr, threshold=args.threshold, utility=args.utility,
-        command=["diffmem", *sys.argv[1:]], **device_options(args))
+        reid=args.reid is not None, reid_model=args.reid or None,
+        reid_threshold=args.reid_threshold, command=["diffmem", *sys.argv[1:]],
+        **device_options(args))
     print(format_summary(result))
     return 0
 
@@ -146,11 +154,15 @@ def format_summary(result) -> str:
     def num(value, width, digits):
         return f"{'-' if value is None else f'{value:.{digits}f}':>{width}s}"
 
-    lines = [f"{'method':32s} {'strength':>8s} {'set':9s} {'mem.rate':>8s} {'nn sim':>7s} "
+    reid = result.reid_threshold is not None
+    lines = [f"{'method':32s} {'strength':>8s} {'set':9s} {'mem.rate':>8s} "
+             + (f"{'reid.rate':>9s} " if reid else "") + f"{'nn sim':>7s} "
              f"{'noise':>7s} {'FID(in)':>8s} {'align':>6s} {'s/img':>6s}"]
     for r in result.rows:
         lines.append(f"{r['method']:32s} {r['strength']:8g} {r['prompt_set']:9s} "
-                     f"{num(r['memorization_rate'], 8, 2)} {num(r['mean_nn_similarity'], 7, 3)} "
+                     f"{num(r['memorization_rate'], 8, 2)} "
+                     + (f"{num(r['reid_rate'], 9, 2)} " if reid else "")
+                     + f"{num(r['mean_nn_similarity'], 7, 3)} "
                      f"{num(r['noise_magnitude'], 7, 3)} {num(r['fid_in_domain'], 8, 3)} "
                      f"{num(r['alignment'], 6, 3)} {num(r['seconds_per_image'], 6, 3)}"
                      f"{'  *' if r['pareto'] else ''}")

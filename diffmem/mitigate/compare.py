@@ -18,7 +18,10 @@ one model and its training data:
    the threshold), the text-conditional noise magnitude at the first step (with the method's
    embedding and attention changes), in-domain embeddings of the images; each unit is
    committed to ``results.sqlite`` as soon as it is done, so a killed run resumes;
-4. **metrics and verdicts**: memorization rate, mean nearest similarity, noise magnitude; an
+4. **metrics and verdicts**: memorization rate, mean nearest similarity, noise magnitude (and,
+   with ``reid``, the re-identification rate: generations whose most similar training patient
+   passes the re-ID threshold of :mod:`diffmem.reid.verdicts`, calibrated on held-out patients
+   like the copy threshold); an
    in-domain Fréchet distance to the held-out real images and prompt-image alignment (both with
    the in-domain open_clip encoder: *not* Inception FID or OpenAI CLIPScore), seconds per image;
    the Pareto front of memorization rate against the chosen utility;
@@ -65,8 +68,9 @@ UTILITIES = {"fid_in_domain": False, "alignment": True}
 MEMORIZATION_METRICS = {"memorization_rate": "memorization rate",
                         "noise_magnitude": "noise magnitude"}
 CSV_COLUMNS = ("method", "strength", "prompt_set", "n_prompts", "n_generations",
-               "memorization_rate", "prompt_memorization_rate", "mean_nn_similarity",
-               "noise_magnitude", "fid_in_domain", "alignment", "seconds_per_image", "pareto")
+               "memorization_rate", "prompt_memorization_rate", "reid_rate",
+               "prompt_reid_rate", "mean_nn_similarity", "noise_magnitude", "fid_in_domain",
+               "alignment", "seconds_per_image", "pareto")
 #: Offset of the seed the comparison detects memorized prompts with, when it does so itself.
 DETECT_SEED_OFFSET = 1000
 
@@ -119,6 +123,12 @@ class ComparisonConfig:
     fid_tolerance : float
         The recommendation keeps utility within this fraction of the baseline's (default 0.25:
         in-domain FID at most 25 % worse, or alignment at most 25 % lower).
+    reid : bool
+        Also measure the re-identification rate of every configuration (default False).
+    reid_model : str or None
+        Re-ID model folder (default: the embedded one, :func:`diffmem.reid.default_reid_dir`).
+    reid_threshold : float or None
+        A fixed re-ID threshold instead of calibrating one at ``fpr`` on held-out patients.
     """
 
     methods: str | Sequence[str] = "all"
@@ -137,6 +147,9 @@ class ComparisonConfig:
     threshold: float | None = None
     utility: str | None = None
     fid_tolerance: float = 0.25
+    reid: bool = False
+    reid_model: str | None = None
+    reid_threshold: float | None = None
 
     def validated(self) -> ComparisonConfig:
         """A checked copy with ``methods`` a tuple of names and ``strengths`` a dict
@@ -175,6 +188,12 @@ class ComparisonConfig:
             raise ConfigError(f"fpr={self.fpr!r}; use a false-positive rate in (0, 1)")
         if self.guidance is not None and not math.isfinite(float(self.guidance)):
             raise ConfigError(f"guidance={self.guidance!r}; use a finite number")
+        if self.reid_threshold is not None and (
+                isinstance(self.reid_threshold, bool)
+                or not isinstance(self.reid_threshold, (int, float))
+                or not -1 <= self.reid_threshold <= 1):
+            raise ConfigError(f"reid_threshold={self.reid_threshold!r}; use a cosine "
+                              "similarity in [-1, 1] (or none to calibrate one at --fpr)")
         return replace(self, methods=methods, strengths=strengths,
                        backend_options=dict(self.backend_options))
 
@@ -254,6 +273,7 @@ class MitigationComparison:
     utility_reference: dict[str, Any] = field(default_factory=dict)
     memorization_metric: str = "memorization_rate"
     not_measured: list[str] = field(default_factory=list)
+    reid_threshold: dict[str, Any] | None = None
     model_fingerprint: str = ""
     data_fingerprint: str = ""
     seconds: float = 0.0
@@ -279,6 +299,7 @@ class MitigationComparison:
             "config": self.config.to_dict(),
             "encoder": dict(self.encoder),
             "threshold": None if self.threshold is None else dict(self.threshold),
+            "reid_threshold": None if self.reid_threshold is None else dict(self.reid_threshold),
             "prompts": {k: list(v) for k, v in self.prompts.items()},
             "utility_reference": dict(self.utility_reference),
             "model_fingerprint": self.model_fingerprint,
@@ -293,6 +314,11 @@ METRIC_NOTES = {
     "memorization_rate": "fraction of generations whose nearest training image is more similar "
                          "than the calibrated copy threshold (the detector's verdict)",
     "prompt_memorization_rate": "fraction of prompts with at least one copy generation",
+    "reid_rate": "fraction of generations that re-identify a training patient: their most "
+                 "similar training patient (max over the patient's studies, patient-"
+                 "verification model) scores above the re-ID threshold calibrated on held-out "
+                 "patients (empty without --reid)",
+    "prompt_reid_rate": "fraction of prompts with at least one re-identifying generation",
     "mean_nn_similarity": "mean similarity of each generation to its nearest training image "
                           "(the threshold's backend)",
     "noise_magnitude": "mean ||eps(x_T, c) - eps(x_T, '')|| at the first sampling step with "
@@ -411,8 +437,8 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     model_fp = adapter.fingerprint()
     out = prepare_out_dir(out, inputs=roots)
 
-    # 3. threshold, reference features, prompt sets
-    verdicts = _verdicts(config, detect_info, inputs, out)
+    # 3. thresholds, reference features, prompt sets
+    verdicts, reid = _judges(config, detect_info, inputs, out)
     metric = "memorization_rate" if verdicts is not None else "noise_magnitude"
     if detect_info is not None:
         sets = _sets_from_detect(detect_info, config, model_fp, notes)
@@ -435,14 +461,13 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
         run_id = store.start_run(model_fp, data_fingerprint=inputs.data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance})
         units = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp,
-                       inputs.data_fp).all(sets, notes)
+                       inputs.data_fp, reid).all(sets, notes)
     finally:
         store.close()
 
     # 5. metrics, front, recommendation
     threshold = None if verdicts is None else verdicts.threshold
-    rows = [_row(method, strength, set_name, unit, threshold, real, sets[set_name], enc)
-            for (method, strength, set_name), unit in units.items()]
+    rows = _rows(units, sets, threshold, reid, real, enc)
     multi = {m for m in config.methods if len(config.strengths[m]) > 1}
     axes = ("memorized" if sets["memorized"] else "control",
             "control" if sets["control"] else "memorized")
@@ -451,6 +476,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
         rows=rows, pareto_front=[_label(m, s, multi) for m, s in front],
         recommended=recommended, recommendation_reason=reason, notes=notes, config=config,
         threshold=None if threshold is None else threshold.to_dict(), encoder=enc_info,
+        reid_threshold=None if reid is None else reid.threshold.to_dict(),
         prompts={k: list(v) for k, v in sets.items()}, utility_reference=real["reference"],
         memorization_metric=metric,
         not_measured=_not_measured(inputs, verdicts, enc, config, detect_info),
@@ -659,6 +685,13 @@ def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None, *,
                  "data_fingerprint": enc_fp}
 
 
+def _judges(config: ComparisonConfig, detect_info: dict | None, inputs: _Inputs,
+            out: Path) -> tuple[CopyVerdicts | None, Any]:
+    """The copy verdicts (:func:`_verdicts`) and, with ``config.reid``, the re-ID setup
+    (:func:`_reid`)."""
+    return _verdicts(config, detect_info, inputs, out), _reid(config, inputs)
+
+
 def _verdicts(config: ComparisonConfig, detect_info: dict | None, inputs: _Inputs,
               out: Path) -> CopyVerdicts | None:
     """Backend, training-image features (cached in ``out/cache``) and copy threshold: the
@@ -686,6 +719,22 @@ def _number(value: Any) -> float:
         return float(value or "nan")
     except ValueError:
         return math.nan
+
+
+def _reid(config: ComparisonConfig, inputs: _Inputs) -> Any:
+    """The re-ID setup (:func:`diffmem.reid.verdicts.prepare_reid`) when ``config.reid``:
+    against the training records' patients, calibrated on the held-out real images."""
+    if not config.reid:
+        return None
+    if not hasattr(inputs.train_set, "subset"):
+        raise ConfigError("--reid compares generations with the training patients, and no "
+                          "training records with patient ids were given: add --data DATA (or "
+                          "--reference DATA, a dataset), or leave --reid out")
+    from diffmem.reid import default_reid_dir
+    from diffmem.reid.verdicts import prepare_reid
+
+    return prepare_reid(config.reid_model or default_reid_dir(), inputs.train_set,
+                        heldout=inputs.real, threshold=config.reid_threshold, fpr=config.fpr)
 
 
 def _sets_from_detect(info: dict, config: ComparisonConfig, model_fp: str,
@@ -830,6 +879,7 @@ class _Units:
     encoder: Any
     model_fp: str
     data_fp: str
+    reid: Any = None
 
     def all(self, sets: Mapping[str, list[str]], notes: list[str],
             ) -> dict[tuple[str, float, str], dict[str, Any]]:
@@ -865,6 +915,8 @@ class _Units:
                "reference": self.data_fp,
                "encoder": None if self.encoder is None else self.encoder.fingerprint(),
                "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
+        if self.reid is not None:  # stored values then hold re-ID scores too
+            key["reid"] = self.reid.params()
         h = store.put_params(key)
         name = f"{set_name}:{method}:{strength:g}"
         stored = store.get(self.model_fp, name, "mitigate", h)
@@ -875,7 +927,7 @@ class _Units:
                         guidance=self.guidance, seed=config.seed, batch_size=config.batch_size,
                         backend=None if self.verdicts is None else self.verdicts.backend,
                         reference=None if self.verdicts is None else self.verdicts.reference,
-                        encoder=self.encoder)
+                        encoder=self.encoder, reid=self.reid)
         store.put_many([{"model_fingerprint": self.model_fp, "prompt": name,
                          "method": "mitigate", "params_hash": h, "value": value}],
                        run_id=self.run_id)
@@ -892,13 +944,15 @@ def _peo_target(units: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> fl
 def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: float,
             params: Mapping[str, Any] | None = None, generations: int, steps: int,
             guidance: float, seed: int, batch_size: int, backend: Any, reference: Any,
-            encoder: Any) -> dict[str, Any]:
+            encoder: Any, reid: Any = None) -> dict[str, Any]:
     """Generate with one mitigation and measure every generation (no files written).
 
     Returns a JSON-ready dict of per-generation lists: ``prompt_index``, ``similarity``
     (to the nearest training image; empty when ``reference`` is None), ``study_id``,
     ``noise_magnitude`` (first step), the image embeddings ``embedding`` (empty when
-    ``encoder`` is None), and ``seconds`` (wall time of the sampling).
+    ``encoder`` is None), with a :class:`~diffmem.reid.verdicts.ReIDSetup` ``reid`` also
+    ``reid_score`` and ``reid_patient_id`` (the most similar training patient), and
+    ``seconds`` (wall time of the sampling).
     """
     import torch
 
@@ -922,7 +976,12 @@ def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: floa
     emb = [] if encoder is None else \
         np.round(encoder.embed_images(sample.images).astype(np.float64), 6).tolist()
     magnitudes = torch.cat(probe.values).tolist() if probe.values else []
-    return {"prompt_index": sample.prompt_index.tolist(), "similarity": similarity,
+    extra = {}
+    if reid is not None:
+        scores, rows = reid.search(sample.images)
+        extra = {"reid_score": [float(x) for x in scores],
+                 "reid_patient_id": [reid.index.patient_ids[r] for r in rows]}
+    return {**extra, "prompt_index": sample.prompt_index.tolist(), "similarity": similarity,
             "study_id": study_id, "noise_magnitude": [float(x) for x in magnitudes],
             "embedding": emb, "seconds": round(seconds, 4)}
 
@@ -961,6 +1020,29 @@ class _FirstStepProbe:
 
 
 # ---------------------------------------------------------------------------- metrics
+def _rows(units: Mapping[tuple[str, float, str], Mapping[str, Any]],
+          sets: Mapping[str, list[str]], threshold: Any, reid: Any, real: Mapping[str, Any],
+          enc: Any) -> list[dict[str, Any]]:
+    """One row per (method, strength, set) unit: its metrics (:func:`_row`) and, with ``reid``,
+    its re-identification rates (:func:`_reid_rates`)."""
+    return [{**_row(method, strength, name, unit, threshold, real, sets[name], enc),
+             **_reid_rates(unit, len(sets[name]), reid)}
+            for (method, strength, name), unit in units.items()]
+
+
+def _reid_rates(unit: Mapping[str, Any], n_prompts: int, reid: Any) -> dict[str, float | None]:
+    """Re-identification rates of one unit at the threshold of ``reid`` (a
+    :class:`~diffmem.reid.verdicts.ReIDSetup`): of its generations, and of its prompts (at
+    least one re-identifying generation); None without re-ID."""
+    if reid is None:
+        return {"reid_rate": None, "prompt_reid_rate": None}
+    leaks = reid.judge(np.asarray(unit["reid_score"], dtype=np.float64))
+    index = np.asarray(unit["prompt_index"], dtype=np.int64)
+    return {"reid_rate": round(float(leaks.mean()), 6),
+            "prompt_reid_rate": round(float(np.mean([bool(leaks[index == p].any())
+                                                     for p in range(n_prompts)])), 6)}
+
+
 def _row(method: str, strength: float, set_name: str, unit: Mapping[str, Any], threshold: Any,
          real: Mapping[str, Any], prompts: list[str], enc: Any) -> dict[str, Any]:
     """One row of :data:`CSV_COLUMNS`; a metric whose inputs are missing (no ``threshold``: no
