@@ -144,3 +144,25 @@ def test_lsh_recall_on_20k_prompts():
     recall, exact_only, n_pairs = _pair_recall(x, 0.9)
     print(f"20k prompts, {x.shape[0]} distinct: {n_pairs} exhaustive pairs, recall {recall:.4f}")
     assert exact_only and recall >= 0.95
+
+
+# ---------------------------------------------------------------------------- bench scale
+def test_bench_scale_smoke(tmp_path, capsys):
+    """`diffmem bench scale` with tiny sizes: one row per size from a fresh process, the
+    baseline beside the scan, exponents fitted, seed/sizes/machine printed."""
+    out = tmp_path / "scale.json"
+    assert main(["bench", "scale", "--sizes", "300", "100", "--seed", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "seed 3, sizes 100, 300" in printed and "machine:" in printed
+    assert "growth exponent" in printed
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["n"] for r in result["rows"]] == [100, 300]
+    for r in result["rows"]:
+        assert r["distinct"] <= r["n"] and r["clusters"] >= 1  # planted clusters are found
+        assert r["scan_wall_seconds"] > 0 and r["baseline_seconds"] > 0
+        assert r["peak_rss_mib"] >= r["start_rss_mib"] > 0
+    assert result["exponents"]["scan_wall_seconds"] is not None
+    with pytest.raises(ConfigError, match="size=10; use an integer >= 40"):
+        from diffmem.attribution.bench_scale import bench_scale
+
+        bench_scale([10, 100])

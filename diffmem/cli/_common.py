@@ -18,6 +18,24 @@ def add_on_error(parser: argparse.ArgumentParser) -> None:
                              "naming it; 'skip' skips such records and prints a summary")
 
 
+def add_reference(parser: argparse.ArgumentParser, *, without: str = "") -> None:
+    """``--reference``, ``--calibration`` and ``--threshold``: the training images copy
+    verdicts compare generations with when there is no ``--data``, and how their threshold is
+    set (checked by :func:`diffmem.detect.inputs.reference_images` and
+    :func:`~diffmem.detect.inputs.heldout_images`). ``without`` ends the ``--reference`` help:
+    what the command does without them."""
+    parser.add_argument("--reference", metavar="DATA|IMAGE_DIR",
+                        help="training images for the copy verdicts when there is no --data: a "
+                             "dataset (its train split) or a folder of images (with "
+                             f"--calibration DIR or --threshold){without}")
+    parser.add_argument("--calibration", metavar="DIR",
+                        help="held-out real images (dataset or image folder, never trained on) "
+                             "to calibrate the copy threshold on")
+    parser.add_argument("--threshold", type=float,
+                        help="fixed copy threshold (backend similarity) instead of calibrating "
+                             "one")
+
+
 def add_device(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
     """``--device`` and ``--dtype`` for a command that opens a model (checked when it loads, by
     :func:`diffmem.models.device.resolve_device` and :func:`~diffmem.models.device.resolve_dtype`).

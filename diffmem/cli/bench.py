@@ -95,10 +95,39 @@ def _run_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_scale(sub) -> None:
+    p = sub.add_parser(
+        "scale", help="how the model-free prompt scan's cost grows with the prompt count",
+        description="Write synthetic MIMIC-style prompts files (planted exact and near-duplicate "
+                    "clusters; --seed fixes them) of each size and, each in a fresh process, "
+                    "time a streamed read of the file (the baseline, same run) and the "
+                    "model-free `diffmem scan` computation: wall and CPU seconds, peak RSS, the "
+                    "scan/baseline ratio, and the growth exponents fitted on log-log. Prints "
+                    "seed, sizes and machine.")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="prompt counts (default 2000 10000 50000; e.g. add 250000 for the "
+                        "issue-13 target, about a minute and a few hundred MB more)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    p.add_argument("--out", metavar="FILE.json", help="also write the numbers as JSON")
+    p.set_defaults(handler=_run_scale)
+
+
+def _run_scale(args: argparse.Namespace) -> int:
+    from diffmem.attribution.bench_scale import DEFAULT_SIZES, bench_scale, format_scale_bench
+    from diffmem.utils import write_json
+
+    result = bench_scale(args.sizes or DEFAULT_SIZES, seed=args.seed)
+    print(format_scale_bench(result))
+    if args.out is not None:
+        write_json(args.out, result.to_dict())
+    return 0
+
+
 #: Benchmark subcommands: name -> function adding its parser to the ``bench`` subparsers.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "detect": _register_detect,
     "device": _register_device,
+    "scale": _register_scale,
 }
 
 

@@ -9,6 +9,7 @@ from diffmem.cli._common import (
     add_backend,
     add_device,
     add_index,
+    add_reference,
     backend_options,
     device_options,
 )
@@ -30,10 +31,7 @@ def register(subparsers) -> None:
                    help="the training data (dataset folder or manifest); its validate/test "
                         "splits calibrate the copy threshold. Optional: --prompts FILE with "
                         "--methods noise,attention needs no images")
-    p.add_argument("--reference", metavar="DATA|IMAGE_DIR",
-                   help="training images for the nn verdicts when there is no --data: a "
-                        "dataset (its train split) or a folder of images (with --calibration "
-                        "DIR or --threshold)")
+    add_reference(p, without="; needed by --methods nn only")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (outside the data)")
     p.add_argument("--prompts", metavar="FILE",
                    help="prompts to scan: one per line, or a .csv/.jsonl table with a 'prompt' "
@@ -74,10 +72,6 @@ def register(subparsers) -> None:
     add_index(p)
     p.add_argument("--fpr", type=float, default=0.01,
                    help="false-positive rate of the copy threshold (default 0.01)")
-    p.add_argument("--threshold", type=float,
-                   help="fixed copy threshold (backend similarity) instead of calibrating one")
-    p.add_argument("--calibration", metavar="DIR",
-                   help="held-out real images (dataset or image folder) to calibrate on")
     p.add_argument("--unconditional", type=int, default=16,
                    help="generations from the empty prompt (default 16; 0 = none)")
     p.add_argument("--unrelated", type=int, default=8,

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from diffmem.errors import ConfigError
 
-from diffmem.cli._common import add_device, add_index, device_options
+from diffmem.cli._common import add_device, add_index, add_reference, device_options
 
 ORDER = 60
 
@@ -20,12 +20,23 @@ def register(subparsers) -> None:
                     "at each strength and measure the memorization rate (calibrated copy "
                     "verdicts), nearest similarity and noise magnitude against utility "
                     "(in-domain Fréchet distance to held-out images and prompt-image alignment "
-                    "with the in-domain encoder; seconds per image). Writes "
-                    "OUT/mitigations.csv, summary.json, pareto.png and results.sqlite (run "
-                    "again to resume).")
+                    "with the in-domain encoder; seconds per image). Without --data: the "
+                    "prompts of --prompts FILE, memorization as noise magnitude unless "
+                    "--reference gives copy verdicts; summary.json lists what could not be "
+                    "measured. Writes OUT/mitigations.csv, summary.json, pareto.png and "
+                    "results.sqlite (run again to resume).")
     p.add_argument("--model", help="model folder (diffusers pipeline); required unless --list")
-    p.add_argument("--data", help="the model's training data (dataset folder); required unless "
-                                  "--list")
+    p.add_argument("--data",
+                   help="the model's training data (dataset folder): its train split is the "
+                        "copy reference, its validate/test splits calibrate and are the real "
+                        "images of the Fréchet distance. Optional: see --prompts")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="prompts to choose the memorized and control sets from: one per line, "
+                        "or a .csv/.jsonl table with a 'prompt' column (default: the training "
+                        "prompts of --data)")
+    add_reference(p, without="; without them memorization is the noise magnitude. Without "
+                             "--data, --calibration's images are also the real images of the "
+                             "Fréchet distance")
     p.add_argument("--out", metavar="DIR", help="output folder (outside the data); required "
                                                 "unless --list")
     p.add_argument("--methods", default="all",
@@ -34,10 +45,13 @@ def register(subparsers) -> None:
                    help="'default' (each method's paper value), values for every method "
                         "(0.1,0.5) or NAME=VALUES items (guidance_delay=0.3,0.5)")
     p.add_argument("--detect", metavar="DETECT_DIR",
-                   help="reuse a `diffmem detect` run's verdicts and threshold")
+                   help="reuse a `diffmem detect` run's verdicts and threshold (a run "
+                        "without nn: its prompts ranked by noise magnitude)")
     p.add_argument("--encoder", metavar="ENC_DIR",
                    help="in-domain encoder (`diffmem embed train`); default: the embedded one, "
-                        "for models trained on `diffmem synth --preset demo --seed 0`")
+                        "for models trained on `diffmem synth --preset demo --seed 0`. Without "
+                        "--data and without an encoder, utility is not measured (said in the "
+                        "output)")
     p.add_argument("--n-prompts", type=int, default=8, help="prompts per set (default 8)")
     p.add_argument("--generations", type=int, default=2,
                    help="images per prompt and configuration (default 2)")
@@ -49,8 +63,9 @@ def register(subparsers) -> None:
                    help="similarity backend of the copy verdicts when detecting here")
     p.add_argument("--fpr", type=float, default=0.01,
                    help="false-positive rate of the copy threshold calibrated here")
-    p.add_argument("--utility", default="fid_in_domain", choices=("fid_in_domain", "alignment"),
-                   help="utility axis of the Pareto front (default fid_in_domain)")
+    p.add_argument("--utility", default=None, choices=("fid_in_domain", "alignment"),
+                   help="utility axis of the Pareto front (default: fid_in_domain when there are "
+                        "held-out real images, else alignment)")
     add_device(p)
     add_index(p)
     p.add_argument("--reid", nargs="?", const="", metavar="REID_DIR",
@@ -75,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:32s} default {m.default_strength:g} in [{lo:g}, {hi:g}]: "
                   f"{m.strength} ({m.paper.split(',')[0]})")
         return 0
-    missing = [f"--{name}" for name in ("model", "data", "out") if getattr(args, name) is None]
+    missing = [f"--{name}" for name in ("model", "out") if getattr(args, name) is None]
     if missing:
         print(f"diffmem mitigate: error: the following arguments are required: "
               f"{', '.join(missing)} (or pass --list)", file=sys.stderr)
@@ -85,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
     result = compare_mitigations(
         args.model, args.data, args.out, methods=args.methods,
         strengths=parse_strengths(args.strengths), detect_dir=args.detect, encoder=args.encoder,
+        prompts=args.prompts, reference=args.reference, calibration=args.calibration,
         n_prompts=args.n_prompts, generations=args.generations, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-        backend=args.backend, fpr=args.fpr, utility=args.utility,
+        backend=args.backend, fpr=args.fpr, threshold=args.threshold, utility=args.utility,
         reid=args.reid is not None, reid_model=args.reid or None,
         reid_threshold=args.reid_threshold, command=["diffmem", *sys.argv[1:]],
         index=args.index, **device_options(args))
@@ -135,23 +151,30 @@ def parse_strengths(specs: Sequence[str] | str | None,
 
 
 def format_summary(result) -> str:
-    """The table and the verdict, for the terminal."""
+    """The table and the verdict, for the terminal (``-`` for what was not measured)."""
+    def num(value, width, digits):
+        return f"{'-' if value is None else f'{value:.{digits}f}':>{width}s}"
+
     reid = result.reid_threshold is not None
     lines = [f"{'method':32s} {'strength':>8s} {'set':9s} {'mem.rate':>8s} "
              + (f"{'reid.rate':>9s} " if reid else "") + f"{'nn sim':>7s} "
              f"{'noise':>7s} {'FID(in)':>8s} {'align':>6s} {'s/img':>6s}"]
     for r in result.rows:
-        nm = "" if r["noise_magnitude"] is None else f"{r['noise_magnitude']:.3f}"
         lines.append(f"{r['method']:32s} {r['strength']:8g} {r['prompt_set']:9s} "
-                     f"{r['memorization_rate']:8.2f} "
-                     + (f"{r['reid_rate']:9.2f} " if reid else "")
-                     + f"{r['mean_nn_similarity']:7.3f} {nm:>7s} "
-                     f"{r['fid_in_domain']:8.3f} {r['alignment']:6.3f} "
-                     f"{r['seconds_per_image']:6.3f}{'  *' if r['pareto'] else ''}")
-    lines.append(f"Pareto front (* above): {', '.join(result.pareto_front)}")
+                     f"{num(r['memorization_rate'], 8, 2)} "
+                     + (f"{num(r['reid_rate'], 9, 2)} " if reid else "")
+                     + f"{num(r['mean_nn_similarity'], 7, 3)} "
+                     f"{num(r['noise_magnitude'], 7, 3)} {num(r['fid_in_domain'], 8, 3)} "
+                     f"{num(r['alignment'], 6, 3)} {num(r['seconds_per_image'], 6, 3)}"
+                     f"{'  *' if r['pareto'] else ''}")
+    if result.config.utility is not None:
+        lines.append(f"Pareto front (* above): {', '.join(result.pareto_front)}")
     lines.append(f"recommended: {result.recommended or 'none'} ({result.recommendation_reason})")
     for n in result.notes:
         lines.append(f"note: {n}")
+    for n in result.not_measured:
+        lines.append(f"not measured: {n}")
     if result.out is not None:
-        lines.append(f"results: {result.out / 'mitigations.csv'}, {result.out / 'pareto.png'}")
+        lines.append(f"results: {result.out / 'mitigations.csv'}"
+                     + (f", {result.files['pareto']}" if result.files.get("pareto") else ""))
     return "\n".join(lines)

@@ -19,7 +19,10 @@ def register(subparsers) -> None:
                     "it fingerprints --model and --data and refuses results computed on "
                     "others. A section whose results are missing says what to run.")
     p.add_argument("--model", required=True, help="model folder the results were computed on")
-    p.add_argument("--data", required=True, help="its training data (dataset or manifest)")
+    p.add_argument("--data",
+                   help="its training data (dataset or manifest). Optional: without it the "
+                        "report leaves out the dataset section and the training images beside "
+                        "copies, and says so")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (new, empty, or a previous report's)")
     p.add_argument("--results", metavar="DIR",
@@ -49,8 +52,9 @@ def register(subparsers) -> None:
 
 def command_line(args: argparse.Namespace) -> list[str]:
     """The ``diffmem report`` command line of parsed ``args`` (recorded in the report)."""
-    cmd = ["diffmem", "report", "--model", str(args.model), "--data", str(args.data), "--out",
-           str(args.out)]
+    cmd = ["diffmem", "report", "--model", str(args.model)]
+    cmd += ["--data", str(args.data)] if args.data is not None else []
+    cmd += ["--out", str(args.out)]
     for flag in ("results", "detect", "scan", "mitigate", "reid_eval"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -71,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
                           reid_eval=args.reid_eval)
     missing = [k for k, v in result.sections.items() if v != "included"]
     print(f"risk level: {result.risk}")
+    for what in result.not_measured:
+        print(f"not measured: {what}")
     if missing:
         print(f"sections without results: {', '.join(missing)} (the report says what to run)")
     print(f"report: {result.html}")

@@ -22,14 +22,15 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from diffmem.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROMPT_COLUMNS", "TABLE_SUFFIXES", "check_prompt", "iter_prompts", "read_prompts", "table_columns"]
+__all__ = ["PROMPT_COLUMNS", "TABLE_SUFFIXES", "check_prompt", "given_prompts", "iter_prompts",
+           "read_prompts", "table_columns"]
 
 #: Column names that hold the prompts of a table, in order of preference.
 PROMPT_COLUMNS = ("prompt", "text", "caption")
@@ -111,6 +112,28 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         raise DataError("holds no prompt (only empty lines); write one prompt per line",
                         path=Path(path))
     return prompts
+
+
+def given_prompts(prompts: str | os.PathLike | Iterable[str]) -> list[str]:
+    """The prompts a command was given: a prompts file (:func:`read_prompts`) or a list of
+    strings (stripped; empty ones and repeats dropped).
+
+    Raises
+    ------
+    DataError
+        As :func:`read_prompts`, or for a list with no non-empty prompt.
+
+    Examples
+    --------
+    >>> given_prompts([" No change. ", "", "No change.", "Small effusion."])
+    ['No change.', 'Small effusion.']
+    """
+    if isinstance(prompts, (str, os.PathLike)):
+        return read_prompts(prompts)
+    listed = [p for p in dict.fromkeys(str(p).strip() for p in prompts) if p]
+    if not listed:
+        raise DataError("no prompt given (the list is empty or holds only empty strings)")
+    return listed
 
 
 def table_columns(path: str | os.PathLike) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffmem.data.prompts import read_prompts
+from diffmem.data.prompts import given_prompts
 from diffmem.detect.labels import Labels, resolve_labels
 from diffmem.detect.verdicts import NO_HELDOUT
 from diffmem.errors import DataError, OutputError
@@ -25,13 +25,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DetectInputs", "WorkItem", "check_inputs", "check_writable", "heldout_images",
+__all__ = ["ADD_REFERENCE", "DetectInputs", "WorkItem", "check_inputs", "check_writable", "heldout_images",
            "image_files", "mismatch_warnings", "prompt_labels", "reference_fingerprint",
            "reid_inputs", "training_prompts", "work_items"]
 
+#: How to give the training images copy verdicts compare with (``detect`` and ``mitigate``).
+ADD_REFERENCE = ("pass --reference DATA|IMAGE_DIR (the training data or a folder of its images), "
+                 "or --data DATA")
 NO_REFERENCE = ("nearest-neighbour verdicts (--methods nn) compare generations with the training "
-                "images: pass --reference DATA|IMAGE_DIR (the training data or a folder of its "
-                "images), or --data DATA; or leave nn out (--methods noise,attention)")
+                f"images: {ADD_REFERENCE}; or leave nn out (--methods noise,attention)")
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -106,14 +108,7 @@ def work_items(dataset: Any | None, train_map: dict[str, list[str]], labels: dic
         items = [WorkItem(p, "train", ids, None if labels is None else labels.get(p, 0))
                  for p, ids in train_map.items()]
     else:
-        if isinstance(prompts, (str, os.PathLike)):
-            listed = read_prompts(prompts)
-        else:
-            listed = [str(p).strip() for p in prompts]
-            listed = [p for p in dict.fromkeys(listed) if p]
-            if not listed:
-                raise DataError("no prompt to scan (the list is empty or holds only empty "
-                                "strings)")
+        listed = given_prompts(prompts)
         items = [WorkItem(p, "prompt", list(train_map.get(p, [])),
                        None if labels is None else labels.get(p, 0)) for p in listed]
         outside = sum(1 for p in listed if p not in train_map)

@@ -63,6 +63,10 @@ BASELINE = "none"
 SETS = ("memorized", "control")
 #: Utility metrics and whether higher is better.
 UTILITIES = {"fid_in_domain": False, "alignment": True}
+#: Memorization metrics (lower = less memorized): copy verdicts when there are training images
+#: to compare with, else Wen et al.'s noise magnitude.
+MEMORIZATION_METRICS = {"memorization_rate": "memorization rate",
+                        "noise_magnitude": "noise magnitude"}
 CSV_COLUMNS = ("method", "strength", "prompt_set", "n_prompts", "n_generations",
                "memorization_rate", "prompt_memorization_rate", "reid_rate",
                "prompt_reid_rate", "mean_nn_similarity", "noise_magnitude", "fid_in_domain",
@@ -109,9 +113,13 @@ class ComparisonConfig:
     backend_options : dict
     fpr : float
         False-positive rate of the copy threshold calibrated here (default 0.01).
-    utility : str
-        Utility axis of the Pareto front and the recommendation: ``fid_in_domain`` (default)
-        or ``alignment``.
+    threshold : float or None
+        A fixed copy threshold (backend similarity) instead of calibrating one.
+    utility : str or None
+        Utility axis of the Pareto front and the recommendation: ``fid_in_domain`` or
+        ``alignment``. None (default): ``fid_in_domain`` when there are held-out real images,
+        else ``alignment``; no utility (no front, no recommendation) without an in-domain
+        encoder.
     fid_tolerance : float
         The recommendation keeps utility within this fraction of the baseline's (default 0.25:
         in-domain FID at most 25 % worse, or alignment at most 25 % lower).
@@ -136,7 +144,8 @@ class ComparisonConfig:
     backend: str = "pixel"
     backend_options: dict[str, Any] = field(default_factory=dict)
     fpr: float = 0.01
-    utility: str = "fid_in_domain"
+    threshold: float | None = None
+    utility: str | None = None
     fid_tolerance: float = 0.25
     reid: bool = False
     reid_model: str | None = None
@@ -171,8 +180,10 @@ class ComparisonConfig:
         if self.generations * self.n_prompts < 2:
             raise ConfigError("n_prompts * generations must be at least 2 (a Fréchet distance "
                               "needs two images per set)")
-        if self.utility not in UTILITIES:
+        if self.utility is not None and self.utility not in UTILITIES:
             raise ConfigError(f"utility={self.utility!r}; choose {' or '.join(UTILITIES)}")
+        if self.threshold is not None:
+            fixed_threshold(self.threshold)  # a finite number, or ConfigError
         if not isinstance(self.fpr, (int, float)) or not 0 < float(self.fpr) < 1:
             raise ConfigError(f"fpr={self.fpr!r}; use a false-positive rate in (0, 1)")
         if self.guidance is not None and not math.isfinite(float(self.guidance)):
@@ -240,6 +251,11 @@ class MitigationComparison:
         The prompts of each set.
     utility_reference : dict
         The same utility metrics for real training images (what "as good as real" scores).
+    memorization_metric : str
+        The memorization axis: ``memorization_rate`` (copy verdicts) or ``noise_magnitude``
+        (without training images to compare with).
+    not_measured : list of str
+        What could not be measured with the inputs given, and the flag that would measure it.
     seconds : float
     out : pathlib.Path or None
     files : dict
@@ -251,10 +267,12 @@ class MitigationComparison:
     recommendation_reason: str
     notes: list[str]
     config: ComparisonConfig
-    threshold: dict[str, Any]
+    threshold: dict[str, Any] | None
     encoder: dict[str, Any]
     prompts: dict[str, list[str]]
     utility_reference: dict[str, Any] = field(default_factory=dict)
+    memorization_metric: str = "memorization_rate"
+    not_measured: list[str] = field(default_factory=list)
     reid_threshold: dict[str, Any] | None = None
     model_fingerprint: str = ""
     data_fingerprint: str = ""
@@ -276,9 +294,11 @@ class MitigationComparison:
             "recommended": self.recommended,
             "recommendation_reason": self.recommendation_reason,
             "notes": list(self.notes),
+            "memorization_metric": self.memorization_metric,
+            "not_measured": list(self.not_measured),
             "config": self.config.to_dict(),
             "encoder": dict(self.encoder),
-            "threshold": dict(self.threshold),
+            "threshold": None if self.threshold is None else dict(self.threshold),
             "reid_threshold": None if self.reid_threshold is None else dict(self.reid_threshold),
             "prompts": {k: list(v) for k, v in self.prompts.items()},
             "utility_reference": dict(self.utility_reference),
@@ -324,18 +344,25 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                         command: str | Sequence[str] | None = None,
                         device: str | None = None, dtype: str | None = None,
                         index: str | os.PathLike | None = None,
+                        prompts: str | os.PathLike | Sequence[str] | None = None,
+                        reference: Any = None, calibration: Any = None,
                         **options: Any) -> MitigationComparison:
     """Compare inference-time mitigations on memorized and control prompts: memorization
     (copy verdicts, nearest similarity, noise magnitude) against utility (in-domain FID-like
     distance, alignment, time), and write ``mitigations.csv``, ``summary.json``,
     ``pareto.png`` to ``out``.
 
+    Without training data (``data=None``) the comparison runs on ``prompts``: memorization is
+    Wen et al.'s noise magnitude unless ``reference`` images (with ``calibration`` or a fixed
+    ``threshold``) give copy verdicts; what could not be measured is listed in the result's
+    ``not_measured`` (and ``summary.json``), each with the flag that would measure it.
+
     Parameters
     ----------
     model : path or DiffusionModelAdapter
-    data : path or CXRDataset
+    data : path, CXRDataset or None
         The model's training data (train split: the copy reference; validate/test: the
-        threshold's calibration and the real images of the Fréchet distance).
+        threshold's calibration and the real images of the Fréchet distance), or None.
     out : path
         Output folder (never inside the data). Holds ``results.sqlite``: the same command again
         skips finished configurations.
@@ -343,11 +370,13 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
         See :class:`ComparisonConfig` (these two override ``config``'s).
     detect_dir : path, optional
         A ``diffmem detect`` output folder: reuse its verdicts (memorized prompts), threshold
-        and backend instead of detecting here.
+        and backend instead of detecting here; a run without copy verdicts (``--methods
+        noise``) gives its prompts ranked by noise magnitude.
     encoder : path or InDomainEncoder, optional
         The in-domain encoder of the utility metrics. Default: the embedded one
         (:func:`diffmem.embed.default_encoder_dir`), only when the model card says the model
-        was trained on the data that encoder was trained on.
+        was trained on the data that encoder was trained on. Without ``data`` and without a
+        usable encoder, utility is not measured (said in ``not_measured``).
     config : ComparisonConfig, optional
     command : str or sequence, optional
         The command line, recorded in the store.
@@ -357,6 +386,16 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     index : path, optional
         A reference index (``diffmem index build``) of the training split's features under the
         verdicts' backend, opened instead of featurizing the training images (same verdicts).
+    prompts : path or sequence of str, optional
+        The prompts the memorized and control sets are chosen from: a prompts file
+        (:func:`diffmem.data.prompts.read_prompts`) or a list. Default: the training prompts of
+        ``data`` (or the detect run's prompts).
+    reference : path or CXRDataset, optional
+        Training images for the copy verdicts when there is no ``data``: a dataset (its train
+        split) or a folder of images, as for ``diffmem detect --reference``.
+    calibration : path or CXRDataset, optional
+        Held-out real images (never trained on) that calibrate the copy threshold and, without
+        ``data``, are the real images of the Fréchet distance.
     **options
         Any other :class:`ComparisonConfig` field (``n_prompts=4, generations=1, steps=10``
         make a fast run).
@@ -368,9 +407,12 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     Raises
     ------
     ConfigError
-        Unknown method or option, strength out of range, no usable encoder.
+        Unknown method or option, strength out of range, no usable encoder (with ``data``), a
+        utility or threshold option whose inputs are missing (the message names the flag to
+        add).
     DataError
-        No train split or no held-out images; a ``detect_dir`` without its files.
+        No train split or no held-out images; a ``detect_dir`` without its files; nothing to
+        choose prompts from.
     OutputError
         ``out`` inside the data or not writable.
     """
@@ -382,117 +424,238 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                           f"{', '.join(ComparisonConfig.__dataclass_fields__)}")
     config = replace(config or ComparisonConfig(), methods=methods, strengths=strengths,
                      **options).validated()
-    dataset = as_dataset(data)
-    train_set = dataset.subset(split="train")
-    heldout = dataset.subset(split=["validate", "test"])
-    if len(train_set) < 2:
-        raise DataError("the data has fewer than 2 training images; the copy verdicts compare "
-                        "generations with the images the model was trained on", path=dataset.root)
-    if len(heldout) < 2:
-        raise DataError("the data has fewer than 2 validate/test images; they calibrate the copy "
-                        "threshold and are the real images of the Fréchet distance",
-                        path=dataset.root)
     detect_info = _read_detect_dir(Path(detect_dir)) if detect_dir is not None else None
+    inputs = _check_inputs(data, prompts, reference, calibration, detect_info, config)
     model_source = Path(model) if isinstance(model, (str, os.PathLike)) else None
-    inputs = [dataset.root] + [p for p in (model_source, detect_dir) if p is not None]
-    check_outside(out, inputs)  # created below, once the model and the encoder have loaded
+    roots = inputs.roots + [p for p in (model_source, detect_dir) if p is not None]
+    check_outside(out, roots)  # created below, once the model and the encoder have loaded
     notes: list[str] = []
 
     # 2. model and encoder
     from diffmem.detect.scores import default_guidance
     adapter = as_adapter(model, device=device, dtype=dtype)
-    enc, enc_info = _resolve_encoder(encoder, adapter, model_source)
+    enc, enc_info = _resolve_encoder(encoder, adapter, model_source,
+                                     required=inputs.dataset is not None)
+    config = replace(config, utility=_resolve_utility(config, enc, inputs))
     guidance = default_guidance(adapter) if config.guidance is None else float(config.guidance)
-    model_fp, data_fp = adapter.fingerprint(), train_set.fingerprint()
-    out = prepare_out_dir(out, inputs=inputs)
+    model_fp = adapter.fingerprint()
+    out = prepare_out_dir(out, inputs=roots)
 
     # 3. thresholds, reference features, prompt sets
-    verdicts, reid = _judges(config, detect_info, train_set, heldout, out, index)
+    verdicts, reid = _judges(config, detect_info, inputs, out, index)
+    metric = "memorization_rate" if verdicts is not None else "noise_magnitude"
     if detect_info is not None:
         sets = _sets_from_detect(detect_info, config, model_fp, notes)
     else:
-        sets = _detect_sets(adapter, dataset, config, guidance, verdicts)
-    if not sets["memorized"]:
-        notes.append("no memorized prompts found" + (
-            f" among the {detect_info['n_scanned']} prompts of the detect run"
-            if detect_info else f" among the top {config.candidates or 3 * config.n_prompts} "
-            "noise-magnitude training prompts") + "; the comparison ran on the control set only")
-    notes.append(f"utility is measured with the in-domain encoder {enc_info['path']} (not "
-                 "Inception FID, not OpenAI CLIP): compare values only within this encoder")
+        sets = _prompt_sets(adapter, inputs.prompts, config, guidance, verdicts, notes)
+    if not sets["memorized"] and detect_info is not None:
+        notes.append(f"no memorized prompts found among the {detect_info['n_scanned']} prompts "
+                     "of the detect run; the comparison ran on the control set only")
+    if enc is not None:
+        notes.append(f"utility is measured with the in-domain encoder {enc_info['path']} (not "
+                     "Inception FID, not OpenAI CLIP): compare values only within this encoder")
     notes.append(f"{config.steps} DDIM steps, {config.generations} generation(s) per prompt, "
                  f"{config.n_prompts} prompts per set: smaller than the papers' 50 steps and "
                  "hundreds of prompts; read small differences as noise")
-    real = _real_features(enc, heldout, train_set, config)
+    real = _real_features(enc, inputs, config)
 
     # 4. every configuration on every set, resumable through the store
-    configs = [(BASELINE, 0.0)] + [(m, s) for m in config.methods for s in config.strengths[m]]
-    peo_target = None
     store = ResultsStore(out / STORE_NAME)
     try:
-        run_id = store.start_run(model_fp, data_fingerprint=data_fp, command=command,
+        run_id = store.start_run(model_fp, data_fingerprint=inputs.data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance})
-        unit_of = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp,
-                         data_fp, reid)
-        units: dict[tuple[str, float, str], dict[str, Any]] = {}
-        work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
-        for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
-            params = {}
-            if method == "prompt_embedding_optimization" and \
-                    get_mitigation(method).params.get("target") is None:
-                peo_target = _peo_target(units) if peo_target is None else peo_target
-                params["target"] = peo_target
-            units[(method, strength, set_name)] = unit_of.get(method, strength, params,
-                                                              sets[set_name], set_name)
+        units = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp,
+                       inputs.data_fp, reid).all(sets, notes)
     finally:
         store.close()
-    if peo_target is not None:
-        notes.append(f"prompt_embedding_optimization stops at the median first-step noise "
-                     f"magnitude of the baseline control prompts ({peo_target:.4g})")
 
     # 5. metrics, front, recommendation
-    rows = _rows(units, sets, verdicts.threshold, reid, real, enc)
+    threshold = None if verdicts is None else verdicts.threshold
+    rows = _rows(units, sets, threshold, reid, real, enc)
     multi = {m for m in config.methods if len(config.strengths[m]) > 1}
-    axes = ("memorized" if sets["memorized"] else "control", "control")
-    front = pareto_front(rows, utility=config.utility, memorization_set=axes[0],
-                         utility_set=axes[1])
-    for r in rows:
-        r["pareto"] = (r["method"], r["strength"]) in front
-    labels = [_label(m, s, multi) for m, s in front]
-    recommended, reason = _recommend(rows, front, config, multi, axes)
+    axes = ("memorized" if sets["memorized"] else "control",
+            "control" if sets["control"] else "memorized")
+    front, recommended, reason = _front_and_recommendation(rows, config, multi, axes, metric)
     result = MitigationComparison(
-        rows=rows, pareto_front=labels, recommended=recommended, recommendation_reason=reason,
-        notes=notes, config=config, threshold=verdicts.threshold.to_dict(), encoder=enc_info,
+        rows=rows, pareto_front=[_label(m, s, multi) for m, s in front],
+        recommended=recommended, recommendation_reason=reason, notes=notes, config=config,
+        threshold=None if threshold is None else threshold.to_dict(), encoder=enc_info,
         reid_threshold=None if reid is None else reid.threshold.to_dict(),
         prompts={k: list(v) for k, v in sets.items()}, utility_reference=real["reference"],
-        model_fingerprint=model_fp, data_fingerprint=data_fp, out=out)
+        memorization_metric=metric,
+        not_measured=_not_measured(inputs, verdicts, enc, config, detect_info),
+        model_fingerprint=model_fp, data_fingerprint=inputs.data_fp, out=out)
 
     # 6. files
     result.seconds = time.perf_counter() - started
-    _write_outputs(result, out, multi)
+    _write_outputs(result, out, multi, axes)
     return result
 
 
 # ---------------------------------------------------------------------------- inputs
+@dataclass
+class _Inputs:
+    """The checked inputs of a comparison.
+
+    Attributes
+    ----------
+    dataset : CXRDataset or None
+        ``data``.
+    train_set : CXRDataset, list of Path or None
+        The training images copy verdicts compare with (None: no copy verdicts).
+    heldout : CXRDataset, list of Path or None
+        Held-out real images the copy threshold is calibrated on (None: a fixed threshold, the
+        detect run's, or no verdicts).
+    real : CXRDataset, list of Path or None
+        Held-out real images of the Fréchet distance (None: not measured).
+    prompts : list of str or None
+        The prompts the sets are chosen from (None: the detect run's).
+    data_fp : str
+        Fingerprint of ``train_set`` ("" without one).
+    roots : list of Path
+        Input folders the output must stay out of.
+    """
+
+    dataset: Any
+    train_set: Any
+    heldout: Any
+    real: Any
+    prompts: list[str] | None
+    data_fp: str
+    roots: list[Path]
+
+
+def _check_inputs(data: Any, prompts: Any, reference: Any, calibration: Any,
+                  detect_info: dict | None, config: ComparisonConfig) -> _Inputs:
+    """Load and check what a comparison compares with (no model, no image read except to list
+    them); the reference and calibration rules are ``diffmem detect``'s
+    (:mod:`diffmem.detect.inputs`)."""
+    from diffmem.data.prompts import given_prompts
+    from diffmem.detect.inputs import (ADD_REFERENCE, heldout_images, reference_fingerprint,
+                                       reference_images, training_prompts)
+
+    dataset = train_set = real = None
+    if data is not None:
+        dataset = as_dataset(data)
+        train_set = dataset.subset(split="train")
+        real = dataset.subset(split=["validate", "test"])
+        if len(train_set) < 2:
+            raise DataError("the data has fewer than 2 training images; the copy verdicts "
+                            "compare generations with the images the model was trained on",
+                            path=dataset.root)
+        if len(real) < 2:
+            raise DataError("the data has fewer than 2 validate/test images; they calibrate the "
+                            "copy threshold and are the real images of the Fréchet distance",
+                            path=dataset.root)
+    if reference is not None:
+        train_set = reference_images(reference)
+    if train_set is None and (calibration is not None or config.threshold is not None):
+        flag = "--calibration" if calibration is not None else "--threshold"
+        raise ConfigError(f"{flag} sets the threshold of copy verdicts, which compare "
+                          f"generations with training images, and none were given: "
+                          f"{ADD_REFERENCE}")
+    heldout = None
+    if train_set is not None and not (detect_info or {}).get("threshold"):
+        heldout = heldout_images(dataset, calibration, config)
+    if real is None and calibration is not None:
+        real = heldout if heldout is not None else \
+            heldout_images(None, calibration, replace(config, threshold=None))
+    if config.utility == "fid_in_domain" and real is None:
+        raise ConfigError("utility fid_in_domain compares generations with held-out real "
+                          "images, and there are none: add --calibration DIR (real images not in "
+                          "the training set) or --data DATA, or use --utility alignment")
+    if prompts is not None:
+        listed = given_prompts(prompts)
+    elif dataset is not None:
+        listed = list(training_prompts(dataset))
+        if not listed:
+            raise DataError("the training split has no non-empty prompt; pass --prompts FILE",
+                            path=dataset.root)
+    elif detect_info is not None:
+        listed = None
+    else:
+        raise DataError("nothing to choose prompts from: pass --prompts FILE (one prompt per "
+                        "line, or a .csv/.jsonl table with a 'prompt' column), --data DATA (its "
+                        "training prompts) or --detect DETECT_DIR")
+    if listed is not None and len(listed) < 2:
+        raise DataError(f"{len(listed)} prompt given; the comparison needs at least 2 (a "
+                        "memorized and a control set)")
+    from diffmem.data import CXRDataset
+
+    roots = [Path(x.root if isinstance(x, CXRDataset) else x)
+             for x in (data, reference, calibration) if isinstance(x, (str, os.PathLike,
+                                                                         CXRDataset))]
+    return _Inputs(dataset, train_set, heldout, real, listed,
+                   reference_fingerprint(train_set) if train_set is not None else "", roots)
+
+
+def _resolve_utility(config: ComparisonConfig, enc: Any, inputs: _Inputs) -> str | None:
+    """The utility axis: the one asked for (it needs an encoder), else ``fid_in_domain`` with
+    held-out real images, ``alignment`` without, None without an encoder."""
+    if config.utility is not None:
+        if enc is None:
+            raise ConfigError(f"utility {config.utility} is measured in an in-domain encoder, "
+                              "and there is none for this model: add --encoder ENC (`diffmem "
+                              "embed train --data DATA --out ENC`), or leave --utility out")
+        return config.utility
+    if enc is None:
+        return None
+    return "fid_in_domain" if inputs.real is not None else "alignment"
+
+
+def _not_measured(inputs: _Inputs, verdicts: Any, enc: Any, config: ComparisonConfig,
+                  detect_info: dict | None) -> list[str]:
+    """What the inputs given could not measure, each with the flag that would measure it."""
+    out = []
+    if verdicts is None:
+        out.append("copy verdicts (memorization_rate, prompt_memorization_rate, "
+                   "mean_nn_similarity): no training images to compare the generations with, "
+                   "so memorization is Wen et al.'s first-step noise magnitude (noise_magnitude, "
+                   "higher = more memorized), which guidance schedules (acting after the first "
+                   "step) leave unchanged. Add --reference DATA|IMAGE_DIR (the training images) "
+                   "with --calibration DIR or --threshold to measure copy rates")
+        if detect_info is None or not detect_info.get("threshold"):
+            out.append("which prompts are memorized: without copy verdicts the 'memorized' set "
+                       "is the prompts with the highest noise magnitude, not confirmed by a "
+                       "copied training image")
+    if enc is None:
+        out.append("utility (fid_in_domain, alignment): no in-domain encoder for this model "
+                   "(the embedded one belongs to the demo data); add --encoder ENC. Without a "
+                   "utility there is no Pareto front and no recommendation")
+    elif inputs.real is None:
+        out.append("fid_in_domain: no held-out real images to compare the generations with; "
+                   "add --calibration DIR (real images not in the training set) or --data DATA")
+    if enc is not None and not hasattr(inputs.train_set, "subset"):
+        out.append("utility_reference (the utility of real training images): needs the "
+                   "training images with their prompts (--data DATA or --reference DATA)")
+    return out
+
+
 def _read_detect_dir(folder: Path) -> dict[str, Any]:
     scores, summary = folder / "scores.csv", folder / "summary.json"
     for f in (scores, summary):
         if not f.is_file():
             raise DataError(f"{f.name} is missing; --detect takes the --out folder of a finished "
-                            "`diffmem detect` run (with the nn method)", path=folder)
+                            "`diffmem detect` run", path=folder)
     try:
         info = json.loads(summary.read_text(encoding="utf-8"))
         with open(scores, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read the detect run's files ({e})", path=folder) from None
-    if not info.get("threshold") or "nn" not in (info.get("config") or {}).get("methods", []):
-        raise DataError("this detect run has no copy threshold (it ran without the nn method); "
-                        "run `diffmem detect` with --methods including nn", path=folder)
+    methods = (info.get("config") or {}).get("methods", [])
+    if not (info.get("threshold") and "nn" in methods) and "noise" not in methods:
+        raise DataError("this detect run has neither copy verdicts nor noise magnitudes; run "
+                        "`diffmem detect` with --methods including nn or noise", path=folder)
     main = [r for r in rows if r.get("kind") in ("train", "prompt")]
-    return {"folder": folder, "summary": info, "rows": main, "n_scanned": len(main)}
+    return {"folder": folder, "summary": info, "rows": main, "n_scanned": len(main),
+            "threshold": info.get("threshold") if "nn" in methods else None}
 
 
-def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None):
+def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None, *,
+                     required: bool = True):
+    """The in-domain encoder and its description; ``(None, {...})`` when there is none for
+    this model and it is not ``required``."""
     from diffmem.embed import default_encoder_dir, load_encoder
 
     if encoder is not None:
@@ -513,76 +676,94 @@ def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None):
         except (OSError, ValueError):
             card_fp = None
     if card_fp is None or card_fp != enc_fp:
+        why = (f"the embedded default encoder was trained on data {enc_fp}, and the model's "
+               f"card says {card_fp or 'nothing (no model_card.json)'}")
+        if not required:
+            return None, {"path": None, "fingerprint": None, "default": False,
+                          "data_fingerprint": None, "missing": why}
         raise ConfigError(
-            "the utility metrics need an in-domain encoder trained on this model's data: the "
-            f"embedded default encoder was trained on data {enc_fp}, and the model's card says "
-            f"{card_fp or 'nothing (no model_card.json)'}. Train one with `diffmem embed train "
-            "--data DATA --out ENC` and pass --encoder ENC")
+            f"the utility metrics need an in-domain encoder trained on this model's data: {why}."
+            " Train one with `diffmem embed train --data DATA --out ENC` and pass --encoder ENC")
     enc = load_encoder(folder)
     return enc, {"path": str(folder), "fingerprint": enc.fingerprint(), "default": True,
                  "data_fingerprint": enc_fp}
 
 
-def _judges(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
-            heldout: Any, out: Path, index: Any = None) -> tuple[CopyVerdicts, Any]:
-    """The copy verdicts (:func:`_verdicts`, training features from ``index`` when given) and,
-    with ``config.reid``, the re-ID setup (:func:`_reid`)."""
-    return (_verdicts(config, detect_info, train_set, heldout, out, index),
-            _reid(config, train_set, heldout))
+def _judges(config: ComparisonConfig, detect_info: dict | None, inputs: _Inputs,
+            out: Path, index: Any = None) -> tuple[CopyVerdicts | None, Any]:
+    """The copy verdicts (:func:`_verdicts`, training features from ``index`` when given)
+    and, with ``config.reid``, the re-ID setup (:func:`_reid`)."""
+    return _verdicts(config, detect_info, inputs, out, index), _reid(config, inputs)
 
 
-def _verdicts(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
-              heldout: Any, out: Path, index: Any = None) -> CopyVerdicts:
+def _verdicts(config: ComparisonConfig, detect_info: dict | None, inputs: _Inputs,
+              out: Path, index: Any = None) -> CopyVerdicts | None:
     """Backend, training-image features (from ``index``, or cached in ``out/cache``) and copy
-    threshold: the detect run's backend and threshold when one is given, else calibrated on
-    ``heldout``."""
-    if detect_info is None:
-        return prepare_verdicts(train_set, backend=config.backend,
-                                backend_options=config.backend_options, heldout=heldout,
+    threshold: the
+    detect run's backend and threshold when it has one, else a fixed or calibrated one; None
+    without training images."""
+    if inputs.train_set is None:
+        return None
+    if detect_info is None or not detect_info["threshold"]:
+        return prepare_verdicts(inputs.train_set, backend=config.backend,
+                                backend_options=config.backend_options,
+                                threshold=config.threshold, heldout=inputs.heldout,
                                 fpr=config.fpr, cache_dir=out / "cache", index=index)
     dconf = detect_info["summary"]["config"]
-    t = detect_info["summary"]["threshold"]
+    t = detect_info["threshold"]
     threshold = replace(fixed_threshold(float(t["value"])), fpr=t.get("fpr"),
                         n=int(t.get("n") or 0),
                         method=f"from detect run ({t.get('method', 'heldout-quantile')})")
-    return prepare_verdicts(train_set, backend=dconf.get("backend", "pixel"),
+    return prepare_verdicts(inputs.train_set, backend=dconf.get("backend", "pixel"),
                             backend_options=dconf.get("backend_options"), threshold=threshold,
                             cache_dir=out / "cache", index=index)
 
 
-def _reid(config: ComparisonConfig, train_set: Any, heldout: Any) -> Any:
-    """The re-ID setup (:func:`diffmem.reid.verdicts.prepare_reid`) when ``config.reid``."""
+def _number(value: Any) -> float:
+    try:
+        return float(value or "nan")
+    except ValueError:
+        return math.nan
+
+
+def _reid(config: ComparisonConfig, inputs: _Inputs) -> Any:
+    """The re-ID setup (:func:`diffmem.reid.verdicts.prepare_reid`) when ``config.reid``:
+    against the training records' patients, calibrated on the held-out real images."""
     if not config.reid:
         return None
+    if not hasattr(inputs.train_set, "subset"):
+        raise ConfigError("--reid compares generations with the training patients, and no "
+                          "training records with patient ids were given: add --data DATA (or "
+                          "--reference DATA, a dataset), or leave --reid out")
     from diffmem.reid import default_reid_dir
     from diffmem.reid.verdicts import prepare_reid
 
-    return prepare_reid(config.reid_model or default_reid_dir(), train_set, heldout=heldout,
-                        threshold=config.reid_threshold, fpr=config.fpr)
+    return prepare_reid(config.reid_model or default_reid_dir(), inputs.train_set,
+                        heldout=inputs.real, threshold=config.reid_threshold, fpr=config.fpr)
 
 
 def _sets_from_detect(info: dict, config: ComparisonConfig, model_fp: str,
                       notes: list[str]) -> dict[str, list[str]]:
+    """The memorized set from a detect run's copy verdicts (most similar first), or, for a run
+    without them, its prompts of highest noise magnitude; the control set from the rest."""
     summary = info["summary"]
     if summary.get("model_fingerprint") and summary["model_fingerprint"] != model_fp:
         raise ConfigError(f"the detect run {info['folder']} scanned model "
                           f"{summary['model_fingerprint']}, not this one ({model_fp}); its "
                           "verdicts do not apply: pass that model or run detection again")
     rows = info["rows"]
-
-    def sim(r):
-        try:
-            return float(r.get("nn_similarity") or "nan")
-        except ValueError:
-            return math.nan
-
-    memorized = sorted((r for r in rows if str(r.get("memorized")) == "1"),
-                       key=lambda r: (-sim(r), r["prompt"]))
-    clean = [r["prompt"] for r in rows if str(r.get("memorized")) == "0"]
     if int((summary.get("config") or {}).get("seed", -1)) == config.seed:
         notes.append("the detect run used the comparison's seed: the baseline's memorized-set "
                      "rate is measured on the same initial noises the prompts were selected "
                      "with (optimistic for the baseline; pass another --seed to avoid it)")
+    if not info["threshold"]:
+        scored = [r for r in rows if math.isfinite(_number(r.get("noise_magnitude")))]
+        scored.sort(key=lambda r: (-_number(r["noise_magnitude"]), r["prompt"]))
+        prompts = [r["prompt"] for r in scored]
+        return _noise_sets(prompts, np.arange(len(prompts)), config, notes)
+    memorized = sorted((r for r in rows if str(r.get("memorized")) == "1"),
+                       key=lambda r: (-_number(r.get("nn_similarity")), r["prompt"]))
+    clean = [r["prompt"] for r in rows if str(r.get("memorized")) == "0"]
     return {"memorized": [r["prompt"] for r in memorized[:config.n_prompts]],
             "control": _sample(clean, config.n_prompts, config.seed)}
 
@@ -595,20 +776,41 @@ def _sample(prompts: list[str], n: int, seed: int) -> list[str]:
     return [prompts[i] for i in sorted(rng.choice(len(prompts), size=n, replace=False))]
 
 
-def _detect_sets(adapter: Any, dataset: Any, config: ComparisonConfig, guidance: float,
-                 verdicts: CopyVerdicts) -> dict[str, list[str]]:
-    """Memorized and control prompts found with the detector's building blocks."""
-    from diffmem.detect.inputs import training_prompts
+def _control(prompts: list[str], order: np.ndarray, taken: Sequence[str],
+             config: ComparisonConfig) -> list[str]:
+    """The control set: a seeded sample of the lower half of the noise-magnitude ranking
+    ``order``, without the prompts ``taken``."""
+    below = set(prompts[i] for i in order[len(order) // 2:]) - set(taken)
+    return _sample(list(below), config.n_prompts, config.seed)
+
+
+def _noise_sets(prompts: list[str], order: np.ndarray, config: ComparisonConfig,
+                notes: list[str]) -> dict[str, list[str]]:
+    """Without copy verdicts: the prompts of highest noise magnitude (at most half of them) as
+    the memorized set, a sample of the lower half as control."""
+    k = min(config.n_prompts, max(1, len(order) // 2))
+    memorized = [prompts[i] for i in order[:k]]
+    notes.append(f"memorized set: the {k} of {len(prompts)} prompts with the highest first-step "
+                 "noise magnitude (Wen et al., ICLR 2024), not confirmed by generation; the "
+                 "control set is sampled from the lower half")
+    return {"memorized": memorized, "control": _control(prompts, order, memorized, config)}
+
+
+def _prompt_sets(adapter: Any, prompts: list[str], config: ComparisonConfig, guidance: float,
+                 verdicts: CopyVerdicts | None, notes: list[str]) -> dict[str, list[str]]:
+    """Memorized and control prompts found with the detector's building blocks: the prompts
+    ranked by Wen et al.'s noise magnitude; with copy verdicts, the top candidates generated
+    and checked for copies, else the top of the ranking."""
     from diffmem.detect.neighbors import nearest_neighbors
     from diffmem.detect.scores import noise_magnitude
 
-    prompts = list(training_prompts(dataset))
-    if not prompts:
-        raise DataError("the training split has no non-empty prompt", path=dataset.root)
     scores = noise_magnitude(adapter, prompts, num_inference_steps=config.steps,
                              seed=config.seed, batch_size=max(config.batch_size, 32))
     order = np.argsort(-scores, kind="stable")
-    n_cand = min(len(prompts), config.candidates or 3 * config.n_prompts)
+    if verdicts is None:
+        return _noise_sets(prompts, order, config, notes)
+    # candidates come from the upper half, so that the lower half is left for the control set
+    n_cand = min(max(1, len(prompts) // 2), config.candidates or 3 * config.n_prompts)
     candidates = [prompts[i] for i in order[:n_cand]]
     sample = adapter.sample(candidates, n_per_prompt=config.detect_generations,
                             steps=config.steps, guidance=guidance,
@@ -621,31 +823,46 @@ def _detect_sets(adapter: Any, dataset: Any, config: ComparisonConfig, guidance:
         copies[p] |= bool(copy)
     flagged = sorted((i for i in range(len(candidates)) if copies[i]), key=lambda i: -best[i])
     memorized = [candidates[i] for i in flagged[:config.n_prompts]]
-    below = set(prompts[i] for i in order[len(order) // 2:]) - set(candidates)
-    return {"memorized": memorized, "control": _sample(list(below), config.n_prompts,
-                                                       config.seed)}
+    if not memorized:
+        notes.append(f"no memorized prompts found among the top {n_cand} noise-magnitude "
+                     "prompts; the comparison ran on the control set only")
+    return {"memorized": memorized, "control": _control(prompts, order, candidates, config)}
 
 
-def _real_features(enc: Any, heldout: Any, train_set: Any, config: ComparisonConfig):
-    """Held-out real images' embeddings (the Fréchet reference) and the utility metrics of
-    real training images of the same count as a set's generations (the "as real" level)."""
+def _images(source: Any, size: int, indices: Sequence[int] | None = None) -> np.ndarray:
+    """Images of a dataset (its records at ``indices``) or of image files, at ``size``."""
+    if hasattr(source, "iter_images"):
+        return np.concatenate([imgs for _, imgs in source.iter_images(
+            size=size, batch_size=128, indices=None if indices is None else np.array(indices))])
+    from diffmem.data.images import read_image
+
+    files = source if indices is None else [source[int(i)] for i in indices]
+    return np.stack([read_image(p, size=size) for p in files])
+
+
+def _real_features(enc: Any, inputs: _Inputs, config: ComparisonConfig) -> dict[str, Any]:
+    """Held-out real images' embeddings (the Fréchet reference; None without them or without
+    an encoder) and the utility metrics of real training images of the same count as a set's
+    generations (the "as real" level; needs training images with their prompts)."""
     from diffmem.embed import alignment_score, frechet_distance
 
+    if enc is None:
+        return {"heldout": None, "reference": {}}
     size = int(enc.image_size)
-    held = np.concatenate([imgs for _, imgs in heldout.iter_images(size=size, batch_size=128)])
-    held_emb = enc.embed_images(held)
+    held_emb = None if inputs.real is None else enc.embed_images(_images(inputs.real, size))
+    train_set = inputs.train_set
+    if not hasattr(train_set, "subset"):  # no training records with prompts
+        return {"heldout": held_emb, "reference": {}}
     n = config.n_prompts * config.generations
     rng = np.random.default_rng(config.seed)
     pick = sorted(rng.choice(len(train_set), size=min(n, len(train_set)), replace=False))
-    train_imgs = np.concatenate([imgs for _, imgs in train_set.iter_images(
-        size=size, batch_size=128, indices=np.array(pick))])
-    train_emb = enc.embed_images(train_imgs)
+    train_emb = enc.embed_images(_images(train_set, size, pick))
     texts = enc.embed_texts([train_set[int(i)].prompt for i in pick])
     reference = {
-        "n_heldout": int(len(held)),
+        "n_heldout": None if held_emb is None else int(len(held_emb)),
         "n_real": int(len(pick)),
         "fid_in_domain_real_train": round(frechet_distance(train_emb, held_emb), 6)
-        if len(pick) >= 2 else None,
+        if len(pick) >= 2 and held_emb is not None else None,
         "alignment_real_train": round(float(alignment_score(train_emb, texts).mean()), 6),
         "note": "the same metrics for real training images (as many as one set's generations) "
                 "against the held-out images: the level of a perfect generator",
@@ -663,11 +880,35 @@ class _Units:
     adapter: Any
     config: ComparisonConfig
     guidance: float
-    verdicts: CopyVerdicts
+    verdicts: CopyVerdicts | None
     encoder: Any
     model_fp: str
     data_fp: str
     reid: Any = None
+
+    def all(self, sets: Mapping[str, list[str]], notes: list[str],
+            ) -> dict[tuple[str, float, str], dict[str, Any]]:
+        """Every (method, strength) and the ``none`` baseline on every non-empty set, keyed
+        ``(method, strength, set)``; a note when prompt-embedding optimization's target is
+        taken from the baseline."""
+        config = self.config
+        configs = [(BASELINE, 0.0)] + [(m, s) for m in config.methods
+                                       for s in config.strengths[m]]
+        peo_target = None
+        units: dict[tuple[str, float, str], dict[str, Any]] = {}
+        work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
+        for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
+            params = {}
+            if method == "prompt_embedding_optimization" and \
+                    get_mitigation(method).params.get("target") is None:
+                peo_target = _peo_target(units) if peo_target is None else peo_target
+                params["target"] = peo_target
+            units[(method, strength, set_name)] = self.get(method, strength, params,
+                                                           sets[set_name], set_name)
+        if peo_target is not None:
+            notes.append(f"prompt_embedding_optimization stops at the median first-step noise "
+                         f"magnitude of the baseline control prompts ({peo_target:.4g})")
+        return units
 
     def get(self, method: str, strength: float, params: dict, prompts: list[str],
             set_name: str) -> dict[str, Any]:
@@ -675,8 +916,9 @@ class _Units:
         key = {"method": method, "strength": strength, "params": params, "prompts": prompts,
                "generations": config.generations, "steps": config.steps,
                "guidance": self.guidance, "seed": config.seed,
-               "backend": self.verdicts.backend.params(), "reference": self.data_fp,
-               "encoder": self.encoder.fingerprint(),
+               "backend": None if self.verdicts is None else self.verdicts.backend.params(),
+               "reference": self.data_fp,
+               "encoder": None if self.encoder is None else self.encoder.fingerprint(),
                "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
         if self.reid is not None:  # stored values then hold re-ID scores too
             key["reid"] = self.reid.params()
@@ -688,7 +930,8 @@ class _Units:
         value = measure(self.adapter, prompts, method=method, strength=strength, params=params,
                         generations=config.generations, steps=config.steps,
                         guidance=self.guidance, seed=config.seed, batch_size=config.batch_size,
-                        backend=self.verdicts.backend, reference=self.verdicts.reference,
+                        backend=None if self.verdicts is None else self.verdicts.backend,
+                        reference=None if self.verdicts is None else self.verdicts.reference,
                         encoder=self.encoder, reid=self.reid)
         store.put_many([{"model_fingerprint": self.model_fp, "prompt": name,
                          "method": "mitigate", "params_hash": h, "value": value}],
@@ -710,9 +953,10 @@ def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: floa
     """Generate with one mitigation and measure every generation (no files written).
 
     Returns a JSON-ready dict of per-generation lists: ``prompt_index``, ``similarity``
-    (to the nearest training image), ``study_id``, ``noise_magnitude`` (first step), the
-    image embeddings ``embedding``, with a :class:`~diffmem.reid.verdicts.ReIDSetup` ``reid``
-    also ``reid_score`` and ``reid_patient_id`` (the most similar training patient), and
+    (to the nearest training image; empty when ``reference`` is None), ``study_id``,
+    ``noise_magnitude`` (first step), the image embeddings ``embedding`` (empty when
+    ``encoder`` is None), with a :class:`~diffmem.reid.verdicts.ReIDSetup` ``reid`` also
+    ``reid_score`` and ``reid_patient_id`` (the most similar training patient), and
     ``seconds`` (wall time of the sampling).
     """
     import torch
@@ -729,21 +973,22 @@ def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: floa
                             guidance=guidance, seed=seed, batch_size=batch_size,
                             hooks=combine_hooks(hooks, probe.hooks()))
     seconds = time.perf_counter() - started
-    nn = nearest_neighbors(sample.images, reference, backend=backend, k=1)
-    emb = encoder.embed_images(sample.images)
+    similarity, study_id = [], []
+    if reference is not None:
+        nn = nearest_neighbors(sample.images, reference, backend=backend, k=1)
+        similarity = [float(x) for x in nn.similarities[:, 0]]
+        study_id = [str(x) for x in nn.study_ids[:, 0]] if nn.study_ids is not None else []
+    emb = [] if encoder is None else \
+        np.round(encoder.embed_images(sample.images).astype(np.float64), 6).tolist()
     magnitudes = torch.cat(probe.values).tolist() if probe.values else []
     extra = {}
     if reid is not None:
         scores, rows = reid.search(sample.images)
         extra = {"reid_score": [float(x) for x in scores],
                  "reid_patient_id": [reid.index.patient_ids[r] for r in rows]}
-    return {**extra, "prompt_index": sample.prompt_index.tolist(),
-            "similarity": [float(x) for x in nn.similarities[:, 0]],
-            "study_id": [str(x) for x in nn.study_ids[:, 0]] if nn.study_ids is not None
-            else [],
-            "noise_magnitude": [float(x) for x in magnitudes],
-            "embedding": np.round(emb.astype(np.float64), 6).tolist(),
-            "seconds": round(seconds, 4)}
+    return {**extra, "prompt_index": sample.prompt_index.tolist(), "similarity": similarity,
+            "study_id": study_id, "noise_magnitude": [float(x) for x in magnitudes],
+            "embedding": emb, "seconds": round(seconds, 4)}
 
 
 class _FirstStepProbe:
@@ -805,37 +1050,45 @@ def _reid_rates(unit: Mapping[str, Any], n_prompts: int, reid: Any) -> dict[str,
 
 def _row(method: str, strength: float, set_name: str, unit: Mapping[str, Any], threshold: Any,
          real: Mapping[str, Any], prompts: list[str], enc: Any) -> dict[str, Any]:
+    """One row of :data:`CSV_COLUMNS`; a metric whose inputs are missing (no ``threshold``: no
+    copy verdicts; no ``enc``; no held-out embeddings in ``real``) is None."""
     from diffmem.embed import alignment_score, frechet_distance
 
-    sims = np.asarray(unit["similarity"], dtype=np.float64)
-    copies = is_copy(sims, threshold)
     index = np.asarray(unit["prompt_index"], dtype=np.int64)
-    emb = np.asarray(unit["embedding"], dtype=np.float64)
-    texts = enc.embed_texts([prompts[i] for i in index])
-    per_prompt = [bool(copies[index == p].any()) for p in range(len(prompts))]
-    return {
-        "method": method,
-        "strength": float(strength),
-        "prompt_set": set_name,
-        "n_prompts": len(prompts),
-        "n_generations": int(len(sims)),
-        "memorization_rate": round(float(copies.mean()), 6),
-        "prompt_memorization_rate": round(float(np.mean(per_prompt)), 6),
-        "mean_nn_similarity": round(float(sims.mean()), 6),
+    row: dict[str, Any] = {
+        "method": method, "strength": float(strength), "prompt_set": set_name,
+        "n_prompts": len(prompts), "n_generations": int(len(index)),
+        "memorization_rate": None, "prompt_memorization_rate": None,
+        "mean_nn_similarity": None,
         "noise_magnitude": round(float(np.mean(unit["noise_magnitude"])), 6)
         if unit["noise_magnitude"] else None,
-        "fid_in_domain": round(frechet_distance(emb, real["heldout"]), 6),
-        "alignment": round(float(alignment_score(emb, texts).mean()), 6),
-        "seconds_per_image": round(float(unit["seconds"]) / max(1, len(sims)), 6),
+        "fid_in_domain": None, "alignment": None,
+        "seconds_per_image": round(float(unit["seconds"]) / max(1, len(index)), 6),
         "pareto": False,
     }
+    if threshold is not None and len(unit["similarity"]):
+        sims = np.asarray(unit["similarity"], dtype=np.float64)
+        copies = is_copy(sims, threshold)
+        row["memorization_rate"] = round(float(copies.mean()), 6)
+        row["prompt_memorization_rate"] = round(float(np.mean(
+            [bool(copies[index == p].any()) for p in range(len(prompts))])), 6)
+        row["mean_nn_similarity"] = round(float(sims.mean()), 6)
+    if enc is not None and len(unit["embedding"]):
+        emb = np.asarray(unit["embedding"], dtype=np.float64)
+        texts = enc.embed_texts([prompts[i] for i in index])
+        row["alignment"] = round(float(alignment_score(emb, texts).mean()), 6)
+        if real.get("heldout") is not None:
+            row["fid_in_domain"] = round(frechet_distance(emb, real["heldout"]), 6)
+    return row
 
 
 def points(rows: Sequence[Mapping[str, Any]], *, utility: str = "fid_in_domain",
            memorization_set: str = "memorized", utility_set: str = "control",
-           ) -> list[dict[str, Any]]:
-    """One point per configuration: its memorization rate on ``memorization_set`` and its
-    ``utility`` on ``utility_set`` (a configuration missing either is left out).
+           memorization: str = "memorization_rate") -> list[dict[str, Any]]:
+    """One point per configuration: its ``memorization`` metric (``memorization_rate``, or
+    ``noise_magnitude`` without copy verdicts) on ``memorization_set`` and its ``utility`` on
+    ``utility_set``, as keys ``memorization`` and ``utility`` (a configuration missing either
+    is left out).
 
     By default memorization is read on the memorized prompts and utility on the control
     prompts: a deployed mitigation runs on every prompt, most of which are not memorized, and
@@ -844,22 +1097,26 @@ def points(rows: Sequence[Mapping[str, Any]], *, utility: str = "fid_in_domain",
     """
     if utility not in UTILITIES:
         raise ConfigError(f"utility={utility!r}; choose {' or '.join(UTILITIES)}")
-    mem = {(r["method"], float(r["strength"])): r for r in rows
-           if r["prompt_set"] == memorization_set}
-    use = {(r["method"], float(r["strength"])): r for r in rows if r["prompt_set"] == utility_set}
-    return [{"method": k[0], "strength": k[1], "memorization_rate": mem[k]["memorization_rate"],
-             "utility": use[k][utility]} for k in mem if k in use]
+    if memorization not in MEMORIZATION_METRICS:
+        raise ConfigError(f"memorization={memorization!r}; choose "
+                          f"{' or '.join(MEMORIZATION_METRICS)}")
+    mem = {(r["method"], float(r["strength"])): r[memorization] for r in rows
+           if r["prompt_set"] == memorization_set and r.get(memorization) is not None}
+    use = {(r["method"], float(r["strength"])): r[utility] for r in rows
+           if r["prompt_set"] == utility_set and r.get(utility) is not None}
+    return [{"method": k[0], "strength": k[1], "memorization": mem[k], "utility": use[k]}
+            for k in mem if k in use]
 
 
 def pareto_front(rows: Sequence[Mapping[str, Any]], *, utility: str = "fid_in_domain",
                  memorization_set: str = "memorized", utility_set: str = "control",
-                 ) -> list[tuple[str, float]]:
-    """Configurations ``(method, strength)`` not dominated in (memorization rate on
+                 memorization: str = "memorization_rate") -> list[tuple[str, float]]:
+    """Configurations ``(method, strength)`` not dominated in (``memorization`` on
     ``memorization_set``, ``utility`` on ``utility_set``): no other configuration is at least
     as good on both and better on one (see :func:`points`).
 
     Lower memorization is better; ``fid_in_domain`` lower, ``alignment`` higher. Sorted by
-    memorization rate, then utility.
+    memorization, then utility.
 
     Examples
     --------
@@ -874,9 +1131,9 @@ def pareto_front(rows: Sequence[Mapping[str, Any]], *, utility: str = "fid_in_do
     [('a', 1.0), ('none', 0.0)]
     """
     sign = -1.0 if UTILITIES[utility] else 1.0
-    pts = [(p["method"], p["strength"], float(p["memorization_rate"]), sign * float(p["utility"]))
+    pts = [(p["method"], p["strength"], float(p["memorization"]), sign * float(p["utility"]))
            for p in points(rows, utility=utility, memorization_set=memorization_set,
-                           utility_set=utility_set)]
+                           utility_set=utility_set, memorization=memorization)]
     front = []
     for m, s, x, y in pts:
         if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for _, _, x2, y2 in pts):
@@ -888,12 +1145,31 @@ def _label(method: str, strength: float, multi: set[str]) -> str:
     return f"{method}@{strength:g}" if method in multi else method
 
 
+def _front_and_recommendation(rows: list[dict[str, Any]], config: ComparisonConfig,
+                              multi: set[str], sets: tuple[str, str], metric: str):
+    """Mark the Pareto rows and pick the recommendation: ``(front, recommended, reason)``;
+    no front and no recommendation without a utility."""
+    if config.utility is None:
+        return [], None, ("no utility was measured (no in-domain encoder), so no mitigation "
+                          "can be recommended: the table shows what each one does to "
+                          f"{MEMORIZATION_METRICS[metric]}, not what it costs")
+    front = pareto_front(rows, utility=config.utility, memorization_set=sets[0],
+                         utility_set=sets[1], memorization=metric)
+    for r in rows:
+        r["pareto"] = (r["method"], r["strength"]) in front
+    return (front, *_recommend(rows, front, config, multi, sets, metric))
+
+
 def _recommend(rows: list[dict[str, Any]], front: list[tuple[str, float]],
-               config: ComparisonConfig, multi: set[str], sets: tuple[str, str]):
+               config: ComparisonConfig, multi: set[str], sets: tuple[str, str],
+               metric: str = "memorization_rate"):
     u, (mem_set, use_set) = config.utility, sets
+    what = MEMORIZATION_METRICS[metric]
     by_key = {(p["method"], p["strength"]): p for p in points(
-        rows, utility=u, memorization_set=mem_set, utility_set=use_set)}
-    base = by_key[(BASELINE, 0.0)]
+        rows, utility=u, memorization_set=mem_set, utility_set=use_set, memorization=metric)}
+    base = by_key.get((BASELINE, 0.0))
+    if base is None:
+        return None, f"the baseline has no {what} and {u} to compare with"
     higher, tol = UTILITIES[u], float(config.fid_tolerance)
 
     def acceptable(p):
@@ -902,25 +1178,24 @@ def _recommend(rows: list[dict[str, Any]], front: list[tuple[str, float]],
         return p["utility"] <= base["utility"] * (1 + tol)
 
     options = [by_key[k] for k in front if k[0] != BASELINE
-               and by_key[k]["memorization_rate"] < base["memorization_rate"]
+               and by_key[k]["memorization"] < base["memorization"]
                and acceptable(by_key[k])]
     if not options:
-        if base["memorization_rate"] == 0:
+        if base["memorization"] == 0 and metric == "memorization_rate":
             return None, (f"the baseline copies nothing on the {mem_set} prompts at this "
                           "threshold: no mitigation is needed there")
-        return None, (f"no mitigation lowers the memorization rate of the {mem_set} prompts "
-                      f"below the baseline's {base['memorization_rate']:.2f} while keeping "
-                      f"{u} on the {use_set} prompts within {tol:.0%} of the baseline's "
+        return None, (f"no mitigation lowers the {what} of the {mem_set} prompts below the "
+                      f"baseline's {base['memorization']:.4g} while keeping {u} on the "
+                      f"{use_set} prompts within {tol:.0%} of the baseline's "
                       f"({base['utility']:.4g})")
-    best = min(options, key=lambda p: (p["memorization_rate"],
+    best = min(options, key=lambda p: (p["memorization"],
                                        -p["utility"] if higher else p["utility"]))
     label = _label(best["method"], best["strength"], multi)
     cost = _alignment_change(rows, best, sets)
-    return label, (f"on the Pareto front, lowest memorization rate on the {mem_set} prompts "
-                   f"({best['memorization_rate']:.2f} vs {base['memorization_rate']:.2f} "
-                   f"without mitigation) with {u} on the {use_set} prompts "
-                   f"{best['utility']:.4g}, within {tol:.0%} of the baseline's "
-                   f"{base['utility']:.4g}" + cost)
+    return label, (f"on the Pareto front, lowest {what} on the {mem_set} prompts "
+                   f"({best['memorization']:.4g} vs {base['memorization']:.4g} without "
+                   f"mitigation) with {u} on the {use_set} prompts {best['utility']:.4g}, "
+                   f"within {tol:.0%} of the baseline's {base['utility']:.4g}" + cost)
 
 
 def _alignment_change(rows: list[dict[str, Any]], best: Mapping[str, Any],
@@ -936,25 +1211,28 @@ def _alignment_change(rows: list[dict[str, Any]], best: Mapping[str, Any],
 
 
 # ---------------------------------------------------------------------------- files
-def _write_outputs(result: MitigationComparison, out: Path, multi: set[str]) -> None:
+def _write_outputs(result: MitigationComparison, out: Path, multi: set[str],
+                   sets: tuple[str, str]) -> None:
     from diffmem.mitigate.plots import plot_pareto
 
     write_csv(out / CSV_NAME, CSV_COLUMNS,
               ({k: ("" if r[k] is None else str(r[k]).lower() if isinstance(r[k], bool) else r[k])
                 for k in CSV_COLUMNS} for r in result.rows))
-    mem_set = "memorized" if result.prompts.get("memorized") else "control"
     result.files = {"csv": str(out / CSV_NAME), "summary": str(out / SUMMARY_NAME),
                     "store": str(out / STORE_NAME)}
-    primary = result.config.utility
-    panels = {u: points(result.rows, utility=u, memorization_set=mem_set)
-              for u in (primary, *(u for u in UTILITIES if u != primary))}
-    result.files["pareto"] = str(plot_pareto(
-        panels, out / PLOT_NAME, memorization_set=mem_set,
-        front={(r["method"], r["strength"]) for r in result.rows if r["pareto"]},
-        labels={(m, s): _label(m, s, multi) for m, s in
-                {(r["method"], r["strength"]) for r in result.rows}}))
+    primary, metric = result.config.utility, result.memorization_metric
+    panels = {u: points(result.rows, utility=u, memorization_set=sets[0], utility_set=sets[1],
+                        memorization=metric)
+              for u in (primary, *(u for u in UTILITIES if u != primary)) if u is not None}
+    panels = {u: pts for u, pts in panels.items() if pts}
+    if panels:
+        result.files["pareto"] = str(plot_pareto(
+            panels, out / PLOT_NAME, memorization_set=sets[0], utility_set=sets[1],
+            metric=MEMORIZATION_METRICS[metric],
+            front={(r["method"], r["strength"]) for r in result.rows if r["pareto"]},
+            labels={(m, s): _label(m, s, multi) for m, s in
+                    {(r["method"], r["strength"]) for r in result.rows}}))
     try:
         write_json(out / SUMMARY_NAME, result.to_dict())
     except OSError as e:
         raise OutputError(f"cannot write {out / SUMMARY_NAME}: {e.strerror}") from None
-

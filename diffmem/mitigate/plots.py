@@ -19,10 +19,11 @@ _AXES = {"fid_in_domain": "in-domain Fréchet distance to held-out images (lower
 
 def plot_pareto(panels: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, *,
                 front: Collection[tuple[str, float]], memorization_set: str = "memorized",
-                utility_set: str = "control",
+                utility_set: str = "control", metric: str = "memorization rate",
                 labels: Mapping[tuple[str, float], str] | None = None) -> Path:
-    """One panel per utility metric: memorization rate (y, on ``memorization_set``) against the
-    metric (x, on ``utility_set``), one point per configuration (from
+    """One panel per utility metric: memorization (y, on ``memorization_set``: the
+    ``metric`` named, a rate or the noise magnitude) against the utility metric (x, on
+    ``utility_set``), one point per configuration (from
     :func:`~diffmem.mitigate.compare.points`). The first panel's metric defines ``front``:
     those points are joined and named in bold. Returns the PNG path."""
     fig = _figure(5.5 * len(panels), 4.6)
@@ -33,26 +34,27 @@ def plot_pareto(panels: Mapping[str, Sequence[Mapping[str, Any]]], path: str | o
             key = (p["method"], p["strength"])
             on_front = key in front and k == 0
             base = p["method"] == "none"
-            ax.scatter([p["utility"]], [p["memorization_rate"]], s=70 if on_front else 36,
+            ax.scatter([p["utility"]], [p["memorization"]], s=70 if on_front else 36,
                        marker="*" if base else "o", zorder=3,
                        color="#c0392b" if on_front else ("#7f8c8d" if base else "#2e86c1"))
-            ax.annotate(labels.get(key, p["method"]), (p["utility"], p["memorization_rate"]),
+            ax.annotate(labels.get(key, p["method"]), (p["utility"], p["memorization"]),
                         fontsize=7, xytext=(4, 3), textcoords="offset points",
                         fontweight="bold" if on_front else "normal")
         for p in pts:
             if p["method"] == "none":  # the unmitigated model: reference lines
-                ax.axhline(p["memorization_rate"], color="#7f8c8d", lw=0.8, ls="--", zorder=1)
+                ax.axhline(p["memorization"], color="#7f8c8d", lw=0.8, ls="--", zorder=1)
                 ax.axvline(p["utility"], color="#7f8c8d", lw=0.8, ls="--", zorder=1)
         if k == 0:
             line = sorted((p for p in pts if (p["method"], p["strength"]) in front),
-                          key=lambda p: p["memorization_rate"])
+                          key=lambda p: p["memorization"])
             if len(line) > 1:
-                ax.plot([p["utility"] for p in line], [p["memorization_rate"] for p in line],
+                ax.plot([p["utility"] for p in line], [p["memorization"] for p in line],
                         color="#c0392b", lw=1, zorder=2, label="Pareto front")
                 ax.legend(fontsize=8, loc="best")
         ax.set_xlabel(f"{_AXES.get(metric, metric)}\n({utility_set} prompts)", fontsize=8)
-        ax.set_ylabel(f"memorization rate ({memorization_set} prompts)", fontsize=8)
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel(f"{metric} ({memorization_set} prompts)", fontsize=8)
+        if metric == "memorization rate":
+            ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     fig.suptitle("Mitigations: memorization vs utility (in-domain encoder, not Inception)",
                  fontsize=10)

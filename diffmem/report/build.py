@@ -3,7 +3,9 @@ of ``diffmem detect``, ``scan``, ``mitigate`` and ``study``.
 
 The report reads results; it runs no model. It opens the dataset (the dataset section, the
 training images beside the copies), the model folder only to fingerprint its weights (so
-results computed on another model are refused), and the results folders. Steps:
+results computed on another model are refused), and the results folders. Without a dataset
+(a user with a model and a prompts file) the sections that need the training data say so, and
+``report.json``'s ``not_measured`` lists everything the inputs could not measure. Steps:
 
 1. check inputs: image mode, results folders, dataset, model folder, output folder;
 2. read the results and check that they were computed on this model and these data;
@@ -34,8 +36,8 @@ from diffmem.report.inputs import (read_detect, read_mitigate, read_reid_eval, r
 from diffmem.report.render import pictures, render_report
 from diffmem.report.risk import assess_risk
 from diffmem.report.sections import (METHODS, REFERENCES, attribution_facts, dataset_facts,
-                                     detection_facts, jsonable, mitigation_facts, reid_facts,
-                                     reproducibility, study_facts, summary_facts)
+                                     detection_facts, jsonable, mitigation_facts, not_measured,
+                                     reid_facts, reproducibility, study_facts, summary_facts)
 from diffmem.utils import holds_files, prepare_out_dir, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class ReportResult:
         The image mode (see :data:`~diffmem.report.images.IMAGE_MODES`).
     seconds : float
     warnings : list of str
+    not_measured : list of str
+        What the inputs could not measure (report.json's ``not_measured``).
     """
 
     out: Path
@@ -73,16 +77,18 @@ class ReportResult:
     images: str = "include"
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    not_measured: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "html": str(self.html), "json": str(self.json),
                 "risk": self.risk, "sections": dict(self.sections), "images": self.images,
-                "seconds": self.seconds, "warnings": list(self.warnings)}
+                "seconds": self.seconds, "warnings": list(self.warnings),
+                "not_measured": list(self.not_measured)}
 
 
 # ---------------------------------------------------------------------------- entry point
 def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
-                 data: str | os.PathLike, detect: str | os.PathLike | None = None,
+                 data: str | os.PathLike | None = None, detect: str | os.PathLike | None = None,
                  scan: str | os.PathLike | None = None,
                  mitigate: str | os.PathLike | None = None,
                  studies: Sequence[str | os.PathLike] = (), images: str = "include",
@@ -98,8 +104,10 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
         Output folder: new, empty, or holding a previous report (else ``overwrite``).
     model : path
         The model folder the results were computed on (fingerprinted, never run).
-    data : path
-        Its training data (dataset folder or manifest).
+    data : path, optional
+        Its training data (dataset folder or manifest). Without it the dataset section, the
+        training images beside the copies and the data-fingerprint check are left out, and
+        the report says so.
     detect, scan, mitigate : path, optional
         The ``--out`` folders of ``diffmem detect``, ``diffmem scan``, ``diffmem mitigate``.
     studies : sequence of path, optional
@@ -151,13 +159,9 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
 
     model = Path(model)
     check_model_folder(model)
-    from diffmem.data import load
-
-    dataset = load(data)
-    if not len(dataset):
-        raise DataError("the dataset has no records; give the training data of the model",
-                        path=data)
-    out = _prepare_out(Path(out), overwrite=overwrite, inputs=[dataset.root, model])
+    dataset = _load_data(data)
+    out = _prepare_out(Path(out), overwrite=overwrite,
+                       inputs=[model, *([dataset.root] if dataset is not None else [])])
 
     # 2. results, and whether they belong to this model and these data
     det = read_detect(found.detect) if found.detect else None
@@ -173,16 +177,18 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
 
     # 3. facts of every section
     todo = todo_commands(model=model, data=data, results=results)
-    ds = dataset_facts(dataset, scn,
-                       None if results is None else Path(results) / "inspect.json")
+    ds = None if dataset is None else dataset_facts(
+        dataset, scn, None if results is None else Path(results) / "inspect.json")
     detection = detection_facts(det) if det else None
     reid = reid_facts(det, rev) if det else None
     attribution = attribution_facts(scn, detection)
     mitigation = mitigation_facts(mit) if mit else None
     studies_found = [study_facts(s) for s in stu]
-    risk = assess_risk(det, dataset=ds["inspect"])
+    risk = assess_risk(det, dataset=None if ds is None else ds["inspect"])
     sections = {
-        "summary": "included", "dataset": "included",
+        "summary": "included",
+        "dataset": "included" if ds else "needs the training data: build the report with "
+                                          "--data DATA",
         "detection": "included" if det else todo["detect"],
         "attribution": "included" if scn else todo["scan"],
         "mitigation": "included" if mit else todo["mitigate"],
@@ -200,8 +206,9 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
         "summary": summary,
         "sections": sections,
         "todo": todo,
-        "dataset": {k: v for k, v in ds.items() if k != "inspect"} | {
+        "dataset": None if ds is None else {k: v for k, v in ds.items() if k != "inspect"} | {
             "inspect": jsonable(ds["inspect"])},
+        "not_measured": not_measured(dataset, det, mit),
         "detection": detection,
         "reid": reid,
         "attribution": attribution,
@@ -226,7 +233,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     log.info("report: %s (risk %s)", html_path, risk.level)
     return ReportResult(out=out, html=html_path, json=json_path, risk=risk.level,
                         sections=sections, images=mode, seconds=facts["seconds"],
-                        warnings=warnings)
+                        warnings=warnings, not_measured=facts["not_measured"])
 
 
 # ---------------------------------------------------------------------------- 1. inputs
@@ -236,6 +243,19 @@ def _is_report_folder(folder: Path) -> bool:
                           .get("diffmem_report"), int)
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return False
+
+
+def _load_data(data: str | os.PathLike | None) -> Any:
+    """The training data (None when not given); a dataset without records is refused."""
+    if data is None:
+        return None
+    from diffmem.data import load
+
+    dataset = load(data)
+    if not len(dataset):
+        raise DataError("the dataset has no records; give the training data of the model",
+                        path=data)
+    return dataset
 
 
 def _prepare_out(out: Path, *, overwrite: bool, inputs: list[Path]) -> Path:
@@ -250,7 +270,8 @@ def _prepare_out(out: Path, *, overwrite: bool, inputs: list[Path]) -> Path:
 
 # ---------------------------------------------------------------------------- 2. identity
 def _identity(model: Path, dataset: Any, dtype: str | None = None) -> dict[str, Any]:
-    """Fingerprints of the model weights and the data (the report's only use of the model)."""
+    """Fingerprints of the model weights and the data (None without data; the report's only
+    use of the model)."""
     from diffmem.models import load_model
 
     log.info("fingerprinting the model weights in %s", model)
@@ -263,9 +284,11 @@ def _identity(model: Path, dataset: Any, dtype: str | None = None) -> dict[str, 
             card = {}
     return {"model": str(model), "model_fingerprint": adapter.fingerprint(),
             "model_kind": adapter.kind, "model_card": card if isinstance(card, dict) else {},
-            "data": str(dataset.root), "data_format": dataset.format,
-            "data_fingerprint": dataset.subset(split="train").fingerprint(),
-            "dataset_fingerprint": dataset.fingerprint()}
+            "data": None if dataset is None else str(dataset.root),
+            "data_format": None if dataset is None else dataset.format,
+            "data_fingerprint": None if dataset is None
+            else dataset.subset(split="train").fingerprint(),
+            "dataset_fingerprint": None if dataset is None else dataset.fingerprint()}
 
 
 def _check_match(ident: dict[str, Any], dataset: Any, det: dict | None, scn: dict | None,
@@ -297,13 +320,13 @@ def _check_match(ident: dict[str, Any], dataset: Any, det: dict | None, scn: dic
                 f"the results were computed on (and its --dtype, if not float32: a precision "
                 f"changes the fingerprint), or re-run `diffmem {what}` with this model",
                 path=folder)
-        if d and d != data_fp:
+        if d and data_fp and d != data_fp:
             raise DataError(
                 f"data mismatch: the {what} results were computed on training data with "
                 f"fingerprint {d}, but the training split of --data {ident['data']} has "
                 f"fingerprint {data_fp}; pass the data the results were computed on, or "
                 f"re-run `diffmem {what}` on these data", path=folder)
-    if scn is not None:
+    if scn is not None and dataset is not None:
         info = scn["summary"].get("input") or {}
         if str(info.get("kind", "")).startswith("dataset") and info.get("n_prompts"):
             split = info.get("split") or "train"

@@ -42,25 +42,40 @@ COMMANDS: dict[str, tuple[tuple[str, ...], ...]] = {
               ("diffmem", "study", "train-mitigations", "--data", "{data}",
                "--out", "{results}/study/train-mitigations")),
 }
+#: The same without training data: ``{prompts}`` stands for the user's prompts file.
+COMMANDS_WITHOUT_DATA: dict[str, tuple[tuple[str, ...], ...]] = {
+    "detect": (("diffmem", "detect", "--model", "{model}", "--prompts", "{prompts}",
+                "--methods", "noise,attention", "--out", "{results}/detect"),),
+    "scan": (("diffmem", "scan", "{prompts}", "--model", "{model}", "--out",
+              "{results}/scan"),),
+    "attributions": (("diffmem", "scan", "{prompts}", "--model", "{model}",
+                      "--out", "{results}/scan"),),
+    "mitigate": (("diffmem", "mitigate", "--model", "{model}", "--prompts", "{prompts}",
+                  "--out", "{results}/mitigate"),),
+    "study": (("diffmem", "study", "toy", "--out", "{results}/study/toy"),),
+}
 #: Said after a command of :data:`COMMANDS`.
 COMMAND_NOTES = {"attributions": "(a scan with --model writes the per-prompt attributions, "
                                  "attributions.jsonl)"}
 
 
-def todo_commands(*, model: str | os.PathLike, data: str | os.PathLike,
+def todo_commands(*, model: str | os.PathLike, data: str | os.PathLike | None,
                   results: str | os.PathLike | None) -> dict[str, str]:
-    """The :data:`COMMANDS` with the model, data and results folders filled in, each argument
-    shell-quoted (a path with spaces or ``;`` stays one argument when pasted).
+    """The :data:`COMMANDS` (:data:`COMMANDS_WITHOUT_DATA` when ``data`` is None) with the
+    model, data and results folders filled in, each argument shell-quoted (a path with spaces
+    or ``;`` stays one argument when pasted).
 
     Examples
     --------
     >>> todo_commands(model="m", data="my data; rm -rf ~", results=None)["scan"]
     "diffmem scan 'my data; rm -rf ~' --model m --out RESULTS/scan"
+    >>> todo_commands(model="m", data=None, results="r")["mitigate"]
+    'diffmem mitigate --model m --prompts PROMPTS.txt --out r/mitigate'
     """
-    fill = {"model": str(model), "data": str(data),
+    fill = {"model": str(model), "data": str(data), "prompts": "PROMPTS.txt",
             "results": "RESULTS" if results is None else str(results)}
     todo = {}
-    for key, commands in COMMANDS.items():
+    for key, commands in (COMMANDS if data is not None else COMMANDS_WITHOUT_DATA).items():
         text = ";  ".join(shell_command([arg.format(**fill) for arg in argv])
                           for argv in commands)
         todo[key] = f"{text}  {COMMAND_NOTES[key]}" if key in COMMAND_NOTES else text

@@ -29,9 +29,8 @@ def pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit:
                             "pareto": None, "tokens_chart": None, "reid_pairs": []}
     if det is not None:
         view["figures"] = {name: data_uri(path) for name, path in det["figures"].items()}
-        train = dataset.subset(split="train")
-        by_study: dict[str, list[Any]] = {}
-        for s in train:
+        by_study: dict[str, list[Any]] = {}  # no training images to show without data
+        for s in dataset.subset(split="train") if dataset is not None else []:
             by_study.setdefault(s.study_id, []).append(s)
         copies = {}
         for c in det["copies"]:

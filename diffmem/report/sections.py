@@ -22,8 +22,8 @@ from diffmem.utils import shell_command
 log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "REFERENCES", "attribution_facts", "dataset_facts", "detection_facts",
-           "flag_prompts", "jsonable", "mitigation_facts", "reid_facts", "reproducibility",
-           "study_facts", "summary_facts"]
+           "flag_prompts", "jsonable", "mitigation_facts", "not_measured", "reid_facts",
+           "reproducibility", "study_facts", "summary_facts"]
 
 #: Flagged prompts shown with their images and heat-coloured attributions.
 TOP_PROMPTS = 8
@@ -346,8 +346,34 @@ def mitigation_facts(mit: dict[str, Any]) -> dict[str, Any]:
             "notes": [str(n) for n in (s.get("notes") or [])] if isinstance(
                 s.get("notes"), list) else ([str(s["notes"])] if s.get("notes") else []),
             "threshold": s.get("threshold"), "encoder": s.get("encoder"),
+            "memorization_metric": s.get("memorization_metric") or "memorization_rate",
+            "not_measured": [str(x) for x in s.get("not_measured") or []],
             "seconds": s.get("seconds"), "config": s.get("config"),
             "reid": any(r.get("reid_rate") is not None for r in mit["rows"])}
+
+
+def not_measured(dataset: Any, det: dict | None, mit: dict | None) -> list[str]:
+    """What the report could not show with the inputs given, each with what would show it:
+    the parts that need the training data (``dataset`` None), a detection without copy
+    verdicts, and what the mitigation comparison itself lists as not measured."""
+    out = []
+    if dataset is None:
+        out.append("the dataset section (splits, duplicate images, de-identification markers, "
+                   "DICOM header PHI), the training images beside the copies, and the check "
+                   "that the results were computed on this model's training data: no training "
+                   "data was given; build the report with --data DATA")
+    if det is not None:
+        s = det["summary"]
+        if not s.get("threshold") or "nn" not in (s.get("config") or {}).get("methods", []):
+            out.append("copies of training images: the detection ran without reference images, "
+                       "so its memorization signals are model scores (noise magnitude, attention "
+                       "entropy) and no generation was compared with a training image; run "
+                       "`diffmem detect` with --methods nn and --reference DATA|IMAGE_DIR "
+                       "(with --calibration DIR or --threshold)")
+    if mit is not None:
+        listed = mit["summary"].get("not_measured")
+        out += [f"mitigation: {x}" for x in (listed if isinstance(listed, list) else [])]
+    return out
 
 
 def study_facts(study: dict[str, Any]) -> dict[str, Any]:
