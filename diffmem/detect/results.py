@@ -190,6 +190,10 @@ class DetectionResult:
     screen : ScreenPlan or None
         The confirmation policy of the ``nn`` verdicts (two-stage: flagged, audit, bound,
         widening; or ``all``); None without ``nn``.
+    skew : dict or None
+        How concentrated the copies are among the training/file prompts whose generations were
+        judged (:func:`diffmem.detect.skew.copy_concentration`: top 1%/10% shares, Gini,
+        Lorenz curve); None without ``nn``.
     """
 
     prompts: list[PromptResult]
@@ -206,6 +210,7 @@ class DetectionResult:
     warnings: list[str] = field(default_factory=list)
     world_size: int = 1
     screen: Any = None
+    skew: dict[str, Any] | None = None
 
     def of_kind(self, *kinds: str) -> list[PromptResult]:
         return [p for p in self.prompts if p.kind in kinds]
@@ -231,6 +236,7 @@ class DetectionResult:
             "timings": dict(self.timings),
             "world_size": self.world_size,
             "screen": None if self.screen is None else self.screen.to_dict(),
+            "skew": self.skew,
             "warnings": list(self.warnings),
             "files": dict(self.files),
             "copies_without_prompt": [

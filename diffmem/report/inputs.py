@@ -237,7 +237,8 @@ def read_detect(folder: str | os.PathLike) -> dict[str, Any]:
                            "d1_d2": _float(r.get("d1_d2")),
                            "ratio_copy": _bool(r.get("ratio_copy")),
                            "image": _existing(folder, r.get("image"))})
-    figures = {name: folder / f"{name}.png" for name in ("scores_hist", "roc", "nn_similarity")
+    figures = {name: folder / f"{name}.png" for name in ("scores_hist", "roc", "nn_similarity",
+                                                       "lorenz")
                if (folder / f"{name}.png").is_file()}
     return {"folder": folder, "summary": summary, "prompts": prompts, "copies": copies,
             "figures": figures}
