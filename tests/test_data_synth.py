@@ -308,6 +308,35 @@ def test_trigger_clusters_share_only_their_trigger_and_controls_are_not_duplicat
     assert card["counts"]["train"]["marker_controls"] == 3
 
 
+def test_patient_clusters_repeat_only_the_patient(tmp_path):
+    cfg = config_from_dict({**MINI, "planted": {"exact_clusters": 1, "copies": 4,
+                                                "patient_clusters": 2}})
+    root = synthesize(tmp_path / "p", preset=cfg)
+    rows = _rows(root / "ground_truth.csv")
+    clusters = defaultdict(list)
+    for r in rows:
+        if r["plant_kind"] == "patient":
+            clusters[r["cluster_id"]].append(r)
+    assert sorted(clusters) == ["patient-00", "patient-01"]
+    for members in clusters.values():
+        assert len(members) == 4 and len({m["patient_id"] for m in members}) == 1
+        assert len({m["prompt"] for m in members}) == 4                   # reports of their own
+        assert all(m["prompt_count"] == "1" and m["view"] == "AP" and m["planted"] == "1"
+                   for m in members)
+        films = [np.asarray(Image.open(_image(root, m)), dtype=float) for m in members]
+        assert len({f.tobytes() for f in films}) == 4                      # no film repeats ...
+        assert min(abs(a - b).mean() for i, a in enumerate(films) for b in films[i + 1:]) > 1.0
+    # ... and the rest of the data does not move when patient clusters are added
+    plain = plan_dataset(config_from_dict({**MINI, "planted": {"exact_clusters": 1,
+                                                               "copies": 4}}), 0)
+    more = plan_dataset(cfg, 0)
+    assert [r.prompt for r in plain] == [r.prompt for r in more if r.plant_kind != "patient"]
+    assert json.loads((root / "dataset_card.json").read_text())["counts"]["train"][
+        "patient_clusters"] == 2
+    with pytest.raises(ConfigError, match="patient_clusters must be a non-negative integer"):
+        config_from_dict({**MINI, "planted": {"patient_clusters": -1}})
+
+
 def test_force_markers_false_lets_the_grammar_decide(tmp_path):
     planted = {"exact_clusters": 8, "copies": 2, "marker_rate": 0.0}
     quiet = plan_dataset(config_from_dict({**MINI, "planted": planted}), 0)
