@@ -43,7 +43,7 @@ import numpy as np
 from diffmem.attribution.markers import DEID_KINDS, MarkerTally, Span, segment, split_pieces
 from diffmem.checks import as_adapter, check_int
 from diffmem.data.prompts import TABLE_SUFFIXES, check_prompt, iter_prompts, table_columns
-from diffmem.errors import ConfigError, DataError, OutputError, PromptError
+from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.utils import (check_outside, disk_full_error, is_disk_full, prepare_out_dir, progress,
                            write_json)
 
@@ -631,7 +631,8 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str | N
                  min_count: int = 3, prior_scale: float = 0.1, generations: int = 4,
                  steps: int = 1, num_inference_steps: int = 50, guidance: float | None = None,
                  seed: int = 0, batch_size: int = 32,
-                 copy_prone: Sequence[bool] | None = None) -> ScanResult:
+                 copy_prone: Sequence[bool] | None = None, workers: int = 1,
+                 threads: int | None = None) -> ScanResult:
     """Rank the tokens of a prompt dataset by memorization risk.
 
     Parameters
@@ -660,6 +661,12 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str | N
         (:func:`~diffmem.attribution.repeats.copy_prone_records`). The enrichment then
         contrasts the prompts of duplicated prompts *and* of these records with the rest: what
         a model copies is the repeated image, whatever its report says.
+    workers : int, optional
+        Processes for the per-prompt attribution (default 1; more need a model opened from
+        a folder; :func:`~diffmem.attribution.workers.attribute_prompts`). The result is the
+        same as with one.
+    threads : int, optional
+        Torch threads per worker (default: the CPUs divided among the workers).
 
     Returns
     -------
@@ -721,7 +728,8 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str | N
             max_prompts=max_prompts,
             trajectory={"generations": generations, "steps": steps,
                         "num_inference_steps": num_inference_steps, "guidance": guidance,
-                        "seed": seed, "batch_size": batch_size})
+                        "seed": seed, "batch_size": batch_size},
+            workers=workers, threads=threads)
         for key, kind in model_part["kinds"].items():
             info.setdefault(key, {"kind": kind[0], "convention": kind[1]})
 
@@ -871,17 +879,17 @@ def _ranks(score: np.ndarray, eligible: np.ndarray, counts: np.ndarray,
 
 
 def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prompts: int | None,
-                  trajectory: dict[str, Any]) -> dict[str, Any]:
+                  trajectory: dict[str, Any], workers: int = 1,
+                  threads: int | None = None) -> dict[str, Any]:
     """Memorization-weighted attribution share of every token key over the prompts.
 
     ``trajectory`` holds the attribution method's ``generations``, ``steps``,
-    ``num_inference_steps``, ``guidance``, ``seed`` and ``batch_size``.
+    ``num_inference_steps``, ``guidance``, ``seed`` and ``batch_size``; ``workers`` and
+    ``threads`` go to :func:`~diffmem.attribution.workers.attribute_prompts`.
     """
-    from diffmem.attribution.methods import get_method
+    from diffmem.attribution.workers import attribute_prompts
 
     seed = trajectory["seed"]
-
-    fn = get_method(method)
     distinct = sorted(copies)
     if max_prompts is not None:
         check_int("max_prompts", max_prompts, hint=" or None (all prompts)")
@@ -900,14 +908,13 @@ def _model_scores(adapter: Any, copies: dict[str, int], *, method: str, max_prom
     memorization = []
     attributions = []
     n_truncated = 0
-    for prompt in progress(distinct, desc=f"attribution ({method})", unit="prompt"):
-        try:
-            result = fn(adapter, prompt, **trajectory, truncate=True)
-        except PromptError as e:
-            skipped["only markers" if "only of de-identification" in str(e) else "unusable"] += 1
-            log.debug("skipped %r: %s", prompt, e)
+    done = attribute_prompts(adapter, distinct, method=method, trajectory=trajectory,
+                             workers=workers, threads=threads)
+    for prompt, result, skip, truncated in done:  # in prompt order, however many workers
+        if result is None:
+            skipped[skip] += 1
             continue
-        n_truncated += int(adapter.count_tokens(prompt) > adapter.max_length)
+        n_truncated += int(truncated)
         weight = copies[prompt] * max(float(result.memorization), 0.0)
         memorization.append(float(result.memorization))
         attributions.append(result)

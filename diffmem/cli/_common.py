@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 
 
+def no_subcommand(args: argparse.Namespace) -> int:
+    """Handler of a command group called without its subcommand: its help, exit code 2."""
+    args._parser.print_help()
+    return 2
+
+
 def add_on_error(parser: argparse.ArgumentParser) -> None:
     """``--on-error raise|skip``: stop at the first unreadable record, or skip and count."""
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
@@ -42,3 +48,34 @@ def device_options(args: argparse.Namespace) -> dict:
     device = getattr(args, "device", None)
     resolve_dtype(args.dtype, device=resolve_device(device))
     return {"device": device, "dtype": args.dtype}
+
+
+def add_backend(parser: argparse.ArgumentParser, *, what: str = "copy verdicts") -> None:
+    """``--backend``, ``--backend-size`` and ``--encoder``: the similarity backend of the copy
+    verdicts (see :func:`backend_options`)."""
+    parser.add_argument("--backend", default="pixel",
+                        help=f"similarity backend of the {what}: pixel (default), tiled_l2, ssim, "
+                             "embedding")
+    parser.add_argument("--backend-size", type=int,
+                        help="image side the pixel backends compare at (default: the backend's)")
+    parser.add_argument("--encoder", metavar="ENC_DIR",
+                        help="encoder folder for --backend embedding (from `diffmem embed "
+                             "train`)")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """The backend's keyword options from :func:`add_backend`'s flags (those given)."""
+    options = {}
+    if getattr(args, "backend_size", None) is not None:
+        options["size"] = args.backend_size
+    if getattr(args, "encoder", None) is not None:
+        options["encoder"] = args.encoder
+    return options
+
+
+def add_index(parser: argparse.ArgumentParser) -> None:
+    """``--index DIR``: a reference index of the training features (``diffmem index build``)."""
+    parser.add_argument("--index", metavar="INDEX_DIR",
+                        help="reference index of the training images' features (`diffmem index "
+                             "build`, same data and backend settings): reused instead of "
+                             "featurizing the training images again")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from diffmem.cli._common import add_device, device_options
+from diffmem.cli._common import add_device, device_options, no_subcommand
 
 ORDER = 90
 
@@ -107,12 +107,8 @@ def register(subparsers) -> None:
         "bench", help="benchmarks against planted ground truth (bench detect, ...)",
         description="Benchmarks on synthetic data with planted memorization; each subcommand "
                     "prints its numbers with the machine, seeds and sizes.")
-    p.set_defaults(handler=_no_subcommand, _parser=p)
+    p.set_defaults(handler=no_subcommand, _parser=p)
     sub = p.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
     for register_one in SUBCOMMANDS.values():
         register_one(sub)
 
-
-def _no_subcommand(args: argparse.Namespace) -> int:
-    args._parser.print_help()
-    return 2

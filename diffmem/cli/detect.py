@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from diffmem.cli._common import add_device, device_options
+from diffmem.cli._common import (
+    add_backend,
+    add_device,
+    add_index,
+    backend_options,
+    device_options,
+)
 
 ORDER = 40
 
@@ -64,12 +70,8 @@ def register(subparsers) -> None:
                    help="classifier-free guidance scale (default: the pipeline's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="generations per UNet call")
-    p.add_argument("--backend", default="pixel",
-                   help="similarity backend: pixel (default), tiled_l2, ssim, embedding")
-    p.add_argument("--backend-size", type=int,
-                   help="image side the pixel backends compare at (default: the backend's)")
-    p.add_argument("--encoder", metavar="ENC_DIR",
-                   help="encoder folder for --backend embedding (from `diffmem embed train`)")
+    add_backend(p)
+    add_index(p)
     p.add_argument("--fpr", type=float, default=0.01,
                    help="false-positive rate of the copy threshold (default 0.01)")
     p.add_argument("--threshold", type=float,
@@ -105,11 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from diffmem.detect.detector import DetectionConfig, detect
 
     device = device_options(args)
-    options = {}
-    if args.backend_size is not None:
-        options["size"] = args.backend_size
-    if args.encoder is not None:
-        options["encoder"] = args.encoder
+    options = backend_options(args)
     config = DetectionConfig(
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         generations=args.generations, steps=args.steps,
@@ -125,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = detect(args.model, args.data, args.out, config=config, prompts=args.prompts,
                     calibration=args.calibration, reference=args.reference,
-                    ground_truth=args.ground_truth,
+                    ground_truth=args.ground_truth, index=args.index,
                     command=["diffmem", *sys.argv[1:]], **device)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

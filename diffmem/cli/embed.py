@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffmem.cli._common import no_subcommand
+
 ORDER = 35
 
 
@@ -15,7 +17,7 @@ def register(subparsers) -> None:
         description="An in-domain CLIP-style encoder trained from scratch on the dataset's "
                     "(image, prompt) pairs: the detector's 'embedding' similarity backend and "
                     "the features of the in-domain Frechet distance and alignment score.")
-    p.set_defaults(handler=_no_subcommand, _parser=p)
+    p.set_defaults(handler=no_subcommand, _parser=p)
     sub = p.add_subparsers(dest="embed_command", metavar="SUBCOMMAND")
 
     t = sub.add_parser(
@@ -53,10 +55,6 @@ def register(subparsers) -> None:
                    choices=("impression", "findings", "both", "full"))
     e.set_defaults(handler=run_images, _parser=e)
 
-
-def _no_subcommand(args: argparse.Namespace) -> int:
-    args._parser.print_help()
-    return 2
 
 
 def run_train(args: argparse.Namespace) -> int:

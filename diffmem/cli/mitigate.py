@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from diffmem.errors import ConfigError
 
-from diffmem.cli._common import add_device, device_options
+from diffmem.cli._common import add_device, add_index, device_options
 
 ORDER = 60
 
@@ -52,6 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--utility", default="fid_in_domain", choices=("fid_in_domain", "alignment"),
                    help="utility axis of the Pareto front (default fid_in_domain)")
     add_device(p)
+    add_index(p)
     p.add_argument("--reid", nargs="?", const="", metavar="REID_DIR",
                    help="also measure the re-identification rate beside the copy rate "
                         "(a re-ID model folder, default: the embedded one)")
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, fpr=args.fpr, utility=args.utility,
         reid=args.reid is not None, reid_model=args.reid or None,
-        reid_threshold=args.reid_threshold, command=["diffmem", *sys.argv[1:]], **device_options(args))
+        reid_threshold=args.reid_threshold, command=["diffmem", *sys.argv[1:]],
+        index=args.index, **device_options(args))
     print(format_summary(result))
     return 0
 

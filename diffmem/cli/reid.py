@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._common import no_subcommand
+
 ORDER = 37
 
 _SPLITS = ("heldout", "all", "train", "validate", "test")
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
         description="A siamese patient-verification network (Packhaeuser et al., Sci. Rep. "
                     "2022): is this chest radiograph of the same patient as that one, even "
                     "with different findings or positioning?")
-    p.set_defaults(handler=_no_subcommand, _parser=p)
+    p.set_defaults(handler=no_subcommand, _parser=p)
     sub = p.add_subparsers(dest="reid_command", metavar="SUBCOMMAND")
 
     t = sub.add_parser(
@@ -64,10 +66,6 @@ def register(subparsers) -> None:
     e.add_argument("--device", default="cpu", help="torch device (default cpu)")
     e.set_defaults(handler=run_eval, _parser=e)
 
-
-def _no_subcommand(args: argparse.Namespace) -> int:
-    args._parser.print_help()
-    return 2
 
 
 def run_train(args: argparse.Namespace) -> int:

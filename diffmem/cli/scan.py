@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --model: deletion/insertion curves of gradient, occlusion and "
                         "attention vs random order on the N most memorized prompts "
                         "(DIR/faithfulness.csv)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="with --model: processes for the per-prompt attribution (default 1); "
+                        "each opens the model and takes an equal share of the prompts, with "
+                        "the CPU threads divided among them. Same result as one process")
     add_device(p)
     p.set_defaults(handler=run)
 
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                              images=args.images, faithfulness=args.faithfulness,
                              method=args.method, max_prompts=args.max_prompts,
                              near_threshold=args.near_threshold, min_count=args.min_count,
-                             generations=args.generations, steps=args.steps, seed=args.seed)
+                             generations=args.generations, steps=args.steps, seed=args.seed,
+                             workers=args.workers, threads=args.threads)
     s = result.summary
     markers = {**s["markers"], **s["placeholders"]}
     print(f"scanned {s['n_prompts']} prompts ({s['n_distinct']} distinct), "

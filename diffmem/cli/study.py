@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from diffmem.cli._common import add_device, device_options
+from diffmem.cli._common import add_device, add_index, device_options, no_subcommand
 
 ORDER = 70
 
@@ -37,6 +37,7 @@ def _measure_args(p: argparse.ArgumentParser, checkpoint_every: int | None = 100
                    help="held-out records generated for the FID (default: all)")
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
                    help=checkpoint_help)
+    add_index(p)
     add_device(p)  # measurement only: training runs where accelerate puts it
 
 
@@ -64,7 +65,7 @@ def register(subparsers) -> None:
                     "summary.json, a CSV and PNG figures; lr and train-mitigations train one "
                     "model per setting under OUT/runs/ (re-running skips finished runs and "
                     "resumes killed ones).")
-    p.set_defaults(handler=_no_subcommand, _parser=p)
+    p.set_defaults(handler=no_subcommand, _parser=p)
     sub = p.add_subparsers(dest="study_command", metavar="STUDY")
 
     t = sub.add_parser("toy", help="Wu et al. (COLT 2025) score-matching toy in 1-D or 2-D",
@@ -129,10 +130,6 @@ def register(subparsers) -> None:
     c.set_defaults(handler=run_checkpoints)
 
 
-def _no_subcommand(args: argparse.Namespace) -> int:
-    args._parser.print_help()
-    return 2
-
 
 def _measure(args):
     from diffmem.study.measure import MeasureConfig
@@ -166,7 +163,7 @@ def run_lr(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, use_embedded=not args.no_embedded,
                         encoder=args.encoder, measure=_measure(args),
                         checkpoint_every=args.checkpoint_every, threads=args.threads,
-                        command=["diffmem", *sys.argv[1:]]))
+                        command=["diffmem", *sys.argv[1:]], index=args.index))
     return 0
 
 
@@ -177,7 +174,7 @@ def run_mitigations(args: argparse.Namespace) -> int:
         args.data, args.out, methods=args.methods, options=args.options, preset=args.preset,
         steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
         encoder=args.encoder, measure=_measure(args), checkpoint_every=args.checkpoint_every,
-        threads=args.threads, command=["diffmem", *sys.argv[1:]]))
+        threads=args.threads, command=["diffmem", *sys.argv[1:]], index=args.index))
     return 0
 
 

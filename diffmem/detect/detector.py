@@ -333,7 +333,8 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
            calibration: str | os.PathLike | Any | None = None,
            ground_truth: str | os.PathLike | Mapping | None = None,
            command: str | Sequence[str] | None = None,
-           device: str | None = None, dtype: str | None = None) -> DetectionResult:
+           device: str | None = None, dtype: str | None = None,
+           index: str | os.PathLike | None = None) -> DetectionResult:
     """Scan a model for memorized prompts and write the results to ``out``.
 
     Parameters
@@ -371,6 +372,10 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
         Device and precision to open a model folder or pipeline with (see
         :func:`~diffmem.models.load_model`); under ``accelerate launch`` a bare ``"cuda"`` (or
         the default, with CUDA) means each process's own GPU.
+    index : path, optional
+        A reference index (``diffmem index build``) of the training split's features under
+        the run's backend: opened instead of featurizing the training images (refused when it
+        was built from other data or with other backend settings). Same verdicts.
 
     Returns
     -------
@@ -396,6 +401,10 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
         from diffmem.models import check_model_folder
 
         check_model_folder(model_source)  # reads JSON and file names only
+    if index is not None and "nn" in config.methods:
+        from diffmem.detect.index import read_card
+
+        read_card(index)  # the card only; checked against the data and backend below
     out = prepare_out_dir(out, inputs=inputs.roots + (
         [model_source] if model_source is not None else []))
     check_writable(out)
@@ -436,7 +445,7 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
         verdicts = prepare_verdicts(
             inputs.reference, backend=config.backend, backend_options=config.backend_options,
             threshold=config.threshold, heldout=inputs.heldout, fpr=config.fpr,
-            cache_dir=out / "cache", state=state)
+            cache_dir=out / "cache", state=state, index=index)
     reid = _prepare_reid(config, inputs.reid)
 
     # 4. scan, shard by shard, committing every chunk

@@ -36,7 +36,6 @@ from diffmem.checks import check_int
 from diffmem.data.dataset import CXRDataset
 from diffmem.detect.similarity import (
     SimilarityBackend,
-    _unit_rows,
     as_image_batch,
     get_backend,
 )
@@ -45,9 +44,15 @@ from diffmem.utils import prepare_out_dir, progress, sha256_text, stable_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NeighborResult", "ReferenceFeatures", "nearest_neighbors", "resolve_backend"]
+__all__ = ["NeighborResult", "ReferenceFeatures", "feature_batches", "nearest_neighbors",
+           "resolve_backend"]
 
 INDEXES = (None, "brute", "faiss")
+
+# Extra FAISS candidates re-ranked exactly (ties among duplicated training images)
+_FAISS_SPARE = 8
+# Queries whose FAISS candidates are re-scored together (bounds a Q x candidates block)
+_RESCORE_QUERIES = 256
 
 
 @dataclass
@@ -178,13 +183,8 @@ class ReferenceFeatures:
                     cached = cls.load(stem.with_suffix(".npy"))
                     log.info("reusing cached reference features %s", stem.with_suffix(".npy"))
                     return cached
-        load_size = _load_size(backend)
-        feats = []
-        chunks = dataset.iter_images(size=load_size, batch_size=batch_size, indices=positions)
-        n_chunks = -(-len(positions) // batch_size)
-        for _, images in progress(chunks, desc="reference features", total=n_chunks,
-                                  unit="batch"):
-            feats.append(backend.features(images))
+        feats = [f for _, f in feature_batches(dataset, backend, positions,
+                                                 batch_size=batch_size)]
         study_ids = np.array([dataset[int(i)].study_id for i in positions], dtype=str)
         out = cls(np.concatenate(feats), positions, study_ids, backend.params(), source)
         if stem is not None:
@@ -281,8 +281,10 @@ def nearest_neighbors(query_images: np.ndarray | CXRDataset,
     batch_size : int, optional
         Reference images scored at a time (memory: ``Q x batch_size`` similarities).
     index : {None, "brute", "faiss"}, optional
-        ``None``/``"brute"``: exact streaming search. ``"faiss"``: exact FAISS inner-product
-        search (``pixel`` and ``embedding`` backends; needs ``pip install diffmem[faiss]``).
+        ``"brute"``: exact streaming search. ``"faiss"``: exact FAISS inner-product search
+        (``pixel`` and ``embedding`` backends; needs ``pip install diffmem[faiss]``).
+        ``None`` (default): FAISS when ``reference`` carries a FAISS index (a reference index
+        opened with :func:`diffmem.detect.index.open_index`), the streaming search otherwise.
     split : str or None, optional
         Split of a dataset reference (default ``"train"``; ``None`` for every record).
 
@@ -326,10 +328,8 @@ def nearest_neighbors(query_images: np.ndarray | CXRDataset,
         positions = _split_positions(reference, split)
         n_ref = len(positions)
         ref_ids = None  # filled below, by position
-        source = ((np.asarray(idx, dtype=np.int64), backend.features(images))
-                  for idx, images in reference.iter_images(size=_load_size(backend),
-                                                           batch_size=batch_size,
-                                                           indices=positions))
+        source = feature_batches(reference, backend, positions, batch_size=batch_size,
+                                 desc=None)
     else:
         ref_images = as_image_batch(reference, name="reference images")
         n_ref, ref_ids = len(ref_images), None
@@ -344,9 +344,12 @@ def nearest_neighbors(query_images: np.ndarray | CXRDataset,
     # 3. query features
     query = _query_features(query_images, backend, batch_size)
 
-    # 4. search
+    # 4. search (a reference index's own FAISS index when it carries one)
+    if index is None and isinstance(reference, ReferenceFeatures) \
+            and reference._faiss_index is not None and backend.inner_product:
+        index, faiss = "faiss", None
     if index == "faiss":
-        sims, idx = _faiss_search(faiss, reference, query, k)
+        sims, idx = _faiss_search(faiss, reference, query, k, backend)
     else:
         sims = np.full((len(query), k), -np.inf)
         idx = np.full((len(query), k), np.iinfo(np.int64).max, dtype=np.int64)
@@ -367,6 +370,40 @@ def nearest_neighbors(query_images: np.ndarray | CXRDataset,
         study_ids = None
     return NeighborResult(indices=idx, similarities=sims, distances=backend.to_distance(sims),
                           study_ids=study_ids, backend=backend.params(), n_reference=n_ref)
+
+
+def feature_batches(dataset: CXRDataset, backend: SimilarityBackend, positions: np.ndarray, *,
+                    batch_size: int = 256, desc: str | None = "reference features",
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(positions, features)`` of a dataset's images, ``batch_size`` at a time: the one place
+    dataset images are loaded (at the backend's size) and featurized for a search.
+
+    Parameters
+    ----------
+    dataset : CXRDataset
+    backend : SimilarityBackend
+    positions : numpy.ndarray
+        int64 positions of the records to featurize, in order.
+    batch_size : int, optional
+        Images loaded and featurized at a time.
+    desc : str or None, optional
+        Progress bar label (``None``: no bar).
+
+    Yields
+    ------
+    positions : numpy.ndarray
+        int64 ``(B,)`` positions of the batch's records.
+    features : numpy.ndarray
+        float32 ``(B, D)``.
+    """
+    batch_size = _check_batch_size(batch_size)
+    chunks = dataset.iter_images(size=_load_size(backend), batch_size=batch_size,
+                                 indices=positions)
+    if desc is not None:
+        chunks = progress(chunks, desc=desc, total=-(-len(positions) // batch_size),
+                          unit="batch")
+    for idx, images in chunks:
+        yield np.asarray(idx, dtype=np.int64), backend.features(images)
 
 
 def _merge_topk(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray,
@@ -390,25 +427,30 @@ def _import_faiss():
     return faiss
 
 
-def _faiss_search(faiss: Any, reference: ReferenceFeatures, query: np.ndarray,
-                  k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product search with FAISS (float32), candidates re-scored in float64 as the
-    backend does; neighbours whose scores tie within float32 rounding may come in another
-    order than the streaming search's."""
+def _faiss_search(faiss: Any, reference: ReferenceFeatures, query: np.ndarray, k: int,
+                  backend: SimilarityBackend) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search with FAISS (float32) for candidates, re-scored with the
+    backend's own similarity (float64) and re-ranked as the streaming search ranks (ties:
+    lower index first)."""
     if reference._faiss_index is None:
         index = faiss.IndexFlatIP(reference.features.shape[1])
         index.add(np.ascontiguousarray(reference.features, dtype=np.float32))
         reference._faiss_index = index
-    _, rows = reference._faiss_index.search(np.ascontiguousarray(query, dtype=np.float32), k)
+    # a few candidates more than asked: neighbours whose float32 scores tie (duplicated
+    # training images) are re-ranked exactly below
+    fetch = min(len(reference), k + _FAISS_SPARE)
+    _, rows = reference._faiss_index.search(np.ascontiguousarray(query, dtype=np.float32),
+                                            fetch)
     if (rows < 0).any():
         raise DataError("FAISS returned fewer neighbours than asked; use index=None")
-    # the backend's similarity (cosine, renormalized in float64) of the candidates only
-    q = _unit_rows(query.astype(np.float64))
-    cand = np.asarray(reference.features[rows.ravel()], dtype=np.float64)
-    cand = _unit_rows(cand).reshape(*rows.shape, -1)
-    sims = np.clip(np.einsum("qd,qkd->qk", q, cand), -1.0, 1.0)
+    sims = np.empty(rows.shape)
+    for start in range(0, len(query), _RESCORE_QUERIES):
+        block = slice(start, start + _RESCORE_QUERIES)
+        cand, where = np.unique(rows[block], return_inverse=True)
+        full = backend.similarity(query[block], np.asarray(reference.features[cand]))
+        sims[block] = np.take_along_axis(full, where.reshape(rows[block].shape), 1)
     idx = reference.indices[rows]
-    order = np.lexsort((idx, -sims), axis=1)
+    order = np.lexsort((idx, -sims), axis=1)[:, :k]
     return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
 
 

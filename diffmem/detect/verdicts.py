@@ -429,8 +429,10 @@ def build_backend(name: str, options: dict[str, Any] | None = None) -> Similarit
 
 def reference_features(train_set: CXRDataset, backend: SimilarityBackend, *,
                        cache_dir: str | os.PathLike | None = None,
-                       state: Any = None) -> ReferenceFeatures:
-    """Features of the training split's images, cached in ``cache_dir``.
+                       state: Any = None,
+                       index: str | os.PathLike | None = None) -> ReferenceFeatures:
+    """Features of the training split's images: from a reference index, or computed and
+    cached in ``cache_dir``.
 
     Parameters
     ----------
@@ -442,13 +444,21 @@ def reference_features(train_set: CXRDataset, backend: SimilarityBackend, *,
     state : accelerate.PartialState, optional
         Under ``accelerate launch``: the main process computes the features first, the others
         then read them from the cache.
+    index : path, optional
+        A reference index folder (``diffmem index build``) holding these features: opened
+        (checked against the data's fingerprint and the backend) instead of computing them.
 
     Raises
     ------
     DataError
-        When the training split has fewer than 2 images.
+        When the training split has fewer than 2 images, or ``index`` does not fit the data or
+        backend.
     """
     def compute() -> ReferenceFeatures:
+        if index is not None:
+            from diffmem.detect.index import open_index
+
+            return open_index(index, train_set, backend)
         if not isinstance(train_set, CXRDataset):
             return _file_features(train_set, backend)
         return ReferenceFeatures.from_dataset(train_set, backend, split="train",
@@ -493,7 +503,7 @@ def prepare_verdicts(train_set: CXRDataset, *, backend: str = "pixel",
                      threshold: Threshold | float | None = None,
                      heldout: np.ndarray | CXRDataset | Sequence[str | os.PathLike] | None = None,
                      fpr: float = 0.01, cache_dir: str | os.PathLike | None = None,
-                     state: Any = None) -> CopyVerdicts:
+                     state: Any = None, index: str | os.PathLike | None = None) -> CopyVerdicts:
     """Backend, training-image features and copy threshold, as ``diffmem detect`` and
     ``diffmem mitigate`` use them.
 
@@ -517,13 +527,17 @@ def prepare_verdicts(train_set: CXRDataset, *, backend: str = "pixel",
         Feature cache folder.
     state : accelerate.PartialState, optional
         See :func:`reference_features`.
+    index : path, optional
+        A reference index folder holding the training features (see
+        :func:`reference_features`).
 
     Returns
     -------
     CopyVerdicts
     """
     backend_obj = build_backend(backend, backend_options)
-    reference = reference_features(train_set, backend_obj, cache_dir=cache_dir, state=state)
+    reference = reference_features(train_set, backend_obj, cache_dir=cache_dir, state=state,
+                                   index=index)
     if threshold is not None:
         given = threshold if isinstance(threshold, Threshold) else fixed_threshold(threshold)
         return CopyVerdicts(backend_obj, reference, given)

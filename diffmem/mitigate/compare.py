@@ -329,6 +329,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                         encoder: Any = None, config: ComparisonConfig | None = None,
                         command: str | Sequence[str] | None = None,
                         device: str | None = None, dtype: str | None = None,
+                        index: str | os.PathLike | None = None,
                         **options: Any) -> MitigationComparison:
     """Compare inference-time mitigations on memorized and control prompts: memorization
     (copy verdicts, nearest similarity, noise magnitude) against utility (in-domain FID-like
@@ -359,6 +360,9 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     device, dtype : str, optional
         Device and precision to load a model folder with (see
         :func:`~diffmem.models.load_model`).
+    index : path, optional
+        A reference index (``diffmem index build``) of the training split's features under the
+        verdicts' backend, opened instead of featurizing the training images (same verdicts).
     **options
         Any other :class:`ComparisonConfig` field (``n_prompts=4, generations=1, steps=10``
         make a fast run).
@@ -409,7 +413,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     out = prepare_out_dir(out, inputs=inputs)
 
     # 3. thresholds, reference features, prompt sets
-    verdicts, reid = _judges(config, detect_info, train_set, heldout, out)
+    verdicts, reid = _judges(config, detect_info, train_set, heldout, out, index)
     if detect_info is not None:
         sets = _sets_from_detect(detect_info, config, model_fp, notes)
     else:
@@ -532,21 +536,22 @@ def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None):
 
 
 def _judges(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
-            heldout: Any, out: Path) -> tuple[CopyVerdicts, Any]:
-    """The copy verdicts (:func:`_verdicts`) and, with ``config.reid``, the re-ID setup
-    (:func:`_reid`)."""
-    return (_verdicts(config, detect_info, train_set, heldout, out),
+            heldout: Any, out: Path, index: Any = None) -> tuple[CopyVerdicts, Any]:
+    """The copy verdicts (:func:`_verdicts`, training features from ``index`` when given) and,
+    with ``config.reid``, the re-ID setup (:func:`_reid`)."""
+    return (_verdicts(config, detect_info, train_set, heldout, out, index),
             _reid(config, train_set, heldout))
 
 
 def _verdicts(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
-              heldout: Any, out: Path) -> CopyVerdicts:
-    """Backend, training-image features (cached in ``out/cache``) and copy threshold: the
-    detect run's backend and threshold when one is given, else calibrated on ``heldout``."""
+              heldout: Any, out: Path, index: Any = None) -> CopyVerdicts:
+    """Backend, training-image features (from ``index``, or cached in ``out/cache``) and copy
+    threshold: the detect run's backend and threshold when one is given, else calibrated on
+    ``heldout``."""
     if detect_info is None:
         return prepare_verdicts(train_set, backend=config.backend,
                                 backend_options=config.backend_options, heldout=heldout,
-                                fpr=config.fpr, cache_dir=out / "cache")
+                                fpr=config.fpr, cache_dir=out / "cache", index=index)
     dconf = detect_info["summary"]["config"]
     t = detect_info["summary"]["threshold"]
     threshold = replace(fixed_threshold(float(t["value"])), fpr=t.get("fpr"),
@@ -554,7 +559,7 @@ def _verdicts(config: ComparisonConfig, detect_info: dict | None, train_set: Any
                         method=f"from detect run ({t.get('method', 'heldout-quantile')})")
     return prepare_verdicts(train_set, backend=dconf.get("backend", "pixel"),
                             backend_options=dconf.get("backend_options"), threshold=threshold,
-                            cache_dir=out / "cache")
+                            cache_dir=out / "cache", index=index)
 
 
 def _reid(config: ComparisonConfig, train_set: Any, heldout: Any) -> Any:

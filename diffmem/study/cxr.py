@@ -77,9 +77,9 @@ def _resolved(config):
 
 
 def _measure(name: str, info: RunInfo, dataset, out: Path, measure: MeasureConfig,
-             encoder, threads) -> dict[str, Any]:
+             encoder, threads, index=None) -> dict[str, Any]:
     m = measure_model(info.model, dataset, out / "measure" / name, config=measure,
-                      encoder=encoder, threads=threads)
+                      encoder=encoder, threads=threads, index=index)
     return m.to_dict()
 
 
@@ -140,7 +140,8 @@ def run_lr_study(data, out: str | os.PathLike, *, lrs: Sequence[float],
                  seed: int = 0, batch_size: int | None = None, use_embedded: bool = True,
                  encoder: str | os.PathLike | None = None, measure: MeasureConfig | None = None,
                  checkpoint_every: int = 100, threads: int | None = None,
-                 command: Sequence[str] | None = None) -> StudyResult:
+                 command: Sequence[str] | None = None,
+                 index: str | os.PathLike | None = None) -> StudyResult:
     """Learning-rate sweep of a CXR diffusion model: memorization (both kinds of copying) and
     in-domain FID against the AdamW learning rate (motivated by Wu et al., COLT 2025, whose
     theory is for SGD on a two-layer network: this is the empirical check on a real trainer).
@@ -172,6 +173,9 @@ def run_lr_study(data, out: str | os.PathLike, *, lrs: Sequence[float],
     checkpoint_every : int
     threads : int, optional
     command : sequence of str, optional
+    index : path, optional
+        A reference index of the training features (``diffmem index build`` on ``data``),
+        reused by every run's copy verdicts instead of featurizing the training images again.
 
     Returns
     -------
@@ -204,7 +208,7 @@ def run_lr_study(data, out: str | os.PathLike, *, lrs: Sequence[float],
                            float(card.get("wall_seconds_last_session", math.nan)), 0, n_steps)
         else:
             info = train_or_resume(train_set, out / "runs" / name, cfg)
-        m = _measure(name, info, dataset, out, measure, enc, threads)
+        m = _measure(name, info, dataset, out, measure, enc, threads, index)
         records.append({"name": name, "lr": lr, "steps": info.steps,
                         "samples_seen": info.steps * base.batch_size, "status": info.status,
                         "final_loss": info.final_loss, "train_seconds": info.train_seconds,
@@ -278,7 +282,8 @@ def run_train_mitigation_study(data, out: str | os.PathLike, *,
                                encoder: str | os.PathLike | None = None,
                                measure: MeasureConfig | None = None, checkpoint_every: int = 100,
                                threads: int | None = None,
-                               command: Sequence[str] | None = None) -> StudyResult:
+                               command: Sequence[str] | None = None,
+                               index: str | os.PathLike | None = None) -> StudyResult:
     """Training-time mitigations (caption randomization, Somepalli et al. 2023; de-id marker
     randomization; Wen et al.'s 2024 loss filter; near-duplicate de-duplication), each trained
     with the same settings and measured like :func:`run_lr_study`.
@@ -296,7 +301,7 @@ def run_train_mitigation_study(data, out: str | os.PathLike, *,
         ``{method: {option: value}}`` (e.g. ``{"loss_filter": {"tau": 2.0}}``).
     preset, steps, lr, seed, batch_size : optional
         Trainer settings shared by every run (default: the preset's).
-    encoder, measure, checkpoint_every, threads, command
+    encoder, measure, checkpoint_every, threads, command, index
         As in :func:`run_lr_study`.
 
     Returns
@@ -331,7 +336,7 @@ def run_train_mitigation_study(data, out: str | os.PathLike, *,
         info = train_or_resume(mit.data, out / "runs" / name, cfg,
                                caption_transform=mit.caption_transform,
                                loss_filter=mit.loss_filter)
-        m = _measure(name, info, dataset, out, measure, enc, threads)
+        m = _measure(name, info, dataset, out, measure, enc, threads, index)
         records.append({"name": name, "lr": base.lr, "steps": info.steps,
                         "samples_seen": info.steps * base.batch_size, "status": info.status,
                         "final_loss": info.final_loss, "train_seconds": info.train_seconds,

@@ -248,7 +248,8 @@ def _fid(adapter, dataset, encoder_dir: Path, cfg: MeasureConfig, guidance: floa
 
 def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
                   config: MeasureConfig | None = None, encoder: str | os.PathLike | None = None,
-                  threads: int | None = None) -> Measurement:
+                  threads: int | None = None,
+                  index: str | os.PathLike | None = None) -> Measurement:
     """Measure memorization (both kinds of copying) and in-domain FID of one model.
 
     Parameters
@@ -264,6 +265,9 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
         In-domain encoder folder for the FID (default: :func:`resolve_encoder`).
     threads : int, optional
         Torch threads.
+    index : path, optional
+        A reference index of the training features (``diffmem index build``), reused by the
+        copy verdicts instead of featurizing the training images (same verdicts).
 
     Returns
     -------
@@ -289,7 +293,7 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
     adapter = load_model(model, device=cfg.device, dtype=cfg.dtype)
     t0 = time.perf_counter()
     result = detect(adapter, dataset, out / "detect", config=cfg.detection_config(threads),
-                    prompts=prompts)
+                    prompts=prompts, index=index)
     detect_s = time.perf_counter() - t0
     rates = {**copy_rates(result, _clusters(dataset)), **skew_fields(result.skew)}
     evals = result.evaluations
