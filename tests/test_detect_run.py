@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -187,6 +188,15 @@ def test_verdicts_flag_copies_including_unconditional(dataset, tmp_path):
         "copies_without_prompt"][0]["kind"] == "unconditional"
     rows = _csv(tmp_path / "out" / "scores.csv")
     assert rows[0]["noise_magnitude"] == "" and rows[0]["memorized"] in ("0", "1")
+    # skewed memorization: k of n prompts make every copy, equally often -> Gini 1 - k/n
+    per_prompt = [sum(g.copy for g in p.generations) for p in train]
+    k, n = sum(c > 0 for c in per_prompt), len(train)
+    assert len(set(c for c in per_prompt if c)) == 1
+    skew = json.loads((tmp_path / "out" / "summary.json").read_text())["skew"]
+    assert skew["prompts"] == n and skew["prompts_with_copies"] == k == len(planted)
+    assert skew["gini"] == pytest.approx(1 - k / n, abs=1e-6)
+    assert skew["top_shares"]["10%"] == pytest.approx(min(1, math.ceil(0.1 * n) / k))
+    assert (tmp_path / "out" / "lorenz.png").is_file()
 
 
 # ---------------------------------------------------------------------------- resume, processes

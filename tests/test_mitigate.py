@@ -3,11 +3,15 @@ changes what it says it changes (on the tiny Stable Diffusion pipeline)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import prune
 
 from diffmem.errors import ConfigError
+from diffmem.mitigate import nemo
 from diffmem.mitigate import (get_mitigation, list_mitigations, mitigation_hooks,
                               register_mitigation)
 from diffmem.models import SamplingHooks, combine_hooks, load_model
@@ -17,8 +21,11 @@ PROMPTS = ["Dr. ___ was notified by phone at ___.", "No acute cardiopulmonary pr
 SAMPLE = {"n_per_prompt": 2, "steps": 3, "seed": 0}
 ALL = ["attention_rescaling", "caption_word_repetition", "deid_marker_randomization",
        "deid_marker_removal", "dynamic_opposite_guidance", "gaussian_noise_embedding",
-       "guidance_delay", "opposite_guidance", "prompt_embedding_optimization",
-       "random_number_addition", "random_token_insertion"]
+       "guidance_delay", "magnitude_pruning", "nemo_deactivation", "opposite_guidance",
+       "prompt_embedding_optimization", "random_number_addition", "random_token_insertion"]
+#: Settings a method needs beyond its preset in these tests (NeMo: a fixed neuron set).
+PARAMS = {"nemo_deactivation": {
+    "neurons": {"mid_block.attentions.0.transformer_blocks.0.attn2.to_v": [0, 1, 2]}}}
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +104,16 @@ def test_register_a_custom_mitigation(model):
 # ---------------------------------------------------------------------------- strength 0
 @pytest.mark.parametrize("name", ALL)
 def test_strength_zero_is_the_plain_pipeline_bit_for_bit(model, plain, name):
-    result = model.sample(PROMPTS, **SAMPLE, hooks=mitigation_hooks(name, model, 0))
+    result = model.sample(PROMPTS, **SAMPLE,
+                          hooks=mitigation_hooks(name, model, 0, **PARAMS.get(name, {})))
     assert np.array_equal(result.images, plain.images)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_default_strength_changes_the_images_and_is_seeded(model, plain, name):
-    a = model.sample(PROMPTS, **SAMPLE, hooks=mitigation_hooks(name, model, seed=3))
-    b = model.sample(PROMPTS, **SAMPLE, hooks=mitigation_hooks(name, model, seed=3))
+    extra = PARAMS.get(name, {})
+    a = model.sample(PROMPTS, **SAMPLE, hooks=mitigation_hooks(name, model, seed=3, **extra))
+    b = model.sample(PROMPTS, **SAMPLE, hooks=mitigation_hooks(name, model, seed=3, **extra))
     assert np.array_equal(a.images, b.images)
     changed = ~np.isclose(a.images, plain.images).reshape(len(a), -1).all(axis=1)
     if name.startswith("deid_"):  # only the prompt with markers changes
@@ -320,3 +329,141 @@ def test_prompt_embedding_optimization_lowers_the_noise_magnitude(model):
     magnitude(mitigation_hooks("prompt_embedding_optimization", model, 2))
     assert all(torch.equal(weights[k], v) for k, v in model.unet.state_dict().items())
     assert all(p.grad is None for p in model.unet.parameters())
+
+
+# ---------------------------------------------------------------------------- neurons and pruning
+# NeMo neuron deactivation (Hintersdorf et al., NeurIPS 2024) and magnitude pruning of the
+# cross-attention projections: deactivated neurons output exactly zero, pruning matches
+# torch.nn.utils.prune, and NeMo's search on a known answer.
+REFERENCE = ["Small left effusion.", "Heart size is normal.", "Lungs are clear."]
+
+
+def _capture(name: str, store: list) -> SamplingHooks:
+    def hook(module, inputs, output):
+        store.append(output.detach().clone())
+    return SamplingHooks(module_hooks={name: hook})
+
+
+@pytest.mark.parametrize("name,params", [
+    ("nemo_deactivation", {"reference_prompts": REFERENCE}),
+    ("nemo_deactivation", {"neurons": {"mid_block.attentions.0.transformer_blocks.0.attn2.to_v":
+                                       [1]}}),
+    ("magnitude_pruning", {})])
+def test_neuron_methods_at_strength_zero_are_the_plain_pipeline(model, plain, name, params):
+    result = model.sample(PROMPTS, **SAMPLE, hooks=mitigation_hooks(name, model, 0, **params))
+    assert np.array_equal(result.images, plain.images)
+
+
+def test_deactivated_neurons_output_exactly_zero(model, plain):
+    layer = nemo.value_layers(model)[0]
+    off = [0, 5, 17]
+    seen_plain, seen_off, seen_half = [], [], []
+    model.sample(PROMPTS, **SAMPLE, hooks=_capture(layer, seen_plain))
+    for strength, store in ((1.0, seen_off), (0.5, seen_half)):
+        hooks = mitigation_hooks("nemo_deactivation", model, strength, neurons={layer: off})
+        result = model.sample(PROMPTS, **SAMPLE, hooks=combine_hooks(hooks,
+                                                                     _capture(layer, store)))
+    assert len(seen_off) == len(seen_plain) == SAMPLE["steps"]  # every UNet pass
+    for a, b, h in zip(seen_plain, seen_off, seen_half):
+        assert torch.all(b[..., off] == 0) and torch.all(a[..., off] != 0)
+        keep = [i for i in range(a.shape[-1]) if i not in off]
+        assert torch.equal(a[..., keep], b[..., keep])
+        assert torch.allclose(h[..., off], 0.5 * a[..., off])
+    assert not np.array_equal(result.images, plain.images)
+    with pytest.raises(ConfigError, match="neurons must map each to_v layer"):
+        mitigation_hooks("nemo_deactivation", model, 1.0, neurons={layer: "0"})
+    with pytest.raises(ConfigError, match="needs either neurons"):
+        mitigation_hooks("nemo_deactivation", model, 1.0)
+
+
+def test_unknown_module_names_are_refused(model):
+    with pytest.raises(Exception, match="not a submodule of this UNet"):
+        model.sample(PROMPTS[:1], steps=1, hooks=nemo.deactivation_hooks({"nope.to_v": [0]}))
+
+
+def test_pruning_matches_torch_prune_and_zeroes_the_ratio(model, plain):
+    hooks = mitigation_hooks("magnitude_pruning", model, 0.3)
+    assert len(hooks.module_hooks) == 2 * len(nemo.value_layers(model))  # to_k and to_v
+    modules = dict(model.unet.named_modules())
+    x = torch.randn(2, 7, modules[nemo.value_layers(model)[0]].in_features,
+                    generator=torch.Generator().manual_seed(0))
+    for name, hook in hooks.module_hooks.items():
+        module = modules[name]
+        reference = copy.deepcopy(module)
+        prune.l1_unstructured(reference, "weight", amount=0.3)
+        n = module.weight.numel()
+        assert int((reference.weight == 0).sum()) == round(0.3 * n)
+        with torch.no_grad():
+            assert torch.allclose(hook(module, (x,), module(x)), reference(x), atol=1e-6)
+    assert not np.array_equal(model.sample(PROMPTS, **SAMPLE, hooks=hooks).images,
+                              plain.images)
+    with pytest.raises(ConfigError, match="projections=.*choose from to_q, to_k, to_v"):
+        mitigation_hooks("magnitude_pruning", model, 0.3, projections=["to_out"])
+
+
+def test_candidate_neurons_hand_computed():
+    stats = nemo.ReferenceStatistics({"v": np.zeros(5)}, {"v": np.full(5, 2.0)}, tau=0.5,
+                                     prompts=3)
+    acts = {"v": np.array([1.0, -9.0, 4.5, 0.0, 12.0])}  # z = 0.5, 4.5, 2.25, 0, 6
+    assert nemo.candidate_neurons(acts, stats, 5.0, 0) == {"v": [4]}
+    assert nemo.candidate_neurons(acts, stats, 2.0, 0) == {"v": [1, 2, 4]}
+    assert nemo.candidate_neurons(acts, stats, 5.0, 2) == {"v": [1, 4]}  # top |a|: 12, -9
+
+
+def test_search_finds_the_planted_neuron_and_refines_the_rest():
+    """An oracle memorization strength: high unless neuron 2 of layer "b" is deactivated.
+    Neuron 0 of "a" is more out of distribution (z = 8) but irrelevant: the initial selection
+    must lower theta to 3 to reach neuron b/2 (z = 3.5), and refinement must drop a/0."""
+    stats = nemo.ReferenceStatistics({"a": np.zeros(3), "b": np.zeros(4)},
+                                     {"a": np.ones(3), "b": np.ones(4)}, tau=0.4, prompts=4)
+    acts = {"a": np.array([8.0, 0.1, 0.2]), "b": np.array([0.3, 0.0, 3.5, 0.2])}
+    calls = []
+
+    def strength(blocked):
+        calls.append(blocked)
+        return 0.1 if 2 in blocked.get("b", []) else 0.9
+
+    neurons, info = nemo.select_neurons(acts, stats, strength, theta=5.0, theta_step=0.5,
+                                        max_k=0)
+    assert neurons == {"b": [2]}
+    assert info["theta"] == 3.0 and info["initial"] == 2 and info["refined"] == 1
+    assert info["mitigated"] and info["strength"] == 0.9 and info["strength_after"] == 0.1
+    # not memorized (strength at most tau): nothing is searched
+    assert nemo.select_neurons(acts, stats, lambda b: 0.2)[0] == {}
+
+
+def test_localization_on_a_model_runs_end_to_end(model):
+    stats = nemo.reference_statistics(model, REFERENCE, n_seeds=3)
+    assert set(stats.mean) == set(nemo.value_layers(model)) and stats.prompts == 3
+    assert all(np.all(s > 0) for s in stats.std.values())
+    strength = nemo.memorization_strength(model, PROMPTS[0], n_seeds=3)
+    assert -1 <= strength <= 1
+    stats.tau = strength - 1e-3  # count the prompt as memorized, to run the search
+    neurons, info = nemo.localize_neurons(model, PROMPTS[0], stats, n_seeds=3, theta=1.5,
+                                          theta_step=0.5, max_k=1)
+    assert info["strength"] == pytest.approx(strength) and info["k"] <= 1
+    # what it returns, deactivated, gives the strength it reports
+    assert nemo.memorization_strength(model, PROMPTS[0], neurons, n_seeds=3) == \
+        pytest.approx(info["strength_after"])
+    with pytest.raises(ConfigError, match="at least 2 distinct non-memorized"):
+        nemo.reference_statistics(model, ["one prompt"])
+
+
+def test_localized_neurons_are_deactivated_only_in_their_prompts_generations(model, plain,
+                                                                             monkeypatch):
+    layer = nemo.value_layers(model)[0]
+    found = {PROMPTS[0]: {layer: [0, 3]}, PROMPTS[1]: {}}
+    # the search itself is tested above; here only which rows get which neurons
+    monkeypatch.setattr(nemo, "localize_neurons", lambda adapter, prompt, stats, **kw:
+                        (found[prompt], {}))
+    seen: list = []
+    hooks = mitigation_hooks("nemo_deactivation", model, 1.0, reference_prompts=REFERENCE)
+    result = model.sample(PROMPTS, **SAMPLE, hooks=combine_hooks(hooks, _capture(layer, seen)))
+    rows = len(PROMPTS) * SAMPLE["n_per_prompt"]
+    for out in seen:  # guided passes: [uncond; cond], generations prompt-major
+        assert out.shape[0] == 2 * rows
+        mine = torch.tensor([True, True, False, False] * 2)
+        assert torch.all(out[mine][..., [0, 3]] == 0)
+        assert torch.all(out[~mine][..., [0, 3]] != 0)
+    assert np.array_equal(result.images[2:], plain.images[2:])  # the other prompt: untouched
+    assert not np.array_equal(result.images[:2], plain.images[:2])

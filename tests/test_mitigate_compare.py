@@ -202,3 +202,17 @@ def test_cli_list_and_run(model, data, encoder, tmp_path, capsys):
     rows = _csv(out / "mitigations.csv")
     assert {r["method"] for r in rows} == {"none", "deid_marker_removal"}
     assert np.isfinite([float(r["fid_in_domain"]) for r in rows]).all()
+
+
+def test_nemo_and_pruning_ratios_in_the_comparison(model, data, encoder, tmp_path):
+    """NeMo localizes against the control prompts (passed as its reference prompts); pruning
+    runs at several ratios; both land in the table and the Pareto front's candidates."""
+    result = compare_mitigations(model, data, tmp_path / "nemo", encoder=encoder,
+                                 methods=["nemo_deactivation", "magnitude_pruning"],
+                                 strengths={"magnitude_pruning": [0.2, 0.5]}, **FAST)
+    rows = _csv(tmp_path / "nemo" / "mitigations.csv")
+    keys = sorted({(r["method"], float(r["strength"])) for r in rows})
+    assert keys == [("magnitude_pruning", 0.2), ("magnitude_pruning", 0.5),
+                    ("nemo_deactivation", 1.0), ("none", 0.0)]
+    assert any("nemo_deactivation localizes" in n for n in result.notes)
+    assert all(0 <= float(r["memorization_rate"]) <= 1 for r in rows)

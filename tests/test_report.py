@@ -253,6 +253,10 @@ def test_report_has_every_section_and_the_same_facts_as_json(full):
     assert "deid_marker_randomization" in html and "Toy score matching" in html
     assert "&lt;b&gt;study&lt;/b&gt;" in html  # study titles are escaped too
     assert facts["studies"][0]["figures"] == ["toy.png"]  # the missing figure is left out
+    # skewed memorization: 5 prompts with one copy each copy equally (Gini 0, top 1 = 20%)
+    skew = facts["detection"]["skew"]
+    assert skew["gini"] == 0 and skew["top_shares"] == {"1%": 0.2, "10%": 0.2}
+    assert "How concentrated the copies are" in html and 'alt="lorenz"' in html
 
 
 def test_report_is_self_contained(full):

@@ -155,6 +155,9 @@ def test_mitigation_study_trains_measures_and_skips_finished_runs(data, encoder,
     assert [r["name"] for r in doc["records"]] == ["none", "loss_filter"]
     assert all(r["status"] == "trained" and r["steps"] == 2 for r in res.records)
     assert all(r["fid_in_domain"] is not None and r["fid_in_domain"] > 0 for r in res.records)
+    # skewed memorization columns (None when the tiny model copies nothing)
+    assert all({"copy_gini", "copy_top1_share", "copy_top10_share"} <= set(r)
+               for r in doc["records"])
     assert (out / "runs" / "none" / "model_index.json").is_file()
     assert (out / "train_mitigations.csv").read_text().startswith("name,options,lr")
     again = run_train_mitigation_study(data, out, **kw)
@@ -224,3 +227,48 @@ def test_cli_train_mitigations_in_process(data, encoder, tmp_path, capsys):
                  "--methods", "dropout"])
     assert code == 2 and "unknown training mitigation" in capsys.readouterr().err
     assert np.isfinite(doc["seconds"])
+
+
+# ---------------------------------------------------------------------------- over training
+def test_recommend_stop_is_the_checkpoint_before_copying_begins():
+    from diffmem.study.checkpoints import recommend_stop
+
+    def rec(step, anyc, unc=0.0):
+        return {"step": step, "memorization_rate_any": anyc, "copy_rate_unconditional": unc}
+
+    assert recommend_stop([rec(3, 0.5), rec(1, 0.0), rec(2, 0.0)])["step"] == 2  # by step
+    assert recommend_stop([rec(1, 0.0), rec(2, 0.0, unc=0.25)])["copying_begins"] == 2
+    first = recommend_stop([rec(1, 0.25), rec(2, 0.5)])
+    assert first["step"] is None and "first checkpoint already copies" in first["reason"]
+    never = recommend_stop([rec(1, 0.0), rec(2, None)])
+    assert never["step"] == 2 and never["copying_begins"] is None
+    assert recommend_stop([rec(1, 0.1), rec(2, 0.3)], tolerance=0.2)["step"] == 1
+
+
+def test_checkpoint_study_measures_every_checkpoint(data, encoder, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from diffmem.study.checkpoints import run_checkpoint_study
+
+    out = tmp_path / "ckpt"
+    res = run_checkpoint_study(data, out, preset="tiny", steps=4, checkpoint_every=2,
+                               encoder=encoder, measure=TINY_MEASURE)
+    doc = json.loads((out / "study.json").read_text())
+    assert doc["study"] == "checkpoints" and [r["step"] for r in doc["records"]] == [2, 4]
+    for r in doc["records"]:
+        assert r["fid_in_domain"] > 0 and "copy_gini" in r
+        assert r["noise_magnitude_auc"] is not None
+    assert doc["records"][-1]["train_loss"] > 0  # logged at the last step (and every log_every)
+    stop = doc["config"]["recommended_stop"]
+    assert stop == {**stop, "step": res.config["recommended_stop"]["step"]}
+    assert (out / "checkpoints.png").stat().st_size > 1000 and (out / "checkpoints.csv").is_file()
+    # the last checkpoint's model is the run's final model, weight for weight; the first differs
+    final = load_file(str(out / "runs" / "main" / "unet" / "diffusion_pytorch_model.safetensors"))
+    for name, same in (("step-0000004", True), ("step-0000002", False)):
+        w = load_file(str(out / "models" / name / "unet" / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(w[k], final[k]) for k in final) == same, name
+    # the CLI refuses a folder that is not a finished run (exit 2, the fix named)
+    (tmp_path / "unfinished").mkdir()
+    code = main(["-q", "study", "checkpoints", "--data", str(data), "--out",
+                 str(tmp_path / "cli"), "--model-run", str(tmp_path / "unfinished")])
+    assert code == 2 and "not a finished training run" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``diffmem study toy|lr|train-mitigations``: training studies of memorization."""
+"""``diffmem study toy|lr|train-mitigations|checkpoints``: training studies of memorization."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _measure_args(p: argparse.ArgumentParser) -> None:
+def _measure_args(p: argparse.ArgumentParser, checkpoint_every: int | None = 100,
+                  checkpoint_help: str = "trainer checkpoint interval, for resuming killed runs "
+                                         "(100)") -> None:
     p.add_argument("--encoder", metavar="ENC_DIR",
                    help="in-domain encoder for the FID (default: the embedded one, when shipped)")
     p.add_argument("--controls", type=int, default=20,
@@ -33,10 +35,27 @@ def _measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per generation (25)")
     p.add_argument("--fid-images", type=int,
                    help="held-out records generated for the FID (default: all)")
-    p.add_argument("--checkpoint-every", type=int, default=100,
-                   help="trainer checkpoint interval, for resuming killed runs (100)")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                   help=checkpoint_help)
     add_index(p)
     add_device(p)  # measurement only: training runs where accelerate puts it
+
+
+def _cxr_study(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A CXR study's parser with its ``--data`` and ``--out``."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("--data", required=True, help="dataset with ground_truth.csv (diffmem synth)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    return p
+
+
+def _trainer_args(p: argparse.ArgumentParser, which: str = "") -> None:
+    """Trainer settings shared by the studies that train with one setting per run."""
+    p.add_argument("--preset", default="demo", help=f"model preset{which} (default demo)")
+    p.add_argument("--steps", type=int, help=f"training steps{which} (default: the preset's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int)
 
 
 def register(subparsers) -> None:
@@ -64,13 +83,10 @@ def register(subparsers) -> None:
     t.add_argument("--flow-time", type=float, help="lr x steps of every run (default 3000)")
     t.set_defaults(handler=run_toy)
 
-    lr = sub.add_parser("lr", help="learning-rate sweep of a CXR diffusion model",
-                        description="Train one model per learning rate and measure copies of "
-                                    "the prompt's own image, copies of any training image "
-                                    "(also from empty and unrelated prompts), the noise-"
-                                    "magnitude AUC and the in-domain FID.")
-    lr.add_argument("--data", required=True, help="dataset with ground_truth.csv (diffmem synth)")
-    lr.add_argument("--out", required=True, metavar="DIR")
+    lr = _cxr_study(sub, "lr", "learning-rate sweep of a CXR diffusion model",
+                    "Train one model per learning rate and measure copies of the prompt's own "
+                    "image, copies of any training image (also from empty and unrelated "
+                    "prompts), the noise-magnitude AUC and the in-domain FID.")
     lr.add_argument("--lrs", type=_floats, required=True, help="comma-separated learning rates")
     lr.add_argument("--preset", default="demo", help="model preset (default demo)")
     lr.add_argument("--steps", type=int, help="steps at the preset's lr (default: the preset's)")
@@ -84,12 +100,10 @@ def register(subparsers) -> None:
     _measure_args(lr)
     lr.set_defaults(handler=run_lr)
 
-    m = sub.add_parser("train-mitigations", help="training-time mitigations, measured",
-                       description="Train one model per mitigation (none, caption_randomization,"
-                                   " deid_randomization, loss_filter, dedup) with the same "
-                                   "settings and measure each like `study lr`.")
-    m.add_argument("--data", required=True)
-    m.add_argument("--out", required=True, metavar="DIR")
+    m = _cxr_study(sub, "train-mitigations", "training-time mitigations, measured",
+                   "Train one model per mitigation (none, caption_randomization, "
+                   "deid_randomization, loss_filter, dedup) with the same settings and measure "
+                   "each like `study lr`.")
     m.add_argument("--methods", type=_names,
                    default=["none", "caption_randomization", "deid_randomization",
                             "loss_filter", "dedup"],
@@ -97,13 +111,23 @@ def register(subparsers) -> None:
     m.add_argument("--options", type=json.loads, default=None,
                    help='JSON: {"loss_filter": {"tau": 2.0}, "caption_randomization": '
                         '{"p": 0.1, "mode": "add"}}')
-    m.add_argument("--preset", default="demo")
-    m.add_argument("--steps", type=int)
-    m.add_argument("--lr", type=float)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--batch-size", type=int)
+    _trainer_args(m)
     _measure_args(m)
     m.set_defaults(handler=run_mitigations)
+
+    c = _cxr_study(sub, "checkpoints", "memorization over training, with a stopping step",
+                   "Measure copies (own image, any image, empty and unrelated prompts), the "
+                   "noise-magnitude AUC, skew and the in-domain FID at every checkpoint of one "
+                   "training run, and recommend the last checkpoint before copying begins.")
+    c.add_argument("--model-run", metavar="RUN",
+                   help="a finished `diffmem train` folder that kept its checkpoints "
+                        "(--keep-checkpoints); default: train one under OUT/runs/main")
+    _trainer_args(c, " of the run trained here")
+    c.add_argument("--tolerance", type=float, default=0.0,
+                   help="copy rate still counted as 'not copying' (0)")
+    _measure_args(c, None, "checkpoint interval of the run trained here (default: a tenth "
+                           "of its steps; every checkpoint is kept)")
+    c.set_defaults(handler=run_checkpoints)
 
 
 
@@ -151,4 +175,15 @@ def run_mitigations(args: argparse.Namespace) -> int:
         steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
         encoder=args.encoder, measure=_measure(args), checkpoint_every=args.checkpoint_every,
         threads=args.threads, command=["diffmem", *sys.argv[1:]], index=args.index))
+    return 0
+
+
+def run_checkpoints(args: argparse.Namespace) -> int:
+    from diffmem.study.checkpoints import run_checkpoint_study
+
+    _print(run_checkpoint_study(
+        args.data, args.out, run=args.model_run, preset=args.preset, steps=args.steps,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, lr=args.lr,
+        batch_size=args.batch_size, tolerance=args.tolerance, encoder=args.encoder,
+        measure=_measure(args), threads=args.threads, command=["diffmem", *sys.argv[1:]]))
     return 0

@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="probability of training a sample unconditionally (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="checkpoints kept (older ones are deleted; default 2). Keep them all "
+                        "for `diffmem study checkpoints --model-run`")
     p.add_argument("--ema", type=float, nargs="?", const=0.999, default=0.0,
                    help="keep an EMA of the weights with this decay (0.999 when given alone)")
     p.add_argument("--resume", action="store_true",
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     data = load(args.data, prompt_section=args.prompt_section)
     config = TrainConfig(preset=args.preset, lr=args.lr, steps=args.steps,
                          batch_size=args.batch_size, caption_dropout=args.caption_dropout,
-                         seed=args.seed, checkpoint_every=args.checkpoint_every, ema=args.ema)
+                         seed=args.seed, checkpoint_every=args.checkpoint_every,
+                         keep_checkpoints=args.keep_checkpoints, ema=args.ema)
     result = train(data, args.out, config=config, resume=args.resume)
     print(f"trained {result.steps} steps in {result.wall_seconds:.0f} s "
           f"(final loss {result.final_loss:.4f}); model folder: {result.out}")

@@ -76,6 +76,7 @@ from diffmem.detect.results import (
     PromptResult,
 )
 from diffmem.detect.scores import attention_entropy, default_guidance, noise_magnitude
+from diffmem.detect.skew import copy_concentration
 from diffmem.detect.twostage import (
     DEFAULT_AUDIT_BOUND,
     SCREEN_K,
@@ -868,5 +869,10 @@ def _evaluate(result: DetectionResult) -> None:
                                "copied_studies": sorted({g.study_id for g in gens if g.copy})}
                 if result.reid is not None:
                     rates[kind]["reidentified"] = sum(bool(g.reid_match) for g in gens)
+        # skewed memorization (Li et al. 2025): over the prompts whose generations were judged
+        measured = [p for p in result.of_kind("train", "prompt") if p.generations]
+        if measured:
+            result.skew = copy_concentration([sum(g.copy for g in p.generations)
+                                              for p in measured])
     result.rates = rates
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from diffmem.errors import DataError, OutputError
 
-__all__ = ["plot_nn_similarity", "plot_roc", "plot_score_histograms"]
+__all__ = ["plot_lorenz", "plot_nn_similarity", "plot_roc", "plot_score_histograms"]
 
 _LABEL_NAMES = {1: "planted (memorized)", 0: "not planted"}
 _COLORS = {1: "#c0392b", 0: "#2e86c1", None: "#7f8c8d"}
@@ -158,4 +158,26 @@ def plot_nn_similarity(similarities: Any, path: str | os.PathLike, *, labels: An
     ax.set_ylabel("density", fontsize=8)
     ax.set_title("copies: generations above the held-out threshold", fontsize=9)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_lorenz(curves: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Lorenz curves of copies over prompts (skewed memorization, Li et al. 2025): one line per
+    named :func:`~diffmem.detect.skew.copy_concentration` result, with its Gini and top-10%
+    share in the legend, and the line of equality."""
+    if not curves:
+        raise DataError("no Lorenz curve to plot")
+    fig = _figure(4.6, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":",
+            label="every prompt copies equally")
+    for name, c in curves.items():
+        gini, top = c.get("gini"), (c.get("top_shares") or {}).get("10%")
+        extra = "no copies" if gini is None else f"Gini {gini:.2f}, top 10% {top:.0%}"
+        ax.plot(c["lorenz"]["prompts"], c["lorenz"]["copies"],
+                label=f"{name}: {c['copies']} copies, {c['prompts']} prompts ({extra})")
+    ax.set_xlabel("share of prompts (fewest copies first)", fontsize=8)
+    ax.set_ylabel("share of all copies", fontsize=8)
+    ax.set_title("skewed memorization: Lorenz curve of copies", fontsize=9)
+    ax.legend(fontsize=6.5, loc="upper left")
     return _save(fig, path)

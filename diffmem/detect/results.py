@@ -225,6 +225,10 @@ class DetectionResult:
     screen : ScreenPlan or None
         The confirmation policy of the ``nn`` verdicts (two-stage: flagged, audit, bound,
         widening; or ``all``); None without ``nn``.
+    skew : dict or None
+        How concentrated the copies are among the training/file prompts whose generations were
+        judged (:func:`diffmem.detect.skew.copy_concentration`: top 1%/10% shares, Gini,
+        Lorenz curve); None without ``nn``.
     labels : dict or None
         Where the labels of ``evaluations`` came from (``file``, ``key``, ``column``,
         ``rows``); None without labels.
@@ -247,6 +251,7 @@ class DetectionResult:
     warnings: list[str] = field(default_factory=list)
     world_size: int = 1
     screen: Any = None
+    skew: dict[str, Any] | None = None
     labels: dict[str, Any] | None = None
     reid: dict[str, Any] | None = None
 
@@ -299,6 +304,7 @@ class DetectionResult:
             "timings": dict(self.timings),
             "world_size": self.world_size,
             "screen": None if self.screen is None else self.screen.to_dict(),
+            "skew": self.skew,
             "warnings": list(self.warnings),
             "files": dict(self.files),
             "reid": None if self.reid is None else {

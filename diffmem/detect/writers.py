@@ -136,6 +136,9 @@ def write_outputs(result: DetectionResult, out: Path) -> None:
         files["nn_similarity"] = str(plots.plot_nn_similarity(
             scores["nn_similarity"], out / "nn_similarity.png", labels=labels,
             null=result.null_similarities, threshold=result.threshold.value))
+    if result.skew and result.skew["copies"]:
+        files["lorenz"] = str(plots.plot_lorenz({"scanned prompts": result.skew},
+                                                out / "lorenz.png"))
     result.files = files
     files["summary"] = str(out / SUMMARY_JSON)
     try:

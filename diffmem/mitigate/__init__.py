@@ -19,6 +19,8 @@ opposite_guidance                fraction of time from T with guidance -2      J
 dynamic_opposite_guidance        max fraction; switch when the pull drops      Jain et al. 2025
 deid_marker_removal              probability each ___ marker is deleted        Dutt et al. 2025
 deid_marker_randomization        probability each marker becomes a random word Dutt et al. 2025
+nemo_deactivation                1 - scale of each memorization neuron (to_v)  Hintersdorf 2024
+magnitude_pruning                fraction of cross-attention k/v weights zeroed Gupta et al. 2024
 ===============================  ===========================================  =================
 
 * :func:`list_mitigations`, :func:`get_mitigation`, :func:`register_mitigation`,

@@ -75,6 +75,12 @@ CSV_COLUMNS = ("method", "strength", "prompt_set", "n_prompts", "n_generations",
 DETECT_SEED_OFFSET = 1000
 
 
+def _nemo_needs_reference() -> bool:
+    """NeMo localizes per prompt (against reference prompts) unless its preset fixes neurons."""
+    preset = get_mitigation("nemo_deactivation").params
+    return preset.get("neurons") is None and not preset.get("reference_prompts")
+
+
 # ---------------------------------------------------------------------------- configuration
 @dataclass
 class ComparisonConfig:
@@ -468,6 +474,9 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                        inputs.data_fp, reid).all(sets, notes)
     finally:
         store.close()
+    if "nemo_deactivation" in config.methods and _nemo_needs_reference():
+        notes.append("nemo_deactivation localizes each prompt's memorization neurons against "
+                     f"activation statistics of the {len(sets['control'])} control prompts")
 
     # 5. metrics, front, recommendation
     threshold = None if verdicts is None else verdicts.threshold
@@ -903,6 +912,9 @@ class _Units:
                     get_mitigation(method).params.get("target") is None:
                 peo_target = _peo_target(units) if peo_target is None else peo_target
                 params["target"] = peo_target
+            if method == "nemo_deactivation" and _nemo_needs_reference():
+                # NeMo's in-distribution statistics come from non-memorized prompts
+                params["reference_prompts"] = list(sets["control"])
             units[(method, strength, set_name)] = self.get(method, strength, params,
                                                            sets[set_name], set_name)
         if peo_target is not None:

@@ -245,4 +245,6 @@ _BUILTINS = {
     "dynamic_opposite_guidance": "dynamic_guidance",
     "deid_marker_removal": "deid_markers",
     "deid_marker_randomization": "deid_markers",
+    "nemo_deactivation": "nemo",
+    "magnitude_pruning": "pruning",
 }

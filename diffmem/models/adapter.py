@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,14 @@ class SamplingHooks:
     attention_probs : callable, optional
         ``attention_probs(probs, ctx) -> None``, read-only, on the probabilities
         ``(B*heads, Q, K)`` (each row sums to 1 over the K keys).
+    module_hooks : mapping of str to callable, optional
+        PyTorch forward hooks by UNet submodule name (``unet.named_modules()``, e.g.
+        ``"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"``):
+        ``hook(module, inputs, output) -> output or None``, registered for the duration of
+        each UNet pass of :meth:`~DiffusionModelAdapter.sample` and
+        :meth:`~DiffusionModelAdapter.predict_noise`, removed afterwards (what neuron
+        deactivation and weight pruning need; the weights are never changed). Rows of the
+        output are the pass's rows: ``[uncond; cond]`` (2B) at guided steps, B otherwise.
     """
 
     prompt_embeds: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -97,6 +105,7 @@ class SamplingHooks:
     on_step: Callable[..., None] | None = None
     attention_logits: Callable[[torch.Tensor, AttentionContext], torch.Tensor] | None = None
     attention_probs: Callable[[torch.Tensor, AttentionContext], None] | None = None
+    module_hooks: Mapping[str, Callable[..., Any]] | None = None
 
     @property
     def uses_attention(self) -> bool:
@@ -151,13 +160,62 @@ def combine_hooks(*hooks: SamplingHooks | None) -> SamplingHooks:
         for fn in probs:
             fn(x, ctx)
 
+    modules: dict[str, list[Callable]] = {}
+    for h in hooks:
+        for name, fn in (h.module_hooks or {}).items():
+            modules.setdefault(name, []).append(fn)
+
     return SamplingHooks(
         prompt_embeds=prompt_embeds if embeds else None,
         guidance_scale=guidance_scale if scales else None,
         initial_latents=latents[0] if latents else None,
         on_step=on_step if steps else None,
         attention_logits=attention_logits if logits else None,
-        attention_probs=attention_probs if probs else None)
+        attention_probs=attention_probs if probs else None,
+        module_hooks={name: _chain_forward_hooks(fns) for name, fns in modules.items()}
+        if modules else None)
+
+
+def _chain_forward_hooks(fns: list[Callable]) -> Callable:
+    """One forward hook applying ``fns`` in order, each on the previous one's output."""
+    if len(fns) == 1:
+        return fns[0]
+
+    def hook(module, inputs, output):
+        for fn in fns:
+            new = fn(module, inputs, output)
+            output = output if new is None else new
+        return output
+
+    return hook
+
+
+@contextmanager
+def module_hooks(unet: torch.nn.Module, hooks: SamplingHooks | None) -> Iterator[None]:
+    """Register ``hooks.module_hooks`` as forward hooks on ``unet``'s submodules, then remove
+    them (nothing when unset).
+
+    Raises
+    ------
+    ModelError
+        When a name is not a submodule of the UNet (listing a few that are).
+    """
+    wanted = (hooks.module_hooks if hooks is not None else None) or {}
+    if not wanted:
+        yield
+        return
+    named = dict(unet.named_modules())
+    missing = [n for n in wanted if n not in named]
+    if missing:
+        examples = ", ".join(n for n, _ in list(named.items())[1:4])
+        raise ModelError(f"module hooks name {', '.join(map(repr, missing))}, not a submodule "
+                         f"of this UNet; use names from unet.named_modules() (e.g. {examples})")
+    handles = [named[n].register_forward_hook(fn) for n, fn in wanted.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _call_prompt_embeds(fn: Callable, cond, uncond, prompts, generators, **extra):
@@ -545,11 +603,12 @@ class DiffusionModelAdapter:
         timesteps = self._timesteps(t, batch)
         state = self._attention_state(hooks)
         if state is None:
-            out = self._unet(x_t, t, cond, None)
+            with module_hooks(self.unet, hooks):
+                out = self._unet(x_t, t, cond, None)
         else:
             state.is_conditional = _row_flags(conditional, batch, self.device)
             state.token_mask = None if token_mask is None else token_mask.to(self.device)
-            with cross_attention_hooks(self.unet, state):
+            with cross_attention_hooks(self.unet, state), module_hooks(self.unet, hooks):
                 out = self._unet(x_t, t, cond, state)
         return self._to_epsilon(out, x_t, timesteps)
 
@@ -769,7 +828,8 @@ class DiffusionModelAdapter:
         state = self._attention_state(hooks)
         if state is not None:
             state.token_mask = token_mask
-        with cross_attention_hooks(self.unet, state) if state is not None else nullcontext():
+        with cross_attention_hooks(self.unet, state) if state is not None else nullcontext(), \
+                module_hooks(self.unet, hooks):
             for i, t in enumerate(progress(scheduler.timesteps, desc=desc, unit="step")):
                 scale = guidance if hooks.guidance_scale is None else float(
                     hooks.guidance_scale(i, int(t), guidance))

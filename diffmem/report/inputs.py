@@ -267,7 +267,8 @@ def read_detect(folder: str | os.PathLike) -> dict[str, Any]:
              "image": _existing(folder, r.get("image"))}
             for r in _csv(folder / "reidentified.csv", command,
                           ("prompt", "reid_score", "reid_patient_id", "reid_study_id"))]
-    figures = {name: folder / f"{name}.png" for name in ("scores_hist", "roc", "nn_similarity")
+    figures = {name: folder / f"{name}.png" for name in ("scores_hist", "roc", "nn_similarity",
+                                                       "lorenz")
                if (folder / f"{name}.png").is_file()}
     return {"folder": folder, "summary": summary, "prompts": prompts, "copies": copies,
             "reidentified": reidentified, "figures": figures}

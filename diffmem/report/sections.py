@@ -60,6 +60,8 @@ REFERENCES = {
                   "Equilibrium. NeurIPS 2017 (the Frechet distance).",
     "jain2025": "A. Jain et al. Classifier-Free Guidance inside the Attraction Basin May "
                 "Cause Memorization. CVPR 2025.",
+    "li2025": "Li et al. Skewed Memorization in Large Language Models: Quantification and "
+              "Decomposition. 2025.",
     "wu2025": "Y.-H. Wu, P. Marion, G. Biau, C. Boyer. Taking a Big Step: Large Learning Rates "
               "in Denoising Score Matching Prevent Memorization. COLT 2025.",
     "packhauser2022": "K. Packhäuser, S. Gündel, N. Münster, C. Syben, V. Christlein, A. Maier. "
@@ -85,6 +87,9 @@ METHODS = (
     {"name": "Ratio criterion", "section": "detection", "refs": ["gu2023"],
      "how": "A generation whose nearest training image is three times closer than the second "
             "nearest (d1/d2 < 1/3) is reported alongside the calibrated verdict."},
+    {"name": "Skewed memorization", "section": "detection", "refs": ["li2025"],
+     "how": "Copy generations per scanned prompt summarized as the share of all copies from the "
+            "top 1% and 10% of prompts, the Gini coefficient and a Lorenz curve."},
     {"name": "Risk level", "section": "summary", "refs": [],
      "how": "Calibrated copies tested against the threshold's false-positive rate (one-sided "
             "binomial test), plus the signals listed in the criteria; see the summary."},
@@ -210,6 +215,7 @@ def detection_facts(det: dict[str, Any]) -> dict[str, Any]:
         "planted": sum(p["label"] == 1 for p in labelled),
         "evaluations": s.get("evaluations") or {},
         "rates": s.get("rates") or {},
+        "skew": s.get("skew"),
         "copies_without_prompt": s.get("copies_without_prompt") or [],
         "top_flagged": top,
         "warnings": s.get("warnings") or [],

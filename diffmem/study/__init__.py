@@ -6,6 +6,8 @@ training-time mitigations on chest X-ray models.
 * :func:`run_lr_study` and :func:`run_train_mitigation_study` (:mod:`diffmem.study.cxr`): train
   one CXR model per setting (resumable trainer folders) and measure both kinds of copying
   (:mod:`diffmem.study.measure`) and the in-domain FID;
+* :func:`run_checkpoint_study` (:mod:`diffmem.study.checkpoints`): memorization over training
+  at every checkpoint of one run, and the last step before copying begins;
 * :mod:`diffmem.study.training`: the training-time mitigations as trainer hooks
   (caption randomization, de-id marker randomization, Wen et al.'s loss filter, de-duplication).
 
@@ -21,6 +23,8 @@ _LAZY = {
     "ToyConfig": "diffmem.study.score_matching",
     "run_lr_study": "diffmem.study.cxr",
     "run_train_mitigation_study": "diffmem.study.cxr",
+    "run_checkpoint_study": "diffmem.study.checkpoints",
+    "recommend_stop": "diffmem.study.checkpoints",
     "MeasureConfig": "diffmem.study.measure",
     "Measurement": "diffmem.study.measure",
     "measure_model": "diffmem.study.measure",

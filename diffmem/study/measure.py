@@ -12,6 +12,9 @@ training prompts, and split into the two kinds of copying:
   prompt and from held-out prompts (copying without a prompt bound to the image);
 * ``noise_magnitude_auc``: how well Wen et al.'s noise magnitude separates planted from other
   prompts (a prompt-bound signal: it cannot see copies the prompt does not drive).
+* ``copy_gini``, ``copy_top1_share``, ``copy_top10_share``: how concentrated the copies are
+  among the scanned prompts (skewed memorization, Li et al. 2025:
+  :func:`diffmem.detect.skew.copy_concentration`); None when nothing was copied.
 
 Utility is the in-domain FID (:func:`diffmem.embed.frechet_distance` on the in-domain encoder's
 features) between one generation per held-out record's prompt and the held-out real images.
@@ -36,7 +39,7 @@ from diffmem.utils import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MeasureConfig", "Measurement", "measure_model", "resolve_encoder"]
+__all__ = ["MeasureConfig", "Measurement", "measure_model", "resolve_encoder", "skew_fields"]
 
 
 @dataclass
@@ -113,6 +116,9 @@ class Measurement:
     detect_seconds: float
     fid_seconds: float
     copied_studies_without_prompt: list[str] = field(default_factory=list)
+    copy_gini: float | None = None
+    copy_top1_share: float | None = None
+    copy_top10_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -199,6 +205,20 @@ def copy_rates(result, clusters: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def skew_fields(skew: dict[str, Any] | None) -> dict[str, float | None]:
+    """The :class:`Measurement` fields of a detection's ``skew`` (Gini, top 1%/10% shares).
+
+    Examples
+    --------
+    >>> from diffmem.detect.skew import copy_concentration
+    >>> skew_fields(copy_concentration([0, 0, 0, 4]))
+    {'copy_gini': 0.75, 'copy_top1_share': 1.0, 'copy_top10_share': 1.0}
+    """
+    shares = (skew or {}).get("top_shares") or {}
+    return {"copy_gini": (skew or {}).get("gini"), "copy_top1_share": shares.get("1%"),
+            "copy_top10_share": shares.get("10%")}
+
+
 def _fid(adapter, dataset, encoder_dir: Path, cfg: MeasureConfig, guidance: float) -> float:
     from diffmem.embed import frechet_distance, load_encoder
 
@@ -275,7 +295,7 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
     result = detect(adapter, dataset, out / "detect", config=cfg.detection_config(threads),
                     prompts=prompts, index=index)
     detect_s = time.perf_counter() - t0
-    rates = copy_rates(result, _clusters(dataset))
+    rates = {**copy_rates(result, _clusters(dataset)), **skew_fields(result.skew)}
     evals = result.evaluations
     t1 = time.perf_counter()
     fid = None

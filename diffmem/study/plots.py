@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_metric_bars", "plot_metrics_vs_lr", "plot_toy_samples"]
+__all__ = ["plot_metric_bars", "plot_metrics_vs_lr", "plot_metrics_vs_step", "plot_toy_samples"]
 
 
 def _plt():
@@ -112,5 +112,25 @@ def plot_metric_bars(records: Sequence[Mapping[str, Any]], metrics: Sequence[str
             ax.set_ylim(0, max(max(finite) * 1.15, 0.05))
         ax.set_xticks(range(len(vals)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+    return _finish(plt, fig, path, title)
+
+
+def plot_metrics_vs_step(records: Sequence[Mapping[str, Any]], metrics: Sequence[str],
+                         path: Path, *, title: str, stop: int | None = None) -> Path:
+    """One panel per metric against the training step (one point per checkpoint), with the
+    recommended stopping step as a dashed line; missing values are left out."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.0 * len(metrics), 2.8), squeeze=False)
+    rs = sorted(records, key=lambda r: r["step"])
+    for ax, metric in zip(axes[0], metrics):
+        pts = [(r["step"], float(r[metric])) for r in rs
+               if r.get(metric) is not None and math.isfinite(float(r[metric]))]
+        if pts:
+            ax.plot(*zip(*pts), "o-", color="tab:blue", markersize=3)
+        if stop is not None:
+            ax.axvline(stop, color="tab:green", ls="--", lw=1, label=f"stop at {stop}")
+            ax.legend(fontsize=6)
+        ax.set_xlabel("training step", fontsize=8)
         ax.set_title(metric, fontsize=9)
     return _finish(plt, fig, path, title)
