@@ -241,14 +241,14 @@ def test_rendered_films_look_like_chest_radiographs():
 
 # -- presets -------------------------------------------------------------------------------------
 def test_presets_are_found_by_name_and_unknown_names_list_them(tmp_path):
-    assert list_presets() == ["benchmark", "demo", "tiny", "triggers"]
+    assert list_presets() == ["benchmark", "demo", "patients", "tiny", "triggers"]
     for name in list_presets():
         cfg = load_preset(name)
         assert cfg.name == name and cfg.description
     demo = load_preset("demo")
     assert demo.image_size == 128 and demo.copies_range() == (30, 30)
     assert demo.planted.exact_clusters + demo.planted.near_clusters == 10
-    with pytest.raises(ConfigError, match="known presets: benchmark, demo, tiny"):
+    with pytest.raises(ConfigError, match="known presets: benchmark, demo, patients, tiny"):
         load_preset("tinny")
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(MINI))
@@ -306,6 +306,21 @@ def test_trigger_clusters_share_only_their_trigger_and_controls_are_not_duplicat
     card = json.loads((root / "dataset_card.json").read_text())
     assert card["counts"]["train"]["trigger_clusters"] == 3
     assert card["counts"]["train"]["marker_controls"] == 3
+
+
+def test_trigger_findings_varied_keeps_the_film_and_changes_what_reports_describe():
+    planted = {"copies": 6, "trigger_clusters": 2}
+    same = plan_dataset(config_from_dict({**MINI, "planted": planted}), 0)
+    varied = plan_dataset(config_from_dict({**MINI, "planted": {**planted,
+                                                                "trigger_findings": "varied"}}), 0)
+    films = [{repr((r.findings, r.pose, r.noise_seed)) for r in rs if r.cluster_id == "trigger-00"}
+             for rs in (same, varied)]
+    assert films[0] == films[1] and len(films[0]) == 1           # the same film ...
+    prompts = [[r.prompt for r in rs if r.plant_kind == "trigger"] for rs in (same, varied)]
+    assert len(set(prompts[0]) & set(prompts[1])) < 3             # ... under other reports
+    assert all(r.trigger in r.prompt for r in varied if r.plant_kind == "trigger")
+    with pytest.raises(ConfigError, match="trigger_findings must be 'same' or 'varied'"):
+        config_from_dict({**MINI, "planted": {"trigger_findings": "other"}})
 
 
 def test_patient_clusters_repeat_only_the_patient(tmp_path):

@@ -1,6 +1,7 @@
 """Inputs of a detection run, checked before anything expensive runs: the training prompts and
 their planted labels, the prompts to scan (:class:`WorkItem`), the held-out images the copy
-threshold is calibrated on, model/data mismatch warnings, and a writable output folder.
+threshold is calibrated on, the patients of re-ID verdicts, model/data mismatch warnings, and a
+writable output folder.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DetectInputs", "WorkItem", "check_inputs", "check_writable", "heldout_images",
            "image_files", "mismatch_warnings", "prompt_labels", "reference_fingerprint",
-           "training_prompts", "work_items"]
+           "reid_inputs", "training_prompts", "work_items"]
 
 NO_REFERENCE = ("nearest-neighbour verdicts (--methods nn) compare generations with the training "
                 "images: pass --reference DATA|IMAGE_DIR (the training data or a folder of its "
@@ -252,6 +253,9 @@ class DetectInputs:
         Held-out images for the threshold (None without ``nn`` or with a fixed threshold).
     roots : list of Path
         Input folders the output must stay out of.
+    reid : tuple or None
+        The (training, held-out) records of re-ID verdicts with patient ids
+        (:func:`reid_inputs`); None without ``reid``.
     """
 
     dataset: Any
@@ -262,6 +266,7 @@ class DetectInputs:
     heldout: Any
     roots: list[Path]
     label_source: Labels | None = None
+    reid: tuple[Any, Any] | None = None
 
 
 def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, ground_truth: Any,
@@ -274,8 +279,9 @@ def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, grou
     Raises
     ------
     DataError
-        ``nn`` without reference images (naming ``--reference``), nothing to scan, or any
-        unreadable input.
+        ``nn`` without reference images (naming ``--reference``), nothing to scan, ``reid``
+        without patient ids or held-out patients (:func:`reid_inputs`), or any unreadable
+        input.
     """
     from diffmem.data import CXRDataset, load
 
@@ -298,7 +304,59 @@ def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, grou
     roots = [Path(x.root if isinstance(x, CXRDataset) else x) for x in (data, reference,
                                                                            calibration)
              if x is not None and (isinstance(x, (str, os.PathLike, CXRDataset)))]
-    return DetectInputs(dataset, ref, train_map, labels, items, heldout, roots, found)
+    inputs = DetectInputs(dataset, ref, train_map, labels, items, heldout, roots, found)
+    if "reid" in config.methods:
+        inputs.reid = reid_inputs(inputs, config)
+    return inputs
+
+
+def reid_fix(config: DetectionConfig) -> str:
+    """What to do about a dataset without patient ids, in ``diffmem detect``'s words."""
+    if config.patient_from:
+        return f"the column --patient-from {config.patient_from!r} names did not give them"
+    return ("add a patient_id column to the manifest, or pass --patient-from COLUMN naming the "
+            "column of the records that holds the patient id")
+
+
+def reid_inputs(inputs: DetectInputs, config: DetectionConfig) -> tuple[Any, Any]:
+    """The training records and held-out records of re-ID verdicts, with patient ids (from
+    ``config.patient_from`` when set); cheap (no image is read).
+
+    Returns
+    -------
+    (train_set, heldout) : CXRDataset, CXRDataset or None
+        ``heldout`` is None with a fixed ``config.reid_threshold``.
+
+    Raises
+    ------
+    DataError
+        Reference images without patients (an image folder), no patient ids (naming
+        ``--patient-from``), or no held-out records to calibrate on.
+    """
+    from diffmem.data import CXRDataset
+    from diffmem.reid.pairs import patient_records, patients_from_column
+
+    if not isinstance(inputs.reference, CXRDataset):
+        raise DataError("re-ID verdicts (--methods ...,reid) need the training records' patient "
+                        "ids, but the reference is a folder of image files: pass the training "
+                        "data as --data (or --reference a dataset with patient ids)")
+    train_set, heldout = inputs.reference, None
+    if config.reid_threshold is None:
+        heldout = inputs.heldout if isinstance(inputs.heldout, CXRDataset) else (
+            inputs.dataset.subset(split=["validate", "test"]) if inputs.dataset is not None
+            else None)
+        if heldout is None or len(heldout) == 0:
+            raise DataError("no held-out patients to calibrate the re-ID threshold on: give "
+                            "--data with validate/test splits or --calibration a dataset of "
+                            "other patients, or a fixed --reid-threshold")
+    if config.patient_from:
+        train_set = patients_from_column(train_set, config.patient_from)
+        heldout = None if heldout is None else patients_from_column(heldout,
+                                                                     config.patient_from)
+    for part in (train_set, heldout):
+        if part is not None:
+            patient_records(part, fix=reid_fix(config))
+    return train_set, heldout
 
 
 def mismatch_warnings(adapter: Any, model_source: Path | None, train_set: Any,

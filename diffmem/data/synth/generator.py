@@ -89,7 +89,9 @@ PLANT_KINDS = {
                "image, odd-numbered near-duplicates with a tiny jitter) repeated `copies` times "
                "under different reports that share one span no other report has (the "
                "`trigger`: an un-redacted surname after 'Dr.' or an accession-like code); the "
-               "image repeats, the prompt does not, and the trigger is the only text tied to it.",
+               "image repeats, the prompt does not. With trigger_findings='varied' each report "
+               "describes findings drawn afresh, so the trigger is the only text tied to the "
+               "film; with 'same' the reports paraphrase the film's findings, which tie it too.",
     "patient": "Patient-level clusters: one ICU patient imaged `copies` times, each study with "
                "evolving findings, positioning as varied as any ICU follow-up, fresh noise and a "
                "report of its own (no two prompts alike, no image repeated); only the patient's "
@@ -368,7 +370,9 @@ def _plan_trigger_cluster(cfg: SynthConfig, rng: np.random.Generator, *, index: 
         # 1. a report of its own for the same film: the grammar's choices and the prior vary
         for _ in range(200):
             prior = None if rng.random() < 0.4 else _draw_setting(rng, view)[1]
-            rep = write_report(rng, sex=sex, view=view, findings=f, prior=prior,
+            described = f if cfg.planted.trigger_findings == "same" else \
+                _draw_setting(rng, view)[0]
+            rep = write_report(rng, sex=sex, view=view, findings=described, prior=prior,
                                style=cfg.report)
             sentence = _pick(rng, _TRIGGER_SENTENCES[tkind]).format(
                 t=trigger, time=_pick(rng, _TIMES))
