@@ -102,7 +102,7 @@ def plot_score_histograms(scores: Mapping[str, Any], path: str | os.PathLike, *,
         ax.set_title(_TITLES.get(name, name), fontsize=9)
         ax.set_xlabel(f"{name} (higher = more memorized)", fontsize=8)
         ax.set_ylabel("prompts", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")  # "best" warns on a slow machine
     return _save(fig, path)
 
 
@@ -157,7 +157,7 @@ def plot_nn_similarity(similarities: Any, path: str | os.PathLike, *, labels: An
     ax.set_xlabel("similarity to the nearest training image", fontsize=8)
     ax.set_ylabel("density", fontsize=8)
     ax.set_title("copies: generations above the held-out threshold", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
     return _save(fig, path)
 
 
