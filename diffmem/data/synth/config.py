@@ -87,6 +87,12 @@ class PlantedConfig:
         Control patients in the training split: single-study outpatients whose prompts are
         marker-heavy (a communication sentence full of ``___``) but *not* duplicated, flagged
         in ``ground_truth.csv``'s ``control`` column.
+    miscaptioned : int
+        Mis-captioned patients in the training split (ground truth for CLIPMem, Wang et al.,
+        ICLR 2025): single-study outpatients whose report describes *another* patient's
+        findings (abnormal findings sharing no finding type with what the film shows, written
+        for a patient of a freshly drawn sex), ``plant_kind`` ``"miscaptioned"``. Not
+        duplicated: a memorization measure must find them from the mismatch alone.
     """
 
     exact_clusters: int = 0
@@ -100,6 +106,7 @@ class PlantedConfig:
     trigger_clusters: int = 0
     trigger_kinds: tuple = TRIGGER_KINDS
     marker_controls: int = 0
+    miscaptioned: int = 0
 
 
 @dataclass(frozen=True)
@@ -264,7 +271,8 @@ def config_from_dict(data: dict[str, Any], *, source: str = "preset") -> SynthCo
     _check_rate(cfg.outpatient_abnormal_rate, f"{source}: outpatient_abnormal_rate")
     _check_rate(cfg.female_rate, f"{source}: female_rate")
     p = cfg.planted
-    for k in ("exact_clusters", "near_clusters", "trigger_clusters", "marker_controls"):
+    for k in ("exact_clusters", "near_clusters", "trigger_clusters", "marker_controls",
+              "miscaptioned"):
         n = getattr(p, k)
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ConfigError(f"{source}: planted.{k} must be a non-negative integer, got {n!r}")
