@@ -152,3 +152,36 @@ def test_run_clipmem_refuses_out_inside_data(data):
 
     with pytest.raises(OutputError, match="lies inside the input"):
         run_clipmem(data, Path(data) / "cm", preset="tiny", steps=1)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def test_cli_given_f_and_g_and_argument_errors(data, encoder, tmp_path, capsys):
+    from diffmem.cli import main
+
+    out = tmp_path / "given"
+    assert main(["clipmem", "--data", str(data), "--out", str(out), "--f", str(encoder),
+                 "--g", str(encoder), "--views", "1", "--split", "train"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean CLIPMem +0.0000" in printed and "clipmem.csv" in printed
+    with open(out / "clipmem.csv", newline="", encoding="utf-8") as fh:
+        assert all(abs(float(r["clipmem"])) < 1e-6 for r in csv.DictReader(fh))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["f"] == summary["g"] == str(encoder)
+    with pytest.raises(SystemExit) as err:
+        main(["clipmem", "--data", str(data), "--out", str(tmp_path / "x"), "--f", str(encoder)])
+    assert err.value.code == 2
+    assert "--f and --g go together" in capsys.readouterr().err
+    assert main(["clipmem", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
+    assert "clipmem: error:" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_cli_trains_and_scores(data, tmp_path, capsys):
+    from diffmem.cli import main
+
+    out = tmp_path / "run"
+    assert main(["clipmem", "--data", str(data), "--out", str(out), "--preset", "tiny",
+                 "--steps", "2", "--views", "0"]) == 0
+    assert "scored" in capsys.readouterr().out
+    assert (out / "runs" / "seed-0" / "f" / "encoder_config.json").is_file()
+    assert (out / "runs" / "seed-0" / "g" / "encoder_config.json").is_file()
