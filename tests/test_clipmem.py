@@ -185,3 +185,54 @@ def test_cli_trains_and_scores(data, tmp_path, capsys):
     assert "scored" in capsys.readouterr().out
     assert (out / "runs" / "seed-0" / "f" / "encoder_config.json").is_file()
     assert (out / "runs" / "seed-0" / "g" / "encoder_config.json").is_file()
+
+
+# ------------------------------------------------------------------ a user's own open_clip model
+TINY_OPEN_CLIP = {"embed_dim": 16,
+                  "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                 "head_width": 16},
+                  "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32,
+                               "heads": 2, "layers": 1}}
+
+
+def _open_clip_folder(path: Path, seed: int) -> Path:
+    """An open_clip export folder (open_clip_config.json + open_clip_model.safetensors)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    path.mkdir()
+    (path / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": TINY_OPEN_CLIP,
+        "preprocess_cfg": {"size": 32, "mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(path / "open_clip_model.safetensors"))
+    return path
+
+
+def test_a_users_open_clip_models_score_like_ours(dataset, tmp_path):
+    from diffmem.clipmem import OpenClipEncoder, as_pair_encoder, load_open_clip
+    from diffmem.errors import ModelError
+
+    f_dir = _open_clip_folder(tmp_path / "f", seed=0)
+    g_dir = _open_clip_folder(tmp_path / "g", seed=1)
+    f = as_pair_encoder(str(f_dir))
+    assert isinstance(f, OpenClipEncoder) and f.image_size == 32 and f.std == (0.27, 0.26, 0.28)
+    emb = f.embed_images(np.random.default_rng(0).random((3, 40, 40)).astype(np.float32))
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    same = score_pairs(f, load_open_clip(f_dir), dataset, split="train", views=1)
+    np.testing.assert_allclose([r["clipmem"] for r in same.rows], 0.0, atol=1e-6)
+    other = score_pairs(str(f_dir), str(g_dir), dataset, split="train", views=1)
+    assert np.ptp([r["clipmem"] for r in other.rows]) > 0
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ModelError, match="neither a diffmem encoder folder"):
+        as_pair_encoder(tmp_path / "bare")
+    (g_dir / "open_clip_model.safetensors").unlink()
+    with pytest.raises(ModelError, match="but no weights"):
+        load_open_clip(g_dir)
+    with pytest.raises(ModelError, match="needs its trained weights"):
+        load_open_clip("RN50", checkpoint=tmp_path / "missing.pt")
+    with pytest.raises(ModelError, match="neither a folder nor a built-in"):
+        load_open_clip("no-such-net", checkpoint=tmp_path / "missing.pt")

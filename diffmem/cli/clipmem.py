@@ -36,6 +36,10 @@ def register(subparsers) -> None:
                    help="given-encoder mode: the encoder folder trained on the pairs")
     p.add_argument("--g", metavar="ENC_DIR",
                    help="given-encoder mode: the reference encoder folder not trained on them")
+    p.add_argument("--open-clip-model", metavar="NAME",
+                   help="given-encoder mode: --f and --g are checkpoint files of this open_clip "
+                        "architecture (open_clip.list_models()); open_clip export folders and "
+                        "diffmem encoder folders need no flag")
     p.add_argument("--split", action="append", choices=("train", "validate", "test"),
                    help="given-encoder mode: only score this split (repeatable; default all)")
     p.add_argument("--seed", type=int, default=0,
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     data = load(args.data, prompt_section=args.prompt_section)
     if args.f is not None:
         res = score_pairs(args.f, args.g, data, args.out, split=args.split, views=args.views,
-                          seed=args.seed)
+                          seed=args.seed, open_clip_model=args.open_clip_model)
     else:
         res = run_clipmem(data, args.out, preset=args.preset, seeds=args.seeds, steps=args.steps,
                           views=args.views, candidates=args.candidates,

@@ -10,7 +10,8 @@ more than a reference g that did not. Pieces:
   (:mod:`~diffmem.clipmem.alignment`) - Eq. 1 and Eq. 4, and where we deviate;
 * :func:`run_clipmem` (:mod:`~diffmem.clipmem.run`) - train f and g with the in-domain open_clip
   recipe (:func:`diffmem.embed.train_encoder`), score, write ``clipmem.csv``; resumable;
-* :func:`score_pairs` - the same score for a given (f, g) pair of encoders.
+* :func:`score_pairs` - the same score for a given (f, g) pair of encoders: diffmem encoder
+  folders or a user's own open_clip models (:func:`load_open_clip`).
 
 Importing this package is cheap: torch and open_clip load on first use.
 """
@@ -24,6 +25,8 @@ _LAZY = {
         "pair_alignment")},
     **{name: "diffmem.clipmem.run" for name in (
         "ClipMemResult", "run_clipmem", "score_pairs", "summarize", "train_pair")},
+    **{name: "diffmem.clipmem.openclip" for name in (
+        "OpenClipEncoder", "as_pair_encoder", "load_open_clip")},
 }
 
 __getattr__ = lazy_getattr(__name__, _LAZY)

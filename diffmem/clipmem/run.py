@@ -31,6 +31,7 @@ import numpy as np
 
 from diffmem.checks import as_dataset, check_int
 from diffmem.clipmem.alignment import clipmem_score, dataset_alignment
+from diffmem.clipmem.openclip import as_pair_encoder
 from diffmem.clipmem.splits import ClipMemSplit, split_pairs
 from diffmem.data import CXRDataset
 from diffmem.embed import load_encoder, load_preset
@@ -301,19 +302,23 @@ def run_clipmem(data: CXRDataset | str | Path, out: str | Path, *, preset: str =
 
 
 def score_pairs(f: Any, g: Any, data: CXRDataset | str | Path, out: str | Path | None = None,
-                *, split: str | Sequence[str] | None = None, views: int = 8,
-                seed: int = 0) -> ClipMemResult:
+                *, split: str | Sequence[str] | None = None, views: int = 8, seed: int = 0,
+                open_clip_model: str | None = None) -> ClipMemResult:
     """CLIPMem of given encoders: f trained on the pairs, g did not (a user's own pair).
 
     Parameters
     ----------
     f, g : InDomainEncoder, PairEncoder or path
-        Encoder folders are read with :func:`diffmem.embed.load_encoder`.
+        Paths are read with :func:`~diffmem.clipmem.openclip.as_pair_encoder`: a diffmem
+        encoder folder, an open_clip export folder, or (with ``open_clip_model``) an open_clip
+        checkpoint file.
     data : CXRDataset or path
         The candidate pairs: every record (or those of ``split``) is scored.
     out : path, optional
         When given, ``clipmem.csv``, ``summary.json`` and the plot are written there.
     split, views, seed : optional
+    open_clip_model : str, optional
+        The open_clip architecture name of checkpoint files given as ``f`` and ``g``.
 
     Returns
     -------
@@ -321,8 +326,8 @@ def score_pairs(f: Any, g: Any, data: CXRDataset | str | Path, out: str | Path |
     """
     t0 = time.time()
     dataset = as_dataset(data)
-    f = load_encoder(f) if isinstance(f, (str, Path)) else f
-    g = load_encoder(g) if isinstance(g, (str, Path)) else g
+    f = as_pair_encoder(f, open_clip_model=open_clip_model)
+    g = as_pair_encoder(g, open_clip_model=open_clip_model)
     indices = list(range(len(dataset))) if split is None else \
         [i for i, s in enumerate(dataset) if s.split in ({split} if isinstance(split, str)
                                                          else set(split))]
