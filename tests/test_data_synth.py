@@ -241,14 +241,14 @@ def test_rendered_films_look_like_chest_radiographs():
 
 # -- presets -------------------------------------------------------------------------------------
 def test_presets_are_found_by_name_and_unknown_names_list_them(tmp_path):
-    assert list_presets() == ["benchmark", "clipmem", "demo", "tiny", "triggers"]
+    assert list_presets() == ["benchmark", "clipmem", "demo", "patients", "tiny", "triggers"]
     for name in list_presets():
         cfg = load_preset(name)
         assert cfg.name == name and cfg.description
     demo = load_preset("demo")
     assert demo.image_size == 128 and demo.copies_range() == (30, 30)
     assert demo.planted.exact_clusters + demo.planted.near_clusters == 10
-    with pytest.raises(ConfigError, match="known presets: benchmark, clipmem, demo, tiny"):
+    with pytest.raises(ConfigError, match="known presets: benchmark, clipmem, demo, patients, tiny"):
         load_preset("tinny")
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(MINI))
@@ -336,6 +336,35 @@ def test_miscaptioned_pairs_are_single_films_under_another_patients_report(tmp_p
                                   and r["prompt_count"] == "1" for r in rows)
     with pytest.raises(ConfigError, match="planted.miscaptioned must be a non-negative"):
         config_from_dict({**MINI, "planted": {"miscaptioned": -1}})
+
+
+def test_patient_clusters_repeat_only_the_patient(tmp_path):
+    cfg = config_from_dict({**MINI, "planted": {"exact_clusters": 1, "copies": 4,
+                                                "patient_clusters": 2}})
+    root = synthesize(tmp_path / "p", preset=cfg)
+    rows = _rows(root / "ground_truth.csv")
+    clusters = defaultdict(list)
+    for r in rows:
+        if r["plant_kind"] == "patient":
+            clusters[r["cluster_id"]].append(r)
+    assert sorted(clusters) == ["patient-00", "patient-01"]
+    for members in clusters.values():
+        assert len(members) == 4 and len({m["patient_id"] for m in members}) == 1
+        assert len({m["prompt"] for m in members}) == 4                   # reports of their own
+        assert all(m["prompt_count"] == "1" and m["view"] == "AP" and m["planted"] == "1"
+                   for m in members)
+        films = [np.asarray(Image.open(_image(root, m)), dtype=float) for m in members]
+        assert len({f.tobytes() for f in films}) == 4                      # no film repeats ...
+        assert min(abs(a - b).mean() for i, a in enumerate(films) for b in films[i + 1:]) > 1.0
+    # ... and the rest of the data does not move when patient clusters are added
+    plain = plan_dataset(config_from_dict({**MINI, "planted": {"exact_clusters": 1,
+                                                               "copies": 4}}), 0)
+    more = plan_dataset(cfg, 0)
+    assert [r.prompt for r in plain] == [r.prompt for r in more if r.plant_kind != "patient"]
+    assert json.loads((root / "dataset_card.json").read_text())["counts"]["train"][
+        "patient_clusters"] == 2
+    with pytest.raises(ConfigError, match="patient_clusters must be a non-negative integer"):
+        config_from_dict({**MINI, "planted": {"patient_clusters": -1}})
 
 
 def test_force_markers_false_lets_the_grammar_decide(tmp_path):

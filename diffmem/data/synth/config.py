@@ -87,6 +87,12 @@ class PlantedConfig:
         Control patients in the training split: single-study outpatients whose prompts are
         marker-heavy (a communication sentence full of ``___``) but *not* duplicated, flagged
         in ``ground_truth.csv``'s ``control`` column.
+    patient_clusters : int
+        Patient-level clusters: one ICU patient imaged ``copies`` times, with findings that
+        evolve from study to study, positioning as varied as any ICU follow-up, fresh noise and
+        a report of its own per study (no two prompts alike). Nothing is duplicated but the
+        patient's anatomy: what a model can memorize there is the *patient*, not a film or a
+        prompt (re-identification, :mod:`diffmem.reid`).
     miscaptioned : int
         Mis-captioned patients in the training split (ground truth for CLIPMem, Wang et al.,
         ICLR 2025): single-study outpatients whose report describes *another* patient's
@@ -106,6 +112,7 @@ class PlantedConfig:
     trigger_clusters: int = 0
     trigger_kinds: tuple = TRIGGER_KINDS
     marker_controls: int = 0
+    patient_clusters: int = 0
     miscaptioned: int = 0
 
 
@@ -272,7 +279,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "preset") -> SynthCo
     _check_rate(cfg.female_rate, f"{source}: female_rate")
     p = cfg.planted
     for k in ("exact_clusters", "near_clusters", "trigger_clusters", "marker_controls",
-              "miscaptioned"):
+              "patient_clusters", "miscaptioned"):
         n = getattr(p, k)
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ConfigError(f"{source}: planted.{k} must be a non-negative integer, got {n!r}")
@@ -303,7 +310,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "preset") -> SynthCo
         raise ConfigError(f"{source}: dicom.bits must be an integer from 8 to 16, got "
                           f"{cfg.dicom.bits!r}")
     if sum(sz.outpatients + sz.icu_patients for sz in splits.values()) == 0 and \
-            p.exact_clusters + p.near_clusters + p.trigger_clusters == 0:
+            p.exact_clusters + p.near_clusters + p.trigger_clusters + p.patient_clusters == 0:
         raise ConfigError(f"{source}: the preset makes no patients; set splits.train."
                           "outpatients (or icu_patients) or planted clusters")
     return cfg

@@ -90,6 +90,10 @@ PLANT_KINDS = {
                "under different reports that share one span no other report has (the "
                "`trigger`: an un-redacted surname after 'Dr.' or an accession-like code); the "
                "image repeats, the prompt does not, and the trigger is the only text tied to it.",
+    "patient": "Patient-level clusters: one ICU patient imaged `copies` times, each study with "
+               "evolving findings, positioning as varied as any ICU follow-up, fresh noise and a "
+               "report of its own (no two prompts alike, no image repeated); only the patient's "
+               "anatomy repeats, so what a model can memorize is the patient.",
     "miscaptioned": "Mis-captioned pairs (CLIPMem ground truth, Wang et al., ICLR 2025): one "
                     "outpatient PA film whose report was written for another patient's "
                     "findings (abnormal, no finding type in common with the film, a freshly "
@@ -99,7 +103,7 @@ PLANT_KINDS = {
 
 # Streams of the seed tree: every patient and cluster has its own generator, so changing one
 # count does not reshuffle the others.
-_IDS, _PATIENT, _CLUSTER, _TRIGGER, _CONTROL, _MISCAPTION = 0, 1, 2, 3, 4, 5
+_IDS, _PATIENT, _CLUSTER, _TRIGGER, _CONTROL, _PATIENT_CLUSTER, _MISCAPTION = range(7)
 
 # Trigger spans: surnames and codes the report grammar never writes (reports say "Dr. ___").
 _TRIGGER_SURNAMES = ("Abernathy", "Kowalczyk", "Moriarty", "Nakashima", "Oyelaran", "Petrosyan",
@@ -400,6 +404,38 @@ def _plan_trigger_cluster(cfg: SynthConfig, rng: np.random.Generator, *, index: 
     return records
 
 
+def _plan_patient_cluster(cfg: SynthConfig, rng: np.random.Generator, *, index: int,
+                          copies: int, taken: set[str]) -> list[_Record]:
+    """One patient-level cluster: ``copies`` studies of one ICU patient, each with its own
+    findings, positioning, noise and report (see ``PLANT_KINDS["patient"]``)."""
+    sex = "F" if rng.random() < cfg.female_rate else "M"
+    patient = _Patient(kind="icu", split="train", sex=sex, anatomy=random_anatomy(rng, sex=sex),
+                       planted=True)
+    cluster_id = f"patient-{index:02d}"
+    f = initial_icu_findings(rng, chronic_traits(rng, icu=True))
+    prior: Findings | None = None
+    when = _start_time(rng)
+    records: list[_Record] = []
+    for _ in range(copies):
+        for _ in range(200):  # a report of its own: redraw (and let the findings move) on a clash
+            rep = write_report(rng, sex=sex, view="AP", findings=f, prior=prior, style=cfg.report)
+            prompt = normalize_whitespace(rep.impression)
+            if prompt not in taken:
+                break
+            f = evolve_findings(f, rng)
+        else:  # pragma: no cover - the grammar is far richer than 200 draws
+            raise ConfigError(f"could not draw {copies} distinct prompts for {cluster_id}")
+        taken.add(prompt)
+        records.append(_Record(patient=patient, view="AP", findings=f, report=rep.text,
+                               impression=rep.impression, pose=random_pose(rng, view="AP"),
+                               noise_seed=int(rng.integers(0, 2**31 - 1)), when=when,
+                               cluster_id=cluster_id, plant_kind="patient"))
+        prior, f = f, evolve_findings(f, rng)
+        when += _dt.timedelta(hours=int(rng.choice([12, 24, 24, 24, 48])),
+                              minutes=int(rng.integers(-90, 90)))
+    return records
+
+
 def _plan_control(cfg: SynthConfig, rng: np.random.Generator, taken: set[str]) -> list[_Record]:
     """A marker-control patient: one outpatient study whose prompt is marker-heavy (a
     communication sentence full of ``___``) but not duplicated."""
@@ -519,6 +555,10 @@ def plan_dataset(cfg: SynthConfig, seed: int) -> list[_Record]:
         records += _plan_trigger_cluster(cfg, rng, index=c, copies=copies, taken=taken)
     for c in range(p.marker_controls):
         records += _plan_control(cfg, np.random.default_rng([seed, _CONTROL, c]), taken)
+    for c in range(p.patient_clusters):
+        rng = np.random.default_rng([seed, _PATIENT_CLUSTER, c])
+        copies = int(rng.integers(lo, hi + 1))
+        records += _plan_patient_cluster(cfg, rng, index=c, copies=copies, taken=taken)
     for c in range(p.miscaptioned):
         records += _plan_miscaptioned(cfg, np.random.default_rng([seed, _MISCAPTION, c]),
                                       index=c, taken=taken)
@@ -620,6 +660,7 @@ def _counts(records: list[_Record]) -> dict[str, Any]:
         "exact_clusters": sum(k == "exact" for k in clusters.values()),
         "near_clusters": sum(k == "near" for k in clusters.values()),
         "trigger_clusters": sum(k == "trigger" for k in clusters.values()),
+        "patient_clusters": sum(k == "patient" for k in clusters.values()),
         "marker_controls": sum(r.control for r in records),
         "planted_records": sum(r.planted for r in records),
         "deid_markers": _marker_stats([r.prompt for r in records]),
@@ -697,11 +738,12 @@ def _dataset_card(cfg: SynthConfig, seed: int, records: list[_Record],
             "prompt": "the IMPRESSION text, whitespace collapsed (as Study.prompt)",
             "planted": "1 for every record of a planted cluster, else 0",
             "duplicate_count": "training records sharing this image/prompt pair: the cluster "
-                               "size for planted records, 1 for other training records, 0 for "
-                               "held-out records",
-            "cluster_id": "'exact-NN', 'near-NN', 'trigger-NN' or 'miscaptioned-NN'; empty "
-                          "when not planted",
-            "plant_kind": "'exact', 'near', 'trigger', 'miscaptioned' or empty",
+                               "size for planted records (for 'patient' clusters the patient's "
+                               "studies, none of them a duplicate), 1 for other training "
+                               "records, 0 for held-out records",
+            "cluster_id": "'exact-NN', 'near-NN', 'trigger-NN', 'patient-NN' or "
+                          "'miscaptioned-NN'; empty when not planted",
+            "plant_kind": "'exact', 'near', 'trigger', 'patient', 'miscaptioned' or empty",
             "split": "train, validate or test",
             "view": "PA or AP",
             "patient_kind": "outpatient or icu",
