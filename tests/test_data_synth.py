@@ -248,7 +248,8 @@ def test_presets_are_found_by_name_and_unknown_names_list_them(tmp_path):
     demo = load_preset("demo")
     assert demo.image_size == 128 and demo.copies_range() == (30, 30)
     assert demo.planted.exact_clusters + demo.planted.near_clusters == 10
-    with pytest.raises(ConfigError, match="known presets: benchmark, clipmem, demo, patients, tiny"):
+    with pytest.raises(ConfigError,
+                       match="known presets: benchmark, clipmem, demo, patients, tiny"):
         load_preset("tinny")
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(MINI))

@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
               f"(alignment f {k['mean_alignment_f']:.3f}, g {k['mean_alignment_g']:.3f})")
     if s["auc"] is not None:
         print(f"  AUC of CLIPMem for the planted {s['positive_kind']} pairs against the rest: "
-              f"{s['auc']:.3f} ({s['positives']} vs {s['negatives']})")
+              f"{s['auc']:.3f} ({s['positives']} vs {s['negatives']}); baselines from the same "
+              f"run: -alignment_g {s['baseline_auc']['minus_alignment_g']:.3f}, alignment_f "
+              f"{s['baseline_auc']['alignment_f']:.3f}")
     for row in res.rows[:5]:
         print(f"  top: {row['clipmem']:+.3f}  {row['study_id']}  {row['prompt'][:70]}")
     return 0

@@ -36,6 +36,7 @@ from diffmem.clipmem.splits import ClipMemSplit, split_pairs
 from diffmem.data import CXRDataset
 from diffmem.embed import load_encoder, load_preset
 from diffmem.errors import TrainingError
+from diffmem.study.results import machine_info
 from diffmem.utils import prepare_out_dir, write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,12 @@ def train_pair(dataset: CXRDataset, split: ClipMemSplit, out: str | Path, *,
     from diffmem.embed import train_encoder
 
     out = Path(out)
-    name = load_preset(preset).name
+    p = load_preset(preset)
+    want = {"preset": p.name, "seed": seed,
+            "steps": int(p.training["steps"]) if steps is None else steps}
     encoders, status = {}, {}
     for model, indices in (("f", split.f_train), ("g", split.g_train)):
         subset = dataset.subset(indices=indices)
-        want = {"preset": name, "seed": seed, "steps": steps}
         enc = _finished_encoder(out / model, subset.fingerprint(), want)
         status[model] = "loaded" if enc is not None else "trained"
         if enc is None:
@@ -190,7 +192,9 @@ def _aggregate(dataset: CXRDataset, run_rows: Sequence[dict[str, Any]]) -> list[
 
 def summarize(rows: Sequence[dict[str, Any]], *, positive: str = "miscaptioned") -> dict[str, Any]:
     """Mean CLIPMem by planted kind and the AUC of CLIPMem for the ``positive`` kind against
-    every other scored pair (scikit-learn's ROC AUC via :func:`diffmem.detect.evaluate`).
+    every other scored pair (scikit-learn's ROC AUC via :func:`diffmem.detect.evaluate`), with
+    two baselines from the same numbers: ``-alignment_g`` (the reference finds the pair
+    mismatched, no memorization involved) and ``alignment_f`` alone.
 
     Examples
     --------
@@ -212,11 +216,18 @@ def summarize(rows: Sequence[dict[str, Any]], *, positive: str = "miscaptioned")
                          "mean_alignment_g": round(float(np.mean([r["alignment_g"]
                                                                   for r in sel])), 6)}
     labels = np.array([r["plant_kind"] == positive for r in rows])
-    auc = None
+    auc, baselines = None, {}
     if 0 < labels.sum() < len(labels):
-        auc = round(evaluate(np.array([r["clipmem"] for r in rows]), labels).auc, 6)
-    return {"positive_kind": positive, "auc": auc, "positives": int(labels.sum()),
-            "negatives": int(len(labels) - labels.sum()), "by_kind": by_kind}
+        def auc_of(values):
+            return round(evaluate(np.array(values), labels).auc, 6)
+
+        auc = auc_of([r["clipmem"] for r in rows])
+        # baselines from the same run: the reference's mismatch alone, the target's alignment
+        baselines = {"minus_alignment_g": auc_of([-r["alignment_g"] for r in rows]),
+                     "alignment_f": auc_of([r["alignment_f"] for r in rows])}
+    return {"positive_kind": positive, "auc": auc, "baseline_auc": baselines,
+            "positives": int(labels.sum()), "negatives": int(len(labels) - labels.sum()),
+            "by_kind": by_kind}
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -297,7 +308,7 @@ def run_clipmem(data: CXRDataset | str | Path, out: str | Path, *, preset: str =
                "steps": steps, "seeds": seeds, "views": views,
                "fractions": {"candidate": candidates, "independent": independent},
                "scored_pairs": len(rows), "runs": runs, **summarize(rows),
-               "wall_seconds": round(time.time() - t0, 1)}
+               "machine": machine_info(), "wall_seconds": round(time.time() - t0, 1)}
     return _write(out, rows, summary)
 
 
@@ -339,7 +350,7 @@ def score_pairs(f: Any, g: Any, data: CXRDataset | str | Path, out: str | Path |
     summary = {"method": "CLIPMem (Wang et al., ICLR 2025, arXiv 2502.07830)",
                "data": str(dataset.root), "f": getattr(f, "path", None),
                "g": getattr(g, "path", None), "views": views, "seed": seed,
-               "scored_pairs": len(rows), **summarize(rows),
+               "scored_pairs": len(rows), **summarize(rows), "machine": machine_info(),
                "wall_seconds": round(time.time() - t0, 1)}
     if out is None:
         return ClipMemResult(rows=rows, summary=summary)
