@@ -12,7 +12,7 @@ from diffmem.checks import as_adapter
 __all__ = ["format_ranking", "run_attribute"]
 
 
-def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str = "gradient",
+def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str | None = None,
                   out: str | os.PathLike | None = None, device: str | None = None,
                   dtype: str | None = None,
                   **options: Any) -> tuple[TokenAttribution, Path | None]:
@@ -24,7 +24,8 @@ def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str = 
         Model folder (or an opened adapter).
     prompt : str
     method : str, optional
-        Attribution method (see :func:`~diffmem.attribution.list_methods`).
+        Attribution method (see :func:`~diffmem.attribution.list_methods`; default
+        :data:`~diffmem.attribution.methods.DEFAULT_METHOD`).
     out : path, optional
         ``.html`` (coloured prompt page), ``.png`` or ``.json`` file to write.
     device, dtype : str, optional
@@ -39,10 +40,11 @@ def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str = 
     path : pathlib.Path or None
         The file written.
     """
-    from diffmem.attribution.methods import attribute, get_method
+    from diffmem.attribution.methods import DEFAULT_METHOD, attribute, get_method
     from diffmem.attribution.render import save_attribution
     from diffmem.errors import ConfigError
 
+    method = DEFAULT_METHOD if method is None else method
     get_method(method)  # an unknown method fails before the model loads
     if out is not None and Path(out).suffix.lower() not in (".html", ".htm", ".png", ".json"):
         raise ConfigError(f"--out {str(out)!r}: end the file name with .html, .png or .json")

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.attribution.methods import (_magnitudes, _prepare, _Prepared, _variant_embeddings,
-                                         attribute, occlusion)
+from diffmem.attribution.methods import (DEFAULT_METHOD, _magnitudes, _prepare, _Prepared,
+                                         _variant_embeddings, attribute, occlusion)
 from diffmem.attribution.result import TokenAttribution
 from diffmem.errors import ConfigError, PromptError
 from diffmem.models import DiffusionModelAdapter
@@ -29,7 +29,7 @@ __all__ = ["CURVE_METHODS", "FAITHFULNESS_COLUMNS", "DeletionResult", "Faithfuln
            "deletion_test", "faithfulness_curves", "format_faithfulness"]
 
 #: The attribution methods whose orders :func:`faithfulness_curves` measures by default.
-CURVE_METHODS = ("gradient", "occlusion", "attention")
+CURVE_METHODS = ("integrated_gradients", "gradient", "occlusion", "attention")
 #: Columns of ``faithfulness.csv`` (:meth:`FaithfulnessCurves.table`).
 FAITHFULNESS_COLUMNS = ("order", "n_prompts", "deletion_auc", "insertion_auc",
                         "deletion_auc_random", "insertion_auc_random", "deletion_beats_random",
@@ -124,7 +124,7 @@ class DeletionResult:
 
 
 def deletion_test(adapter: DiffusionModelAdapter, prompts: Sequence[str], *,
-                  method: str = "gradient", generations: int = 4, steps: int = 1,
+                  method: str | None = None, generations: int = 4, steps: int = 1,
                   num_inference_steps: int = 50, guidance: float | None = None, seed: int = 0,
                   batch_size: int = 32, truncate: bool = False, deletion: str = "remove",
                   attributions: Sequence[TokenAttribution] | None = None) -> DeletionResult:
@@ -143,7 +143,8 @@ def deletion_test(adapter: DiffusionModelAdapter, prompts: Sequence[str], *,
     prompts : sequence of str
         Prompts to test (typically the memorized ones).
     method : str, optional
-        Attribution method whose top unit is deleted (default ``"gradient"``).
+        Attribution method whose top unit is deleted (default
+        :data:`~diffmem.attribution.methods.DEFAULT_METHOD`).
     generations, steps, num_inference_steps, guidance, seed, batch_size, truncate
         As for :func:`~diffmem.attribution.gradient`; the same settings serve the attribution
         and the deletions.
@@ -174,6 +175,7 @@ def deletion_test(adapter: DiffusionModelAdapter, prompts: Sequence[str], *,
             raise ConfigError("attributions do not match prompts one to one; pass one "
                               "TokenAttribution per prompt, in the same order")
         method = attributions[0].method
+    method = DEFAULT_METHOD if method is None else method
     options = dict(generations=generations, steps=steps, num_inference_steps=num_inference_steps,
                    guidance=guidance, seed=seed, batch_size=batch_size, truncate=truncate)
     kept, tops, mems, d_top, d_rand, skipped = [], [], [], [], [], []
@@ -372,8 +374,8 @@ def faithfulness_curves(adapter: DiffusionModelAdapter, prompts: Sequence[str], 
     prompts : sequence of str
         Prompts to measure (typically the memorized ones).
     methods : sequence of str, optional
-        Attribution methods whose orders are measured (default gradient, occlusion,
-        attention). Occlusion is run with ``mode=replacement``, so its first deletion step is
+        Attribution methods whose orders are measured (default :data:`CURVE_METHODS`:
+        integrated gradients, gradient, occlusion, attention). Occlusion is run with ``mode=replacement``, so its first deletion step is
         by construction the largest single-unit drop: its deletion curve is partly circular.
     random_orders : int, optional
         Random orders per prompt (default 3).
@@ -482,10 +484,11 @@ def format_faithfulness(curves: FaithfulnessCurves) -> str:
     n = len(curves.prompts)
     lines = [f"faithfulness on {n} prompt(s), units replaced by {curves.params['replacement']} "
              "(deletion AUC: lower is better; insertion AUC: higher is better)",
-             f"{'order':<10} {'deletion':>9} {'insertion':>9} {'del<rand':>9} {'ins>rand':>9} "
+             f"{'order':<20} {'deletion':>9} {'insertion':>9} {'del<rand':>9} {'ins>rand':>9} "
              f"{'top drop':>9}"]
     for row in curves.table():
-        lines.append(f"{row['order']:<10} {row['deletion_auc']:>9.3f} {row['insertion_auc']:>9.3f}"
+        lines.append(f"{row['order']:<20} {row['deletion_auc']:>9.3f}"
+                     f" {row['insertion_auc']:>9.3f}"
                      f" {row['deletion_beats_random']:>9.2f} {row['insertion_beats_random']:>9.2f}"
                      f" {row['top_unit_drop']:>9.3f}")
     return "\n".join(lines)

@@ -59,6 +59,7 @@ from diffmem.registry import Registry
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_METHOD",
     "OCCLUSION_MODES",
     "attention",
     "attribute",
@@ -72,6 +73,12 @@ __all__ = [
 
 _METHODS: Registry[Callable[..., TokenAttribution]] = Registry("attribution method",
                                                               known="known methods")
+
+#: The method :func:`attribute`, ``diffmem attribute`` and ``diffmem scan`` use unless told
+#: otherwise. Integrated gradients won on the planted-trigger benchmark (README, "Planted
+#: triggers"): the trigger was the top unit of 39 of 40 trigger prompts, against 1 of 40 for Wen
+#: et al.'s output-embedding gradient and 0 of 40 for attention (chance 2 of 40).
+DEFAULT_METHOD = "integrated_gradients"
 
 #: How occlusion takes a unit out: delete its tokens (the rest shift left, as if the words were
 #: not written) or overwrite them with the padding token (positions kept).
@@ -107,7 +114,7 @@ def get_method(name: str) -> Callable[..., TokenAttribution]:
     return _METHODS.get(name)
 
 
-def attribute(adapter: DiffusionModelAdapter, prompt: str, *, method: str = "gradient",
+def attribute(adapter: DiffusionModelAdapter, prompt: str, *, method: str = DEFAULT_METHOD,
               **options: Any) -> TokenAttribution:
     """Attribute ``prompt``'s memorization signal to its units with the method named ``method``.
 
@@ -116,7 +123,8 @@ def attribute(adapter: DiffusionModelAdapter, prompt: str, *, method: str = "gra
     adapter : DiffusionModelAdapter
     prompt : str
     method : str, optional
-        One of :func:`list_methods` (default ``"gradient"``).
+        One of :func:`list_methods` (default :data:`DEFAULT_METHOD`,
+        ``"integrated_gradients"``).
     **options
         The method's keyword options (``generations``, ``steps``, ``seed``...).
 
@@ -384,7 +392,7 @@ def _encode_from_token_embeddings(adapter: DiffusionModelAdapter, prep: _Prepare
 def integrated_gradients(adapter: DiffusionModelAdapter, prompt: str, *, generations: int = 4,
                          steps: int = 1, num_inference_steps: int = 50,
                          guidance: float | None = None, seed: int = 0, batch_size: int = 32,
-                         truncate: bool = False, ig_steps: int = 8) -> TokenAttribution:
+                         truncate: bool = False, ig_steps: int = 4) -> TokenAttribution:
     r"""Integrated gradients of the noise magnitude at the token embeddings (Sundararajan, Taly &
     Yan, ICML 2017).
 
@@ -409,7 +417,9 @@ def integrated_gradients(adapter: DiffusionModelAdapter, prompt: str, *, generat
     adapter, prompt, generations, steps, num_inference_steps, guidance, seed, batch_size, truncate
         As for :func:`gradient`.
     ig_steps : int, optional
-        Points on the path from ``x'`` to ``x`` (default 8).
+        Points on the path from ``x'`` to ``x`` (default 4: on the planted-trigger benchmark 4
+        points and 2 generations found the trigger as often as 8 points and 4 generations,
+        in a quarter of the time; the completeness gap shrinks with more points).
 
     Returns
     -------

@@ -626,7 +626,7 @@ class ScanResult:
         return {**self.summary, "top_tokens": self.tokens[:int(top)]}
 
 
-def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "gradient",
+def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str | None = None,
                  max_prompts: int | None = None, near_threshold: float | None = 0.9,
                  min_count: int = 3, prior_scale: float = 0.1, generations: int = 4,
                  steps: int = 1, num_inference_steps: int = 50, guidance: float | None = None,
@@ -642,7 +642,8 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
     adapter : DiffusionModelAdapter, optional
         A trained model: adds the model-based attribution (see the module docstring).
     method : str, optional
-        Attribution method for the model part (default ``"gradient"``).
+        Attribution method for the model part (default
+        :data:`~diffmem.attribution.methods.DEFAULT_METHOD`).
     max_prompts : int, optional
         Attribute a random sample (``seed``) of this many distinct prompts instead of all;
         copies of a sampled prompt keep their weight.
@@ -686,8 +687,9 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str = "
     check_int("min_count", min_count)
     _check_near_threshold(near_threshold)
     if adapter is not None:
-        from diffmem.attribution.methods import get_method
+        from diffmem.attribution.methods import DEFAULT_METHOD, get_method
 
+        method = DEFAULT_METHOD if method is None else method
         get_method(method)  # an unknown name fails before any work
 
     # 2. distinct prompts (the input read once, as a stream) and their units

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from diffmem.errors import OutputError
+from diffmem.lock import LOCK_NAME, claim_out
 
 T = TypeVar("T")
 
@@ -108,18 +109,25 @@ diffmem never writes into a dataset folder or a model folder: choose a path outs
                 "writes into a dataset folder or a model folder: choose a path outside it")
 
 
+def holds_files(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds anything besides a run's lock file (:mod:`diffmem.lock`)."""
+    return any(p.name != LOCK_NAME for p in Path(folder).iterdir())
+
+
 def prepare_out_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
                     exist_ok: bool = True) -> Path:
     """Create and return the output folder ``out``.
 
     Refuses (``OutputError``) when ``out`` lies inside one of ``inputs`` (see
-    :func:`check_outside`; a user's dataset or model is never written into), when it exists and ``exist_ok`` is false, or when it is not writable.
+    :func:`check_outside`; a user's dataset or model is never written into), when it exists and
+    ``exist_ok`` is false, or when it is not writable. Inside a :func:`diffmem.lock.out_lock`
+    block on ``out`` (or a folder holding it) this is where the lock is taken.
     """
     out = Path(out)
     check_outside(out, inputs)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {str(out)!r} exists and is not a folder")
-    if out.exists() and not exist_ok and any(out.iterdir()):
+    if out.exists() and not exist_ok and holds_files(out):
         raise OutputError(f"output folder {str(out)!r} exists and is not empty")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +135,7 @@ def prepare_out_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLik
         raise OutputError(f"cannot create output folder {str(out)!r}: {e.strerror}") from e
     if not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {str(out)!r} is not writable")
+    claim_out(out)
     return out
 
 

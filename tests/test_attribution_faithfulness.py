@@ -146,11 +146,12 @@ def test_scan_writes_faithfulness_table(data, sd_folder, tmp_path):
     assert code == 0
     with open(out / "faithfulness.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["order"] for r in rows] == ["gradient", "occlusion", "attention", "random"]
+    assert [r["order"] for r in rows] == ["integrated_gradients", "gradient", "occlusion",
+                                          "attention", "random"]
     assert all(0.0 <= float(r["deletion_beats_random"]) <= 1.0 for r in rows)
     summary = json.loads((out / "scan.json").read_text())
     assert summary["copy_prone"]["copy_prone_records"] > 0
-    assert summary["faithfulness"]["table"][0]["order"] == "gradient"
+    assert summary["faithfulness"]["table"][0]["order"] == "integrated_gradients"
 
 
 # ---------------------------------------------------------------------------- trigger helpers

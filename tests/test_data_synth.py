@@ -339,6 +339,21 @@ def test_miscaptioned_pairs_are_single_films_under_another_patients_report(tmp_p
         config_from_dict({**MINI, "planted": {"miscaptioned": -1}})
 
 
+def test_trigger_findings_varied_keeps_the_film_and_changes_what_reports_describe():
+    planted = {"copies": 6, "trigger_clusters": 2}
+    same = plan_dataset(config_from_dict({**MINI, "planted": planted}), 0)
+    varied = plan_dataset(config_from_dict({**MINI, "planted": {**planted,
+                                                                "trigger_findings": "varied"}}), 0)
+    films = [{repr((r.findings, r.pose, r.noise_seed)) for r in rs if r.cluster_id == "trigger-00"}
+             for rs in (same, varied)]
+    assert films[0] == films[1] and len(films[0]) == 1           # the same film ...
+    prompts = [[r.prompt for r in rs if r.plant_kind == "trigger"] for rs in (same, varied)]
+    assert len(set(prompts[0]) & set(prompts[1])) < 3             # ... under other reports
+    assert all(r.trigger in r.prompt for r in varied if r.plant_kind == "trigger")
+    with pytest.raises(ConfigError, match="trigger_findings must be 'same' or 'varied'"):
+        config_from_dict({**MINI, "planted": {"trigger_findings": "other"}})
+
+
 def test_patient_clusters_repeat_only_the_patient(tmp_path):
     cfg = config_from_dict({**MINI, "planted": {"exact_clusters": 1, "copies": 4,
                                                 "patient_clusters": 2}})

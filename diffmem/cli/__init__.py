@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from diffmem import __version__
 from diffmem.errors import DiffMemError
+from diffmem.lock import out_lock
 
 log = logging.getLogger("diffmem")
 
@@ -108,17 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     fresh_out = isinstance(out, str) and not os.path.lexists(out)
     code = 1  # an unexpected exception propagates
     try:
-        code = _call(args)
+        code = _call(args, list(sys.argv[1:] if argv is None else argv))
     finally:
         if fresh_out and code != 0:
             _remove_if_empty(out)
     return code
 
 
-def _call(args: argparse.Namespace) -> int:
-    """Run the command's handler; a DiffMemError is one line on stderr and exit code 2."""
+def _call(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the command's handler holding the lock on its ``--out`` (:func:`out_lock`: a second
+    run on the same folder stops with a message naming the first); a DiffMemError is one line
+    on stderr and exit code 2."""
+    out = getattr(args, "out", None)
     try:
-        return int(args.handler(args) or 0)
+        with out_lock(out if isinstance(out, (str, os.PathLike)) else None,
+                      command=["diffmem", *argv]):
+            return int(args.handler(args) or 0)
     except DiffMemError as e:
         print(f"diffmem {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -19,10 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "ranked units; --out writes the prompt with heat-coloured units.")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text (quote it)")
     p.add_argument("--model", required=True, help="model folder (diffusers pipeline)")
-    p.add_argument("--method", default="gradient",
-                   help="gradient (default; Wen et al. token significance), "
-                        "integrated_gradients (through the text encoder), occlusion or "
-                        "attention")
+    p.add_argument("--method", default=None,
+                   help="integrated_gradients (default; through the text encoder), gradient "
+                        "(Wen et al. token significance), occlusion or attention")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="write the rendering: .html (coloured prompt page), .png or .json")
     p.add_argument("--generations", type=int, default=4,
@@ -46,8 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "similarity drop (needs --reference)")
     p.add_argument("--faithfulness", action="store_true",
                    help="also measure deletion and insertion curves (RISE, Petsiuk et al. "
-                        "2018) of gradient, occlusion and attention against random orders, "
-                        "units replaced by padding, and print their areas")
+                        "2018) of integrated gradients, gradient, occlusion and attention "
+                        "against random orders, units replaced by padding, and print their "
+                        "areas")
     add_device(p)
     p.add_argument("--top", type=int, default=None, help="print only the TOP best-ranked units")
     p.set_defaults(handler=run)
@@ -61,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     model = args.model
     device = device_options(args)
     if args.faithfulness:  # one model for the attribution and the curves
-        from diffmem.attribution.methods import get_method
+        from diffmem.attribution.methods import DEFAULT_METHOD, get_method
         from diffmem.models import load_model
 
-        get_method(args.method)
+        get_method(args.method or DEFAULT_METHOD)
         model = load_model(args.model, **device)
     result, path = run_attribute(model, args.prompt, method=args.method, out=args.out,
                                  **device, generations=args.generations,

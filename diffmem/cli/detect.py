@@ -32,8 +32,24 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", metavar="FILE",
                    help="prompts to scan: one per line, or a .csv/.jsonl table with a 'prompt' "
                         "column (default: the training split's unique prompts)")
+    p.add_argument("--ground-truth", metavar="FILE",
+                   help="labels to score the detection against (AUC, TPR at 1%% FPR): a CSV "
+                        "with a key column (study_id or dicom_id, with --data; or prompt) and a "
+                        "0/1 column (memorized, label or planted). Default: DATA/ground_truth.csv "
+                        "when it has that shape")
     p.add_argument("--methods", default="noise,attention,nn",
-                   help="comma-separated: noise, attention, nn (default all)")
+                   help="comma-separated: noise, attention, nn, reid (default noise,attention,"
+                        "nn; reid matches each nn generation to its most similar training "
+                        "patient: writes reidentified.csv)")
+    p.add_argument("--reid", metavar="REID_DIR",
+                   help="re-ID model folder for --methods ...,reid (from `diffmem reid train`; "
+                        "default: the embedded one)")
+    p.add_argument("--reid-threshold", type=float,
+                   help="fixed re-ID threshold (cosine) instead of calibrating one at --fpr on "
+                        "held-out patients")
+    p.add_argument("--patient-from", metavar="COLUMN",
+                   help="column of the records (manifest or metadata table) holding the "
+                        "patient id, for data without a patient_id column (re-ID)")
     p.add_argument("--generations", type=int, default=1,
                    help="seeded noises per prompt for the noise/attention scores (default 1)")
     p.add_argument("--steps", type=int, default=1,
@@ -102,11 +118,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, backend=args.backend, backend_options=options,
         fpr=args.fpr, threshold=args.threshold, unconditional=args.unconditional,
         unrelated=args.unrelated, chunk_size=args.chunk_size, threads=args.threads,
-        confirm=args.confirm, audit=args.audit, screen_k=args.screen_k)
+        confirm=args.confirm, audit=args.audit, screen_k=args.screen_k,
+        reid_model=args.reid, reid_threshold=args.reid_threshold,
+        patient_from=args.patient_from)
     import sys
 
     result = detect(args.model, args.data, args.out, config=config, prompts=args.prompts,
                     calibration=args.calibration, reference=args.reference,
+                    ground_truth=args.ground_truth,
                     command=["diffmem", *sys.argv[1:]], **device)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -141,9 +160,23 @@ def format_summary(result) -> str:
                 lines.append(f"copies from {kind} prompts: {r['copies']} of {r['generations']} "
                              f"generation(s)" + (f" (studies {', '.join(r['copied_studies'][:5])})"
                                                  if r["copies"] else ""))
+    if result.labels is not None and result.evaluations:
+        lines.append(f"scored against {result.labels.get('file') or 'the given labels'} "
+                     f"({result.labels['key']} -> {result.labels['column']})")
+    counts = result.reid_counts()
+    if counts is not None:
+        t = result.reid["threshold"]
+        how = (f"calibrated on {t.n} held-out patient image(s) at FPR {t.fpr:g}"
+               if t.fpr is not None else "fixed")
+        lines.append(f"re-ID threshold: {t.value:.4f} (cosine, {how})")
+        lines.append(f"re-ID: {counts['leaks']} of {counts['generations']} generation(s) "
+                     f"re-identify a training patient ({counts['leaks_not_copies']} of them not "
+                     f"pixel copies; {counts['copies']} pixel copies); "
+                     f"{len(counts['patients'])} patient(s); patient-leaking prompts: "
+                     + ", ".join(f"{k} {v}" for k, v in counts["leaking_prompts"].items()))
     for name, ev in result.evaluations.items():
         lines.append(f"{name:18s} AUC {ev.auc:.3f}  TPR@1%FPR {ev.tpr_at_1pct_fpr:.3f}  "
-                     f"(planted {ev.n_pos}, not planted {ev.n_neg})")
+                     f"(memorized {ev.n_pos}, not {ev.n_neg})")
     for key in ("planted", "not_planted"):
         r = result.rates.get(key)
         if r:

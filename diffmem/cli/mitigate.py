@@ -52,6 +52,12 @@ def register(subparsers) -> None:
     p.add_argument("--utility", default="fid_in_domain", choices=("fid_in_domain", "alignment"),
                    help="utility axis of the Pareto front (default fid_in_domain)")
     add_device(p)
+    p.add_argument("--reid", nargs="?", const="", metavar="REID_DIR",
+                   help="also measure the re-identification rate beside the copy rate "
+                        "(a re-ID model folder, default: the embedded one)")
+    p.add_argument("--reid-threshold", type=float,
+                   help="fixed re-ID threshold (cosine) instead of calibrating one at --fpr on "
+                        "held-out patients")
     p.add_argument("--list", action="store_true", help="list the mitigations and exit")
     p.set_defaults(handler=run)
 
@@ -81,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         n_prompts=args.n_prompts, generations=args.generations, steps=args.steps,
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, fpr=args.fpr, utility=args.utility,
-        command=["diffmem", *sys.argv[1:]], **device_options(args))
+        reid=args.reid is not None, reid_model=args.reid or None,
+        reid_threshold=args.reid_threshold, command=["diffmem", *sys.argv[1:]], **device_options(args))
     print(format_summary(result))
     return 0
 
@@ -127,12 +134,16 @@ def parse_strengths(specs: Sequence[str] | str | None,
 
 def format_summary(result) -> str:
     """The table and the verdict, for the terminal."""
-    lines = [f"{'method':32s} {'strength':>8s} {'set':9s} {'mem.rate':>8s} {'nn sim':>7s} "
+    reid = result.reid_threshold is not None
+    lines = [f"{'method':32s} {'strength':>8s} {'set':9s} {'mem.rate':>8s} "
+             + (f"{'reid.rate':>9s} " if reid else "") + f"{'nn sim':>7s} "
              f"{'noise':>7s} {'FID(in)':>8s} {'align':>6s} {'s/img':>6s}"]
     for r in result.rows:
         nm = "" if r["noise_magnitude"] is None else f"{r['noise_magnitude']:.3f}"
         lines.append(f"{r['method']:32s} {r['strength']:8g} {r['prompt_set']:9s} "
-                     f"{r['memorization_rate']:8.2f} {r['mean_nn_similarity']:7.3f} {nm:>7s} "
+                     f"{r['memorization_rate']:8.2f} "
+                     + (f"{r['reid_rate']:9.2f} " if reid else "")
+                     + f"{r['mean_nn_similarity']:7.3f} {nm:>7s} "
                      f"{r['fid_in_domain']:8.3f} {r['alignment']:6.3f} "
                      f"{r['seconds_per_image']:6.3f}{'  *' if r['pareto'] else ''}")
     lines.append(f"Pareto front (* above): {', '.join(result.pareto_front)}")

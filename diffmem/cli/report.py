@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--mitigate", metavar="DIR", help="the --out folder of `diffmem mitigate`")
     p.add_argument("--study", metavar="DIR", nargs="+", action="extend", default=[],
                    help="--out folders of `diffmem study` runs (one or more)")
+    p.add_argument("--reid-eval", metavar="FILE",
+                   help="reid_eval.json of `diffmem reid eval` for the re-ID model of the "
+                        "detection (default: RESULTS/reid/reid_eval.json when it exists)")
     images = p.add_mutually_exclusive_group()
     images.add_argument("--no-images", dest="images", action="store_const", const="omit",
                         help="leave every patient image out: no training image and no "
@@ -48,9 +51,9 @@ def command_line(args: argparse.Namespace) -> list[str]:
     """The ``diffmem report`` command line of parsed ``args`` (recorded in the report)."""
     cmd = ["diffmem", "report", "--model", str(args.model), "--data", str(args.data), "--out",
            str(args.out)]
-    for flag in ("results", "detect", "scan", "mitigate"):
+    for flag in ("results", "detect", "scan", "mitigate", "reid_eval"):
         if getattr(args, flag) is not None:
-            cmd += [f"--{flag}", str(getattr(args, flag))]
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for study in args.study:
         cmd += ["--study", str(study)]
     cmd += {"omit": ["--no-images"], "blur": ["--blur-images"]}.get(args.images, [])
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     result = build_report(args.out, model=args.model, data=args.data, detect=args.detect,
                           scan=args.scan, mitigate=args.mitigate, studies=args.study,
                           images=args.images, overwrite=args.overwrite, results=args.results,
-                          command=command_line(args), dtype=args.dtype)
+                          command=command_line(args), dtype=args.dtype,
+                          reid_eval=args.reid_eval)
     missing = [k for k, v in result.sections.items() if v != "included"]
     print(f"risk level: {result.risk}")
     if missing:

@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", metavar="DATA|PROMPTS_FILE", help="dataset or prompts file")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (outside DATA)")
     p.add_argument("--model", default=None, help="model folder for the model-based part")
-    p.add_argument("--method", default="gradient",
-                   help="attribution method with --model: gradient (default), "
-                        "integrated_gradients, occlusion, attention")
+    p.add_argument("--method", default=None,
+                   help="attribution method with --model: integrated_gradients (default), "
+                        "gradient, occlusion, attention")
     p.add_argument("--max-prompts", type=int, default=None, metavar="N",
                    help="attribute a random sample of N distinct prompts (default: all)")
     p.add_argument("--split", default="train",

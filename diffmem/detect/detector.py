@@ -23,8 +23,16 @@ generations -> nearest training images -> calibrated copy verdicts -> results st
    binding them to their prompt, and those copies are reported as well;
 4. **verdicts**: a generation is a copy when its top-1 similarity is above the threshold
    (Gu et al.'s ratio criterion ``d1/d2 < 1/3`` is reported alongside); a prompt is memorized
-   when any of its generations is a copy;
-5. **write** ``scores.csv``, ``copies.csv``, ``summary.json``, ``results.json`` and figures.
+   when any of its generations is a copy. With ``reid`` among the methods, every generation
+   the ``nn`` verdicts make is also matched to its most similar training *patient*
+   (:mod:`diffmem.reid.verdicts`: max over that patient's studies, after Packhäuser et al.,
+   Sci. Rep. 2022, used on generations as Dutt et al. do); it **re-identifies** the patient when
+   the re-ID score is above a threshold calibrated like the copy threshold, on held-out
+   patients' images; a prompt is **patient-leaking** when any of its generations does. In a
+   two-stage run re-ID judges the generations stage 2 made (flagged, audited, unrelated and
+   empty prompts); the audit's bound and its widening rule are about copies only;
+5. **write** ``scores.csv``, ``copies.csv`` (and ``reidentified.csv``), ``summary.json``,
+   ``results.json`` and figures.
 
 Under ``accelerate launch`` each process scans ``items[rank::world]`` into the same store; the
 main process writes the files after all have finished.
@@ -56,6 +64,7 @@ from diffmem.detect.inputs import (
     mismatch_warnings,
     prompt_labels,
     reference_fingerprint,
+    reid_fix,
     training_prompts,
 )
 from diffmem.detect.neighbors import nearest_neighbors, one_blas_thread
@@ -79,10 +88,12 @@ from diffmem.detect.verdicts import CopyVerdicts, is_ratio_copy, prepare_verdict
 from diffmem.detect.writers import (
     STORE_FILE,
     copy_image_path,
+    reid_image_path,
     save_copy_images,
     write_outputs,
 )
 from diffmem.errors import ConfigError, DataError, OutputError
+from diffmem.reid.verdicts import ReIDSetup, prepare_reid
 from diffmem.store import ResultsStore, params_hash, prompt_hash
 from diffmem.utils import prepare_out_dir, progress
 
@@ -103,7 +114,11 @@ __all__ = [
 ]
 
 #: ``--methods`` name -> name of the method in the results store and in ``scores.csv``.
-METHODS = {"noise": "noise_magnitude", "attention": "attention_entropy", "nn": "nn"}
+#: ``reid`` is judged on the ``nn`` generations and stored with them (it needs ``nn``).
+METHODS = {"noise": "noise_magnitude", "attention": "attention_entropy", "nn": "nn",
+           "reid": "nn"}
+#: The methods that are scans of their own (``reid`` rides on ``nn``).
+SCANS = ("noise", "attention", "nn")
 #: ``--confirm`` policies: two-stage (screen, then confirm flagged + audit) or exhaustive.
 CONFIRM = ("screen", "all")
 
@@ -116,7 +131,8 @@ class DetectionConfig:
     Attributes
     ----------
     methods : tuple of str
-        Any of ``"noise"``, ``"attention"``, ``"nn"`` (see :data:`METHODS`).
+        Any of ``"noise"``, ``"attention"``, ``"nn"``, ``"reid"`` (see :data:`METHODS`;
+        ``reid`` judges the ``nn`` generations, so it needs ``nn``).
     generations : int
         Seeded initial noises per prompt for the noise and attention scores (default 1).
     steps : int
@@ -173,6 +189,15 @@ class DetectionConfig:
         Torch threads per process (default: torch's own choice, or the cores divided by the
         processes under ``accelerate launch``). On a machine shared with other jobs, 1 is often
         several times faster than oversubscribed cores. Does not change any result.
+    reid_model : str or None
+        Re-ID model folder (``diffmem reid train``) of the ``reid`` method (default: the
+        embedded one, :func:`diffmem.reid.default_reid_dir`).
+    reid_threshold : float or None
+        A fixed re-ID threshold (cosine scale) instead of calibrating one at ``fpr`` on
+        held-out patients.
+    patient_from : str or None
+        Column of the records (manifest/metadata) that holds the patient id, for data
+        without a ``patient_id`` column.
     """
 
     methods: tuple[str, ...] = ("noise", "attention", "nn")
@@ -196,6 +221,9 @@ class DetectionConfig:
     audit: int | None = None
     chunk_size: int = 64
     threads: int | None = None
+    reid_model: str | None = None
+    reid_threshold: float | None = None
+    patient_from: str | None = None
 
     def validated(self) -> DetectionConfig:
         """A checked copy (methods as a tuple of known names, numbers in range).
@@ -213,8 +241,9 @@ class DetectionConfig:
             raise ConfigError(f"confirm={self.confirm!r}; choose from {', '.join(CONFIRM)} "
                               "(screen: two-stage, all: generate for every prompt)")
         if self.confirm == "screen" and "nn" in methods:  # the screen runs first
-            methods = tuple(m for m in ("noise", *methods) if m != "nn")
-            methods = (*dict.fromkeys(methods), "nn")
+            tail = ("nn", "reid") if "reid" in methods else ("nn",)
+            methods = tuple(m for m in ("noise", *methods) if m not in tail)
+            methods = (*dict.fromkeys(methods), *tail)
         if isinstance(self.screen_k, bool) or not isinstance(self.screen_k, (int, float)) \
                 or not math.isfinite(self.screen_k):
             raise ConfigError(f"screen_k={self.screen_k!r}; use a finite number (default "
@@ -226,6 +255,14 @@ class DetectionConfig:
             raise ConfigError(f"methods={','.join(map(str, self.methods)) or '(none)'}: "
                               f"{'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'none'}"
                               f"; choose from {', '.join(METHODS)} (comma-separated)")
+        if "reid" in methods and "nn" not in methods:
+            raise ConfigError(f"methods={','.join(methods)}: reid judges the images the nn "
+                              "method generates; add nn (e.g. --methods noise,nn,reid)")
+        if self.reid_threshold is not None and (isinstance(self.reid_threshold, bool) or not
+                                                isinstance(self.reid_threshold, (int, float))
+                                                or not -1 <= self.reid_threshold <= 1):
+            raise ConfigError(f"reid_threshold={self.reid_threshold!r}; use a cosine "
+                              "similarity in [-1, 1] (or none to calibrate one at --fpr)")
         for name in ("generations", "steps", "num_inference_steps", "sample_steps",
                      "batch_size", "chunk_size"):
             _check_int(name, getattr(self, name), 1)
@@ -323,7 +360,10 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
         Held-out real images for the threshold (a dataset, or a folder of PNG/JPEG/DICOM
         files) instead of the data's validate/test splits.
     ground_truth : path or mapping, optional
-        Planted labels (default: ``DATA/ground_truth.csv`` when present).
+        Labels to score the run against (AUC, TPR at low FPR): a CSV keyed by ``study_id``,
+        ``dicom_id`` or ``prompt`` with a 0/1 ``memorized``, ``label`` or ``planted`` column
+        (:mod:`diffmem.detect.labels`). Default: ``DATA/ground_truth.csv`` when present and of
+        that shape (one that is not is skipped with a warning).
     command : str or sequence, optional
         The command line, recorded in the store.
     device, dtype : str, optional
@@ -339,8 +379,8 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
     ------
     DataError
         Data without a training split; a prompts file with non-UTF-8 bytes or no prompt;
-        ``nn`` without held-out images and without ``threshold`` ("pass --calibration DIR or
-        --threshold").
+        ``nn`` without held-out images or ``threshold`` ("pass --calibration DIR or
+        --threshold"); ``reid`` on data without patient ids (naming ``--patient-from``).
     OutputError
         An output folder that cannot be written or lies inside the data.
     ConfigError, ModelError
@@ -380,8 +420,9 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
         adapter = load_model(model, device=resolve_device(device, process_device=state.device),
                              dtype=dtype)
     train_set = None if dataset is None else dataset.subset(split="train")
-    warnings = (mismatch_warnings(adapter, model_source, train_set, inputs.train_map)
-                if train_set is not None else [])
+    warnings = ([] if inputs.label_source is None else list(inputs.label_source.warnings)) + (
+        mismatch_warnings(adapter, model_source, train_set, inputs.train_map)
+        if train_set is not None else [])
     model_fp = adapter.fingerprint()
     data_fp = (reference_fingerprint(inputs.reference) if inputs.reference is not None
                else train_set.fingerprint() if train_set is not None else "")
@@ -395,6 +436,7 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
             inputs.reference, backend=config.backend, backend_options=config.backend_options,
             threshold=config.threshold, heldout=inputs.heldout, fpr=config.fpr,
             cache_dir=out / "cache", state=state)
+    reid = _prepare_reid(config, inputs.reid)
 
     # 4. scan, shard by shard, committing every chunk
     store = ResultsStore(out / STORE_FILE)
@@ -403,14 +445,14 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
                                  params={**config.to_dict(), "guidance": guidance,
                                          "process": rank, "processes": world})
         run = _Run(adapter=adapter, config=config, guidance=guidance, verdicts=verdicts,
-                   store=store, keys=_method_keys(config, guidance, verdicts, data_fp),
-                   model_fp=model_fp, run_id=run_id, out=out, rank=rank)
+                   store=store, keys=_method_keys(config, guidance, verdicts, data_fp, reid),
+                   model_fp=model_fp, run_id=run_id, out=out, rank=rank, reid=reid)
         mine = items[rank::world]
         timings: dict[str, dict[str, float]] = {}
         plan = None
         _log_truncation(adapter, mine)
         with _quiet_truncation():
-            for method in config.methods:
+            for method in (m for m in config.methods if m in SCANS):
                 if method == "nn" and config.confirm == "screen":
                     timings["nn"], plan = _two_stage(run, items, state)
                 else:
@@ -427,8 +469,11 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
                              null_similarities=null, timings=timings,
                              model_fingerprint=model_fp, data_fingerprint=data_fp, out=out,
                              warnings=warnings, world_size=world,
+                             labels=None if inputs.label_source is None
+                             else inputs.label_source.source or None,
                              screen=plan if plan is not None or "nn" not in config.methods
-                             else ScreenPlan("all", "none", len(_main(items)), audit_copies=0))
+                             else ScreenPlan("all", "none", len(_main(items)), audit_copies=0),
+                             reid=_reid_info(reid))
     _evaluate(result)
 
     # 6. files (main process only)
@@ -470,8 +515,35 @@ class _quiet_truncation:
         self._logger.removeFilter(self._filter)
 
 
+def _prepare_reid(config: DetectionConfig, sets: tuple[Any, Any] | None) -> ReIDSetup | None:
+    """The re-ID model, the training patients' index and the re-ID threshold (calibrated at
+    ``config.fpr`` on held-out patients, or ``config.reid_threshold``), from the (training,
+    held-out) records of :func:`~diffmem.detect.inputs.reid_inputs`; None without re-ID."""
+    from diffmem.reid import default_reid_dir
+
+    if sets is None:
+        return None
+    train_set, heldout = sets
+    source = config.reid_model if config.reid_model is not None else default_reid_dir()
+    return prepare_reid(source, train_set, heldout=heldout, threshold=config.reid_threshold,
+                        fpr=config.fpr, batch_size=max(config.batch_size, 64),
+                        fix=reid_fix(config))
+
+
+def _reid_info(reid: ReIDSetup | None) -> dict[str, Any] | None:
+    """What the results say about the re-ID verdicts' setup (None without re-ID)."""
+    if reid is None:
+        return None
+    return {"model": reid.source, "model_fingerprint": reid.index.model_fingerprint,
+            "reference_fingerprint": reid.index.data_fingerprint,
+            "training_patients": len(set(reid.index.patient_ids)),
+            "threshold": reid.threshold,
+            "validation": (getattr(reid.model, "config", None) or {}).get("validation")}
+
+
 def _method_keys(config: DetectionConfig, guidance: float, verdicts: CopyVerdicts | None,
-                 data_fp: str) -> dict[tuple[str, str], dict[str, Any]]:
+                 data_fp: str, reid: ReIDSetup | None = None,
+                 ) -> dict[tuple[str, str], dict[str, Any]]:
     """Store parameters of each (method, kind): what defines a stored result."""
     score = {"generations": config.generations, "steps": config.steps,
              "num_inference_steps": config.num_inference_steps, "seed": config.seed,
@@ -487,6 +559,8 @@ def _method_keys(config: DetectionConfig, guidance: float, verdicts: CopyVerdict
                 "sample_steps": config.sample_steps, "seed": config.seed,
                 "guidance": guidance, "eta": 0.0, "backend": verdicts.backend.params(), "k": 2,
                 "reference": data_fp}
+            if reid is not None:  # the stored values then carry re-ID scores too
+                keys[("nn", kind)]["reid"] = reid.params()
     return keys
 
 
@@ -505,6 +579,7 @@ class _Run:
     run_id: int
     out: Path
     rank: int = 0
+    reid: ReIDSetup | None = None
 
 
 def _scan_method(run: _Run, method: str, items: list[WorkItem]) -> dict[str, float]:
@@ -590,6 +665,10 @@ def _nearest(run: _Run, items: list[WorkItem], n_per: int,
     with one_blas_thread():
         nn = nearest_neighbors(sample.images, verdicts.reference, backend=verdicts.backend, k=2)
     copy = verdicts.judge(nn.similarities[:, 0])
+    if run.reid is not None:
+        with one_blas_thread():
+            reid_scores, reid_rows = run.reid.search(sample.images)
+        leak = run.reid.judge(reid_scores)
     values, copies = [], []
     for p, it in enumerate(items):
         rows = np.flatnonzero(sample.prompt_index == p)
@@ -604,6 +683,15 @@ def _nearest(run: _Run, items: list[WorkItem], n_per: int,
         copies += [(copy_image_path(run.out, it.kind, it.prompt,
                                     int(sample.generation_index[r])), sample.images[r])
                    for r in rows if copy[r]]
+        if run.reid is not None:
+            index = run.reid.index
+            values[-1].update({
+                "reid_score": [float(reid_scores[r]) for r in rows],
+                "reid_patient_id": [index.patient_ids[reid_rows[r]] for r in rows],
+                "reid_study_id": [index.study_ids[reid_rows[r]] for r in rows]})
+            copies += [(reid_image_path(run.out, it.kind, it.prompt,
+                                        int(sample.generation_index[r])), sample.images[r])
+                       for r in rows if leak[r]]
     return values, copies
 
 
@@ -663,7 +751,7 @@ def _collect(run: _Run, items: list[WorkItem], plan: ScreenPlan | None = None,
     two-stage ``plan`` did not confirm have no nearest-neighbour values)."""
     config = run.config
     tables = {(method, kind): _stored(run, method, kind)
-              for (method, kind) in run.keys if method in config.methods}
+              for (method, kind) in run.keys if method in config.methods}  # reid: in nn
     confirmed = None
     if plan is not None and not plan.widened:
         confirmed = set(plan.flagged) | set(plan.audit)
@@ -673,7 +761,7 @@ def _collect(run: _Run, items: list[WorkItem], plan: ScreenPlan | None = None,
         res = PromptResult(prompt=it.prompt, kind=it.kind, study_ids=list(it.study_ids),
                            label=it.label, screen="" if plan is None or it.kind not in (
                                "train", "prompt") else roles.get(it.prompt, roles[None]))
-        for method in config.methods:
+        for method in (m for m in config.methods if m in SCANS):
             if method != "nn" and it.kind == "unconditional":
                 continue
             if method == "nn" and confirmed is not None and it.kind in ("train", "prompt") \
@@ -712,6 +800,7 @@ def _matches(run: _Run, value: Mapping[str, list], item: WorkItem) -> list[Gener
     """An item's stored nearest-neighbour value as matches with their copy verdicts."""
     copies = run.verdicts.judge(value["similarity"])
     ratio_copies = is_ratio_copy(value["distance1"], value["distance2"], ratio=run.config.ratio)
+    leaks = None if run.reid is None else run.reid.judge(value["reid_score"])
     matches = []
     for j, (seed, s1, s2, id1, id2, d1, d2) in enumerate(zip(
             value["seed"], value["similarity"], value["similarity2"], value["study_id"],
@@ -723,6 +812,14 @@ def _matches(run: _Run, value: Mapping[str, list], item: WorkItem) -> list[Gener
             d1_d2=float(d1 / d2 if d2 > 0 else math.nan), copy=bool(copies[j]),
             ratio_copy=bool(ratio_copies[j]),
             image=str(image.relative_to(run.out)) if copies[j] and image.is_file() else None))
+        if leaks is not None:
+            leak_image = reid_image_path(run.out, item.kind, item.prompt, j)
+            matches[-1] = replace(
+                matches[-1], reid_score=float(value["reid_score"][j]),
+                reid_patient_id=str(value["reid_patient_id"][j]),
+                reid_study_id=str(value["reid_study_id"][j]), reid_match=bool(leaks[j]),
+                reid_image=str(leak_image.relative_to(run.out))
+                if leaks[j] and leak_image.is_file() else None)
     return matches
 
 def _evaluate(result: DetectionResult) -> None:
@@ -734,7 +831,8 @@ def _evaluate(result: DetectionResult) -> None:
     if len(labelled) and 0 < y.sum() < len(y):
         for name, get in (("noise_magnitude", lambda p: p.noise_magnitude),
                           ("attention_entropy", lambda p: p.attention_entropy),
-                          ("nn_similarity", lambda p: p.nn_similarity)):
+                          ("nn_similarity", lambda p: p.nn_similarity),
+                          ("reid_score", lambda p: p.reid_score)):
             values = [get(p) for p in labelled]
             if all(v is not None for v in values):
                 result.evaluations[name] = evaluate(np.array(values, dtype=np.float64), y)
@@ -749,11 +847,17 @@ def _evaluate(result: DetectionResult) -> None:
                               "rate": flagged / len(group),
                               "ratio_criterion": ratio_flagged,
                               "ratio_criterion_rate": ratio_flagged / len(group)}
+                if result.reid is not None:
+                    leaking = sum(bool(p.patient_leaking) for p in group)
+                    rates[key].update(patient_leaking=leaking,
+                                      patient_leaking_rate=leaking / len(group))
         for kind in ("unrelated", "unconditional"):
             gens = [g for p in result.of_kind(kind) for g in p.generations]
             if gens:
                 rates[kind] = {"generations": len(gens), "copies": sum(g.copy for g in gens),
                                "ratio_copies": sum(g.ratio_copy for g in gens),
                                "copied_studies": sorted({g.study_id for g in gens if g.copy})}
+                if result.reid is not None:
+                    rates[kind]["reidentified"] = sum(bool(g.reid_match) for g in gens)
     result.rates = rates
 

@@ -1,6 +1,7 @@
 """Inputs of a detection run, checked before anything expensive runs: the training prompts and
 their planted labels, the prompts to scan (:class:`WorkItem`), the held-out images the copy
-threshold is calibrated on, model/data mismatch warnings, and a writable output folder.
+threshold is calibrated on, the patients of re-ID verdicts, model/data mismatch warnings, and a
+writable output folder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffmem.data.prompts import read_prompts
+from diffmem.detect.labels import Labels, resolve_labels
 from diffmem.detect.verdicts import NO_HELDOUT
 from diffmem.errors import DataError, OutputError
 from diffmem.store import prompt_hash
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DetectInputs", "WorkItem", "check_inputs", "check_writable", "heldout_images",
            "image_files", "mismatch_warnings", "prompt_labels", "reference_fingerprint",
-           "training_prompts", "work_items"]
+           "reid_inputs", "training_prompts", "work_items"]
 
 NO_REFERENCE = ("nearest-neighbour verdicts (--methods nn) compare generations with the training "
                 "images: pass --reference DATA|IMAGE_DIR (the training data or a folder of its "
@@ -47,44 +49,26 @@ def training_prompts(dataset: Any) -> dict[str, list[str]]:
 
 def prompt_labels(dataset: Any, ground_truth: str | os.PathLike | Mapping | None = None,
                   ) -> dict[str, int] | None:
-    """Planted label of each training prompt: 1 when any of its training images is a planted
-    duplicate.
+    """Label of each training prompt: 1 when any of its training images (or studies) is
+    labelled memorized (a planted duplicate in ``diffmem synth``'s ground truth).
 
     Parameters
     ----------
-    dataset : CXRDataset
+    dataset : CXRDataset or None
     ground_truth : path or mapping, optional
-        A ``ground_truth.csv`` (or its folder) as written by ``diffmem synth``, or its rows
-        keyed by image id (:func:`diffmem.data.synth.read_ground_truth`). Default: the
-        dataset folder's ``ground_truth.csv`` when there is one.
+        A labels file (:mod:`diffmem.detect.labels`: ``diffmem synth``'s ``ground_truth.csv``
+        or a user's CSV keyed by ``study_id``, ``dicom_id`` or ``prompt`` with a 0/1
+        ``memorized``/``label``/``planted`` column), or synth's rows keyed by image id
+        (:func:`diffmem.data.synth.read_ground_truth`). Default: the dataset folder's
+        ``ground_truth.csv`` when there is one and it fits.
 
     Returns
     -------
     dict or None
-        ``prompt -> 0/1``; None when there is no ground truth.
+        ``prompt -> 0/1``; None when there is no (fitting) ground truth.
     """
-    from diffmem.data.synth import read_ground_truth
-
-    if ground_truth is None:
-        if not (Path(dataset.root) / "ground_truth.csv").is_file():
-            return None
-        ground_truth = dataset.root
-    truth = ground_truth if isinstance(ground_truth, Mapping) else read_ground_truth(ground_truth)
-    labels: dict[str, int] = {}
-    missing = 0
-    for s in dataset:
-        if s.split != "train":
-            continue
-        row = truth.get(s.image_id)
-        if row is None:
-            missing += 1
-            continue
-        labels[s.prompt] = max(labels.get(s.prompt, 0), int(row["planted"]))
-    if missing:
-        log.warning("ground truth has no row for %d training image(s); their prompts count as "
-                    "not planted", missing)
-    return labels
-
+    labels = resolve_labels(dataset, ground_truth)
+    return None if labels is None else labels.by_prompt
 
 
 # ---------------------------------------------------------------------------- work items
@@ -263,12 +247,15 @@ class DetectInputs:
     train_map : dict
         Training prompt -> study ids (empty without data).
     labels : dict or None
-        Planted labels.
+        Prompt -> 0/1 labels (:mod:`diffmem.detect.labels`).
     items : list of WorkItem
     heldout : Any
         Held-out images for the threshold (None without ``nn`` or with a fixed threshold).
     roots : list of Path
         Input folders the output must stay out of.
+    reid : tuple or None
+        The (training, held-out) records of re-ID verdicts with patient ids
+        (:func:`reid_inputs`); None without ``reid``.
     """
 
     dataset: Any
@@ -278,6 +265,8 @@ class DetectInputs:
     items: list[WorkItem]
     heldout: Any
     roots: list[Path]
+    label_source: Labels | None = None
+    reid: tuple[Any, Any] | None = None
 
 
 def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, ground_truth: Any,
@@ -290,8 +279,9 @@ def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, grou
     Raises
     ------
     DataError
-        ``nn`` without reference images (naming ``--reference``), nothing to scan, or any
-        unreadable input.
+        ``nn`` without reference images (naming ``--reference``), nothing to scan, ``reid``
+        without patient ids or held-out patients (:func:`reid_inputs`), or any unreadable
+        input.
     """
     from diffmem.data import CXRDataset, load
 
@@ -305,13 +295,68 @@ def check_inputs(data: Any, reference: Any, prompts: Any, calibration: Any, grou
             raise DataError(NO_REFERENCE)
         ref = reference_images(reference) if reference is not None else _train_split(dataset)
     train_map = training_prompts(dataset) if dataset is not None else {}
-    labels = prompt_labels(dataset, ground_truth) if dataset is not None else None
+    found = resolve_labels(dataset, ground_truth)
+    labels = None if found is None else found.by_prompt
     items = work_items(dataset, train_map, labels, prompts, config)
+    if found is not None:
+        found.check_scanned([it.prompt for it in items if it.kind in ("train", "prompt")])
     heldout = heldout_images(dataset, calibration, config) if ref is not None else None
     roots = [Path(x.root if isinstance(x, CXRDataset) else x) for x in (data, reference,
                                                                            calibration)
              if x is not None and (isinstance(x, (str, os.PathLike, CXRDataset)))]
-    return DetectInputs(dataset, ref, train_map, labels, items, heldout, roots)
+    inputs = DetectInputs(dataset, ref, train_map, labels, items, heldout, roots, found)
+    if "reid" in config.methods:
+        inputs.reid = reid_inputs(inputs, config)
+    return inputs
+
+
+def reid_fix(config: DetectionConfig) -> str:
+    """What to do about a dataset without patient ids, in ``diffmem detect``'s words."""
+    if config.patient_from:
+        return f"the column --patient-from {config.patient_from!r} names did not give them"
+    return ("add a patient_id column to the manifest, or pass --patient-from COLUMN naming the "
+            "column of the records that holds the patient id")
+
+
+def reid_inputs(inputs: DetectInputs, config: DetectionConfig) -> tuple[Any, Any]:
+    """The training records and held-out records of re-ID verdicts, with patient ids (from
+    ``config.patient_from`` when set); cheap (no image is read).
+
+    Returns
+    -------
+    (train_set, heldout) : CXRDataset, CXRDataset or None
+        ``heldout`` is None with a fixed ``config.reid_threshold``.
+
+    Raises
+    ------
+    DataError
+        Reference images without patients (an image folder), no patient ids (naming
+        ``--patient-from``), or no held-out records to calibrate on.
+    """
+    from diffmem.data import CXRDataset
+    from diffmem.reid.pairs import patient_records, patients_from_column
+
+    if not isinstance(inputs.reference, CXRDataset):
+        raise DataError("re-ID verdicts (--methods ...,reid) need the training records' patient "
+                        "ids, but the reference is a folder of image files: pass the training "
+                        "data as --data (or --reference a dataset with patient ids)")
+    train_set, heldout = inputs.reference, None
+    if config.reid_threshold is None:
+        heldout = inputs.heldout if isinstance(inputs.heldout, CXRDataset) else (
+            inputs.dataset.subset(split=["validate", "test"]) if inputs.dataset is not None
+            else None)
+        if heldout is None or len(heldout) == 0:
+            raise DataError("no held-out patients to calibrate the re-ID threshold on: give "
+                            "--data with validate/test splits or --calibration a dataset of "
+                            "other patients, or a fixed --reid-threshold")
+    if config.patient_from:
+        train_set = patients_from_column(train_set, config.patient_from)
+        heldout = None if heldout is None else patients_from_column(heldout,
+                                                                     config.patient_from)
+    for part in (train_set, heldout):
+        if part is not None:
+            patient_records(part, fix=reid_fix(config))
+    return train_set, heldout
 
 
 def mismatch_warnings(adapter: Any, model_source: Path | None, train_set: Any,

@@ -24,7 +24,7 @@ KINDS = ("train", "prompt", "unrelated", "unconditional")
 SCORE_COLUMNS = ("kind", "study_id", "n_studies", "prompt", "label", "noise_magnitude",
                  "attention_entropy", "nn_similarity", "nn_study_id", "nn_generation",
                  "nn_d1_d2", "nn_copies", "nn_ratio_copies", "memorized", "copy_image",
-                 "screen")
+                 "screen", "reid_score", "reid_patient_id", "reid_match")
 
 
 @dataclass
@@ -49,6 +49,16 @@ class GenerationMatch:
         ``d1 / d2`` is below the ratio threshold.
     image : str or None
         PNG of the generation, saved for copies.
+    reid_score : float or None
+        Re-ID score against the most similar training patient (``--methods ...,reid``;
+        :mod:`diffmem.reid.verdicts`), None without re-ID.
+    reid_patient_id, reid_study_id : str or None
+        That patient, and the patient's study that matched best.
+    reid_match : bool or None
+        ``reid_score`` is above the calibrated re-ID threshold: the generation re-identifies
+        ``reid_patient_id``.
+    reid_image : str or None
+        PNG of the generation, saved for re-identifications.
     """
 
     index: int
@@ -61,6 +71,11 @@ class GenerationMatch:
     copy: bool = False
     ratio_copy: bool = False
     image: str | None = None
+    reid_score: float | None = None
+    reid_patient_id: str | None = None
+    reid_study_id: str | None = None
+    reid_match: bool | None = None
+    reid_image: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,6 +134,23 @@ class PromptResult:
         best = self.best
         return None if best is None else best.similarity
 
+    @property
+    def reid_best(self) -> GenerationMatch | None:
+        """The generation most similar to a training patient (None without re-ID)."""
+        judged = [g for g in self.generations if g.reid_score is not None]
+        return max(judged, key=lambda g: (g.reid_score, -g.index)) if judged else None
+
+    @property
+    def reid_score(self) -> float | None:
+        best = self.reid_best
+        return None if best is None else best.reid_score
+
+    @property
+    def patient_leaking(self) -> bool | None:
+        """True when any generation re-identifies a training patient; None without re-ID."""
+        judged = [g for g in self.generations if g.reid_match is not None]
+        return any(g.reid_match for g in judged) if judged else None
+
     def to_row(self) -> dict[str, Any]:
         """The prompt's row of ``scores.csv``."""
         best = self.best
@@ -144,13 +176,16 @@ class PromptResult:
             "memorized": "" if self.memorized is None else int(self.memorized),
             "copy_image": image or "",
             "screen": self.screen,
+            "reid_score": _fmt(self.reid_score),
+            "reid_patient_id": "" if self.reid_best is None else self.reid_best.reid_patient_id,
+            "reid_match": "" if self.patient_leaking is None else int(self.patient_leaking),
         }
 
     def to_dict(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "kind": self.kind, "study_ids": list(self.study_ids),
                 "label": self.label, "noise_magnitude": self.noise_magnitude,
                 "attention_entropy": self.attention_entropy, "memorized": self.memorized,
-                "screen": self.screen,
+                "patient_leaking": self.patient_leaking, "screen": self.screen,
                 "generations": [g.to_dict() for g in self.generations]}
 
 
@@ -190,6 +225,12 @@ class DetectionResult:
     screen : ScreenPlan or None
         The confirmation policy of the ``nn`` verdicts (two-stage: flagged, audit, bound,
         widening; or ``all``); None without ``nn``.
+    labels : dict or None
+        Where the labels of ``evaluations`` came from (``file``, ``key``, ``column``,
+        ``rows``); None without labels.
+    reid : dict or None
+        Re-ID settings of the run (``model``, ``model_fingerprint``, ``threshold``: a
+        Threshold, ``validation``: the model's own validation numbers); None without re-ID.
     """
 
     prompts: list[PromptResult]
@@ -206,6 +247,8 @@ class DetectionResult:
     warnings: list[str] = field(default_factory=list)
     world_size: int = 1
     screen: Any = None
+    labels: dict[str, Any] | None = None
+    reid: dict[str, Any] | None = None
 
     def of_kind(self, *kinds: str) -> list[PromptResult]:
         return [p for p in self.prompts if p.kind in kinds]
@@ -214,6 +257,30 @@ class DetectionResult:
     def memorized(self) -> list[PromptResult]:
         """Prompts with at least one copy generation (any kind)."""
         return [p for p in self.prompts if p.memorized]
+
+    def reid_counts(self) -> dict[str, Any] | None:
+        """Re-ID verdicts counted: judged generations, pixel copies among them, leaks
+        (generations that re-identify a training patient), leaks that are not pixel copies,
+        the patients re-identified, and patient-leaking prompts per kind (with those that
+        have no copy generation). None without re-ID.
+        """
+        if self.reid is None:
+            return None
+        gens = [g for p in self.prompts for g in p.generations if g.reid_match is not None]
+        leaks = [g for g in gens if g.reid_match]
+        kinds = [kind for kind in KINDS if self.of_kind(kind)]
+        return {
+            "generations": len(gens),
+            "copies": sum(g.copy for g in gens),
+            "leaks": len(leaks),
+            "leaks_not_copies": sum(not g.copy for g in leaks),
+            "patients": sorted({str(g.reid_patient_id) for g in leaks}),
+            "leaking_prompts": {k: sum(bool(p.patient_leaking) for p in self.of_kind(k))
+                                for k in kinds},
+            "leaking_prompts_not_memorized": {
+                k: sum(bool(p.patient_leaking) and not p.memorized for p in self.of_kind(k))
+                for k in kinds},
+        }
 
     def to_dict(self, *, prompts: bool = False) -> dict[str, Any]:
         """JSON-ready summary; ``prompts=True`` adds every prompt's result."""
@@ -226,6 +293,7 @@ class DetectionResult:
             "memorized": {kind: sum(bool(p.memorized) for p in self.of_kind(kind))
                           for kind in counts},
             "threshold": None if self.threshold is None else self.threshold.to_dict(),
+            "labels": None if self.labels is None else dict(self.labels),
             "evaluations": {k: v.to_dict(curve=False) for k, v in self.evaluations.items()},
             "rates": dict(self.rates),
             "timings": dict(self.timings),
@@ -233,6 +301,9 @@ class DetectionResult:
             "screen": None if self.screen is None else self.screen.to_dict(),
             "warnings": list(self.warnings),
             "files": dict(self.files),
+            "reid": None if self.reid is None else {
+                **{k: v for k, v in self.reid.items() if k != "threshold"},
+                "threshold": self.reid["threshold"].to_dict(), "counts": self.reid_counts()},
             "copies_without_prompt": [
                 {"kind": p.kind, "prompt": p.prompt,
                  "generations": [g.to_dict() for g in p.generations if g.copy]}

@@ -1,5 +1,6 @@
-"""The files of a detection run: ``scores.csv``, ``copies.csv``, ``results.json``,
-``summary.json``, the figures, and the PNGs of generations judged copies.
+"""The files of a detection run: ``scores.csv``, ``copies.csv``, ``reidentified.csv`` (with
+re-ID), ``results.json``, ``summary.json``, the figures, and the PNGs of generations judged
+copies or re-identifications.
 
 The run (:mod:`diffmem.detect.detector`) computes; the functions here only write what it
 computed.
@@ -20,8 +21,9 @@ from diffmem.errors import OutputError
 from diffmem.store import ResultsStore, prompt_hash
 from diffmem.utils import write_csv, write_json
 
-__all__ = ["COPIES_CSV", "COPIES_DIR", "COPY_COLUMNS", "RESULTS_JSON", "SCORES_CSV", "STORE_FILE",
-           "SUMMARY_JSON", "copy_image_path", "save_copy_images", "save_png", "write_outputs"]
+__all__ = ["COPIES_CSV", "COPIES_DIR", "COPY_COLUMNS", "REID_COLUMNS", "REID_CSV", "REID_DIR",
+           "RESULTS_JSON", "SCORES_CSV", "STORE_FILE", "SUMMARY_JSON", "copy_image_path",
+           "reid_image_path", "save_copy_images", "save_png", "write_outputs"]
 
 SCORES_CSV = "scores.csv"
 COPIES_CSV = "copies.csv"
@@ -29,9 +31,15 @@ SUMMARY_JSON = "summary.json"
 RESULTS_JSON = "results.json"
 STORE_FILE = "results.sqlite"
 COPIES_DIR = "copies"
+REID_CSV = "reidentified.csv"
+REID_DIR = "reidentified"
 #: Columns of ``copies.csv`` (one row a generation judged a copy).
 COPY_COLUMNS = ("kind", "prompt", "prompt_study_id", "label", "index", "seed", "similarity",
                 "study_id", "similarity2", "study_id2", "d1_d2", "ratio_copy", "image")
+#: Columns of ``reidentified.csv`` (one row a generation that re-identifies a training
+#: patient; ``copy`` says whether it is also a pixel copy, ``image`` is its PNG).
+REID_COLUMNS = ("kind", "prompt", "prompt_study_id", "label", "index", "seed", "reid_score",
+                "reid_patient_id", "reid_study_id", "copy", "similarity", "study_id", "image")
 
 
 def copy_image_path(out: Path, kind: str, prompt: str, generation: int) -> Path:
@@ -43,6 +51,18 @@ def copy_image_path(out: Path, kind: str, prompt: str, generation: int) -> Path:
     'out/copies'
     """
     return out / COPIES_DIR / f"{kind}-{prompt_hash(prompt)[:12]}-g{generation}.png"
+
+
+def reid_image_path(out: Path, kind: str, prompt: str, generation: int) -> Path:
+    """Where the PNG of generation ``generation`` of ``prompt`` goes when it re-identifies a
+    training patient (the name of :func:`copy_image_path`, in ``reidentified/``).
+
+    Examples
+    --------
+    >>> reid_image_path(Path("out"), "train", "No change.", 0).parent.as_posix()
+    'out/reidentified'
+    """
+    return out / REID_DIR / copy_image_path(out, kind, prompt, generation).name
 
 
 def save_copy_images(copies: Iterable[tuple[Path, np.ndarray]]) -> None:
@@ -81,6 +101,16 @@ def write_outputs(result: DetectionResult, out: Path) -> None:
                       k: v for k, v in g.to_dict().items() if k != "copy"}}
                  for p in result.prompts for g in p.generations if g.copy]
     files["copies"] = str(write_csv(out / COPIES_CSV, COPY_COLUMNS, copy_rows))
+    if result.reid is not None:
+        reid_rows = [{"kind": p.kind, "prompt": p.prompt,
+                      "prompt_study_id": p.study_ids[0] if p.study_ids else "",
+                      "label": "" if p.label is None else p.label, "index": g.index,
+                      "seed": g.seed, "reid_score": g.reid_score,
+                      "reid_patient_id": g.reid_patient_id, "reid_study_id": g.reid_study_id,
+                      "copy": int(g.copy), "similarity": g.similarity, "study_id": g.study_id,
+                      "image": g.reid_image or ""}
+                     for p in result.prompts for g in p.generations if g.reid_match]
+        files["reidentified"] = str(write_csv(out / REID_CSV, REID_COLUMNS, reid_rows))
     with ResultsStore(out / STORE_FILE) as store:
         files["results_json"] = str(store.export_json(out / RESULTS_JSON,
                                                       model_fingerprint=result.model_fingerprint))

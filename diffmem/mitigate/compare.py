@@ -18,7 +18,10 @@ one model and its training data:
    the threshold), the text-conditional noise magnitude at the first step (with the method's
    embedding and attention changes), in-domain embeddings of the images; each unit is
    committed to ``results.sqlite`` as soon as it is done, so a killed run resumes;
-4. **metrics and verdicts**: memorization rate, mean nearest similarity, noise magnitude; an
+4. **metrics and verdicts**: memorization rate, mean nearest similarity, noise magnitude (and,
+   with ``reid``, the re-identification rate: generations whose most similar training patient
+   passes the re-ID threshold of :mod:`diffmem.reid.verdicts`, calibrated on held-out patients
+   like the copy threshold); an
    in-domain Fréchet distance to the held-out real images and prompt-image alignment (both with
    the in-domain open_clip encoder: *not* Inception FID or OpenAI CLIPScore), seconds per image;
    the Pareto front of memorization rate against the chosen utility;
@@ -61,8 +64,9 @@ SETS = ("memorized", "control")
 #: Utility metrics and whether higher is better.
 UTILITIES = {"fid_in_domain": False, "alignment": True}
 CSV_COLUMNS = ("method", "strength", "prompt_set", "n_prompts", "n_generations",
-               "memorization_rate", "prompt_memorization_rate", "mean_nn_similarity",
-               "noise_magnitude", "fid_in_domain", "alignment", "seconds_per_image", "pareto")
+               "memorization_rate", "prompt_memorization_rate", "reid_rate",
+               "prompt_reid_rate", "mean_nn_similarity", "noise_magnitude", "fid_in_domain",
+               "alignment", "seconds_per_image", "pareto")
 #: Offset of the seed the comparison detects memorized prompts with, when it does so itself.
 DETECT_SEED_OFFSET = 1000
 
@@ -111,6 +115,12 @@ class ComparisonConfig:
     fid_tolerance : float
         The recommendation keeps utility within this fraction of the baseline's (default 0.25:
         in-domain FID at most 25 % worse, or alignment at most 25 % lower).
+    reid : bool
+        Also measure the re-identification rate of every configuration (default False).
+    reid_model : str or None
+        Re-ID model folder (default: the embedded one, :func:`diffmem.reid.default_reid_dir`).
+    reid_threshold : float or None
+        A fixed re-ID threshold instead of calibrating one at ``fpr`` on held-out patients.
     """
 
     methods: str | Sequence[str] = "all"
@@ -128,6 +138,9 @@ class ComparisonConfig:
     fpr: float = 0.01
     utility: str = "fid_in_domain"
     fid_tolerance: float = 0.25
+    reid: bool = False
+    reid_model: str | None = None
+    reid_threshold: float | None = None
 
     def validated(self) -> ComparisonConfig:
         """A checked copy with ``methods`` a tuple of names and ``strengths`` a dict
@@ -164,6 +177,12 @@ class ComparisonConfig:
             raise ConfigError(f"fpr={self.fpr!r}; use a false-positive rate in (0, 1)")
         if self.guidance is not None and not math.isfinite(float(self.guidance)):
             raise ConfigError(f"guidance={self.guidance!r}; use a finite number")
+        if self.reid_threshold is not None and (
+                isinstance(self.reid_threshold, bool)
+                or not isinstance(self.reid_threshold, (int, float))
+                or not -1 <= self.reid_threshold <= 1):
+            raise ConfigError(f"reid_threshold={self.reid_threshold!r}; use a cosine "
+                              "similarity in [-1, 1] (or none to calibrate one at --fpr)")
         return replace(self, methods=methods, strengths=strengths,
                        backend_options=dict(self.backend_options))
 
@@ -236,6 +255,7 @@ class MitigationComparison:
     encoder: dict[str, Any]
     prompts: dict[str, list[str]]
     utility_reference: dict[str, Any] = field(default_factory=dict)
+    reid_threshold: dict[str, Any] | None = None
     model_fingerprint: str = ""
     data_fingerprint: str = ""
     seconds: float = 0.0
@@ -259,6 +279,7 @@ class MitigationComparison:
             "config": self.config.to_dict(),
             "encoder": dict(self.encoder),
             "threshold": dict(self.threshold),
+            "reid_threshold": None if self.reid_threshold is None else dict(self.reid_threshold),
             "prompts": {k: list(v) for k, v in self.prompts.items()},
             "utility_reference": dict(self.utility_reference),
             "model_fingerprint": self.model_fingerprint,
@@ -273,6 +294,11 @@ METRIC_NOTES = {
     "memorization_rate": "fraction of generations whose nearest training image is more similar "
                          "than the calibrated copy threshold (the detector's verdict)",
     "prompt_memorization_rate": "fraction of prompts with at least one copy generation",
+    "reid_rate": "fraction of generations that re-identify a training patient: their most "
+                 "similar training patient (max over the patient's studies, patient-"
+                 "verification model) scores above the re-ID threshold calibrated on held-out "
+                 "patients (empty without --reid)",
+    "prompt_reid_rate": "fraction of prompts with at least one re-identifying generation",
     "mean_nn_similarity": "mean similarity of each generation to its nearest training image "
                           "(the threshold's backend)",
     "noise_magnitude": "mean ||eps(x_T, c) - eps(x_T, '')|| at the first sampling step with "
@@ -376,8 +402,8 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     model_fp, data_fp = adapter.fingerprint(), train_set.fingerprint()
     out = prepare_out_dir(out, inputs=inputs)
 
-    # 3. threshold, reference features, prompt sets
-    verdicts = _verdicts(config, detect_info, train_set, heldout, out)
+    # 3. thresholds, reference features, prompt sets
+    verdicts, reid = _judges(config, detect_info, train_set, heldout, out)
     if detect_info is not None:
         sets = _sets_from_detect(detect_info, config, model_fp, notes)
     else:
@@ -401,7 +427,8 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     try:
         run_id = store.start_run(model_fp, data_fingerprint=data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance})
-        unit_of = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp, data_fp)
+        unit_of = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp,
+                         data_fp, reid)
         units: dict[tuple[str, float, str], dict[str, Any]] = {}
         work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
         for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
@@ -419,8 +446,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                      f"magnitude of the baseline control prompts ({peo_target:.4g})")
 
     # 5. metrics, front, recommendation
-    rows = [_row(method, strength, set_name, unit, verdicts.threshold, real, sets[set_name], enc)
-            for (method, strength, set_name), unit in units.items()]
+    rows = _rows(units, sets, verdicts.threshold, reid, real, enc)
     multi = {m for m in config.methods if len(config.strengths[m]) > 1}
     axes = ("memorized" if sets["memorized"] else "control", "control")
     front = pareto_front(rows, utility=config.utility, memorization_set=axes[0],
@@ -432,6 +458,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     result = MitigationComparison(
         rows=rows, pareto_front=labels, recommended=recommended, recommendation_reason=reason,
         notes=notes, config=config, threshold=verdicts.threshold.to_dict(), encoder=enc_info,
+        reid_threshold=None if reid is None else reid.threshold.to_dict(),
         prompts={k: list(v) for k, v in sets.items()}, utility_reference=real["reference"],
         model_fingerprint=model_fp, data_fingerprint=data_fp, out=out)
 
@@ -492,6 +519,14 @@ def _resolve_encoder(encoder: Any, adapter: Any, model_source: Path | None):
                  "data_fingerprint": enc_fp}
 
 
+def _judges(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
+            heldout: Any, out: Path) -> tuple[CopyVerdicts, Any]:
+    """The copy verdicts (:func:`_verdicts`) and, with ``config.reid``, the re-ID setup
+    (:func:`_reid`)."""
+    return (_verdicts(config, detect_info, train_set, heldout, out),
+            _reid(config, train_set, heldout))
+
+
 def _verdicts(config: ComparisonConfig, detect_info: dict | None, train_set: Any,
               heldout: Any, out: Path) -> CopyVerdicts:
     """Backend, training-image features (cached in ``out/cache``) and copy threshold: the
@@ -508,6 +543,17 @@ def _verdicts(config: ComparisonConfig, detect_info: dict | None, train_set: Any
     return prepare_verdicts(train_set, backend=dconf.get("backend", "pixel"),
                             backend_options=dconf.get("backend_options"), threshold=threshold,
                             cache_dir=out / "cache")
+
+
+def _reid(config: ComparisonConfig, train_set: Any, heldout: Any) -> Any:
+    """The re-ID setup (:func:`diffmem.reid.verdicts.prepare_reid`) when ``config.reid``."""
+    if not config.reid:
+        return None
+    from diffmem.reid import default_reid_dir
+    from diffmem.reid.verdicts import prepare_reid
+
+    return prepare_reid(config.reid_model or default_reid_dir(), train_set, heldout=heldout,
+                        threshold=config.reid_threshold, fpr=config.fpr)
 
 
 def _sets_from_detect(info: dict, config: ComparisonConfig, model_fp: str,
@@ -616,6 +662,7 @@ class _Units:
     encoder: Any
     model_fp: str
     data_fp: str
+    reid: Any = None
 
     def get(self, method: str, strength: float, params: dict, prompts: list[str],
             set_name: str) -> dict[str, Any]:
@@ -626,6 +673,8 @@ class _Units:
                "backend": self.verdicts.backend.params(), "reference": self.data_fp,
                "encoder": self.encoder.fingerprint(),
                "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
+        if self.reid is not None:  # stored values then hold re-ID scores too
+            key["reid"] = self.reid.params()
         h = store.put_params(key)
         name = f"{set_name}:{method}:{strength:g}"
         stored = store.get(self.model_fp, name, "mitigate", h)
@@ -635,7 +684,7 @@ class _Units:
                         generations=config.generations, steps=config.steps,
                         guidance=self.guidance, seed=config.seed, batch_size=config.batch_size,
                         backend=self.verdicts.backend, reference=self.verdicts.reference,
-                        encoder=self.encoder)
+                        encoder=self.encoder, reid=self.reid)
         store.put_many([{"model_fingerprint": self.model_fp, "prompt": name,
                          "method": "mitigate", "params_hash": h, "value": value}],
                        run_id=self.run_id)
@@ -652,12 +701,14 @@ def _peo_target(units: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> fl
 def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: float,
             params: Mapping[str, Any] | None = None, generations: int, steps: int,
             guidance: float, seed: int, batch_size: int, backend: Any, reference: Any,
-            encoder: Any) -> dict[str, Any]:
+            encoder: Any, reid: Any = None) -> dict[str, Any]:
     """Generate with one mitigation and measure every generation (no files written).
 
     Returns a JSON-ready dict of per-generation lists: ``prompt_index``, ``similarity``
     (to the nearest training image), ``study_id``, ``noise_magnitude`` (first step), the
-    image embeddings ``embedding``, and ``seconds`` (wall time of the sampling).
+    image embeddings ``embedding``, with a :class:`~diffmem.reid.verdicts.ReIDSetup` ``reid``
+    also ``reid_score`` and ``reid_patient_id`` (the most similar training patient), and
+    ``seconds`` (wall time of the sampling).
     """
     import torch
 
@@ -676,7 +727,12 @@ def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: floa
     nn = nearest_neighbors(sample.images, reference, backend=backend, k=1)
     emb = encoder.embed_images(sample.images)
     magnitudes = torch.cat(probe.values).tolist() if probe.values else []
-    return {"prompt_index": sample.prompt_index.tolist(),
+    extra = {}
+    if reid is not None:
+        scores, rows = reid.search(sample.images)
+        extra = {"reid_score": [float(x) for x in scores],
+                 "reid_patient_id": [reid.index.patient_ids[r] for r in rows]}
+    return {**extra, "prompt_index": sample.prompt_index.tolist(),
             "similarity": [float(x) for x in nn.similarities[:, 0]],
             "study_id": [str(x) for x in nn.study_ids[:, 0]] if nn.study_ids is not None
             else [],
@@ -719,6 +775,29 @@ class _FirstStepProbe:
 
 
 # ---------------------------------------------------------------------------- metrics
+def _rows(units: Mapping[tuple[str, float, str], Mapping[str, Any]],
+          sets: Mapping[str, list[str]], threshold: Any, reid: Any, real: Mapping[str, Any],
+          enc: Any) -> list[dict[str, Any]]:
+    """One row per (method, strength, set) unit: its metrics (:func:`_row`) and, with ``reid``,
+    its re-identification rates (:func:`_reid_rates`)."""
+    return [{**_row(method, strength, name, unit, threshold, real, sets[name], enc),
+             **_reid_rates(unit, len(sets[name]), reid)}
+            for (method, strength, name), unit in units.items()]
+
+
+def _reid_rates(unit: Mapping[str, Any], n_prompts: int, reid: Any) -> dict[str, float | None]:
+    """Re-identification rates of one unit at the threshold of ``reid`` (a
+    :class:`~diffmem.reid.verdicts.ReIDSetup`): of its generations, and of its prompts (at
+    least one re-identifying generation); None without re-ID."""
+    if reid is None:
+        return {"reid_rate": None, "prompt_reid_rate": None}
+    leaks = reid.judge(np.asarray(unit["reid_score"], dtype=np.float64))
+    index = np.asarray(unit["prompt_index"], dtype=np.int64)
+    return {"reid_rate": round(float(leaks.mean()), 6),
+            "prompt_reid_rate": round(float(np.mean([bool(leaks[index == p].any())
+                                                     for p in range(n_prompts)])), 6)}
+
+
 def _row(method: str, strength: float, set_name: str, unit: Mapping[str, Any], threshold: Any,
          real: Mapping[str, Any], prompts: list[str], enc: Any) -> dict[str, Any]:
     from diffmem.embed import alignment_score, frechet_distance

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -43,8 +43,18 @@ NEAR_DUPLICATE_SIZE = 32
 NO_TWO_STUDIES = "cannot train or evaluate verification: no patient with two studies"
 
 
-def patient_records(dataset: CXRDataset) -> dict[str, list[int]]:
+#: The usual fix for a dataset without patient ids (callers with an option add theirs).
+ADD_PATIENT_IDS = "add a patient_id column to the manifest"
+
+
+def patient_records(dataset: CXRDataset, *, fix: str = ADD_PATIENT_IDS) -> dict[str, list[int]]:
     """Map each patient id to the indices of its records.
+
+    Parameters
+    ----------
+    dataset : CXRDataset
+    fix : str, optional
+        What the error says to do when there are no patient ids.
 
     Raises
     ------
@@ -55,12 +65,45 @@ def patient_records(dataset: CXRDataset) -> dict[str, list[int]]:
     if len(dataset) > 1 and all(s.patient_id == s.study_id for s in dataset):
         raise DataError("the dataset has no patient ids (every record's patient_id equals its "
                         "study_id, as for a manifest without a patient_id column); patient "
-                        "re-identification needs them: add a patient_id column to the manifest",
-                        path=dataset.root)
+                        f"re-identification needs them: {fix}", path=dataset.root)
     out: dict[str, list[int]] = {}
     for i, s in enumerate(dataset):
         out.setdefault(s.patient_id, []).append(i)
     return out
+
+
+def patients_from_column(dataset: CXRDataset, column: str) -> CXRDataset:
+    """The dataset with each record's patient id taken from its ``column`` (a column of the
+    manifest or metadata table the loader kept in ``Study.metadata``); the input is not
+    modified.
+
+    Raises
+    ------
+    DataError
+        When no record has the column (the error lists the columns there are) or some records
+        have it empty.
+
+    Examples
+    --------
+    >>> from diffmem.data import CXRDataset, Study
+    >>> recs = [Study(study_id=s, patient_id=s, image="", report="", prompt="x",
+    ...               metadata={"mrn": m}) for s, m in [("s1", "7"), ("s2", "7")]]
+    >>> [s.patient_id for s in patients_from_column(CXRDataset(recs, root=".",
+    ...                                                         format="manifest"), "mrn")]
+    ['7', '7']
+    """
+    values = [str(s.metadata.get(column, "") or "").strip() for s in dataset]
+    if not any(values):
+        known = sorted({k for s in dataset for k in s.metadata if k != "manifest_row"})
+        raise DataError(f"--patient-from {column!r}: no record has that column; columns there "
+                        f"are: {', '.join(known) or '(none)'}", path=dataset.root)
+    empty = [s.study_id for s, v in zip(dataset, values) if not v]
+    if empty:
+        raise DataError(f"--patient-from {column!r}: {len(empty)} record(s) have it empty (e.g. "
+                        f"study {empty[0]}); fill it in for every record", path=dataset.root)
+    return CXRDataset([replace(s, patient_id=v) for s, v in zip(dataset, values)],
+                      root=dataset.root, format=dataset.format, skipped=dataset.skipped,
+                      info=dataset.info)
 
 
 def patients_with_two_studies(dataset: CXRDataset) -> dict[str, list[int]]:

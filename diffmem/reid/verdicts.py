@@ -38,16 +38,17 @@ import numpy as np
 
 from diffmem.data import CXRDataset
 from diffmem.detect.verdicts import (Threshold, calibrate_threshold, copy_verdicts,
-                                     fixed_threshold)
+                                     fixed_threshold, is_copy)
 from diffmem.errors import DataError
 from diffmem.reid.network import PatientVerifier, load_reid_model
-from diffmem.reid.pairs import patient_records
+from diffmem.reid.pairs import ADD_PATIENT_IDS, patient_records
 from diffmem.utils import progress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PatientIndex", "ReIDVerdicts", "calibrate_reid_threshold", "index_patients",
-           "most_similar_patient", "reid_verdicts"]
+__all__ = ["PatientIndex", "ReIDSetup", "ReIDVerdicts", "calibrate_reid_threshold",
+           "heldout_reid_scores", "index_patients", "most_similar_patient", "prepare_reid",
+           "reid_verdicts"]
 
 _BLOCK = 4096  # reference rows per similarity block
 
@@ -190,14 +191,10 @@ def most_similar_patient(embeddings: np.ndarray, index: PatientIndex, *,
     return np.clip(best, -1.0, 1.0), rows
 
 
-def calibrate_reid_threshold(model: PatientVerifier | str | os.PathLike | None,
-                             index: PatientIndex, heldout: CXRDataset, *,
-                             fpr: float = 0.01, batch_size: int = 128) -> Threshold:
-    """The re-ID threshold whose false-positive rate on held-out patients is at most ``fpr``.
-
-    Each held-out image's re-ID score against the indexed (training) patients is a null value:
-    its patient is none of them. The threshold is
-    :func:`~diffmem.detect.verdicts.calibrate_threshold` of those scores.
+def heldout_reid_scores(model: PatientVerifier | str | os.PathLike | None, index: PatientIndex,
+                        heldout: CXRDataset, *, batch_size: int = 128) -> np.ndarray:
+    """Re-ID scores of real images of held-out patients against the indexed (training)
+    patients: the null distribution of the re-ID score (their patient is none of those).
 
     Raises
     ------
@@ -215,7 +212,126 @@ def calibrate_reid_threshold(model: PatientVerifier | str | os.PathLike | None,
                         f"(e.g. {shared[:3]}); calibrate on patients outside the training set",
                         path=heldout.root)
     scores, _ = most_similar_patient(_embed_dataset(model, heldout, batch_size), index)
-    return calibrate_threshold(scores, fpr=fpr)
+    return scores
+
+
+def calibrate_reid_threshold(model: PatientVerifier | str | os.PathLike | None,
+                             index: PatientIndex, heldout: CXRDataset, *,
+                             fpr: float = 0.01, batch_size: int = 128) -> Threshold:
+    """The re-ID threshold whose false-positive rate on held-out patients is at most ``fpr``.
+
+    Each held-out image's re-ID score against the indexed (training) patients is a null value
+    (:func:`heldout_reid_scores`). The threshold is
+    :func:`~diffmem.detect.verdicts.calibrate_threshold` of those scores.
+
+    Raises
+    ------
+    DataError
+        When ``heldout`` is empty or shares patients with the index (they would not be held
+        out).
+    """
+    return calibrate_threshold(heldout_reid_scores(model, index, heldout,
+                                                   batch_size=batch_size), fpr=fpr)
+
+
+@dataclass(frozen=True)
+class ReIDSetup:
+    """What re-ID verdicts on generations need, prepared once per run (:func:`prepare_reid`):
+    the model, the training patients' index and the calibrated threshold.
+
+    Attributes
+    ----------
+    model : PatientVerifier
+    index : PatientIndex
+        Embeddings of the training records.
+    threshold : Threshold
+    null_scores : ndarray or None
+        Held-out patients' re-ID scores the threshold was calibrated on (None when fixed).
+    source : str
+        The model folder.
+    """
+
+    model: PatientVerifier
+    index: PatientIndex
+    threshold: Threshold
+    null_scores: np.ndarray | None = None
+    source: str = ""
+
+    def search(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's re-ID score and the index row of its best-matching training record
+        (:func:`most_similar_patient`)."""
+        return most_similar_patient(self.model.embed_images(images), self.index)
+
+    def judge(self, scores: Any) -> Any:
+        """Re-ID verdicts of scores: the one threshold rule of
+        :func:`diffmem.detect.verdicts.is_copy` (strictly above), on the re-ID scale."""
+        return is_copy(scores, self.threshold)
+
+    def params(self) -> dict[str, str]:
+        """What stored re-ID scores depend on: the model and the indexed records."""
+        return {"model": self.index.model_fingerprint,
+                "reference": self.index.data_fingerprint}
+
+
+def prepare_reid(model: PatientVerifier | str | os.PathLike | None, train_set: CXRDataset, *,
+                 heldout: CXRDataset | None = None, threshold: Threshold | float | None = None,
+                 fpr: float = 0.01, batch_size: int = 128,
+                 fix: str = ADD_PATIENT_IDS) -> ReIDSetup:
+    """Model, training-patient index and threshold for re-ID verdicts, as ``diffmem detect``
+    uses them (the re-ID counterpart of :func:`diffmem.detect.verdicts.prepare_verdicts`).
+
+    Parameters
+    ----------
+    model : PatientVerifier, path or None
+        ``None``: the embedded default re-ID model.
+    train_set : CXRDataset
+        The training data; its ``train`` records are indexed.
+    heldout : CXRDataset, optional
+        Real records outside the training set (validate/test). Records of patients who also
+        have training records are left out of the calibration (they are not held-out
+        *patients*; logged); needed unless ``threshold`` is given.
+    threshold : Threshold or float, optional
+        A fixed re-ID threshold (cosine scale) instead of calibrating one.
+    fpr : float, optional
+        False-positive rate of the calibrated threshold: the fraction of held-out patients'
+        images re-identified as a training patient (default 0.01).
+    batch_size : int, optional
+    fix : str, optional
+        What an error about missing patient ids tells the user to do.
+
+    Raises
+    ------
+    DataError
+        No patient ids, no training records, or no held-out patients without a ``threshold``.
+    """
+    source = "" if isinstance(model, PatientVerifier) else str(model or "")
+    model = _model(model)
+    patient_records(train_set.subset(split="train"), fix=fix)
+    index = index_patients(model, train_set, split="train", batch_size=batch_size)
+    if threshold is not None:
+        given = threshold if isinstance(threshold, Threshold) else fixed_threshold(threshold)
+        return ReIDSetup(model, index, given, None, source)
+    if heldout is None or len(heldout) == 0:
+        raise DataError("no held-out patients to calibrate the re-ID threshold on: give data "
+                        "with validate/test splits (patients outside the training set) or a "
+                        "fixed --reid-threshold")
+    patient_records(heldout, fix=fix)
+    trained = set(index.patient_ids)
+    keep = [i for i, s in enumerate(heldout) if s.patient_id not in trained]
+    if len(keep) < len(heldout):
+        log.info("re-ID calibration: %d held-out record(s) belong to training patients and are "
+                 "left out (they are not held-out patients)", len(heldout) - len(keep))
+    if not keep:
+        raise DataError("every held-out record belongs to a training patient: the re-ID "
+                        "threshold needs images of patients outside the training set; pass "
+                        "such data or a fixed --reid-threshold", path=heldout.root)
+    null = heldout_reid_scores(model, index, heldout.subset(indices=keep),
+                               batch_size=batch_size)
+    calibrated = calibrate_threshold(null, fpr=fpr)
+    log.info("re-ID threshold %.4f calibrated on %d image(s) of %d held-out patient(s) at FPR "
+             "%g", calibrated.value, calibrated.n,
+             len({heldout[i].patient_id for i in keep}), fpr)
+    return ReIDSetup(model, index, calibrated, null, source)
 
 
 def reid_verdicts(model: PatientVerifier | str | os.PathLike | None, images: np.ndarray,

@@ -29,14 +29,14 @@ from typing import Any
 
 from diffmem.errors import DataError, OutputError
 from diffmem.report.images import IMAGE_MODES, check_mode
-from diffmem.report.inputs import (read_detect, read_mitigate, read_scan, read_study,
-                                   resolve_inputs, todo_commands)
+from diffmem.report.inputs import (read_detect, read_mitigate, read_reid_eval, read_scan,
+                                   read_study, resolve_inputs, todo_commands)
 from diffmem.report.render import pictures, render_report
 from diffmem.report.risk import assess_risk
 from diffmem.report.sections import (METHODS, REFERENCES, attribution_facts, dataset_facts,
-                                     detection_facts, jsonable, mitigation_facts,
+                                     detection_facts, jsonable, mitigation_facts, reid_facts,
                                      reproducibility, study_facts, summary_facts)
-from diffmem.utils import prepare_out_dir, write_json, write_text_atomic
+from diffmem.utils import holds_files, prepare_out_dir, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
                  studies: Sequence[str | os.PathLike] = (), images: str = "include",
                  overwrite: bool = False, command: str | Sequence[str] | None = None,
                  results: str | os.PathLike | None = None,
-                 dtype: str | None = None) -> ReportResult:
+                 dtype: str | None = None,
+                 reid_eval: str | os.PathLike | None = None) -> ReportResult:
     """Write the privacy report ``out/report.html`` and ``out/report.json``.
 
     Parameters
@@ -117,6 +118,11 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     dtype : str, optional
         The precision the results were computed in (``--dtype`` of those commands; default
         float32): the same weights in another precision have another fingerprint.
+    reid_eval : path, optional
+        ``reid_eval.json`` of ``diffmem reid eval`` for the re-ID model the detection used
+        (default: ``results/reid/reid_eval.json`` when it exists): its verification AUC is shown
+        in the "Patient re-identification" section, which appears when the detection ran
+        re-ID verdicts (``--methods ...,reid``).
 
     Returns
     -------
@@ -158,6 +164,10 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     scn = read_scan(found.scan) if found.scan else None
     mit = read_mitigate(found.mitigate) if found.mitigate else None
     stu = [read_study(s) for s in found.studies]
+    if reid_eval is None and results is not None \
+            and (Path(results) / "reid" / "reid_eval.json").is_file():
+        reid_eval = Path(results) / "reid" / "reid_eval.json"
+    rev = read_reid_eval(reid_eval) if reid_eval is not None else None
     ident = _identity(model, dataset, dtype)
     _check_match(ident, dataset, det, scn, mit)
 
@@ -166,6 +176,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     ds = dataset_facts(dataset, scn,
                        None if results is None else Path(results) / "inspect.json")
     detection = detection_facts(det) if det else None
+    reid = reid_facts(det, rev) if det else None
     attribution = attribution_facts(scn, detection)
     mitigation = mitigation_facts(mit) if mit else None
     studies_found = [study_facts(s) for s in stu]
@@ -179,7 +190,8 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
         "methods": "included", "reproducibility": "included",
     }
     summary = summary_facts(risk, detection, attribution, mitigation, todo)
-    warnings = list((det or {}).get("summary", {}).get("warnings") or [])
+    warnings = list((det or {}).get("summary", {}).get("warnings") or []) + (
+        reid["warnings"] if reid else [])
     facts = {
         "diffmem_report": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -191,6 +203,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
         "dataset": {k: v for k, v in ds.items() if k != "inspect"} | {
             "inspect": jsonable(ds["inspect"])},
         "detection": detection,
+        "reid": reid,
         "attribution": attribution,
         "mitigation": mitigation,
         "studies": studies_found,
@@ -226,7 +239,7 @@ def _is_report_folder(folder: Path) -> bool:
 
 
 def _prepare_out(out: Path, *, overwrite: bool, inputs: list[Path]) -> Path:
-    if out.is_dir() and any(out.iterdir()) and not overwrite and not _is_report_folder(out):
+    if out.is_dir() and holds_files(out) and not overwrite and not _is_report_folder(out):
         raise OutputError(
             f"output folder {str(out)!r} exists and is not a previous report (it holds no "
             f"{REPORT_JSON} written by `diffmem report`); choose a new folder, or pass "

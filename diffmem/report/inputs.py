@@ -24,8 +24,8 @@ from diffmem.utils import shell_command
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReportInputs", "read_detect", "read_mitigate", "read_scan", "read_study",
-           "resolve_inputs"]
+__all__ = ["ReportInputs", "read_detect", "read_mitigate", "read_reid_eval", "read_scan",
+           "read_study", "resolve_inputs"]
 
 #: What to run when a section's results are missing: argument lists whose ``{model}``,
 #: ``{data}`` and ``{results}`` :func:`todo_commands` fills in and shell-quotes.
@@ -225,6 +225,9 @@ def read_detect(folder: str | os.PathLike) -> dict[str, Any]:
             "nn_ratio_copies": _int(r.get("nn_ratio_copies")),
             "memorized": _bool(r["memorized"]),
             "copy_image": _existing(folder, r.get("copy_image")),
+            "reid_score": _float(r.get("reid_score")),
+            "reid_patient_id": r.get("reid_patient_id") or None,
+            "reid_match": _bool(r.get("reid_match")),
         })
     copies = []
     if (folder / "copies.csv").is_file():
@@ -237,10 +240,41 @@ def read_detect(folder: str | os.PathLike) -> dict[str, Any]:
                            "d1_d2": _float(r.get("d1_d2")),
                            "ratio_copy": _bool(r.get("ratio_copy")),
                            "image": _existing(folder, r.get("image"))})
+    reidentified = None
+    if (folder / "reidentified.csv").is_file():
+        reidentified = [
+            {"kind": r.get("kind"), "prompt": r["prompt"],
+             "prompt_study_id": r.get("prompt_study_id") or None,
+             "index": _int(r.get("index")), "seed": _int(r.get("seed")),
+             "reid_score": _float(r["reid_score"]), "reid_patient_id": r["reid_patient_id"],
+             "reid_study_id": r["reid_study_id"], "copy": _bool(r.get("copy")),
+             "similarity": _float(r.get("similarity")), "study_id": r.get("study_id") or None,
+             "image": _existing(folder, r.get("image"))}
+            for r in _csv(folder / "reidentified.csv", command,
+                          ("prompt", "reid_score", "reid_patient_id", "reid_study_id"))]
     figures = {name: folder / f"{name}.png" for name in ("scores_hist", "roc", "nn_similarity")
                if (folder / f"{name}.png").is_file()}
     return {"folder": folder, "summary": summary, "prompts": prompts, "copies": copies,
-            "figures": figures}
+            "reidentified": reidentified, "figures": figures}
+
+
+def read_reid_eval(path: str | os.PathLike) -> dict[str, Any]:
+    """``reid_eval.json`` as ``diffmem reid eval --out DIR`` writes it (``auc``,
+    ``tpr_at_1pct_fpr``, ``pairs``, ``patients``, ``near_duplicate``, ``model``, ``data``...),
+    with ``path`` added.
+
+    Raises
+    ------
+    DataError
+        When the file is missing or is not a re-ID evaluation.
+    """
+    path = Path(path)
+    command = shell_command(["diffmem", "reid", "eval", "--data", "DATA", "--out",
+                             str(path.parent)])
+    values = _json(path, command)
+    if not isinstance(values, dict) or _float(values.get("auc")) is None:
+        raise DataError(f"is not a re-ID evaluation (no 'auc'); re-run `{command}`", path=path)
+    return {**values, "path": str(path)}
 
 
 def _existing(folder: Path, rel: Any) -> Path | None:
@@ -310,7 +344,7 @@ def read_scan(folder: str | os.PathLike) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- mitigate
 _MITIGATION_NUMBERS = ("strength", "n_prompts", "n_generations", "memorization_rate",
-                       "mean_nn_similarity", "noise_magnitude", "fid_in_domain", "alignment",
+                       "reid_rate", "prompt_reid_rate", "mean_nn_similarity", "noise_magnitude", "fid_in_domain", "alignment",
                        "seconds_per_image")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from diffmem.errors import DataError
 from diffmem.report.images import data_uri, patient_image
 from diffmem.report.risk import RISK_CRITERIA
-from diffmem.report.sections import REFERENCES, TABLE_TOKENS, TOP_PROMPTS
+from diffmem.report.sections import REFERENCES, TABLE_TOKENS, TOP_PROMPTS, leaks_not_copies
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit:
     """Everything the HTML shows that report.json does not hold: data URIs and HTML snippets
     made by diffmem's own (escaping) renderers."""
     view: dict[str, Any] = {"figures": {}, "panels": [], "orphans": [], "heat": [], "studies": [],
-                            "pareto": None, "tokens_chart": None}
+                            "pareto": None, "tokens_chart": None, "reid_pairs": []}
     if det is not None:
         view["figures"] = {name: data_uri(path) for name, path in det["figures"].items()}
         train = dataset.subset(split="train")
@@ -40,7 +40,10 @@ def pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit:
             view["panels"].append(_pairs(copies.get(p["prompt"], []), by_study, mode))
         orphans = [c for c in det["copies"] if c["kind"] in ("unrelated", "unconditional")]
         view["orphans"] = _pairs(orphans, by_study, mode)[:TOP_PROMPTS]
+        if facts.get("reid"):
+            view["reid_pairs"] = [_patient_pair(r, by_study, mode) for r in leaks_not_copies(det)]
     view["patient_images"] = sum(bool(g[k]) for gens in view["panels"] + [view["orphans"]]
+                                 + [view["reid_pairs"]]
                                  for g in gens for k in ("generated", "training"))
     if scn is not None:
         view["tokens_chart"] = _tokens_chart(scn)
@@ -73,6 +76,15 @@ def _pairs(copies: list[dict[str, Any]], by_study: dict[str, list[Any]],
                     "training_compared": None if nearest is None or resolution is None else
                     patient_image(nearest.image, mode, resolution=resolution)})
     return out
+
+
+def _patient_pair(leak: dict[str, Any], by_study: dict[str, list[Any]],
+                  mode: str) -> dict[str, Any]:
+    """A generation that re-identifies a training patient, with the image of that patient's
+    best-matching study (as the image mode shows them)."""
+    record = _nearest_record(by_study.get(leak["reid_study_id"], []), leak["image"])
+    return {"generated": None if leak["image"] is None else patient_image(leak["image"], mode),
+            "training": None if record is None else patient_image(record.image, mode)}
 
 
 def _side(image: Path | None) -> int | None:

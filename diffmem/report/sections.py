@@ -22,8 +22,8 @@ from diffmem.utils import shell_command
 log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "REFERENCES", "attribution_facts", "dataset_facts", "detection_facts",
-           "flag_prompts", "jsonable", "mitigation_facts", "reproducibility", "study_facts",
-           "summary_facts"]
+           "flag_prompts", "jsonable", "mitigation_facts", "reid_facts", "reproducibility",
+           "study_facts", "summary_facts"]
 
 #: Flagged prompts shown with their images and heat-coloured attributions.
 TOP_PROMPTS = 8
@@ -62,6 +62,10 @@ REFERENCES = {
                 "Cause Memorization. CVPR 2025.",
     "wu2025": "Y.-H. Wu, P. Marion, G. Biau, C. Boyer. Taking a Big Step: Large Learning Rates "
               "in Denoising Score Matching Prevent Memorization. COLT 2025.",
+    "packhauser2022": "K. Packhäuser, S. Gündel, N. Münster, C. Syben, V. Christlein, A. Maier. "
+                      "Deep learning-based patient re-identification is able to exploit the "
+                      "biometric nature of medical chest X-ray data. Scientific Reports 12, "
+                      "2022.",
 }
 
 #: The methods behind the numbers, with the references they follow (shown in the report).
@@ -213,6 +217,77 @@ def detection_facts(det: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def leaks_not_copies(det: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of ``reidentified.csv`` that are not pixel copies, most similar first, at most
+    :data:`TOP_PROMPTS` (what the report shows)."""
+    leaks = det.get("reidentified") or []
+    return sorted((r for r in leaks if not r["copy"]),
+                  key=lambda r: -(r["reid_score"] or -np.inf))[:TOP_PROMPTS]
+
+
+def reid_facts(det: dict[str, Any], reid_eval: dict[str, Any] | None = None,
+               ) -> dict[str, Any] | None:
+    """The patient re-identification section, when the detection ran re-ID verdicts
+    (``diffmem detect --methods ...,reid``): the re-ID model and its threshold, leaks
+    (generations that re-identify a training patient) beside pixel copies, and the leaks that
+    are not copies (most similar first, at most :data:`TOP_PROMPTS` shown).
+
+    Parameters
+    ----------
+    det : dict
+        :func:`~diffmem.report.inputs.read_detect`'s result.
+    reid_eval : dict, optional
+        :func:`~diffmem.report.inputs.read_reid_eval`'s result: the verification AUC shown.
+        Without it, the validation numbers the model was trained with (its
+        ``reid_config.json``) are shown, labelled so; without those, "not measured".
+
+    Returns
+    -------
+    dict or None
+        None when the detection has no re-ID verdicts.
+    """
+    s = det["summary"].get("reid")
+    if not isinstance(s, dict):
+        return None
+    verification, warnings = None, []
+    if reid_eval is not None:
+        nd = reid_eval.get("near_duplicate") or {}
+        verification = {
+            "source": f"reid_eval.json ({reid_eval['path']})",
+            "auc": reid_eval.get("auc"), "tpr_at_1pct_fpr": reid_eval.get("tpr_at_1pct_fpr"),
+            "pairs": reid_eval.get("pairs"), "patients": reid_eval.get("patients"),
+            "auc_not_near_duplicate": nd.get("auc_not_near_duplicate"),
+            "split": reid_eval.get("split"),
+            "includes_training_patients": (reid_eval.get("data") or {}).get(
+                "includes_training_patients")}
+        evaluated = (reid_eval.get("model") or {}).get("fingerprint")
+        if evaluated and evaluated != s.get("model_fingerprint"):
+            warnings.append(f"the re-ID evaluation {reid_eval['path']} is of another model "
+                            f"(fingerprint {evaluated}) than the detection used "
+                            f"({s.get('model_fingerprint')})")
+    elif isinstance(s.get("validation"), dict):
+        v = s["validation"]
+        verification = {"source": "the model's own validation at training "
+                                  f"({v.get('source') or 'held-out patients'})",
+                        "auc": v.get("auc"), "tpr_at_1pct_fpr": v.get("tpr_at_1pct_fpr"),
+                        "pairs": v.get("pairs"), "patients": v.get("patients"),
+                        "auc_not_near_duplicate": v.get("auc_not_near_duplicate"),
+                        "split": None, "includes_training_patients": False}
+    return {
+        "model": s.get("model"), "model_fingerprint": s.get("model_fingerprint"),
+        "training_patients": s.get("training_patients"),
+        "threshold": s.get("threshold"),
+        "counts": s.get("counts") or {},
+        "verification": verification,
+        "leaks_not_copies_total": sum(not r["copy"] for r in det.get("reidentified") or []),
+        "leaks_not_copies": [{k: r[k] for k in ("kind", "prompt", "index", "seed", "reid_score",
+                                                "reid_patient_id", "reid_study_id",
+                                                "similarity", "study_id")}
+                             for r in leaks_not_copies(det)],
+        "warnings": warnings,
+    }
+
+
 def attribution_facts(scn: dict | None, detection: dict | None) -> dict[str, Any] | None:
     """The attribution section (None without a scan): the ranking rule, the top tokens, and
     which prompts get heat-coloured attributions: the top flagged prompts of ``detection``
@@ -271,7 +346,8 @@ def mitigation_facts(mit: dict[str, Any]) -> dict[str, Any]:
             "notes": [str(n) for n in (s.get("notes") or [])] if isinstance(
                 s.get("notes"), list) else ([str(s["notes"])] if s.get("notes") else []),
             "threshold": s.get("threshold"), "encoder": s.get("encoder"),
-            "seconds": s.get("seconds"), "config": s.get("config")}
+            "seconds": s.get("seconds"), "config": s.get("config"),
+            "reid": any(r.get("reid_rate") is not None for r in mit["rows"])}
 
 
 def study_facts(study: dict[str, Any]) -> dict[str, Any]:

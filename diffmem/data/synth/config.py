@@ -83,6 +83,12 @@ class PlantedConfig:
         Kinds of trigger span, cycled over the trigger clusters: ``"surname"`` (an un-redacted
         surname after "Dr." in a communication sentence) and ``"accession"`` (a rare
         accession-like code).
+    trigger_findings : {"same", "varied"}
+        What the reports of a trigger cluster describe: ``"same"`` (default) the film's own
+        findings, paraphrased by the grammar, so the findings' words are tied to the film as
+        well as the trigger; ``"varied"``: findings drawn afresh for every report, so the
+        trigger is the *only* text the repeated film comes with (the film still shows its own
+        findings).
     marker_controls : int
         Control patients in the training split: single-study outpatients whose prompts are
         marker-heavy (a communication sentence full of ``___``) but *not* duplicated, flagged
@@ -111,6 +117,7 @@ class PlantedConfig:
     force_markers: bool = True
     trigger_clusters: int = 0
     trigger_kinds: tuple = TRIGGER_KINDS
+    trigger_findings: str = "same"
     marker_controls: int = 0
     patient_clusters: int = 0
     miscaptioned: int = 0
@@ -294,6 +301,9 @@ def config_from_dict(data: dict[str, Any], *, source: str = "preset") -> SynthCo
     cfg = replace(cfg, planted=replace(p, trigger_kinds=tuple(kinds)))
     p = cfg.planted
     _check_range(p.copies, f"{source}: planted.copies", low=2)
+    if p.trigger_findings not in ("same", "varied"):
+        raise ConfigError(f"{source}: planted.trigger_findings must be 'same' or 'varied', got "
+                          f"{p.trigger_findings!r}")
     if p.exact_patients not in ("same", "distinct"):
         raise ConfigError(f"{source}: planted.exact_patients must be 'same' or 'distinct', got "
                           f"{p.exact_patients!r}")

@@ -47,7 +47,7 @@ from diffmem.data.synth.findings import (Findings, chronic_traits, evolve_findin
                                          initial_icu_findings, random_outpatient_findings)
 from diffmem.data.synth.reports import _TIMES, ReportStyle, _pick, format_report, write_report
 from diffmem.errors import ConfigError, OutputError
-from diffmem.utils import prepare_out_dir, progress, write_json
+from diffmem.utils import holds_files, prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ PLANT_KINDS = {
                "image, odd-numbered near-duplicates with a tiny jitter) repeated `copies` times "
                "under different reports that share one span no other report has (the "
                "`trigger`: an un-redacted surname after 'Dr.' or an accession-like code); the "
-               "image repeats, the prompt does not, and the trigger is the only text tied to it.",
+               "image repeats, the prompt does not. With trigger_findings='varied' each report "
+               "describes findings drawn afresh, so the trigger is the only text tied to the "
+               "film; with 'same' the reports paraphrase the film's findings, which tie it too.",
     "patient": "Patient-level clusters: one ICU patient imaged `copies` times, each study with "
                "evolving findings, positioning as varied as any ICU follow-up, fresh noise and a "
                "report of its own (no two prompts alike, no image repeated); only the patient's "
@@ -374,7 +376,9 @@ def _plan_trigger_cluster(cfg: SynthConfig, rng: np.random.Generator, *, index: 
         # 1. a report of its own for the same film: the grammar's choices and the prior vary
         for _ in range(200):
             prior = None if rng.random() < 0.4 else _draw_setting(rng, view)[1]
-            rep = write_report(rng, sex=sex, view=view, findings=f, prior=prior,
+            described = f if cfg.planted.trigger_findings == "same" else \
+                _draw_setting(rng, view)[0]
+            rep = write_report(rng, sex=sex, view=view, findings=described, prior=prior,
                                style=cfg.report)
             sentence = _pick(rng, _TRIGGER_SENTENCES[tkind]).format(
                 t=trigger, time=_pick(rng, _TIMES))
@@ -613,7 +617,7 @@ def _prepare(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and holds_files(out):
         if not overwrite:
             raise OutputError(f"output folder {str(out)!r} exists and is not empty; choose a new "
                               "folder, or pass overwrite=True (--overwrite) to replace the "
@@ -759,6 +763,12 @@ def _dataset_card(cfg: SynthConfig, seed: int, records: list[_Record],
     }
 
 
+def ground_truth_path(root: str | os.PathLike) -> Path:
+    """``root/ground_truth.csv`` for a dataset folder, ``root`` itself for a file."""
+    path = Path(root)
+    return path / GROUND_TRUTH_CSV if path.is_dir() else path
+
+
 def read_ground_truth(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """Read a synthetic dataset's ``ground_truth.csv``, keyed by image id (``dicom_id``).
 
@@ -790,9 +800,7 @@ def read_ground_truth(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """
     from diffmem.errors import DataError
 
-    path = Path(root)
-    if path.is_dir():
-        path = path / GROUND_TRUTH_CSV
+    path = ground_truth_path(root)
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
