@@ -241,14 +241,15 @@ def test_rendered_films_look_like_chest_radiographs():
 
 # -- presets -------------------------------------------------------------------------------------
 def test_presets_are_found_by_name_and_unknown_names_list_them(tmp_path):
-    assert list_presets() == ["benchmark", "demo", "patients", "tiny", "triggers"]
+    assert list_presets() == ["benchmark", "clipmem", "demo", "patients", "tiny", "triggers"]
     for name in list_presets():
         cfg = load_preset(name)
         assert cfg.name == name and cfg.description
     demo = load_preset("demo")
     assert demo.image_size == 128 and demo.copies_range() == (30, 30)
     assert demo.planted.exact_clusters + demo.planted.near_clusters == 10
-    with pytest.raises(ConfigError, match="known presets: benchmark, demo, patients, tiny"):
+    with pytest.raises(ConfigError,
+                       match="known presets: benchmark, clipmem, demo, patients, tiny"):
         load_preset("tinny")
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(MINI))
@@ -306,6 +307,36 @@ def test_trigger_clusters_share_only_their_trigger_and_controls_are_not_duplicat
     card = json.loads((root / "dataset_card.json").read_text())
     assert card["counts"]["train"]["trigger_clusters"] == 3
     assert card["counts"]["train"]["marker_controls"] == 3
+
+
+def test_miscaptioned_pairs_are_single_films_under_another_patients_report(tmp_path):
+    from diffmem.data.synth.generator import _finding_types
+
+    cfg = config_from_dict({**MINI, "planted": {**MINI["planted"], "miscaptioned": 4}})
+    plain = plan_dataset(config_from_dict(MINI), 0)
+    records = plan_dataset(cfg, 0)
+    mis = [r for r in records if r.plant_kind == "miscaptioned"]
+    assert sorted(r.cluster_id for r in mis) == [f"miscaptioned-0{i}" for i in range(4)]
+    assert all(r.patient.split == "train" and r.view == "PA" for r in mis)
+    assert len({r.patient.subject_id for r in mis}) == 4                  # one film each
+    assert sum(r.patient.subject_id in {m.patient.subject_id for m in mis} for r in records) == 4
+    prompts = [r.prompt for r in records]
+    assert all(prompts.count(r.prompt) == 1 for r in mis)                 # not duplicated
+    # the report describes another, abnormal setting with no finding type in common with the film
+    for r in mis:
+        assert not r.report_findings.is_normal and r.report_findings != r.findings
+        assert not _finding_types(r.report_findings) & _finding_types(r.findings)
+    # adding them changes no other record's content (ids are drawn for all patients at once,
+    # so they shift; presets without miscaptioned pairs keep theirs)
+    key = (lambda r: (r.report, r.noise_seed, r.findings.labels(), r.cluster_id))
+    assert sorted(key(r) for r in records if r.plant_kind != "miscaptioned") == \
+        sorted(key(r) for r in plain)
+    root = synthesize(tmp_path / "m", preset=cfg)
+    rows = [r for r in _rows(root / "ground_truth.csv") if r["plant_kind"] == "miscaptioned"]
+    assert len(rows) == 4 and all(r["planted"] == "1" and r["duplicate_count"] == "1"
+                                  and r["prompt_count"] == "1" for r in rows)
+    with pytest.raises(ConfigError, match="planted.miscaptioned must be a non-negative"):
+        config_from_dict({**MINI, "planted": {"miscaptioned": -1}})
 
 
 def test_trigger_findings_varied_keeps_the_film_and_changes_what_reports_describe():

@@ -140,11 +140,13 @@ def _build_model(cfg: Mapping[str, Any], *, seed: int):
     return model
 
 
-def _prepare_images(images, size: int):
+def _prepare_images(images, size: int, *, mean=INPUT_MEAN, std=INPUT_STD):
     """(N, H, W) or (N, 1, H, W) float in [0, 1] -> normalized (N, 3, size, size) tensor.
 
     Non-square images are centre-cropped to a square first (as :func:`diffmem.data.read_image`
-    does); other sides are resized (area-like antialiased bilinear when shrinking).
+    does); other sides are resized (area-like antialiased bilinear when shrinking). ``mean`` and
+    ``std`` are one number (our encoders) or one per RGB channel (an open_clip model trained on
+    colour images, which sees the gray value in all three channels).
     """
     import torch
     import torch.nn.functional as F
@@ -161,8 +163,11 @@ def _prepare_images(images, size: int):
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=x.shape[-1] > size)
-    x = (x - INPUT_MEAN) / INPUT_STD
-    return x.expand(-1, 3, -1, -1)
+    if np.ndim(mean) == 0 and np.ndim(std) == 0:
+        return ((x - mean) / std).expand(-1, 3, -1, -1)
+    x = x.expand(-1, 3, -1, -1)
+    return (x - torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)) / \
+        torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
 
 
 def _check_images(images) -> np.ndarray:

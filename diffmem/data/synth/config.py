@@ -99,6 +99,12 @@ class PlantedConfig:
         a report of its own per study (no two prompts alike). Nothing is duplicated but the
         patient's anatomy: what a model can memorize there is the *patient*, not a film or a
         prompt (re-identification, :mod:`diffmem.reid`).
+    miscaptioned : int
+        Mis-captioned patients in the training split (ground truth for CLIPMem, Wang et al.,
+        ICLR 2025): single-study outpatients whose report describes *another* patient's
+        findings (abnormal findings sharing no finding type with what the film shows, written
+        for a patient of a freshly drawn sex), ``plant_kind`` ``"miscaptioned"``. Not
+        duplicated: a memorization measure must find them from the mismatch alone.
     """
 
     exact_clusters: int = 0
@@ -114,6 +120,7 @@ class PlantedConfig:
     trigger_findings: str = "same"
     marker_controls: int = 0
     patient_clusters: int = 0
+    miscaptioned: int = 0
 
 
 @dataclass(frozen=True)
@@ -279,7 +286,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "preset") -> SynthCo
     _check_rate(cfg.female_rate, f"{source}: female_rate")
     p = cfg.planted
     for k in ("exact_clusters", "near_clusters", "trigger_clusters", "marker_controls",
-              "patient_clusters"):
+              "patient_clusters", "miscaptioned"):
         n = getattr(p, k)
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ConfigError(f"{source}: planted.{k} must be a non-negative integer, got {n!r}")

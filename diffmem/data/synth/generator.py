@@ -96,11 +96,16 @@ PLANT_KINDS = {
                "evolving findings, positioning as varied as any ICU follow-up, fresh noise and a "
                "report of its own (no two prompts alike, no image repeated); only the patient's "
                "anatomy repeats, so what a model can memorize is the patient.",
+    "miscaptioned": "Mis-captioned pairs (CLIPMem ground truth, Wang et al., ICLR 2025): one "
+                    "outpatient PA film whose report was written for another patient's "
+                    "findings (abnormal, no finding type in common with the film, a freshly "
+                    "drawn sex); a single record, not duplicated. ground_truth.csv's findings "
+                    "column holds what the film shows.",
 }
 
 # Streams of the seed tree: every patient and cluster has its own generator, so changing one
 # count does not reshuffle the others.
-_IDS, _PATIENT, _CLUSTER, _TRIGGER, _CONTROL, _PATIENT_CLUSTER = 0, 1, 2, 3, 4, 5
+_IDS, _PATIENT, _CLUSTER, _TRIGGER, _CONTROL, _PATIENT_CLUSTER, _MISCAPTION = range(7)
 
 # Trigger spans: surnames and codes the report grammar never writes (reports say "Dr. ___").
 _TRIGGER_SURNAMES = ("Abernathy", "Kowalczyk", "Moriarty", "Nakashima", "Oyelaran", "Petrosyan",
@@ -143,6 +148,7 @@ class _Record:
     plant_kind: str = ""
     trigger: str = ""
     control: bool = False
+    report_findings: Findings | None = None  # what the report describes, when not `findings`
     study_id: int = 0
     dicom_id: str = ""
     prompt: str = field(init=False)
@@ -456,6 +462,38 @@ def _plan_control(cfg: SynthConfig, rng: np.random.Generator, taken: set[str]) -
                     control=True)]
 
 
+def _finding_types(f: Findings) -> set[str]:
+    """The kinds of finding present (``"effusion"``, ``"nodule"``...), devices left out."""
+    return {label.split(":", 1)[0] for label in f.labels().split(";") if label} - {"device"}
+
+
+def _plan_miscaptioned(cfg: SynthConfig, rng: np.random.Generator, *, index: int,
+                       taken: set[str]) -> list[_Record]:
+    """A mis-captioned patient: one outpatient film under a report of another patient's
+    findings (see ``PLANT_KINDS["miscaptioned"]``)."""
+    sex = "F" if rng.random() < cfg.female_rate else "M"
+    patient = _Patient(kind="outpatient", split="train", sex=sex,
+                       anatomy=random_anatomy(rng, sex=sex), planted=True)
+    shown = random_outpatient_findings(rng, abnormal_rate=cfg.outpatient_abnormal_rate,
+                                       chronic=chronic_traits(rng, icu=False))
+    for _ in range(200):
+        told, prior = _draw_setting(rng, "PA")
+        other_sex = "F" if rng.random() < cfg.female_rate else "M"
+        rep = write_report(rng, sex=other_sex, view="PA", findings=told, prior=prior,
+                           style=cfg.report)
+        prompt = normalize_whitespace(rep.impression)
+        if prompt not in taken and not _finding_types(told) & _finding_types(shown):
+            break
+    else:  # pragma: no cover - the grammar is far richer than 200 draws
+        raise ConfigError(f"could not draw a mismatched report for miscaptioned-{index:02d}")
+    taken.add(prompt)
+    return [_Record(patient=patient, view="PA", findings=shown, report=rep.text,
+                    impression=rep.impression, pose=random_pose(rng, view="PA"),
+                    noise_seed=int(rng.integers(0, 2**31 - 1)), when=_start_time(rng),
+                    cluster_id=f"miscaptioned-{index:02d}", plant_kind="miscaptioned",
+                    report_findings=told)]
+
+
 def _replace_impression(report: str, old: str, new: str) -> str:
     """The report with its IMPRESSION body re-laid out for ``new``."""
     head, sep, _ = report.rpartition(" IMPRESSION: ")
@@ -525,6 +563,9 @@ def plan_dataset(cfg: SynthConfig, seed: int) -> list[_Record]:
         rng = np.random.default_rng([seed, _PATIENT_CLUSTER, c])
         copies = int(rng.integers(lo, hi + 1))
         records += _plan_patient_cluster(cfg, rng, index=c, copies=copies, taken=taken)
+    for c in range(p.miscaptioned):
+        records += _plan_miscaptioned(cfg, np.random.default_rng([seed, _MISCAPTION, c]),
+                                      index=c, taken=taken)
     patients: list[_Patient] = []
     seen: set[int] = set()
     for r in records:
@@ -704,15 +745,16 @@ def _dataset_card(cfg: SynthConfig, seed: int, records: list[_Record],
                                "size for planted records (for 'patient' clusters the patient's "
                                "studies, none of them a duplicate), 1 for other training "
                                "records, 0 for held-out records",
-            "cluster_id": "'exact-NN', 'near-NN', 'trigger-NN' or 'patient-NN'; empty when not "
-                          "planted",
-            "plant_kind": "'exact', 'near', 'trigger', 'patient' or empty",
+            "cluster_id": "'exact-NN', 'near-NN', 'trigger-NN', 'patient-NN' or "
+                          "'miscaptioned-NN'; empty when not planted",
+            "plant_kind": "'exact', 'near', 'trigger', 'patient', 'miscaptioned' or empty",
             "split": "train, validate or test",
             "view": "PA or AP",
             "patient_kind": "outpatient or icu",
             "prompt_count": "training records with exactly this prompt (natural prompt "
                             "duplicates such as 'No acute cardiopulmonary process.' included)",
-            "findings": "what the image shows, ';'-separated labels",
+            "findings": "what the image shows, ';'-separated labels (for a miscaptioned "
+                        "record: the film's findings, not those its report describes)",
             "trigger": "the trigger span of a trigger cluster's record (the only text its "
                        "reports share); empty otherwise",
             "control": "1 for a marker-control record (marker-heavy prompt, not duplicated)",
