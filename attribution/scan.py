@@ -734,28 +734,8 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str | N
             info.setdefault(key, {"kind": kind[0], "convention": kind[1]})
 
     # 5. combine and rank
-    vocab = sorted(info)
-    a = np.array([count_dup.get(k, 0) for k in vocab], dtype=np.float64)
-    b = np.array([count_rest.get(k, 0) for k in vocab], dtype=np.float64)
-    if dup.any() and (~dup).any():
-        _, z = log_odds_enrichment(a, b, prior_scale=prior_scale)
-    else:
-        z = np.zeros(len(vocab))
-    counts = a + b
-    eligible = counts >= min_count
-    parts = [_scaled(np.clip(z, 0, None), eligible)]
-    model = None
-    if model_part is not None:
-        model = np.array([model_part["scores"].get(k, 0.0) for k in vocab])
-        parts.append(_scaled(model, eligible))
-    score = np.mean(parts, axis=0)
-    function = np.array([is_function_word(k, info[k]["kind"]) for k in vocab], dtype=bool)
-    rank = _ranks(score, eligible, counts, vocab, last=function)
-    z_rank = _ranks(z, eligible, counts, vocab)
-    m_rank = None if model is None else _ranks(model, eligible, counts, vocab)
-    ranking = _Ranking(vocab, rank, score, counts, z, z_rank, a, b, model, m_rank, function)
-    rows = _token_rows(ranking, info, doc_freq, model_part)
-    rows.sort(key=lambda r: r["rank"])
+    rows, vocab, a, b = _combine(info, count_dup, count_rest, doc_freq, dup, model_part,
+                                 min_count=min_count, prior_scale=prior_scale)
 
     summary = {
         "n_prompts": len(corpus.inverse),
@@ -802,6 +782,37 @@ class _Ranking:
     model: np.ndarray | None
     m_rank: np.ndarray | None
     function: np.ndarray  # punctuation and stop-words
+
+
+def _combine(info: dict[str, dict[str, Any]], count_dup: Counter, count_rest: Counter,
+             doc_freq: Counter, dup: np.ndarray, model_part: dict[str, Any] | None, *,
+             min_count: int, prior_scale: float) -> tuple[list[dict[str, Any]], list[str],
+                                                          np.ndarray, np.ndarray]:
+    """The ranked token rows from the enrichment counts and the model part (see
+    :data:`RANKING_NOTE`), with the vocabulary and the per-group token counts."""
+    vocab = sorted(info)
+    a = np.array([count_dup.get(k, 0) for k in vocab], dtype=np.float64)
+    b = np.array([count_rest.get(k, 0) for k in vocab], dtype=np.float64)
+    if dup.any() and (~dup).any():
+        _, z = log_odds_enrichment(a, b, prior_scale=prior_scale)
+    else:
+        z = np.zeros(len(vocab))
+    counts = a + b
+    eligible = counts >= min_count
+    parts = [_scaled(np.clip(z, 0, None), eligible)]
+    model = None
+    if model_part is not None:
+        model = np.array([model_part["scores"].get(k, 0.0) for k in vocab])
+        parts.append(_scaled(model, eligible))
+    score = np.mean(parts, axis=0)
+    function = np.array([is_function_word(k, info[k]["kind"]) for k in vocab], dtype=bool)
+    rank = _ranks(score, eligible, counts, vocab, last=function)
+    z_rank = _ranks(z, eligible, counts, vocab)
+    m_rank = None if model is None else _ranks(model, eligible, counts, vocab)
+    ranking = _Ranking(vocab, rank, score, counts, z, z_rank, a, b, model, m_rank, function)
+    rows = _token_rows(ranking, info, doc_freq, model_part)
+    rows.sort(key=lambda r: r["rank"])
+    return rows, vocab, a, b
 
 
 def _token_rows(r: _Ranking, info: dict[str, dict[str, Any]], doc_freq: dict[str, float],

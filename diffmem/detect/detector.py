@@ -93,7 +93,7 @@ from diffmem.detect.writers import (
     save_copy_images,
     write_outputs,
 )
-from diffmem.errors import ConfigError, DataError, OutputError
+from diffmem.errors import ConfigError, OutputError
 from diffmem.reid.verdicts import ReIDSetup, prepare_reid
 from diffmem.store import ResultsStore, params_hash, prompt_hash
 from diffmem.utils import prepare_out_dir, progress
@@ -410,25 +410,8 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
     check_writable(out)
 
     # 2. model, processes, threads
-    import torch
-    from accelerate import PartialState
-
-    from diffmem.models import DiffusionModelAdapter, load_model
-
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state, adapter = _open_model(model, config, device, dtype)
     world, rank = state.num_processes, state.process_index
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    elif world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if isinstance(model, DiffusionModelAdapter) or (
-            hasattr(model, "sample") and hasattr(model, "fingerprint")):
-        adapter = model  # an adapter (or an object with the adapter's interface)
-    else:
-        from diffmem.models.device import resolve_device
-
-        adapter = load_model(model, device=resolve_device(device, process_device=state.device),
-                             dtype=dtype)
     train_set = None if dataset is None else dataset.subset(split="train")
     warnings = ([] if inputs.label_source is None else list(inputs.label_source.warnings)) + (
         mismatch_warnings(adapter, model_source, train_set, inputs.train_map)
@@ -491,6 +474,29 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
         write_outputs(result, out)
     state.wait_for_everyone()
     return result
+
+
+def _open_model(model: Any, config: DetectionConfig, device: str | None,
+                dtype: str | None) -> tuple[Any, Any]:
+    """The process state (``accelerate``) and the adapter of ``model``, with torch's threads
+    set for this process (``config.threads``, or the CPUs shared among the processes)."""
+    import torch
+    from accelerate import PartialState
+
+    from diffmem.models import DiffusionModelAdapter, load_model
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    elif state.num_processes > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // state.num_processes))
+    if isinstance(model, DiffusionModelAdapter) or (
+            hasattr(model, "sample") and hasattr(model, "fingerprint")):
+        return state, model  # an adapter (or an object with the adapter's interface)
+    from diffmem.models.device import resolve_device
+
+    return state, load_model(model, device=resolve_device(device, process_device=state.device),
+                             dtype=dtype)
 
 
 def _log_truncation(adapter: Any, items: list[WorkItem]) -> None:

@@ -457,12 +457,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     if not sets["memorized"] and detect_info is not None:
         notes.append(f"no memorized prompts found among the {detect_info['n_scanned']} prompts "
                      "of the detect run; the comparison ran on the control set only")
-    if enc is not None:
-        notes.append(f"utility is measured with the in-domain encoder {enc_info['path']} (not "
-                     "Inception FID, not OpenAI CLIP): compare values only within this encoder")
-    notes.append(f"{config.steps} DDIM steps, {config.generations} generation(s) per prompt, "
-                 f"{config.n_prompts} prompts per set: smaller than the papers' 50 steps and "
-                 "hundreds of prompts; read small differences as noise")
+    notes += _setting_notes(config, enc_info if enc is not None else None)
     real = _real_features(enc, inputs, config)
 
     # 4. every configuration on every set, resumable through the store
@@ -474,9 +469,6 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
                        inputs.data_fp, reid).all(sets, notes)
     finally:
         store.close()
-    if "nemo_deactivation" in config.methods and _nemo_needs_reference():
-        notes.append("nemo_deactivation localizes each prompt's memorization neurons against "
-                     f"activation statistics of the {len(sets['control'])} control prompts")
 
     # 5. metrics, front, recommendation
     threshold = None if verdicts is None else verdicts.threshold
@@ -500,6 +492,15 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     _write_outputs(result, out, multi, axes)
     return result
 
+
+def _setting_notes(config: ComparisonConfig, enc_info: dict[str, Any] | None) -> list[str]:
+    """What a reader of the comparison must know about its utility encoder and its size."""
+    notes = [] if enc_info is None else [
+        f"utility is measured with the in-domain encoder {enc_info['path']} (not Inception FID, "
+        "not OpenAI CLIP): compare values only within this encoder"]
+    return notes + [f"{config.steps} DDIM steps, {config.generations} generation(s) per prompt, "
+                    f"{config.n_prompts} prompts per set: smaller than the papers' 50 steps and "
+                    "hundreds of prompts; read small differences as noise"]
 
 # ---------------------------------------------------------------------------- inputs
 @dataclass
@@ -920,6 +921,10 @@ class _Units:
         if peo_target is not None:
             notes.append(f"prompt_embedding_optimization stops at the median first-step noise "
                          f"magnitude of the baseline control prompts ({peo_target:.4g})")
+        if "nemo_deactivation" in config.methods and _nemo_needs_reference():
+            notes.append("nemo_deactivation localizes each prompt's memorization neurons "
+                         f"against activation statistics of the {len(sets['control'])} control "
+                         "prompts")
         return units
 
     def get(self, method: str, strength: float, params: dict, prompts: list[str],
