@@ -60,7 +60,8 @@ def _trainer_args(p: argparse.ArgumentParser, which: str = "") -> None:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "study", help="training studies: score-matching toy, learning rate, training mitigations",
+        "study", help="training studies: score-matching toy, learning rate, training "
+                      "mitigations, checkpoints",
         description="Training-time studies of memorization. Each writes OUT/study.json, "
                     "summary.json, a CSV and PNG figures; lr and train-mitigations train one "
                     "model per setting under OUT/runs/ (re-running skips finished runs and "
