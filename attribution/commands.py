@@ -40,12 +40,11 @@ def run_attribute(model: str | os.PathLike | Any, prompt: str, *, method: str | 
     path : pathlib.Path or None
         The file written.
     """
-    from diffmem.attribution.methods import DEFAULT_METHOD, attribute, get_method
+    from diffmem.attribution.methods import attribute, checked_method
     from diffmem.attribution.render import save_attribution
     from diffmem.errors import ConfigError
 
-    method = DEFAULT_METHOD if method is None else method
-    get_method(method)  # an unknown method fails before the model loads
+    method = checked_method(method)  # an unknown method fails before the model loads
     if out is not None and Path(out).suffix.lower() not in (".html", ".htm", ".png", ".json"):
         raise ConfigError(f"--out {str(out)!r}: end the file name with .html, .png or .json")
     if isinstance(options.get("reference"), (str, os.PathLike)):

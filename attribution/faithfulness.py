@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.attribution.methods import (DEFAULT_METHOD, _magnitudes, _prepare, _Prepared,
-                                         _variant_embeddings, attribute, occlusion)
+from diffmem.attribution.methods import (_magnitudes, _prepare, _Prepared, _variant_embeddings,
+                                         attribute, checked_method, occlusion)
 from diffmem.attribution.result import TokenAttribution
 from diffmem.errors import ConfigError, PromptError
 from diffmem.models import DiffusionModelAdapter
@@ -175,7 +175,7 @@ def deletion_test(adapter: DiffusionModelAdapter, prompts: Sequence[str], *,
             raise ConfigError("attributions do not match prompts one to one; pass one "
                               "TokenAttribution per prompt, in the same order")
         method = attributions[0].method
-    method = DEFAULT_METHOD if method is None else method
+    method = checked_method(method)
     options = dict(generations=generations, steps=steps, num_inference_steps=num_inference_steps,
                    guidance=guidance, seed=seed, batch_size=batch_size, truncate=truncate)
     kept, tops, mems, d_top, d_rand, skipped = [], [], [], [], [], []

@@ -63,6 +63,7 @@ __all__ = [
     "OCCLUSION_MODES",
     "attention",
     "attribute",
+    "checked_method",
     "get_method",
     "gradient",
     "integrated_gradients",
@@ -112,6 +113,19 @@ def get_method(name: str) -> Callable[..., TokenAttribution]:
         For an unknown name; the message lists the known ones.
     """
     return _METHODS.get(name)
+
+
+def checked_method(name: str | None) -> str:
+    """``name``, or :data:`DEFAULT_METHOD` for None, checked against the registry.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name; the message lists the known ones.
+    """
+    name = DEFAULT_METHOD if name is None else name
+    get_method(name)
+    return name
 
 
 def attribute(adapter: DiffusionModelAdapter, prompt: str, *, method: str = DEFAULT_METHOD,

@@ -694,10 +694,9 @@ def scan_prompts(prompts: Iterable[str], *, adapter: Any = None, method: str | N
     check_int("min_count", min_count)
     _check_near_threshold(near_threshold)
     if adapter is not None:
-        from diffmem.attribution.methods import DEFAULT_METHOD, get_method
+        from diffmem.attribution.methods import checked_method
 
-        method = DEFAULT_METHOD if method is None else method
-        get_method(method)  # an unknown name fails before any work
+        method = checked_method(method)  # an unknown name fails before any work
 
     # 2. distinct prompts (the input read once, as a stream) and their units
     corpus = _read_corpus(prompts)

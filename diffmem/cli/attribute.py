@@ -61,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     model = args.model
     device = device_options(args)
     if args.faithfulness:  # one model for the attribution and the curves
-        from diffmem.attribution.methods import DEFAULT_METHOD, get_method
+        from diffmem.attribution.methods import checked_method
         from diffmem.models import load_model
 
-        get_method(args.method or DEFAULT_METHOD)
+        checked_method(args.method)
         model = load_model(args.model, **device)
     result, path = run_attribute(model, args.prompt, method=args.method, out=args.out,
                                  **device, generations=args.generations,
