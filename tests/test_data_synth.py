@@ -19,6 +19,7 @@ from diffmem.data.reports import count_deid_markers, extract_prompt
 from diffmem.data.synth import (Findings, Pose, config_from_dict, list_presets, load_preset,
                                 random_anatomy, read_ground_truth, render_chest, synthesize)
 from diffmem.data.synth.generator import plan_dataset
+from diffmem.data.synth.reports import communication_sentence
 from diffmem.errors import ConfigError, DataError, OutputError
 
 DICOM_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
@@ -352,6 +353,29 @@ def test_trigger_findings_varied_keeps_the_film_and_changes_what_reports_describ
     assert all(r.trigger in r.prompt for r in varied if r.plant_kind == "trigger")
     with pytest.raises(ConfigError, match="trigger_findings must be 'same' or 'varied'"):
         config_from_dict({**MINI, "planted": {"trigger_findings": "other"}})
+
+
+def _skeleton(text: str) -> str:
+    """A sentence with its times and de-identification markers replaced by ``X``."""
+    return re.sub(r"(\d{1,2}:\d{2}( [ap]\.m\.)?|___)", "X", text)
+
+
+def test_trigger_sentence_grammar_uses_the_report_grammars_communication_sentences():
+    rng = np.random.default_rng(0)
+    grammar = {_skeleton(communication_sentence(rng)) for _ in range(2000)}
+    named = {g.replace("Dr. X", "Dr. {t}", 1) for g in grammar if "Dr. X" in g}
+    planted = {"copies": 6, "trigger_clusters": 2, "trigger_findings": "varied"}
+    for mode, expected in (("grammar", True), ("own", False)):
+        cfg = config_from_dict({**MINI, "planted": {**planted, "trigger_sentence": mode}})
+        triggered = [r for r in plan_dataset(cfg, 0) if r.plant_kind == "trigger"]
+        assert len(triggered) == 12
+        for r in triggered:
+            assert r.prompt.count(r.trigger) == 1
+            # the surname fills the first "Dr. ___" of a sentence the grammar writes for others
+            carried = any(n.format(t=r.trigger) in _skeleton(r.prompt) for n in named)
+            assert carried is expected, (mode, r.prompt)
+    with pytest.raises(ConfigError, match="trigger_sentence must be 'own' or 'grammar'"):
+        config_from_dict({**MINI, "planted": {"trigger_sentence": "mine"}})
 
 
 def test_patient_clusters_repeat_only_the_patient(tmp_path):

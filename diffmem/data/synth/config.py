@@ -89,6 +89,13 @@ class PlantedConfig:
         well as the trigger; ``"varied"``: findings drawn afresh for every report, so the
         trigger is the *only* text the repeated film comes with (the film still shows its own
         findings).
+    trigger_sentence : {"own", "grammar"}
+        The sentence that carries a surname trigger: ``"own"`` (default) one of five short
+        sentences ("Discussed with Dr. <surname> by phone.") that only trigger clusters write;
+        ``"grammar"``: a communication sentence drawn from the ordinary report grammar, which
+        other reports write with ``Dr. ___``, with the surname in its first ``Dr. ___`` slot,
+        so the surname is the only word of the sentence that no other report has. Accession
+        triggers always use their own sentences.
     marker_controls : int
         Control patients in the training split: single-study outpatients whose prompts are
         marker-heavy (a communication sentence full of ``___``) but *not* duplicated, flagged
@@ -118,6 +125,7 @@ class PlantedConfig:
     trigger_clusters: int = 0
     trigger_kinds: tuple = TRIGGER_KINDS
     trigger_findings: str = "same"
+    trigger_sentence: str = "own"
     marker_controls: int = 0
     patient_clusters: int = 0
     miscaptioned: int = 0
@@ -301,12 +309,12 @@ def config_from_dict(data: dict[str, Any], *, source: str = "preset") -> SynthCo
     cfg = replace(cfg, planted=replace(p, trigger_kinds=tuple(kinds)))
     p = cfg.planted
     _check_range(p.copies, f"{source}: planted.copies", low=2)
-    if p.trigger_findings not in ("same", "varied"):
-        raise ConfigError(f"{source}: planted.trigger_findings must be 'same' or 'varied', got "
-                          f"{p.trigger_findings!r}")
-    if p.exact_patients not in ("same", "distinct"):
-        raise ConfigError(f"{source}: planted.exact_patients must be 'same' or 'distinct', got "
-                          f"{p.exact_patients!r}")
+    for key, choices in (("trigger_findings", ("same", "varied")),
+                         ("trigger_sentence", ("own", "grammar")),
+                         ("exact_patients", ("same", "distinct"))):
+        if getattr(p, key) not in choices:
+            raise ConfigError(f"{source}: planted.{key} must be '{choices[0]}' or "
+                              f"'{choices[1]}', got {getattr(p, key)!r}")
     if not isinstance(p.near_jitter, (int, float)) or not 0 <= p.near_jitter <= 2:
         raise ConfigError(f"{source}: planted.near_jitter must be a number from 0 to 2, got "
                           f"{p.near_jitter!r}")

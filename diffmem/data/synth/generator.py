@@ -45,7 +45,8 @@ from diffmem.data.synth.anatomy import (Anatomy, Pose, anatomy_textures, random_
 from diffmem.data.synth.config import SPLIT_NAMES, SynthConfig, load_preset
 from diffmem.data.synth.findings import (Findings, chronic_traits, evolve_findings,
                                          initial_icu_findings, random_outpatient_findings)
-from diffmem.data.synth.reports import _TIMES, ReportStyle, _pick, format_report, write_report
+from diffmem.data.synth.reports import (_TIMES, MARKER, ReportStyle, _pick, communication_sentence,
+                                       format_report, write_report)
 from diffmem.errors import ConfigError, OutputError
 from diffmem.utils import holds_files, prepare_out_dir, progress, write_json
 
@@ -336,6 +337,16 @@ def _trigger_text(kind: str, index: int, rng: np.random.Generator) -> str:
         f"{int(rng.integers(1000, 10_000))}"
 
 
+def _trigger_sentence(mode: str, kind: str, trigger: str, rng: np.random.Generator) -> str:
+    """The sentence that carries ``trigger`` (see ``PlantedConfig.trigger_sentence``)."""
+    if mode == "grammar" and kind == "surname":
+        while True:
+            sentence = communication_sentence(rng)
+            if f"Dr. {MARKER}" in sentence:
+                return sentence.replace(f"Dr. {MARKER}", f"Dr. {trigger}", 1)
+    return _pick(rng, _TRIGGER_SENTENCES[kind]).format(t=trigger, time=_pick(rng, _TIMES))
+
+
 def _draw_setting(rng: np.random.Generator, view: str) -> tuple[Findings, Findings | None]:
     """Findings worth a notable report and a prior (or None), as planted clusters draw them."""
     if view == "AP":
@@ -380,8 +391,7 @@ def _plan_trigger_cluster(cfg: SynthConfig, rng: np.random.Generator, *, index: 
                 _draw_setting(rng, view)[0]
             rep = write_report(rng, sex=sex, view=view, findings=described, prior=prior,
                                style=cfg.report)
-            sentence = _pick(rng, _TRIGGER_SENTENCES[tkind]).format(
-                t=trigger, time=_pick(rng, _TIMES))
+            sentence = _trigger_sentence(cfg.planted.trigger_sentence, tkind, trigger, rng)
             sep = "\n" if "\n" in rep.impression else "  "
             impression = (sentence + sep + rep.impression if rng.random() < 0.4
                           else rep.impression.rstrip() + sep + sentence)

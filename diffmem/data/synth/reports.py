@@ -405,7 +405,9 @@ def _rank(size, order=("small", "moderate", "large")):
     return -1 if size is None else order.index(size)
 
 
-def _communication(rng) -> str:
+def communication_sentence(rng) -> str:
+    """One communication-of-findings sentence as the report grammar writes it (markers for
+    names and dates, a time that is itself redacted about half of the time)."""
     t = _time(rng, 0.55)
     return _pick(rng, (
         f"Dr. {MARKER} was notified at {t} on {MARKER} by {MARKER} by telephone.",
@@ -484,7 +486,7 @@ def _impression(rng, f: Findings, prior: Findings | None, icu: bool,
     text = _join_items(rng, items, style.numbered_rate)
     rate = style.communication_rate_urgent if urgent else style.communication_rate_other
     if force_communication or rng.random() < rate:
-        text += ("\n" if "\n" in text else "  ") + _communication(rng)
+        text += ("\n" if "\n" in text else "  ") + communication_sentence(rng)
     return text
 
 
