@@ -21,13 +21,15 @@ A folder holds:
 ``faiss.index``   an exact inner-product FAISS index (``IndexFlatIP``) of the features, for the
                   ``pixel`` and ``embedding`` backends when faiss is installed and searches
                   faster than the blocked exact search on a probe at build time (or when
-                  asked); searched instead of it, candidates re-scored in float64
+                  asked); or, asked for, an approximate inverted-file index
+                  (``IndexIVFFlat``, :func:`write_ivf`) whose measured recall@1 the card
+                  records; searched instead of it, candidates re-scored in float64
 ``build.json``    rows done of an unfinished build: running the build again resumes it
 ================  ==========================================================================
 
 The build streams the images ``batch_size`` at a time into a memory-mapped file, so its memory
 does not grow with the training set (the FAISS index, when built, holds the features in memory:
-``N x D x 4`` bytes).
+``N x D x 4`` bytes; the FAISS indexes are filled from chunks read from the file).
 
 Examples
 --------
@@ -60,9 +62,9 @@ from diffmem.utils import prepare_out_dir, progress, shell_command, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IndexCard", "build_index", "choose_nprobe", "default_nlist", "describe_difference",
-           "finish_index", "index_key", "load_index", "open_index", "read_card", "read_chunks",
-           "write_ivf"]
+__all__ = ["IndexCard", "add_exactly", "build_index", "choose_nprobe", "default_nlist",
+           "describe_difference", "finish_index", "index_key", "load_index", "open_index",
+           "read_card", "read_chunks", "write_ivf"]
 
 FORMAT = "diffmem-reference-index"
 VERSION = 1
@@ -450,15 +452,37 @@ def write_ivf(faiss: Any, folder: str | os.PathLike, *, nlist: int | None = None
     index.cp.max_points_per_centroid = max(train_per_list, 40)
     index.train(sample)
     del sample
-    for _, chunk in progress(read_chunks(path), desc="IVF index", total=-(-n // 16384),
-                             unit="chunk"):
-        index.add(chunk)
+    add_exactly(faiss, index, path)
     chosen = choose_nprobe(index, path, target_recall=target_recall, queries=probe_queries,
                            seed=seed)
     index.nprobe = chosen["nprobe"]
     _save_faiss(faiss, index, folder)
     return {"kind": "ivf", "nlist": nlist, **chosen, "train_rows": len(train_rows),
             "seed": int(seed)}
+
+
+def add_exactly(faiss: Any, index: Any, path: str | os.PathLike) -> None:
+    """Add the rows of the ``.npy`` file ``path`` to a trained IVF ``index``, in chunks, with
+    each inverted list allocated once at its final size.
+
+    FAISS's own ``add`` appends chunk by chunk to growing lists, whose reallocations left the
+    process holding about twice the index's size (measured: 199 MB of growth for 98 MB of
+    vectors, 2530 lists). Here a first pass assigns every row to its list (the quantizer's
+    nearest centroid, as ``add`` does), each list is reserved at its count, and a second pass
+    adds the chunks with those assignments (``add_core``): the same lists, in the same order.
+    """
+    n = int(_npy_shape(Path(path))[0])
+    assign = np.empty(n, dtype=np.int64)
+    for start, chunk in read_chunks(path):
+        assign[start:start + len(chunk)] = index.quantizer.search(chunk, 1)[1][:, 0]
+    counts = np.bincount(assign, minlength=index.nlist)
+    for list_no, count in enumerate(counts.tolist()):
+        index.invlists.resize(list_no, count)  # allocates the list at its final size ...
+        index.invlists.resize(list_no, 0)  # ... and empties it, keeping the allocation
+    for start, chunk in progress(read_chunks(path), desc="IVF index", total=-(-n // 16384),
+                                 unit="chunk"):
+        lists = np.ascontiguousarray(assign[start:start + len(chunk)])
+        index.add_core(len(chunk), faiss.swig_ptr(chunk), None, faiss.swig_ptr(lists))
 
 
 def _ivf_options(n: int, nlist: int | None, target_recall: float) -> tuple[int, float]:
@@ -499,7 +523,7 @@ def choose_nprobe(index: Any, features: str | os.PathLike, *, target_recall: flo
     rows = np.sort(rng.choice(n, size=min(int(queries), n), replace=False))
     query = np.concatenate([c for _, c in read_chunks(features, rows=rows)])
     best = np.full(len(rows), -np.inf, dtype=np.float32)
-    for start, chunk in read_chunks(features):
+    for start, chunk in read_chunks(features, chunk=4096):  # (Q, 4096) products: 16 MB
         s = query @ chunk.T
         mine = (rows >= start) & (rows < start + len(chunk))
         s[np.flatnonzero(mine), rows[mine] - start] = -np.inf
