@@ -88,6 +88,33 @@ def test_lora_trains_few_parameters_and_merges_exactly(model, tmp_path):
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
+def test_lora_fine_tuning_resumes_exactly_and_keeps_the_frozen_weights(data, model, tmp_path):
+    """train(init=, adapter=): a stopped LoRA run resumed ends at the uninterrupted run's
+    weights; the text encoder (no adapters) is the base's; another adapter is refused."""
+    from safetensors.torch import load_file
+
+    from diffmem.errors import TrainingError
+    from diffmem.train import TrainConfig, train
+
+    cfg = TrainConfig(preset="tiny", steps=2, lr=1e-2, checkpoint_every=1)
+    train(data, tmp_path / "full", config=cfg, init=model, adapter=LoraAdapter(2))
+    train(data, tmp_path / "parts", config=cfg, init=model, adapter=LoraAdapter(2), stop_after=1)
+    with pytest.raises(TrainingError, match="adapter: checkpoint"):
+        train(data, tmp_path / "parts", config=cfg, init=model, adapter=LoraAdapter(4),
+              resume=True)
+    assert train(data, tmp_path / "parts", config=cfg, init=model, adapter=LoraAdapter(2),
+                 resume=True).resumed_from == 1
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "full" / unet)), load_file(str(tmp_path / "parts" / unet))
+    base = load_file(str(model / unet))
+    assert set(a) == set(base) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], base[k]) for k in a if "to_q" in k)  # the merged update
+    assert all(torch.equal(a[k], base[k]) for k in a if "conv" in k)  # not adapted: unchanged
+    te = "text_encoder/model.safetensors"
+    t1, t0 = load_file(str(tmp_path / "full" / te)), load_file(str(model / te))
+    assert all(torch.equal(t1[k], t0[k]) for k in t0)
+
+
 @pytest.fixture(scope="module")
 def lora_study(data, encoder, tmp_path_factory):
     from diffmem.study.lora import run_lora_study
