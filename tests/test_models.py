@@ -315,6 +315,20 @@ def test_sample_reproducible_and_batch_independent(adapter):
     assert np.abs(d.images - base.images).max() > 1e-2
 
 
+def test_empty_prompt_skips_the_conditional_branch_with_the_same_images(adapter):
+    rows = []
+    handle = adapter.unet.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+    try:
+        res = _sample(adapter, [""], n_per_prompt=2, guidance=4.0)
+    finally:
+        handle.remove()
+    assert set(rows) == {2}                 # B rows per step, not [uncond; cond] = 2B
+    # a read-only hook keeps the guided [uncond; cond] pass: the same images
+    guided = _sample(adapter, [""], n_per_prompt=2, guidance=4.0,
+                     hooks=SamplingHooks(on_step=lambda *a: None))
+    np.testing.assert_allclose(res.images, guided.images, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- hooks
 def test_hook_prompt_embeds(adapter):
     base = _base(adapter)
