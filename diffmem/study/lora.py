@@ -15,8 +15,8 @@ The study
    LoRA runs at their own learning rate;
 3. saves each fine-tuned model with the adapters merged into the weights (an ordinary diffusers
    folder that ``measure_model``, ``diffmem detect`` and the report open unchanged) and measures
-   it (:func:`diffmem.study.measure.measure_model`); the base model is measured too (copies
-   before fine-tuning);
+   it (:func:`diffmem.study.measure.measure_model`: own-image and any-image copies, re-ID
+   leaks, in-domain FID); the base model is measured too (copies before fine-tuning);
 4. reports every setting as the mean and 95% t-interval over the seeds.
 
 Runs are trainer folders ``OUT/runs/<name>/`` (finished runs are reused, killed ones resume).
@@ -56,20 +56,22 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_LR_FACTOR = 10.0
 #: Measured metrics aggregated over seeds: output name -> measurement field.
 METRICS = {"own_copies": "memorization_rate_own", "any_copies": "memorization_rate_any",
+           "reid_leaks": "reid_rate", "reid_leaks_not_copies": "reid_rate_not_copies",
            "empty_prompt_copies": "copy_rate_unconditional", "fid": "fid_in_domain",
            "noise_auc": "noise_magnitude_auc", "train_seconds": "train_seconds"}
 #: A setting's fields, in the order the report's table shows them (its first 12).
 SETTING_COLUMNS = ("setting", "trainable_params", "own_copies_mean", "own_copies_ci95",
-                   "any_copies_mean", "any_copies_ci95", "reid_leaks", "fid_mean", "fid_ci95",
-                   "train_seconds_mean", "train_seconds_ci95", "seeds", "rank", "lr",
-                   "trainable_share", "empty_prompt_copies_mean", "empty_prompt_copies_ci95",
-                   "noise_auc_mean", "noise_auc_ci95")
+                   "any_copies_mean", "any_copies_ci95", "reid_leaks_mean", "reid_leaks_ci95",
+                   "fid_mean", "fid_ci95", "train_seconds_mean", "seeds", "train_seconds_ci95",
+                   "rank", "lr", "trainable_share", "reid_leaks_not_copies_mean",
+                   "reid_leaks_not_copies_ci95", "empty_prompt_copies_mean",
+                   "empty_prompt_copies_ci95", "noise_auc_mean", "noise_auc_ci95")
 RUN_COLUMNS = ("name", "setting", "rank", "seed", "lr", "steps", "status", "final_loss",
                "train_seconds", "trainable_params", "memorization_rate_own",
-               "memorization_rate_any", "copy_rate_unconditional", "copy_rate_unrelated",
+               "memorization_rate_any", "reid_rate", "reid_rate_not_copies",
+               "copy_rate_unconditional", "copy_rate_unrelated",
                "control_copy_rate", "noise_magnitude_auc", "fid_in_domain", "copy_threshold",
                "planted_prompts", "control_prompts", "detect_seconds", "fid_seconds", "model")
-NOT_MEASURED = "not measured"
 
 
 @dataclass
@@ -242,7 +244,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], setting: Mapping[str, Any]) -> 
     """One setting's row: its fields, and for each of :data:`METRICS` the mean and the half
     width of the 95% t-interval over the setting's runs (:func:`~diffmem.study.results.
     mean_ci`); the runs themselves under ``runs``."""
-    row = {**setting, "seeds": len(runs), "reid_leaks": NOT_MEASURED}
+    row = {**setting, "seeds": len(runs)}
     for out_name, key in METRICS.items():
         row[f"{out_name}_mean"], row[f"{out_name}_ci95"] = mean_ci([r.get(key) for r in runs])
     return {**{k: row.get(k) for k in SETTING_COLUMNS}, "runs": [dict(r) for r in runs]}
@@ -397,9 +399,10 @@ def run_lora_study(data, out: str | os.PathLike, *, base_data=None,
         "base_model": base.model, "data": str(dataset.root),
         "data_fingerprint": train_set.fingerprint(),
         "encoder": None if enc is None else str(enc), "measure": measure.to_dict(),
-        "reid_leaks": f"{NOT_MEASURED}: the study's detector runs noise magnitude and "
-                      "nearest-neighbour copies only (diffmem detect --methods noise,nn,reid "
-                      "on a run's model folder measures them)",
+        "reid_leaks": "share of generations (scanned, unrelated and empty prompts) that the "
+                      "embedded re-ID model matches to a training patient (measure_model's "
+                      "reid_rate); none when MeasureConfig.reid is off or the data has no "
+                      "patient ids",
         "deviations": _deviations(preset)})
 
 
@@ -438,9 +441,12 @@ def _write(records, base_run, out: Path, t0: float, command, *, config) -> Study
     return result
 
 
-def _fmt(mean: Any, half: Any, pct: bool) -> str:
+NOT_MEASURED = "not measured"
+
+
+def _fmt(mean: Any, half: Any, pct: bool, missing: str = "n/a") -> str:
     if mean is None:
-        return "n/a"
+        return missing
     f = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3g}")
     return f(mean) + ("" if half is None else f" ± {f(half)}")
 
@@ -454,7 +460,9 @@ def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -
             f"{r['setting']} ({r['trainable_params']:,} trainable parameters, {r['seeds']} "
             f"run{'s' if r['seeds'] != 1 else ''}): own-image copies "
             f"{_fmt(r['own_copies_mean'], r['own_copies_ci95'], True)}, any-image copies "
-            f"{_fmt(r['any_copies_mean'], r['any_copies_ci95'], True)}, empty-prompt copies "
+            f"{_fmt(r['any_copies_mean'], r['any_copies_ci95'], True)}, re-ID leaks "
+            f"{_fmt(r['reid_leaks_mean'], r['reid_leaks_ci95'], True, NOT_MEASURED)} of "
+            "generations, empty-prompt copies "
             f"{_fmt(r['empty_prompt_copies_mean'], r['empty_prompt_copies_ci95'], True)}, "
             f"in-domain FID {_fmt(r['fid_mean'], r['fid_ci95'], False)}"
             + ("" if r["train_seconds_mean"] is None else
