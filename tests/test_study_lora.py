@@ -115,6 +115,21 @@ def test_lora_fine_tuning_resumes_exactly_and_keeps_the_frozen_weights(data, mod
     assert all(torch.equal(t1[k], t0[k]) for k in t0)
 
 
+def test_train_refuses_an_init_that_is_no_pipeline_or_another_preset(data, tmp_path):
+    from diffmem.train import TrainConfig, train
+
+    cfg = TrainConfig(preset="tiny", steps=1)
+    with pytest.raises(ConfigError, match="is not a CXR pipeline folder"):
+        train(data, tmp_path / "a", config=cfg, init=tmp_path)
+    fake = tmp_path / "demo-model"
+    (fake / "unet").mkdir(parents=True)
+    (fake / "model_index.json").write_text("{}")
+    (fake / "model_card.json").write_text(json.dumps({"preset": "demo"}))
+    with pytest.raises(ConfigError, match="trained with preset 'demo', not 'tiny'"):
+        train(data, tmp_path / "b", config=cfg, init=fake)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 @pytest.fixture(scope="module")
 def lora_study(data, encoder, tmp_path_factory):
     from diffmem.study.lora import run_lora_study
