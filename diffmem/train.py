@@ -33,6 +33,14 @@ Two hooks let training-time mitigations plug in without touching the loop:
 ``loss_filter(batch) -> torch.BoolTensor``
     Receives a :class:`LossFilterBatch` with per-sample losses and can drop samples from the
     loss (Wen et al.'s filter uses ``batch.eps_uncond()``).
+
+Fine-tuning
+-----------
+``init`` starts from a trained model folder (its weights and its tokenizer) instead of a fresh
+initialization; an ``adapter`` (:class:`TrainAdapter`, e.g. LoRA in :mod:`diffmem.study.lora`)
+then chooses what trains: ``adapter.prepare(pipe)`` wraps modules and leaves only its own
+parameters with ``requires_grad``; ``adapter.merge(pipe)`` folds them back into plain weights
+before the pipeline is saved, so the saved folder is an ordinary diffusers pipeline.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -175,6 +183,26 @@ class LossFilterBatch:
     def eps_uncond(self) -> torch.Tensor:
         """The model's unconditional noise prediction at the same ``(x_t, t)`` (no gradient)."""
         return self._eps_uncond_fn()
+
+
+class TrainAdapter(Protocol):
+    """What :func:`train` asks of a fine-tuning adapter (see the module docstring).
+
+    Attributes
+    ----------
+    name : str
+        Identifies the adapter's settings; recorded in checkpoints (a run is resumed only
+        with the same adapter) and in the model card.
+    """
+
+    name: str
+
+    def prepare(self, pipe) -> None:
+        """Wrap ``pipe``'s modules in place; only the parameters to train keep
+        ``requires_grad``."""
+
+    def merge(self, pipe) -> None:
+        """Fold the trained parameters into ``pipe``'s plain modules (before saving)."""
 
 
 @dataclass
@@ -431,12 +459,51 @@ def _make_tokenizer(out: Path, prompts: list[str], preset, *, resume: bool, is_m
     return PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
 
 
+def _check_init(init: str | os.PathLike, preset: str) -> Path:
+    """The ``init`` model folder, checked: a saved :class:`CXRDiffusionPipeline` whose model
+    card (when it has one) names the same preset."""
+    path = Path(init)
+    if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
+        raise ConfigError(f"init={str(path)!r} is not a CXR pipeline folder (no model_index.json "
+                          "and unet/); give a model folder written by `diffmem train`")
+    card = path / "model_card.json"
+    if card.is_file():
+        trained = json.loads(card.read_text(encoding="utf-8")).get("preset")
+        if trained is not None and trained != preset:
+            raise ConfigError(f"init={str(path)!r} was trained with preset {trained!r}, not "
+                              f"{preset!r}; fine-tune it with preset={trained!r}")
+    return path
+
+
+def _build_model(out: Path, train_set: CXRDataset, preset, seed: int, acc, *, resume: bool,
+                 init: Path | None, adapter: TrainAdapter | None):
+    """``(pipeline, tokenizer)`` to train: built from ``preset`` (weights seeded by ``seed``,
+    a tokenizer trained on the training prompts) or loaded from ``init``; then prepared by the
+    ``adapter``."""
+    from diffmem.pipelines import CXRDiffusionPipeline, build_pipeline
+
+    if init is None:
+        tokenizer = _make_tokenizer(out, train_set.prompts, preset, resume=resume,
+                                    is_main=acc.is_main_process, acc=acc)
+        pipe = build_pipeline(preset, tokenizer=tokenizer, seed=seed)
+    else:
+        pipe = CXRDiffusionPipeline.from_pretrained(str(init))
+        tokenizer = pipe.tokenizer
+    if pipe.vae is not None:
+        pipe.vae.requires_grad_(False)
+    if adapter is not None:
+        adapter.prepare(pipe)
+    return pipe, tokenizer
+
+
 def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
           config: TrainConfig | None = None, resume: bool = False,
           caption_transform: Callable[[str, Study, torch.Generator], str] | None = None,
           loss_filter: Callable[[LossFilterBatch], torch.Tensor] | None = None,
-          stop_after: int | None = None) -> TrainResult:
-    """Train a CXR diffusion pipeline from scratch and save it as a diffusers folder.
+          stop_after: int | None = None, init: str | os.PathLike | None = None,
+          adapter: TrainAdapter | None = None) -> TrainResult:
+    """Train a CXR diffusion pipeline (from scratch, or fine-tune one) and save it as a
+    diffusers folder.
 
     Parameters
     ----------
@@ -455,6 +522,12 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     stop_after : int, optional
         Stop (after checkpointing) once this step is reached, without finishing; the run can
         be resumed later. Used to run a long schedule in pieces.
+    init : path, optional
+        A model folder saved by :func:`train` (same preset) to start from: its weights and its
+        tokenizer (not retrained on ``data``'s prompts). Default: a fresh initialization.
+    adapter : TrainAdapter, optional
+        Trains only the adapter's parameters (e.g. LoRA) and merges them before saving; see
+        the module docstring. Default: every UNet and text-encoder parameter trains.
 
     Returns
     -------
@@ -465,7 +538,7 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    from diffmem.pipelines import build_pipeline, load_preset
+    from diffmem.pipelines import load_preset
 
     t_start = time.time()
     config = config or TrainConfig()
@@ -473,8 +546,9 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     cfg = config.resolved(dict(preset.training))
 
     dataset = as_dataset(data)
+    init = None if init is None else _check_init(init, preset.name)
     out = Path(out)
-    prepare_out_dir(out, inputs=[dataset.root])
+    prepare_out_dir(out, inputs=[dataset.root] + ([init] if init is not None else []))
     train_set = dataset.subset(split=cfg.split)
     if len(train_set) == 0:
         raise DataError(f"no {cfg.split!r} records to train on (splits present: "
@@ -490,28 +564,22 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
     checkpoints = _list_checkpoints(out)
     if resume and checkpoints:
         checkpoints = _resumable(checkpoints)  # skips (and names) unreadable newest ones
-    run_meta = {
-        "preset": preset.name, "data_fingerprint": fingerprint, "seed": cfg.seed,
-        "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
-        "caption_dropout": cfg.caption_dropout, "ema": cfg.ema,
-        "transform": getattr(caption_transform, "__name__", None) if caption_transform else None,
-        "loss_filter": getattr(loss_filter, "__name__", None) if loss_filter else None,
-    }
+    run_meta = _run_meta(preset.name, fingerprint, cfg, {
+        "transform": caption_transform, "loss_filter": loss_filter, "init": init,
+        "adapter": adapter})
     _check_resume(out, checkpoints, resume, run_meta)
 
     size = preset.resolution
     _note_conversion(train_set, size)
     images = _read_images(train_set, size)  # before the tokenizer is written into out
     set_seed(cfg.seed)
-    tokenizer = _make_tokenizer(out, train_set.prompts, preset, resume=resume,
-                                is_main=acc.is_main_process, acc=acc)
-    pipe = build_pipeline(preset, tokenizer=tokenizer, seed=cfg.seed)
-    if pipe.vae is not None:
-        pipe.vae.requires_grad_(False)
+    pipe, tokenizer = _build_model(out, train_set, preset, cfg.seed, acc, resume=resume,
+                                   init=init, adapter=adapter)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     model = _Denoiser(pipe.unet, pipe.text_encoder)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     sched = get_scheduler("constant_with_warmup", optimizer=opt,
                           num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
 
@@ -565,20 +633,47 @@ def train(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, *,
 
     final_step = max(start_step, end_step)
     if end_step == cfg.steps and acc.is_main_process:
-        inner = acc.unwrap_model(ddp_model)
-        if ema_state is not None:
-            inner.load_state_dict(ema_state)
-        pipe.unet, pipe.text_encoder = inner.unet, inner.text_encoder
-        pipe.save_pretrained(str(out))
-        _write_model_card(out, preset, cfg, train_set, fingerprint, {
+        _save_pipeline(run, preset, fingerprint, adapter, {
             "steps": final_step, "final_loss": last_loss,
             "wall_seconds_last_session": round(time.time() - t_start, 1),
-            "resumed_from": resumed_from})
+            "resumed_from": resumed_from, "init": run_meta["init"],
+            "adapter": run_meta["adapter"]})
     acc.wait_for_everyone()
     acc.end_training()
     return TrainResult(out=str(out), steps=final_step, final_loss=last_loss,
                        wall_seconds=round(time.time() - t_start, 2), resumed_from=resumed_from,
                        filtered_samples=run.filtered_total)
+
+
+def _run_meta(preset: str, fingerprint: str, cfg: TrainConfig,
+              hooks: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a run (saved in every checkpoint; a resume must match it): preset, data,
+    settings, and the names of its hooks, starting model and adapter."""
+    init, adapter = hooks["init"], hooks["adapter"]
+    return {"preset": preset, "data_fingerprint": fingerprint, "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "steps": cfg.steps,
+            "caption_dropout": cfg.caption_dropout, "ema": cfg.ema,
+            "transform": getattr(hooks["transform"], "__name__", None)
+            if hooks["transform"] else None,
+            "loss_filter": getattr(hooks["loss_filter"], "__name__", None)
+            if hooks["loss_filter"] else None,
+            "init": None if init is None else str(Path(init).resolve()),
+            "adapter": None if adapter is None else adapter.name}
+
+
+def _save_pipeline(run: _Run, preset, fingerprint: str, adapter: TrainAdapter | None,
+                   result: dict[str, Any]) -> None:
+    """The end of training: the final (EMA) weights into the pipeline, the adapter merged into
+    them, the pipeline folder and its model card (``result``, see :func:`_write_model_card`)
+    saved."""
+    inner = run.acc.unwrap_model(run.ddp_model)
+    if run.ema_state is not None:
+        inner.load_state_dict(run.ema_state)
+    run.pipe.unet, run.pipe.text_encoder = inner.unet, inner.text_encoder
+    if adapter is not None:
+        adapter.merge(run.pipe)
+    run.pipe.save_pretrained(str(run.out))
+    _write_model_card(run.out, preset, run.cfg, run.train_set, fingerprint, result)
 
 
 def _check_resume(out: Path, checkpoints: list[tuple[int, Path]], resume: bool,
@@ -712,6 +807,8 @@ def _write_model_card(out: Path, preset, cfg: TrainConfig, train_set: CXRDataset
         "final_loss": result["final_loss"],
         "wall_seconds_last_session": result["wall_seconds_last_session"],
         "resumed_from": result["resumed_from"],
+        **({"fine_tuned_from": result["init"], "adapter": result.get("adapter")}
+           if result.get("init") else {}),
         "data": {"root": str(train_set.root), "format": train_set.format,
                  "fingerprint": fingerprint, "records": len(train_set),
                  "patients": len({s.patient_id for s in train_set})},

@@ -1,4 +1,5 @@
-"""``diffmem study toy|lr|train-mitigations|checkpoints``: training studies of memorization."""
+"""``diffmem study toy|lr|train-mitigations|checkpoints|lora``: training studies of
+memorization."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _trainer_args(p: argparse.ArgumentParser, which: str = "") -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "study", help="training studies: score-matching toy, learning rate, training "
-                      "mitigations, checkpoints",
+                      "mitigations, checkpoints, LoRA",
         description="Training-time studies of memorization. Each writes OUT/study.json, "
                     "summary.json, a CSV and PNG figures; lr and train-mitigations train one "
                     "model per setting under OUT/runs/ (re-running skips finished runs and "
@@ -129,6 +130,39 @@ def register(subparsers) -> None:
     _measure_args(c, None, "checkpoint interval of the run trained here (default: a tenth "
                            "of its steps; every checkpoint is kept)")
     c.set_defaults(handler=run_checkpoints)
+    _lora_parser(sub)
+
+
+def _lora_parser(sub) -> None:
+    lo = _cxr_study(sub, "lora", "full fine-tuning vs LoRA (peft) at several ranks, over seeds",
+                    "Pretrain a base model on one population, fine-tune it on --data (with "
+                    "planted duplicates) fully and with LoRA adapters on the UNet's attention "
+                    "projections at each rank, for each seed, and measure own-image and "
+                    "any-image copies, the in-domain FID, trainable parameters and seconds "
+                    "(mean and 95% t-interval over the seeds).")
+    lo.add_argument("--base-data", metavar="DIR",
+                    help="pretraining dataset (default: synthesized into OUT/base-data with "
+                         "--data's synthesis settings, seed + 1, no planted clusters)")
+    lo.add_argument("--ranks", default="4,16,64",
+                    help="comma-separated LoRA ranks, positive integers (default 4,16,64)")
+    lo.add_argument("--seeds", default="0,1,2",
+                    help="comma-separated fine-tuning seeds (default 0,1,2)")
+    lo.add_argument("--preset", default="demo", help="model preset (default demo)")
+    lo.add_argument("--steps", type=int, help="fine-tuning steps (default: the preset's)")
+    lo.add_argument("--base-steps", type=int, help="pretraining steps (default: the preset's)")
+    lo.add_argument("--lr", type=float,
+                    help="learning rate of the base and the full fine-tuning (default: the "
+                         "preset's)")
+    lo.add_argument("--lora-lr", type=float,
+                    help="learning rate of the LoRA runs (default: 10 x --lr, the ratio of "
+                         "diffusers' LoRA (1e-4) and full (1e-5) fine-tuning examples: LoRA "
+                         "starts from a zero update)")
+    lo.add_argument("--lora-text-encoder", action="store_true",
+                    help="also put LoRA adapters on the text encoder's attention projections "
+                         "(default: UNet only, the text encoder frozen)")
+    lo.add_argument("--batch-size", type=int)
+    _measure_args(lo)
+    lo.set_defaults(handler=run_lora)
 
 
 
@@ -187,4 +221,17 @@ def run_checkpoints(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, seed=args.seed, lr=args.lr,
         batch_size=args.batch_size, tolerance=args.tolerance, encoder=args.encoder,
         measure=_measure(args), threads=args.threads, command=["diffmem", *sys.argv[1:]]))
+    return 0
+
+
+def run_lora(args: argparse.Namespace) -> int:
+    from diffmem.study.lora import run_lora_study
+
+    _print(run_lora_study(
+        args.data, args.out, base_data=args.base_data, ranks=args.ranks, seeds=args.seeds,
+        preset=args.preset, steps=args.steps, base_steps=args.base_steps, lr=args.lr,
+        lora_lr=args.lora_lr, lora_text_encoder=args.lora_text_encoder,
+        batch_size=args.batch_size, encoder=args.encoder, measure=_measure(args),
+        checkpoint_every=args.checkpoint_every, threads=args.threads,
+        command=["diffmem", *sys.argv[1:]], index=args.index))
     return 0

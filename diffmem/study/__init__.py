@@ -8,6 +8,8 @@ training-time mitigations on chest X-ray models.
   (:mod:`diffmem.study.measure`) and the in-domain FID;
 * :func:`run_checkpoint_study` (:mod:`diffmem.study.checkpoints`): memorization over training
   at every checkpoint of one run, and the last step before copying begins;
+* :func:`run_lora_study` (:mod:`diffmem.study.lora`): full fine-tuning against LoRA (``peft``)
+  at several ranks from one pretrained base, over seeds (mean and 95% t-interval);
 * :mod:`diffmem.study.training`: the training-time mitigations as trainer hooks
   (caption randomization, de-id marker randomization, Wen et al.'s loss filter, de-duplication).
 
@@ -25,6 +27,8 @@ _LAZY = {
     "run_train_mitigation_study": "diffmem.study.cxr",
     "run_checkpoint_study": "diffmem.study.checkpoints",
     "recommend_stop": "diffmem.study.checkpoints",
+    "run_lora_study": "diffmem.study.lora",
+    "LoraAdapter": "diffmem.study.lora",
     "MeasureConfig": "diffmem.study.measure",
     "Measurement": "diffmem.study.measure",
     "measure_model": "diffmem.study.measure",

@@ -98,18 +98,24 @@ def plot_metrics_vs_lr(records: Sequence[Mapping[str, Any]], metrics: Sequence[s
 
 
 def plot_metric_bars(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path,
-                     *, label: str, title: str) -> Path:
-    """One panel per metric, one bar per run (named by ``record[label]``)."""
+                     *, label: str, title: str, err_suffix: str | None = None) -> Path:
+    """One panel per metric, one bar per run (named by ``record[label]``); with ``err_suffix``,
+    error bars of half width ``record[metric + err_suffix]`` (where not None)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.0 * len(metrics), 3.2), squeeze=False)
     names = [str(r[label]) for r in records]
     for ax, metric in zip(axes[0], metrics):
         vals = [r.get(metric) for r in records]
         vals = [np.nan if v is None else float(v) for v in vals]
-        ax.bar(range(len(vals)), vals, color="tab:blue")
+        errs = None
+        if err_suffix is not None:
+            errs = [r.get(metric + err_suffix) for r in records]
+            errs = [0.0 if e is None else float(e) for e in errs]
+        ax.bar(range(len(vals)), vals, color="tab:blue", yerr=errs, capsize=3 if errs else 0)
         finite = [v for v in vals if math.isfinite(v)]
+        tops = [v + (errs[i] if errs else 0.0) for i, v in enumerate(vals) if math.isfinite(v)]
         if finite and min(finite) >= 0:
-            ax.set_ylim(0, max(max(finite) * 1.15, 0.05))
+            ax.set_ylim(0, max(max(tops) * 1.15, 0.05))
         ax.set_xticks(range(len(vals)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)

@@ -2,7 +2,8 @@
 
 Each study folder contains ``study.json`` (the contract the report reads)::
 
-    {"study": "toy" | "lr" | "train-mitigations", "title": str, "records": [...],
+    {"study": "toy" | "lr" | "train-mitigations" | "checkpoints" | "lora", "title": str,
+     "records": [...],
      "figures": ["file.png", ...], "findings": ["one honest sentence", ...],
      "config": {...}, "machine": {...}, "seconds": float, "command": [...]}
 
@@ -22,7 +23,7 @@ from typing import Any
 from diffmem.errors import OutputError
 from diffmem.utils import write_csv, write_json
 
-__all__ = ["StudyResult", "machine_info", "write_study"]
+__all__ = ["StudyResult", "csv_value", "machine_info", "mean_ci", "write_study"]
 
 STUDY_JSON = "study.json"
 SUMMARY_JSON = "summary.json"
@@ -91,6 +92,33 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def mean_ci(values: Sequence[float | None], *, confidence: float = 0.95,
+            ) -> tuple[float | None, float | None]:
+    """Mean and half width of the two-sided Student-t confidence interval of the mean over
+    ``values`` (e.g. one value per seed): ``t_{(1+c)/2, n-1} * s / sqrt(n)`` with the sample
+    standard deviation ``s``. None and non-finite values are left out; the mean is None
+    without any value and the half width None with fewer than two.
+
+    Examples
+    --------
+    >>> m, h = mean_ci([1.0, 2.0, 3.0])  # s = 1, t(0.975, 2) = 4.3027
+    >>> m, round(h, 4)
+    (2.0, 2.4841)
+    >>> mean_ci([0.5, None])
+    (0.5, None)
+    """
+    from scipy.stats import t
+
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return None, None
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return mean, float(t.ppf((1 + confidence) / 2, len(xs) - 1) * sd / math.sqrt(len(xs)))
+
+
 def machine_info() -> dict[str, Any]:
     """Platform, CPU count, torch threads, CUDA (what the wall times were measured on)."""
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.machine(),
@@ -106,7 +134,9 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _csv_value(v: Any) -> Any:
+def csv_value(v: Any) -> Any:
+    """A record value as a CSV cell: floats to 6 significant digits, None and non-finite
+    floats empty, lists and dicts as text."""
     if isinstance(v, float):
         return "" if not math.isfinite(v) else float(f"{v:.6g}")
     if v is None:
@@ -125,7 +155,7 @@ def write_study(result: StudyResult, out: Path, *, csv_name: str,
         if columns is None:
             columns = list(dict.fromkeys(k for r in result.records for k in r))
         path = write_csv(out / csv_name, columns,
-                         ({k: _csv_value(r.get(k)) for k in columns} for r in result.records))
+                         ({k: csv_value(r.get(k)) for k in columns} for r in result.records))
         result.files["csv"] = str(path)
         write_json(out / SUMMARY_JSON, _clean(summary if summary is not None
                                               else result.to_dict()))

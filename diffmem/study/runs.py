@@ -76,7 +76,7 @@ def _log_stats(folder: Path) -> tuple[float, float, int]:
     return loss, seconds, filtered
 
 
-def _check_finished_settings(folder: Path, data, cfg, caption_transform, loss_filter) -> None:
+def _check_finished_settings(folder: Path, data, cfg, hooks: dict[str, Any]) -> None:
     """Refuse a finished run trained with other settings, hooks or data than asked for (its
     last checkpoint's ``state.json`` records them)."""
     from diffmem.train import _list_checkpoints
@@ -87,8 +87,10 @@ def _check_finished_settings(folder: Path, data, cfg, caption_transform, loss_fi
     saved = json.loads((checkpoints[-1][1] / "state.json").read_text(encoding="utf-8"))
     want = {"data_fingerprint": data.subset(split=cfg.split).fingerprint(), "seed": cfg.seed,
             "batch_size": cfg.batch_size, "lr": cfg.lr, "caption_dropout": cfg.caption_dropout,
-            "transform": getattr(caption_transform, "__name__", None),
-            "loss_filter": getattr(loss_filter, "__name__", None)}
+            "transform": getattr(hooks["caption_transform"], "__name__", None),
+            "loss_filter": getattr(hooks["loss_filter"], "__name__", None),
+            "init": None if hooks["init"] is None else str(Path(hooks["init"]).resolve()),
+            "adapter": getattr(hooks["adapter"], "name", None)}
     diffs = {k: (saved.get(k), v) for k, v in want.items() if k in saved and saved[k] != v}
     if diffs:
         detail = ", ".join(f"{k}: run {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
@@ -97,11 +99,13 @@ def _check_finished_settings(folder: Path, data, cfg, caption_transform, loss_fi
 
 
 def train_or_resume(data, folder: str | Path, config, *, caption_transform=None,
-                    loss_filter=None) -> RunInfo:
+                    loss_filter=None, init=None, adapter=None) -> RunInfo:
     """Train ``config`` into ``folder`` unless it is finished; resume a killed run.
 
-    A finished run with other steps, settings, hooks or data than asked for is refused
-    (``TrainingError``): the study folder belongs to other settings.
+    ``caption_transform``, ``loss_filter``, ``init`` and ``adapter`` are passed to
+    :func:`diffmem.train.train`. A finished run with other steps, settings, hooks, starting
+    model or data than asked for is refused (``TrainingError``): the study folder belongs to
+    other settings.
     """
     from diffmem.pipelines import load_preset
     from diffmem.train import _list_checkpoints, train
@@ -114,13 +118,16 @@ def train_or_resume(data, folder: str | Path, config, *, caption_transform=None,
         if done != steps:
             raise TrainingError(f"{folder} holds a finished run of {done} steps but this study "
                                 f"asks for {steps}; use another --out or the same --steps")
-        _check_finished_settings(folder, data, cfg, caption_transform, loss_filter)
+        _check_finished_settings(folder, data, cfg, {
+            "caption_transform": caption_transform, "loss_filter": loss_filter, "init": init,
+            "adapter": adapter})
         loss, seconds, filtered = _log_stats(folder)
         return RunInfo(str(folder), "skipped", loss, round(seconds, 1), filtered, done)
     resume = bool(_list_checkpoints(folder))
     t0 = time.time()
     result = train(data, folder, config=config, resume=resume,
-                   caption_transform=caption_transform, loss_filter=loss_filter)
+                   caption_transform=caption_transform, loss_filter=loss_filter, init=init,
+                   adapter=adapter)
     loss, seconds, filtered = _log_stats(folder)
     log.info("%s: %s %d steps in %.0f s", folder.name, "resumed" if resume else "trained",
              result.steps, time.time() - t0)
