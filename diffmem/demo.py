@@ -8,17 +8,21 @@ Stages run in order and each writes into the demo's output folder:
    shipped with the package; see :func:`diffmem.pipelines.default_model_dir`);
 4. ``scan``: rank risky prompt tokens, model-free and with the model, and attribute every
    distinct training prompt (``scan/tokens.csv``, ``scan/attributions.jsonl``);
-5. ``detect``: noise-magnitude and attention scores for every training prompt, and copy
-   verdicts from seeded generations against the training images, calibrated on the held-out
-   images (``detect/scores.csv``). To fit the demo's budget the verdicts use one generation of
-   20 DDIM steps per prompt (the detector's defaults are 2 x 25; ``diffmem detect`` runs those);
-6. ``mitigate``: a fast subset of the inference-time mitigations (:data:`DEMO_MITIGATIONS`)
+5. ``reid``: the embedded patient re-identification model's verification AUC on the demo's
+   held-out patients (``reid/reid_eval.json``, as ``diffmem reid eval`` writes it);
+6. ``detect``: noise-magnitude and attention scores for every training prompt, copy verdicts
+   from seeded generations against the training images, calibrated on the held-out images, and
+   re-ID verdicts on the same generations (the most similar training patient;
+   ``detect/scores.csv``, ``reidentified.csv``). To fit the demo's budget the verdicts use one
+   generation of 20 DDIM steps per prompt (the detector's defaults are 2 x 25; ``diffmem
+   detect`` runs those);
+7. ``mitigate``: a fast subset of the inference-time mitigations (:data:`DEMO_MITIGATIONS`)
    on the memorized prompts found in stage 5 and a control set, against the plain pipeline
    (``mitigate/mitigations.csv``, ``pareto.png``); ``diffmem mitigate`` compares them all;
-7. ``study``: the score-matching toy study of learning rates (Wu et al. 2025) in 2-D
+8. ``study``: the score-matching toy study of learning rates (Wu et al. 2025) in 2-D
    (``study/toy/``); the CXR learning-rate sweep trains several models and is left to
    ``diffmem study lr``;
-8. ``report``: the privacy report from all of the above (``report/report.html``).
+9. ``report``: the privacy report from all of the above (``report/report.html``).
 
 :func:`run_demo` returns what each stage produced and how long it took.
 """
@@ -52,7 +56,9 @@ DEMO_MITIGATIONS = ("gaussian_noise_embedding", "random_number_addition", "guida
 #: comparison (``diffmem mitigate`` defaults: 8 and 2).
 DEMO_MITIGATION_PROMPTS = 8
 DEMO_MITIGATION_GENERATIONS = 2
-STAGES = ("data", "inspect", "model", "scan", "detect", "mitigate", "study", "report")
+#: The detection methods the demo runs (``reid`` judges the ``nn`` generations).
+DEMO_DETECT_METHODS = ("noise", "attention", "nn", "reid")
+STAGES = ("data", "inspect", "model", "scan", "reid", "detect", "mitigate", "study", "report")
 
 
 @dataclass
@@ -113,7 +119,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, overwrite: bool = True,
         ("inspect", _inspect, "inspecting the dataset"),
         ("model", _model, "locating the embedded default model"),
         ("scan", _scan, "ranking risky prompt tokens"),
-        ("detect", _detect, "detecting memorized prompts"),
+        ("reid", _reid, "evaluating the patient re-identification model"),
+        ("detect", _detect, "detecting memorized prompts and re-identified patients"),
         ("mitigate", _mitigate, "comparing inference-time mitigations"),
         ("study", _study, "learning-rate toy study (Wu et al. 2025)"),
         ("report", _report, "writing the privacy report"),
@@ -165,16 +172,26 @@ def _scan(ctx: _Context) -> None:
     ctx.result.facts["top_token"] = {k: top.get(k) for k in ("token", "score", "is_deid_marker")}
 
 
+def _reid(ctx: _Context) -> None:
+    from diffmem.reid import run_reid_eval
+
+    ev = run_reid_eval(None, ctx.data, ctx.out / "reid", seed=DEMO_SEED)
+    ctx.result.artifacts["reid"] = str(ctx.out / "reid" / "reid_eval.json")
+    ctx.result.facts["reid"] = {"auc": ev.auc, "tpr_at_1pct_fpr": ev.tpr_at_1pct_fpr,
+                                "patients": ev.patients}
+
+
 def _detect(ctx: _Context) -> None:
     from diffmem.detect.detector import DetectionConfig, detect
 
     det = detect(ctx.model, ctx.data, ctx.out / "detect",
-                 config=DetectionConfig(nn_generations=DEMO_NN_GENERATIONS,
+                 config=DetectionConfig(methods=DEMO_DETECT_METHODS,
+                                        nn_generations=DEMO_NN_GENERATIONS,
                                         sample_steps=DEMO_SAMPLE_STEPS),
                  command=ctx.command, device=ctx.device, dtype=ctx.dtype)
     ctx.result.artifacts["detect"] = str(ctx.out / "detect" / "scores.csv")
     ctx.result.facts["detection"] = {
-        "rates": det.rates,
+        "rates": det.rates, "reid": det.reid_counts(),
         "evaluations": {k: {"auc": v.auc, "tpr_at_1pct_fpr": v.tpr_at_1pct_fpr}
                         for k, v in det.evaluations.items()}}
 

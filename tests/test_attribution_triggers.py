@@ -8,12 +8,12 @@ Trains a demo-preset model for 1,200 steps (~20 min on 2 idle cores; set
 a model folder trained with ``diffmem train --preset demo`` (1,200 steps) on
 ``diffmem synth --preset triggers --seed 0`` to reuse one).
 
-Status (December, measured with a 1,200-step model on this data, ``DIFFMEM_TRIGGER_MODEL``): the
-top-unit and scan tests pass (integrated gradients: the trigger is the top unit of 40 of 40
-prompts; ``<phi:name>`` is rank 1 by headline and model rank). The removal test fails the issue's
-80% goal: deleting the surname cut the copy rate from 96.7% to 26.7% (72%), a random unit 5%;
-it is marked ``xfail(strict=True)`` so a model or data change that reaches the goal shows up.
-A shorter run may not copy at all: a step-200 checkpoint copied 0 of 24 generations.
+Measured (December, a 1,200-step model on this data with the trigger in a communication sentence
+of the ordinary report grammar, ``planted.trigger_sentence = "grammar"``): integrated gradients put
+the trigger first in 40 of 40 prompts (chance 3.6%); deleting the surname cut the copy rate from
+100% to 15% (85%), deleting a random unit by 1.7%. With the earlier data (five sentences only the
+trigger clusters wrote) the cut was 72%: the sentence recalled the film too. A shorter run may not
+copy at all: a step-200 checkpoint copied 0 of 24 generations.
 """
 
 from __future__ import annotations
@@ -75,8 +75,6 @@ def test_scan_puts_the_pooled_trigger_first(trigger_data, trigger_model, tmp_pat
     assert not any(r["function_word"] for r in result.tokens[:1])
 
 
-@pytest.mark.xfail(strict=True, reason="measured: deleting the trigger cuts the copy rate by 72%, "
-                   "the issue's goal is 80% (the trigger sentence's template still recalls a film)")
 def test_removing_the_trigger_stops_the_copying(trigger_data, trigger_model, sample):
     prompts, triggers = [p for p, _ in sample[:30]], [t for _, t in sample[:30]]
     out = removal_copy_rates(trigger_model, prompts, triggers, trigger_data, n_per_prompt=2,

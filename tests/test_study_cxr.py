@@ -158,6 +158,8 @@ def test_mitigation_study_trains_measures_and_skips_finished_runs(data, encoder,
     # skewed memorization columns (None when the tiny model copies nothing)
     assert all({"copy_gini", "copy_top1_share", "copy_top10_share"} <= set(r)
                for r in doc["records"])
+    # patient re-identification beside the copies (the embedded re-ID model, held-out patients)
+    assert all(0 <= r["reid_rate_not_copies"] <= r["reid_rate"] <= 1 for r in res.records)
     assert (out / "runs" / "none" / "model_index.json").is_file()
     assert (out / "train_mitigations.csv").read_text().startswith("name,options,lr")
     again = run_train_mitigation_study(data, out, **kw)

@@ -42,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"memorized {kind.replace('_', ' ')} prompts: {r['memorized']}/{r['prompts']}")
         for name, ev in det["evaluations"].items():
             print(f"  {name:18s} AUC {ev['auc']:.3f}  TPR@1%FPR {ev['tpr_at_1pct_fpr']:.3f}")
+        reid, ev = det.get("reid"), result.facts.get("reid") or {}
+        if reid:
+            print(f"generations that re-identify a training patient: {reid['leaks']}/"
+                  f"{reid['generations']} ({reid['leaks_not_copies']} of them not pixel copies; "
+                  f"{reid['copies']} pixel copies); re-ID model verification AUC "
+                  f"{ev.get('auc', float('nan')):.3f} on {ev.get('patients')} held-out patients")
     mit = result.facts.get("mitigation") or {}
     if mit.get("pareto_front") is not None:
         print(f"mitigations on the Pareto front: {', '.join(mit['pareto_front']) or 'none'}"

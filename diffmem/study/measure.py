@@ -15,6 +15,11 @@ training prompts, and split into the two kinds of copying:
 * ``copy_gini``, ``copy_top1_share``, ``copy_top10_share``: how concentrated the copies are
   among the scanned prompts (skewed memorization, Li et al. 2025:
   :func:`diffmem.detect.skew.copy_concentration`); None when nothing was copied.
+* ``reid_rate`` / ``reid_rate_not_copies``: generations (of the scanned, unrelated and empty
+  prompts) that re-identify a training patient (the embedded patient-verification model, :mod:`diffmem.reid.verdicts`,
+  threshold calibrated on held-out patients), and those among them that are not pixel copies
+  (patient-level memorization the copy verdicts miss); None when the data has no patient ids or
+  ``MeasureConfig.reid`` is off.
 
 Utility is the in-domain FID (:func:`diffmem.embed.frechet_distance` on the in-domain encoder's
 features) between one generation per held-out record's prompt and the held-out real images.
@@ -39,7 +44,8 @@ from diffmem.utils import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MeasureConfig", "Measurement", "measure_model", "resolve_encoder", "skew_fields"]
+__all__ = ["MeasureConfig", "Measurement", "measure_model", "reid_fields", "resolve_encoder",
+           "skew_fields"]
 
 
 @dataclass
@@ -63,6 +69,9 @@ class MeasureConfig:
         Held-out records whose prompts are generated from for the FID (None: all).
     seed : int
     batch_size : int
+    reid : bool
+        Also judge the generations with the embedded re-ID model (patient-level leaks); data
+        without patient ids skips it with a warning.
     device, dtype : str or None
         Device and precision the trained models are measured with (see
         :func:`~diffmem.models.load_model`; training itself runs where ``accelerate`` puts it).
@@ -79,13 +88,17 @@ class MeasureConfig:
     fid_images: int | None = None
     seed: int = 0
     batch_size: int = 32
+    reid: bool = True
     device: str | None = None
     dtype: str | None = None
 
-    def detection_config(self, threads: int | None = None):
+    def detection_config(self, threads: int | None = None, *, reid: bool | None = None):
+        """The detector's settings (``reid`` overrides :attr:`reid`)."""
         from diffmem.detect.detector import DetectionConfig
 
-        return DetectionConfig(methods=("noise", "nn"), nn_generations=self.nn_generations,
+        methods = ("noise", "nn", "reid") if (self.reid if reid is None else reid) else \
+            ("noise", "nn")
+        return DetectionConfig(methods=methods, nn_generations=self.nn_generations,
                                sample_steps=self.sample_steps, unconditional=self.unconditional,
                                unrelated=self.unrelated, fpr=self.fpr, seed=self.seed,
                                batch_size=self.batch_size, threads=threads).validated()
@@ -119,6 +132,8 @@ class Measurement:
     copy_gini: float | None = None
     copy_top1_share: float | None = None
     copy_top10_share: float | None = None
+    reid_rate: float | None = None
+    reid_rate_not_copies: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +234,35 @@ def skew_fields(skew: dict[str, Any] | None) -> dict[str, float | None]:
             "copy_top10_share": shares.get("10%")}
 
 
+def reid_fields(counts: dict[str, Any] | None) -> dict[str, float | None]:
+    """The :class:`Measurement` fields of a detection's re-ID counts
+    (:meth:`~diffmem.detect.results.DetectionResult.reid_counts`).
+
+    Examples
+    --------
+    >>> reid_fields({"generations": 8, "leaks": 2, "leaks_not_copies": 1})
+    {'reid_rate': 0.25, 'reid_rate_not_copies': 0.125}
+    >>> reid_fields(None)
+    {'reid_rate': None, 'reid_rate_not_copies': None}
+    """
+    if not counts or not counts.get("generations"):
+        return {"reid_rate": None, "reid_rate_not_copies": None}
+    n = counts["generations"]
+    return {"reid_rate": counts["leaks"] / n, "reid_rate_not_copies": counts["leaks_not_copies"] / n}
+
+
+def _has_patients(dataset) -> bool:
+    """True when the training records carry patient ids (re-ID needs them); warns otherwise."""
+    from diffmem.reid.pairs import patient_records
+
+    try:
+        patient_records(dataset.subset(split="train"))
+    except DataError as e:
+        log.warning("re-ID rates are not measured: %s", e)
+        return False
+    return True
+
+
 def _fid(adapter, dataset, encoder_dir: Path, cfg: MeasureConfig, guidance: float) -> float:
     from diffmem.embed import frechet_distance, load_encoder
 
@@ -292,10 +336,12 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
     prompts, _ = choose_prompts(dataset, controls=cfg.controls, seed=cfg.seed)
     adapter = load_model(model, device=cfg.device, dtype=cfg.dtype)
     t0 = time.perf_counter()
-    result = detect(adapter, dataset, out / "detect", config=cfg.detection_config(threads),
+    result = detect(adapter, dataset, out / "detect",
+                    config=cfg.detection_config(threads, reid=cfg.reid and _has_patients(dataset)),
                     prompts=prompts, index=index)
     detect_s = time.perf_counter() - t0
-    rates = {**copy_rates(result, _clusters(dataset)), **skew_fields(result.skew)}
+    rates = {**copy_rates(result, _clusters(dataset)), **skew_fields(result.skew),
+             **reid_fields(result.reid_counts())}
     evals = result.evaluations
     t1 = time.perf_counter()
     fid = None
