@@ -181,7 +181,8 @@ def _perturbed(encoder_dir, tower: str, seed: int = 0):
     enc = load_encoder(encoder_dir)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        proj = enc.model.text_projection if tower == "text" else enc.model.visual.proj
+        proj = enc.model.text_projection if tower == "text" else \
+            getattr(enc.model.visual, "proj", None)
         if proj is None:  # a ResNet image tower: perturb its attention-pool projection
             proj = enc.model.visual.attnpool.c_proj.weight
         proj.add_(0.5 * torch.randn(proj.shape, generator=gen) * proj.abs().mean())

@@ -106,9 +106,10 @@ def _score(f_mit, g_align: np.ndarray, dataset: CXRDataset, cand: list[int], kin
             "clipmem_mean_all": round(float(np.mean(c)), 6) if len(c) else None}
 
 
-def _row(method: str, setting: str, strength: float, **values: Any) -> dict[str, Any]:
+def _row(method: str, setting: str, strength: float, *, status: str = "measured",
+         **values: Any) -> dict[str, Any]:
     row = {k: None for k in MITIGATION_COLUMNS}
-    row.update(method=method, setting=setting, strength=strength, status="measured", **values)
+    row.update(method=method, setting=setting, strength=strength, status=status, **values)
     return row
 
 
