@@ -25,7 +25,9 @@ mitigation, with the same in-domain recipe (:func:`diffmem.clipmem.run.train_or_
 Measured for each: CLIPMem on S_C (mean over the planted ``miscaptioned`` pairs, over all
 pairs, AUC for the planted kind), and utility = image-to-report retrieval recall@k on the
 held-out pairs S_E (:func:`diffmem.embed.metrics.retrieval_recall`; identical report texts are
-one candidate), plain images, no augmentation.
+one candidate), plain images, no augmentation. ``seconds``: wall time of training and scoring
+the row's f (for ``none``: of loading or training seed 0's f and g and scoring them, so it is
+small when that run existed already).
 
 Outputs in the run folder: ``mitigations.csv``, ``mitigations.png`` (CLIPMem against utility,
 the non-dominated settings joined; :func:`diffmem.mitigate.plots.plot_pareto`) and the key
