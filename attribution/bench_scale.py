@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue as _queue
 import resource
 import tempfile
 import time
@@ -35,7 +36,7 @@ from diffmem.checks import check_int
 from diffmem.errors import ConfigError
 
 __all__ = ["DEFAULT_SIZES", "ScaleBench", "bench_scale", "format_scale_bench",
-           "growth_exponent"]
+           "growth_exponent", "in_fresh_process", "peak_rss_mib"]
 
 #: Prompt counts of a default run (``--sizes`` takes others, e.g. 250000).
 DEFAULT_SIZES = (2000, 10000, 50000)
@@ -90,9 +91,34 @@ def growth_exponent(sizes: Sequence[float], values: Sequence[float]) -> float | 
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
-def _rss_mib() -> float:
+def peak_rss_mib() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_fresh_process(target: Any, *args: Any) -> Any:
+    """What ``target(*args, queue)`` puts on ``queue``, run in a fresh (``spawn``) process, so
+    that the peak RSS it measures (:func:`peak_rss_mib`) is its own.
+
+    Raises
+    ------
+    RuntimeError
+        When the process ends without a result (its error is on its stderr).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    try:
+        while True:
+            try:
+                return queue.get(timeout=1.0)
+            except _queue.Empty:
+                if not proc.is_alive() and queue.empty():
+                    raise RuntimeError(f"the measuring process {target.__name__} ended "
+                                       f"(exit code {proc.exitcode}) without a result") from None
+    finally:
+        proc.join()
 
 
 def _measure(path: str, queue: Any) -> None:
@@ -100,7 +126,7 @@ def _measure(path: str, queue: Any) -> None:
     from diffmem.attribution import scan_prompts
     from diffmem.data.prompts import iter_prompts
 
-    start_rss = _rss_mib()
+    start_rss = peak_rss_mib()
     t0 = time.perf_counter()
     n = sum(1 for _ in iter_prompts(path))
     baseline = time.perf_counter() - t0
@@ -111,7 +137,7 @@ def _measure(path: str, queue: Any) -> None:
     queue.put({"n": n, "distinct": result.summary["n_distinct"], "clusters": dup["clusters"],
                "baseline_seconds": round(baseline, 4), "scan_wall_seconds": round(wall, 4),
                "scan_cpu_seconds": round(cpu, 4), "ratio": round(wall / max(baseline, 1e-9), 2),
-               "peak_rss_mib": round(_rss_mib(), 1), "start_rss_mib": round(start_rss, 1)})
+               "peak_rss_mib": round(peak_rss_mib(), 1), "start_rss_mib": round(start_rss, 1)})
 
 
 def bench_scale(sizes: Sequence[int] = DEFAULT_SIZES, *, seed: int = 0) -> ScaleBench:
@@ -143,17 +169,11 @@ def bench_scale(sizes: Sequence[int] = DEFAULT_SIZES, *, seed: int = 0) -> Scale
     check_int("seed", seed, low=0)
     t0 = time.perf_counter()
     bench = ScaleBench(seed=int(seed), sizes=sorted(sizes))
-    ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="diffmem-bench-scale-") as tmp:
         for n in bench.sizes:
             path = Path(tmp) / f"prompts-{n}.txt"
             write_synthetic_prompts(path, n, seed=seed)
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_measure, args=(str(path), queue))
-            proc.start()
-            row = queue.get()
-            proc.join()
-            bench.rows.append(row)
+            bench.rows.append(in_fresh_process(_measure, str(path)))
     for key in ("scan_wall_seconds", "scan_cpu_seconds", "baseline_seconds", "peak_rss_mib"):
         bench.exponents[key] = growth_exponent([r["n"] for r in bench.rows],
                                                [r[key] for r in bench.rows])

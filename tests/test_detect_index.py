@@ -246,3 +246,176 @@ def test_embedding_index_is_keyed_by_the_encoder(data, dataset, tmp_path):
         open_index(tmp_path / "e", train, get_backend("embedding", encoder=_Encoder("enc-b")))
     with pytest.raises(ConfigError, match="no stable identity"):
         build_index(data, tmp_path / "n", get_backend("embedding", encoder=_Encoder(None)))
+
+
+# --- the approximate (IVF) index and `diffmem bench index` ---------------------------------
+
+def _clustered_features(folder, n=2000, dim=16, seed=0):
+    """Seeded clustered unit vectors written as ``folder/features.npy``; fresh queries back."""
+    from diffmem.detect.bench_index import synthetic_features
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return synthetic_features(folder / "features.npy", n, dim, seed=seed, clusters=40,
+                              extra=300)
+
+
+def _synthetic_backend():
+    return get_backend("embedding", encoder=lambda x: x, encoder_id="synthetic")
+
+
+def test_ivf_index_records_the_recall_it_measured(tmp_path):
+    faiss = pytest.importorskip("faiss")
+    from diffmem.detect.index import finish_index, load_index
+    from diffmem.detect.neighbors import search_features
+
+    folder = tmp_path / "ivf"
+    query = _clustered_features(folder)
+    backend = _synthetic_backend()
+    card = finish_index(folder, {"data_fingerprint": "synthetic", "backend": backend.params()},
+                        backend, study_ids=np.arange(2000).astype(str), use_faiss="ivf",
+                        seed=3)
+    a = card.approximate
+    assert a["kind"] == "ivf" and a["nlist"] == index_mod.default_nlist(2000) == 51
+    assert a["target_recall"] == 0.99 and a["probe_queries"] == 1000
+    assert read_card(folder).approximate == a  # recorded in index.json
+    # the chosen nprobe is the smallest that reaches the target on the probe
+    tried = {int(p): r for p, r in a["recall_by_nprobe"].items()}
+    assert a["recall_at_1"] == tried[a["nprobe"]] >= 0.99
+    assert a["nprobe"] == 1 or tried[a["nprobe"] - 1] < 0.99
+    # the recorded recall, recomputed independently: all-pairs leave-one-out on the probe rows
+    feats = np.load(folder / "features.npy")
+    rows = np.sort(np.random.default_rng([3, 1]).choice(2000, size=1000, replace=False))
+    sims = feats[rows] @ feats.T
+    sims[np.arange(1000), rows] = -np.inf
+    index = faiss.read_index(str(folder / "faiss.index"))
+    assert index.nprobe == a["nprobe"]
+    found, ids = index.search(feats[rows], 3)
+    found = np.where(ids == rows[:, None], -np.inf, found).max(axis=1)
+    assert np.mean(found >= sims.max(axis=1) - 1e-5) == pytest.approx(a["recall_at_1"])
+    # fresh queries (not indexed rows): the IVF search against the blocked exact one
+    opened = load_index(folder, backend)
+    assert opened.source["approximate"] == a
+    _, approx = search_features(query, opened, backend=backend, k=2)
+    _, exact = search_features(query, opened, backend=backend, k=2, index="brute")
+    assert np.mean(approx[:, 0] == exact[:, 0]) >= 0.97
+
+
+@pytest.mark.parametrize("faiss_installed", [True, False])
+def test_detect_with_an_ivf_index_gives_the_exact_verdicts(data, dataset, tmp_path,
+                                                           monkeypatch, faiss_installed):
+    pytest.importorskip("faiss")
+    out = tmp_path / "ivf"
+    card = build_index(data, out, build_backend("pixel"), batch_size=8, use_faiss="ivf",
+                       nlist=4, target_recall=1.0)
+    assert card.faiss and card.approximate["nlist"] == 4
+    assert card.approximate["recall_at_1"] == 1.0  # a fixture where the probe finds them all
+    planted = [p for p, y in prompt_labels(dataset).items() if y]
+    config = DetectionConfig(methods=("nn",), nn_generations=2, unconditional=3, unrelated=2,
+                             confirm="all")
+    plain = detect(_CopyingModel(dataset, planted), dataset, tmp_path / "plain", config=config)
+    if not faiss_installed:  # then the folder's features are searched exactly
+        monkeypatch.setitem(sys.modules, "faiss", None)
+    indexed = detect(_CopyingModel(dataset, planted), dataset, tmp_path / "indexed",
+                     config=config, index=out)
+    said = [w for w in indexed.warnings if "approximate FAISS IVF" in w]
+    assert len(said) == (1 if faiss_installed else 0)
+    if said:
+        assert "recall@1 1.0000" in said[0] and "nearest training image is missed" in said[0]
+    assert indexed.threshold.value == plain.threshold.value
+    n_copies = n_missed = 0
+    for a, b in zip(plain.prompts, indexed.prompts, strict=True):
+        for ga, gb in zip(a.generations, b.generations, strict=True):
+            assert ga.copy == gb.copy  # the verdicts are the exact ones
+            n_copies += ga.copy
+            if ga.study_id == gb.study_id:
+                assert ga.similarity == pytest.approx(gb.similarity, abs=1e-12)
+            else:  # a neighbour can differ only where IVF missed the nearest (never a copy
+                # here: a copy's nearest training image sits in the generation's own list)
+                assert gb.similarity < ga.similarity and not ga.copy and faiss_installed
+                n_missed += 1
+    assert n_copies > 0
+    assert n_missed < sum(len(a.generations) for a in plain.prompts) / 2
+
+
+def test_ivf_bad_input_is_one_clear_message(data, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("faiss")
+    base = ["-q", "index", "build", "--data", str(data), "--faiss", "ivf"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--backend", "tiled_l2"]) == 2
+    err = capsys.readouterr().err
+    assert "--faiss ivf needs an inner-product backend" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()  # refused before anything is written
+    assert main([*base, "--out", str(tmp_path / "b"), "--nlist", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "nlist=100000 but the index has" in err and "Traceback" not in err
+    assert main([*base, "--out", str(tmp_path / "c"), "--target-recall", "1.5"]) == 2
+    assert "target_recall=1.5; use a recall in (0, 1]" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    assert main([*base, "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "--faiss ivf needs faiss: pip install faiss-cpu" in err and "Traceback" not in err
+
+
+def test_the_block_merge_keeps_exact_ties_in_index_order():
+    from diffmem.detect.neighbors import _merge_topk
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        k, c = int(rng.integers(1, 4)), int(rng.integers(1, 20))
+        s = rng.integers(0, int(rng.integers(1, 5)), (5, c)).astype(float)  # many ties
+        i = np.arange(c) + 100
+        best_s = -np.sort(-rng.integers(0, 3, (5, k)).astype(float), axis=1)
+        best_i = rng.integers(0, 1000, (5, k))
+        cand_s = np.concatenate([best_s, s], 1)
+        cand_i = np.concatenate([best_i, np.broadcast_to(i, s.shape)], 1)
+        order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]  # the full sort, by hand
+        got_s, got_i = _merge_topk(best_s, best_i, s, i, k)
+        np.testing.assert_array_equal(got_s, np.take_along_axis(cand_s, order, 1))
+        np.testing.assert_array_equal(got_i, np.take_along_axis(cand_i, order, 1))
+
+
+def test_bench_index_small(tmp_path, capsys):
+    pytest.importorskip("faiss")
+    out = tmp_path / "bench.json"
+    assert main(["-q", "bench", "index", "--rows", "5000", "--dim", "32", "--queries", "200",
+                 "--clusters", "50", "--seed", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "seed 1, 5000 x 32 float32 vectors (Gaussian mixture of 50 clusters" in text
+    assert "brute force (NumPy)" in text and "FAISS IVF (approx.)" in text
+    doc = json.loads(out.read_text())
+    rows = {r["method"]: r for r in doc["methods"]}
+    assert list(rows) == ["brute", "blocked", "faiss_flat", "faiss_ivf"]
+    assert rows["brute"]["ratio"] == 1.0 and rows["brute"]["recall_at_1"] == 1.0
+    assert rows["blocked"]["recall_at_1"] == rows["faiss_flat"]["recall_at_1"] == 1.0
+    assert rows["faiss_ivf"]["recall_at_1"] >= 0.95  # fresh queries; 0.99 targeted on the probe
+    build = doc["build"]
+    assert build["approximate"]["recall_at_1"] >= 0.99 and build["seconds"] > 0
+    assert build["peak_rss_mib"] >= build["start_rss_mib"] > 0
+    for r in doc["methods"]:
+        assert r["queries_per_second"] > 0 and r["peak_rss_mib"] > 0
+        assert r["ratio"] == pytest.approx(r["queries_per_second"]
+                                           / rows["brute"]["queries_per_second"], rel=0.02,
+                                           abs=0.01)  # both rounded
+        assert r["cpu_ratio"] == pytest.approx(rows["brute"]["search_cpu_seconds"]
+                                               / r["search_cpu_seconds"], rel=0.05,
+                                               abs=0.01)
+    assert doc["machine"]["cpus"] and doc["rows"] == 5000 and doc["seed"] == 1
+
+
+def test_add_exactly_builds_the_lists_faiss_add_builds(tmp_path):
+    faiss = pytest.importorskip("faiss")
+    from diffmem.detect.index import add_exactly
+
+    feats = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    np.save(tmp_path / "f.npy", feats)
+    ours = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 16, faiss.METRIC_INNER_PRODUCT)
+    ours.train(feats[:1000])
+    theirs = faiss.clone_index(ours)
+    add_exactly(faiss, ours, tmp_path / "f.npy")
+    theirs.add(feats)
+    assert ours.ntotal == theirs.ntotal == 3000
+    for list_no in range(16):
+        assert faiss.rev_swig_ptr(ours.invlists.get_ids(list_no), ours.invlists.list_size(
+            list_no)).tolist() == faiss.rev_swig_ptr(theirs.invlists.get_ids(list_no),
+                                                     theirs.invlists.list_size(list_no)).tolist()
+    ours.nprobe = theirs.nprobe = 3
+    np.testing.assert_array_equal(ours.search(feats[:50], 4)[1], theirs.search(feats[:50], 4)[1])

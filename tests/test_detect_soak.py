@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,30 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _results(store: Path) -> list[tuple]:
-    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+    # read-write and closed explicitly: SQLite removes the WAL files when the last connection
+    # closes, and a read-only connection, or one left to the garbage collector, leaves them
+    # behind (the folder would then differ from the uninterrupted run's)
+    with closing(sqlite3.connect(str(store))) as db:
         return sorted(db.execute("SELECT model_fingerprint, prompt_hash, method, params_hash, "
                                  "prompt, study_id, value FROM results").fetchall())
+
+
+def _stored(store: Path) -> int:
+    """Result rows committed so far (0 before the store exists or while it is being created)."""
+    try:
+        return len(_results(store)) if store.is_file() else 0
+    except sqlite3.Error:
+        return 0
+
+
+def _kill_after_rows(proc: subprocess.Popen, store: Path, rows: int, limit: float) -> None:
+    """SIGKILL ``proc`` once the store holds ``rows`` result rows (polled), or after ``limit`` s."""
+    t0 = time.monotonic()
+    while proc.poll() is None:
+        if _stored(store) >= rows or time.monotonic() - t0 > limit:
+            proc.send_signal(signal.SIGKILL)
+            return
+        time.sleep(0.02)
 
 
 def _summary(folder: Path) -> dict:
@@ -70,23 +92,32 @@ def test_detect_killed_20_times_ends_identical_to_an_uninterrupted_run(model, da
     reference = tmp_path / "reference"
     out.rename(reference)
 
+    # Two clocks: while result rows are missing, a kill comes after a seeded number of newly
+    # committed rows (inside the computation, spread over it); once every row is stored, after
+    # a seeded delay within an uninterrupted run's time (start-up, reading the store, writing
+    # the outputs).
+    total = len(_results(reference / "results.sqlite"))
+    store = out / "results.sqlite"
     rng = random.Random(SEED)
     kills, finished, progress = 0, 0, []
     t0 = time.monotonic()
     while kills < KILLS:
         assert kills + finished < 3 * KILLS, "too many runs ended before their kill"
-        delay = rng.uniform(0, uninterrupted)
+        before = _stored(store)
         proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
+        if before < total:
+            _kill_after_rows(proc, store, before + rng.randint(1, min(12, total - before)),
+                             limit=LIMIT)
+        else:
+            try:
+                proc.wait(timeout=rng.uniform(0, uninterrupted))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
         if proc.returncode == -signal.SIGKILL:
             kills += 1
-            store = out / "results.sqlite"
-            progress.append(len(_results(store)) if store.is_file() else 0)
+            progress.append(_stored(store))
         else:
             assert proc.returncode == 0, err[-2000:]
             finished += 1
@@ -109,3 +140,4 @@ def test_detect_killed_20_times_ends_identical_to_an_uninterrupted_run(model, da
     left = [name for name in b for mark in LEFTOVERS if mark in Path(name).name]
     assert not left, f"left behind: {left}"
     assert 0 < max(progress), "no kill came after any work was stored"
+    assert min(progress) < total, "no kill came while work was left"

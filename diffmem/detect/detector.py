@@ -429,6 +429,9 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
             inputs.reference, backend=config.backend, backend_options=config.backend_options,
             threshold=config.threshold, heldout=inputs.heldout, fpr=config.fpr,
             cache_dir=out / "cache", state=state, index=index)
+    if verdicts is not None and verdicts.search_note() is not None:
+        log.warning("%s", verdicts.search_note())
+        warnings.append(verdicts.search_note())
     reid = _prepare_reid(config, inputs.reid)
 
     # 4. scan, shard by shard, committing every chunk
@@ -575,6 +578,8 @@ def _method_keys(config: DetectionConfig, guidance: float, verdicts: CopyVerdict
                 "sample_steps": config.sample_steps, "seed": config.seed,
                 "guidance": guidance, "eta": 0.0, "backend": verdicts.backend.params(), "k": 2,
                 "reference": data_fp}
+            if verdicts.approximate is not None:  # kept apart from the exact verdicts
+                keys[("nn", kind)]["search"] = verdicts.approximate
             if reid is not None:  # the stored values then carry re-ID scores too
                 keys[("nn", kind)]["reid"] = reid.params()
     return keys

@@ -45,7 +45,7 @@ from diffmem.utils import prepare_out_dir, progress, sha256_text, stable_json
 log = logging.getLogger(__name__)
 
 __all__ = ["NeighborResult", "ReferenceFeatures", "feature_batches", "nearest_neighbors",
-           "resolve_backend"]
+           "resolve_backend", "search_features"]
 
 INDEXES = (None, "brute", "faiss")
 
@@ -313,7 +313,7 @@ def nearest_neighbors(query_images: np.ndarray | CXRDataset,
         if not backend.inner_product:
             raise ConfigError(f"index='faiss' needs an inner-product backend (pixel, embedding), "
                               f"not {backend.name!r}; use index=None")
-        faiss = _import_faiss()
+        _import_faiss()
         if isinstance(reference, CXRDataset):
             reference = ReferenceFeatures.from_dataset(reference, backend, split=split,
                                                        batch_size=batch_size)
@@ -323,7 +323,7 @@ def nearest_neighbors(query_images: np.ndarray | CXRDataset,
     # 2. the reference, as chunks of (positions, features) plus study ids
     if isinstance(reference, ReferenceFeatures):
         n_ref, positions, ref_ids = len(reference), reference.indices, reference.study_ids
-        source = ((positions[rows], feats) for rows, feats in reference.chunks(batch_size))
+        source = None  # searched by search_features
     elif isinstance(reference, CXRDataset):
         positions = _split_positions(reference, split)
         n_ref = len(positions)
@@ -345,18 +345,11 @@ def nearest_neighbors(query_images: np.ndarray | CXRDataset,
     query = _query_features(query_images, backend, batch_size)
 
     # 4. search (a reference index's own FAISS index when it carries one)
-    if index is None and isinstance(reference, ReferenceFeatures) \
-            and reference._faiss_index is not None and backend.inner_product:
-        index, faiss = "faiss", None
-    if index == "faiss":
-        sims, idx = _faiss_search(faiss, reference, query, k, backend)
+    if isinstance(reference, ReferenceFeatures):
+        sims, idx = search_features(query, reference, backend=backend, k=k,
+                                    batch_size=batch_size, index=index)
     else:
-        sims = np.full((len(query), k), -np.inf)
-        idx = np.full((len(query), k), np.iinfo(np.int64).max, dtype=np.int64)
-        n_chunks = -(-n_ref // batch_size)
-        for pos, feats in progress(source, desc="nearest neighbours", total=n_chunks,
-                                   unit="batch"):
-            sims, idx = _merge_topk(sims, idx, backend.similarity(query, feats), pos, k)
+        sims, idx = _blocked_search(query, source, -(-n_ref // batch_size), backend, k)
 
     # 5. result
     if isinstance(reference, CXRDataset):
@@ -370,6 +363,51 @@ def nearest_neighbors(query_images: np.ndarray | CXRDataset,
         study_ids = None
     return NeighborResult(indices=idx, similarities=sims, distances=backend.to_distance(sims),
                           study_ids=study_ids, backend=backend.params(), n_reference=n_ref)
+
+
+def search_features(query: np.ndarray, reference: ReferenceFeatures, *,
+                    backend: SimilarityBackend, k: int = 2, batch_size: int = 256,
+                    index: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest reference rows of each query's features: step 4 of
+    :func:`nearest_neighbors`, callable with features (``diffmem bench index`` times it).
+
+    Parameters
+    ----------
+    query : numpy.ndarray
+        float32 ``(Q, D)`` features under ``backend``.
+    reference : ReferenceFeatures
+    backend : SimilarityBackend
+    k : int, optional
+    batch_size : int, optional
+        Reference rows scored at a time by the blocked search.
+    index : {None, "brute", "faiss"}, optional
+        As in :func:`nearest_neighbors`: ``None`` searches with the reference's FAISS index
+        when it carries one (an approximate IVF index too), else blockwise.
+
+    Returns
+    -------
+    similarities : numpy.ndarray
+        float64 ``(Q, k)``, best first.
+    indices : numpy.ndarray
+        int64 ``(Q, k)`` reference positions (``reference.indices``).
+    """
+    if index is None and reference._faiss_index is not None and backend.inner_product:
+        index = "faiss"
+    if index == "faiss":
+        return _faiss_search(_import_faiss(), reference, query, k, backend, batch_size)
+    source = ((reference.indices[rows], feats) for rows, feats in reference.chunks(batch_size))
+    return _blocked_search(query, source, -(-len(reference) // batch_size), backend, k)
+
+
+def _blocked_search(query: np.ndarray, source: Any, n_chunks: int, backend: SimilarityBackend,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` over ``(positions, features)`` chunks, a running merge per chunk."""
+    sims = np.full((len(query), k), -np.inf)
+    idx = np.full((len(query), k), np.iinfo(np.int64).max, dtype=np.int64)
+    for pos, feats in progress(source, desc="nearest neighbours", total=n_chunks,
+                               unit="batch"):
+        sims, idx = _merge_topk(sims, idx, backend.similarity(query, feats), pos, k)
+    return sims, idx
 
 
 def feature_batches(dataset: CXRDataset, backend: SimilarityBackend, positions: np.ndarray, *,
@@ -408,11 +446,30 @@ def feature_batches(dataset: CXRDataset, backend: SimilarityBackend, positions: 
 
 def _merge_topk(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray,
                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` of the running best and a new ``(Q, C)`` block; ties keep the lower index."""
-    cand_s = np.concatenate([best_s, s], axis=1)
-    cand_i = np.concatenate([best_i, np.broadcast_to(i, s.shape)], axis=1)
-    if np.isnan(cand_s).any():
+    """Top ``k`` of the running best and a new ``(Q, C)`` block; ties keep the lower index.
+
+    The block's own top ``k`` are picked first (a linear-time partition), so the exact sort
+    runs on ``2k`` candidates per query instead of ``k + C``; a query whose ``k``-th best
+    value is tied in the block keeps all ``C`` (the partition would pick among the tied
+    arbitrarily)."""
+    if np.isnan(s).any() or np.isnan(best_s).any():
         raise DataError("the backend produced NaN similarities; check the images and features")
+    i = np.broadcast_to(i, s.shape)
+    c = s.shape[1]
+    if c > 2 * k:
+        part = np.argpartition(s, c - k, axis=1)[:, c - k:]
+        top_s = np.take_along_axis(s, part, 1)
+        tied = (s >= top_s.min(axis=1, keepdims=True)).sum(axis=1) > k
+        if not tied.any():
+            s, i = top_s, np.take_along_axis(i, part, 1)
+        else:  # the tied queries with their whole block, the others with their top k
+            fill_s = np.full((len(s), c - k), -np.inf)
+            fill_i = np.full((len(s), c - k), np.iinfo(np.int64).max, dtype=np.int64)
+            s = np.where(tied[:, None], s, np.concatenate([top_s, fill_s], axis=1))
+            i = np.where(tied[:, None], i,
+                         np.concatenate([np.take_along_axis(i, part, 1), fill_i], axis=1))
+    cand_s = np.concatenate([best_s, s], axis=1)
+    cand_i = np.concatenate([best_i, i], axis=1)
     order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
     return np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
 
@@ -428,10 +485,12 @@ def _import_faiss():
 
 
 def _faiss_search(faiss: Any, reference: ReferenceFeatures, query: np.ndarray, k: int,
-                  backend: SimilarityBackend) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product search with FAISS (float32) for candidates, re-scored with the
-    backend's own similarity (float64) and re-ranked as the streaming search ranks (ties:
-    lower index first)."""
+                  backend: SimilarityBackend, batch_size: int = 256,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS inner-product search (float32; exact, or the IVF index a reference index carries)
+    for candidates, re-scored with the backend's own similarity (float64) and re-ranked as the
+    streaming search ranks (ties: lower index first). Queries for which an IVF index returns
+    fewer than ``k`` candidates (their probed lists hold too few rows) are searched exactly."""
     if reference._faiss_index is None:
         index = faiss.IndexFlatIP(reference.features.shape[1])
         index.add(np.ascontiguousarray(reference.features, dtype=np.float32))
@@ -441,17 +500,24 @@ def _faiss_search(faiss: Any, reference: ReferenceFeatures, query: np.ndarray, k
     fetch = min(len(reference), k + _FAISS_SPARE)
     _, rows = reference._faiss_index.search(np.ascontiguousarray(query, dtype=np.float32),
                                             fetch)
-    if (rows < 0).any():
-        raise DataError("FAISS returned fewer neighbours than asked; use index=None")
+    missing = rows < 0  # an IVF index returns -1 past the members of the probed lists
+    rows = np.where(missing, 0, rows)
     sims = np.empty(rows.shape)
     for start in range(0, len(query), _RESCORE_QUERIES):
         block = slice(start, start + _RESCORE_QUERIES)
         cand, where = np.unique(rows[block], return_inverse=True)
         full = backend.similarity(query[block], np.asarray(reference.features[cand]))
         sims[block] = np.take_along_axis(full, where.reshape(rows[block].shape), 1)
-    idx = reference.indices[rows]
+    sims[missing] = -np.inf
+    idx = np.where(missing, np.iinfo(np.int64).max, reference.indices[rows])
     order = np.lexsort((idx, -sims), axis=1)[:, :k]
-    return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+    sims, idx = np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+    short = np.flatnonzero((~missing).sum(axis=1) < k)
+    if len(short):
+        source = ((reference.indices[r], f) for r, f in reference.chunks(batch_size))
+        sims[short], idx[short] = _blocked_search(query[short], source,
+                                                  -(-len(reference) // batch_size), backend, k)
+    return sims, idx
 
 
 def _query_features(query: np.ndarray | CXRDataset, backend: SimilarityBackend,

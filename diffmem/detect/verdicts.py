@@ -409,6 +409,24 @@ class CopyVerdicts:
         """Copy verdicts (:func:`is_copy`) of top-1 similarities at this threshold."""
         return is_copy(similarities, self.threshold)
 
+    @property
+    def approximate(self) -> dict[str, Any] | None:
+        """The approximate search's settings and measured recall when the training features
+        come from an IVF reference index (:func:`diffmem.detect.index.write_ivf`), else None.
+        Part of the stored results' keys: exact and approximate verdicts are kept apart."""
+        return (self.reference.source or {}).get("approximate")
+
+    def search_note(self) -> str | None:
+        """A sentence for summaries when the verdicts come from an approximate search."""
+        a = self.approximate
+        if a is None:
+            return None
+        return (f"copy verdicts searched an approximate FAISS IVF index ({a['nprobe']} of "
+                f"{a['nlist']} lists probed; recall@1 {a['recall_at_1']:.4f} against the exact "
+                f"search, measured at build time on {a['probe_queries']} leave-one-out "
+                "queries): a verdict can differ from the exact one only where the nearest "
+                "training image is missed")
+
 
 def build_backend(name: str, options: dict[str, Any] | None = None) -> SimilarityBackend:
     """The similarity backend ``name`` with keyword ``options``; an ``encoder`` option given as

@@ -458,6 +458,8 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
         notes.append(f"no memorized prompts found among the {detect_info['n_scanned']} prompts "
                      "of the detect run; the comparison ran on the control set only")
     notes += _setting_notes(config, enc_info if enc is not None else None)
+    if verdicts is not None and verdicts.search_note() is not None:
+        notes.append(verdicts.search_note())
     real = _real_features(enc, inputs, config)
 
     # 4. every configuration on every set, resumable through the store
@@ -939,6 +941,8 @@ class _Units:
                "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
         if self.reid is not None:  # stored values then hold re-ID scores too
             key["reid"] = self.reid.params()
+        if self.verdicts is not None and self.verdicts.approximate is not None:
+            key["search"] = self.verdicts.approximate  # kept apart from exact verdicts
         h = store.put_params(key)
         name = f"{set_name}:{method}:{strength:g}"
         stored = store.get(self.model_fp, name, "mitigate", h)

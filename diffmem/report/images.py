@@ -81,7 +81,9 @@ def obscure(image: np.ndarray, *, tiles: int = BLUR_TILES,
     Measured on the 594 training images of the ``demo`` preset (seed 0) at the report's
     160 px, the correlation with the original at 64 px is mean 0.12, max 0.47 (a Gaussian blur
     of sigma 8% of the side: mean 0.85, max 0.91); the tiles and sigma were chosen on the
-    ``tiny`` preset's images and this is their first measurement on ``demo``.
+    ``tiny`` preset's images and this is their first measurement on ``demo``. The embedded
+    re-ID model re-identifies all 594 originals above its held-out-calibrated threshold and none
+    of their pictures (one scores above it, for another patient).
 
     Parameters
     ----------
