@@ -128,7 +128,7 @@ def test_split_errors_name_the_fix():
 
 
 # ---------------------------------------------------------------------------------- end to end
-def test_run_clipmem_writes_and_resumes(data, tmp_path):
+def test_run_clipmem_writes_and_resumes(data, dataset, tmp_path):
     out = tmp_path / "cm"
     res = run_clipmem(data, out, preset="tiny", steps=2, views=1, seeds=1)
     with open(out / "clipmem.csv", newline="", encoding="utf-8") as fh:
@@ -140,8 +140,27 @@ def test_run_clipmem_writes_and_resumes(data, tmp_path):
     with open(out / "runs" / "seed-0" / "alignments.csv", newline="", encoding="utf-8") as fh:
         scored = {int(r["row"]) for r in csv.DictReader(fh)}
     assert scored == set(split["candidate"]) | set(split["independent"])
+    # the run's alignments are those of dataset_alignment under the trained encoders
+    f = load_encoder(out / "runs" / "seed-0" / "f")
+    cand = sorted(split["candidate"])[:4]
+    with open(out / "runs" / "seed-0" / "alignments.csv", newline="", encoding="utf-8") as fh:
+        a_f = {int(r["row"]): float(r["alignment_f"]) for r in csv.DictReader(fh)}
+    np.testing.assert_allclose([a_f[i] for i in cand],
+                               dataset_alignment(f, dataset, cand, views=1, seed=0),
+                               atol=1e-5)
+    # the tower table: 3 variants x 2 space maps; "full" is ordinary CLIPMem
+    towers = res.summary["towers"]
+    assert [(r["variant"], r["space_map"]) for r in towers["table"]] == [
+        (v, m) for v in ("full", "text_from_f", "image_from_f") for m in ("none", "procrustes")]
+    full = towers["table"][0]
+    assert full["clipmem_mean_all"] == pytest.approx(np.mean([r["clipmem"] for r in res.rows]),
+                                                     abs=1e-5)
+    assert "contributes more" in towers["finding"] or "neither" in towers["finding"]
+    assert (out / "clipmem_towers.csv").is_file()
+    assert set(res.summary["runs"][0]["space_check"]) >= {"text_cos_none", "text_cos_procrustes"}
     again = run_clipmem(data, out, preset="tiny", steps=2, views=1, seeds=1)
     assert again.summary["runs"][0]["status"] == {"f": "loaded", "g": "loaded"}
+    assert again.summary["towers"]["table"] == towers["table"]
     assert [r["clipmem"] for r in again.rows] == [r["clipmem"] for r in res.rows]
     with pytest.raises(TrainingError, match="trained otherwise"):
         run_clipmem(data, out, preset="tiny", steps=3, views=1, seeds=1)
@@ -152,6 +171,76 @@ def test_run_clipmem_refuses_out_inside_data(data):
 
     with pytest.raises(OutputError, match="lies inside the input"):
         run_clipmem(data, Path(data) / "cm", preset="tiny", steps=1)
+
+
+# ------------------------------------------------------------------------- which tower memorizes
+def _perturbed(encoder_dir, tower: str, seed: int = 0):
+    """A copy of the encoder with one tower's output projection perturbed."""
+    import torch
+
+    enc = load_encoder(encoder_dir)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        proj = enc.model.text_projection if tower == "text" else \
+            getattr(enc.model.visual, "proj", None)
+        if proj is None:  # a ResNet image tower: perturb its attention-pool projection
+            proj = enc.model.visual.attnpool.c_proj.weight
+        proj.add_(0.5 * torch.randn(proj.shape, generator=gen) * proj.abs().mean())
+    return enc
+
+
+@pytest.mark.parametrize("tower", ["text", "image"])
+def test_tower_swap_moves_only_the_perturbed_towers_variant(dataset, encoder, tower):
+    """f = g except one tower: CLIPMem of the variant that takes f's *other* tower is exactly 0,
+    the variant that takes the perturbed tower equals full CLIPMem."""
+    from diffmem.clipmem.alignment import dataset_embeddings
+    from diffmem.clipmem.towers import tower_alignments
+
+    g = load_encoder(encoder)
+    f = _perturbed(encoder, tower)
+    idx = list(range(0, len(dataset), 4))[:8]
+    emb_f = dataset_embeddings(f, dataset, idx, views=2, seed=1)
+    emb_g = dataset_embeddings(g, dataset, idx, views=2, seed=1)
+    res = tower_alignments(emb_f, emb_g, np.eye(emb_f[1].shape[1]))
+    full = res[("full", "none")][2]
+    moved, still = (("text_from_f", "image_from_f") if tower == "text"
+                    else ("image_from_f", "text_from_f"))
+    assert np.abs(full).max() > 1e-3
+    np.testing.assert_allclose(res[(moved, "none")][2], full, atol=1e-6)
+    np.testing.assert_allclose(res[(still, "none")][2], 0.0, atol=1e-6)
+
+
+def test_procrustes_map_undoes_a_rotation_of_one_model():
+    """g = f rotated: unmapped tower swaps see mismatched spaces; the map fitted on shared pairs
+    recovers CLIPMem 0 for every variant."""
+    from diffmem.clipmem.towers import fit_space_map, space_check, tower_alignments
+
+    rng = np.random.default_rng(0)
+    rot = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    f_shared = (rng.normal(size=(30, 1, 6)), rng.normal(size=(30, 6)))
+    g_shared = (f_shared[0] @ rot, f_shared[1] @ rot)
+    R = fit_space_map(f_shared, g_shared)
+    np.testing.assert_allclose(R, rot, atol=1e-8)
+    check = space_check(f_shared, g_shared, R)
+    assert check["text_cos_procrustes"] == pytest.approx(1.0) and check["text_cos_none"] < 0.9
+    f_c = (rng.normal(size=(5, 3, 6)), rng.normal(size=(5, 6)))
+    res = tower_alignments(f_c, (f_c[0] @ rot, f_c[1] @ rot), R)
+    for variant in ("full", "text_from_f", "image_from_f"):
+        np.testing.assert_allclose(res[(variant, "procrustes")][2], 0.0, atol=1e-9)
+    assert np.abs(res[("text_from_f", "none")][2]).max() > 0.05
+
+
+def test_tower_finding_is_measured():
+    from diffmem.clipmem.towers import tower_finding
+
+    def table(t, i):
+        return [{"variant": v, "space_map": "procrustes", "positives": 0,
+                 "clipmem_mean_positive": None, "clipmem_mean_all": x, "auc": None}
+                for v, x in (("text_from_f", t), ("image_from_f", i))]
+
+    assert tower_finding(table(0.1, 0.3)).startswith("f's image tower contributes more")
+    assert "all scored pairs +0.1000" in tower_finding(table(0.1, 0.3))
+    assert tower_finding(table(0.3, 0.1)).startswith("f's text tower contributes more")
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -250,3 +339,53 @@ def test_clipmem_ranks_miscaptioned_pairs_on_the_clipmem_preset(tmp_path):
     assert kinds["miscaptioned"]["pairs"] >= 10
     assert kinds["miscaptioned"]["mean_clipmem"] > kinds["none"]["mean_clipmem"]
     assert res.summary["auc"] > 0.5
+
+
+# ---------------------------------------------------------------------------------- mitigations
+def test_mitigations_retrain_f_on_the_same_split_and_resume(data, tmp_path):
+    from diffmem.clipmem.mitigate import MITIGATION_COLUMNS, run_mitigations
+
+    out = tmp_path / "mit"
+    kw = dict(preset="tiny", steps=2, views=0, drop=0.5, noise=0.5, remove=0.2)
+    mit = run_mitigations(data, out, **kw)
+    rows = {r["method"]: r for r in mit["rows"]}
+    assert list(rows) == ["none", "caption_augment", "text_noise", "remove_top", "multi_report"]
+    with open(out / "mitigations.csv", newline="", encoding="utf-8") as fh:
+        assert tuple(next(csv.reader(fh))) == MITIGATION_COLUMNS
+    assert (out / "mitigations.png").is_file()
+    assert json.loads((out / "summary.json").read_text())["mitigations"]["rows"] == mit["rows"]
+    split = json.loads((out / "runs" / "seed-0" / "split.json").read_text())
+    n_cand = len(split["candidate"])
+    assert rows["remove_top"]["removed"] == max(1, round(0.2 * n_cand))
+    assert rows["none"]["removed"] == rows["text_noise"]["removed"] == 0
+    for r in (rows[m] for m in ("none", "caption_augment", "text_noise", "remove_top")):
+        assert r["status"] == "measured" and 0.0 <= r["utility"] <= 1.0
+        assert r["recall_at_1"] <= r["recall_at_5"] <= r["recall_at_10"]
+    assert rows["multi_report"]["status"] == "not applicable"
+    assert any(r["pareto"] for r in mit["rows"])
+    # each mitigated f records its hook and trained on the same split (or it minus the removed)
+    cfg = {m: json.loads((out / "mitigations" / m / "f" / "encoder_config.json").read_text())
+           for m in ("caption_augment", "text_noise", "remove_top")}
+    assert cfg["caption_augment"]["training"]["caption_augment"] == {"shuffle": True, "drop": 0.5}
+    assert cfg["text_noise"]["training"]["text_noise"] == 0.5
+    base = json.loads((out / "runs" / "seed-0" / "f" / "encoder_config.json").read_text())
+    assert cfg["text_noise"]["data"]["records"] == base["data"]["records"]
+    assert cfg["remove_top"]["data"]["records"] == base["data"]["records"] - \
+        rows["remove_top"]["removed"]
+    # the hooks change training: same seed, same data, other weights
+    fps = {m: load_encoder(out / "mitigations" / m / "f").fingerprint()
+           for m in ("caption_augment", "text_noise")}
+    fps["none"] = load_encoder(out / "runs" / "seed-0" / "f").fingerprint()
+    assert len(set(fps.values())) == 3
+    again = run_mitigations(data, out, **kw)
+    assert [r["clipmem_mean_all"] for r in again["rows"]] == \
+        [r["clipmem_mean_all"] for r in mit["rows"]]
+    with pytest.raises(ConfigError, match="unknown CLIPMem mitigation"):
+        run_mitigations(data, out, methods=["dropout"], **kw)
+
+
+def test_caption_augment_rejects_bad_settings():
+    from diffmem.embed.training import CaptionAugment
+
+    with pytest.raises(ConfigError, match="drop=1.0"):
+        CaptionAugment(drop=1.0)

@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--reid-eval", metavar="FILE",
                    help="reid_eval.json of `diffmem reid eval` for the re-ID model of the "
                         "detection (default: RESULTS/reid/reid_eval.json when it exists)")
+    p.add_argument("--clipmem", metavar="DIR",
+                   help="the --out folder of `diffmem clipmem` (image-report encoder "
+                        "memorization; default: RESULTS/clipmem when it holds a summary.json)")
     images = p.add_mutually_exclusive_group()
     images.add_argument("--no-images", dest="images", action="store_const", const="omit",
                         help="leave every patient image out: no training image and no "
@@ -55,7 +58,7 @@ def command_line(args: argparse.Namespace) -> list[str]:
     cmd = ["diffmem", "report", "--model", str(args.model)]
     cmd += ["--data", str(args.data)] if args.data is not None else []
     cmd += ["--out", str(args.out)]
-    for flag in ("results", "detect", "scan", "mitigate", "reid_eval"):
+    for flag in ("results", "detect", "scan", "mitigate", "reid_eval", "clipmem"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for study in args.study:
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                           scan=args.scan, mitigate=args.mitigate, studies=args.study,
                           images=args.images, overwrite=args.overwrite, results=args.results,
                           command=command_line(args), dtype=args.dtype,
-                          reid_eval=args.reid_eval)
+                          reid_eval=args.reid_eval, clipmem=args.clipmem)
     missing = [k for k, v in result.sections.items() if v != "included"]
     print(f"risk level: {result.risk}")
     for what in result.not_measured:

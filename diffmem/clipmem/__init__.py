@@ -10,6 +10,10 @@ more than a reference g that did not. Pieces:
   (:mod:`~diffmem.clipmem.alignment`) - Eq. 1 and Eq. 4, and where we deviate;
 * :func:`run_clipmem` (:mod:`~diffmem.clipmem.run`) - train f and g with the in-domain open_clip
   recipe (:func:`diffmem.embed.train_encoder`), score, write ``clipmem.csv``; resumable;
+* :func:`tower_alignments` (:mod:`~diffmem.clipmem.towers`) - which tower memorizes: CLIPMem
+  with f's text or image tower swapped into g, with a space check;
+* :func:`run_mitigations` (:mod:`~diffmem.clipmem.mitigate`) - text-side mitigations retrained
+  on the same split, CLIPMem against held-out retrieval recall@k;
 * :func:`score_pairs` - the same score for a given (f, g) pair of encoders: diffmem encoder
   folders or a user's own open_clip models (:func:`load_open_clip`).
 
@@ -24,7 +28,12 @@ _LAZY = {
         "PairEncoder", "clipmem_score", "dataset_alignment", "default_augment",
         "pair_alignment")},
     **{name: "diffmem.clipmem.run" for name in (
-        "ClipMemResult", "run_clipmem", "score_pairs", "summarize", "train_pair")},
+        "ClipMemResult", "RunSettings", "run_clipmem", "score_pairs", "summarize",
+        "train_or_load", "train_pair")},
+    **{name: "diffmem.clipmem.towers" for name in (
+        "fit_space_map", "space_check", "tower_alignments", "tower_finding", "tower_table")},
+    **{name: "diffmem.clipmem.mitigate" for name in ("MITIGATIONS", "run_mitigations",
+                                                     "utility_of")},
     **{name: "diffmem.clipmem.openclip" for name in (
         "OpenClipEncoder", "as_pair_encoder", "load_open_clip")},
 }

@@ -45,8 +45,8 @@ from diffmem.embed.presets import load_preset
 from diffmem.errors import DataError
 from diffmem.utils import progress
 
-__all__ = ["PairEncoder", "clipmem_score", "dataset_alignment", "default_augment",
-           "pair_alignment"]
+__all__ = ["PairEncoder", "clipmem_score", "dataset_alignment", "dataset_embeddings",
+           "default_augment", "pair_alignment", "pair_embeddings", "views_alignment"]
 
 _SEED_STRIDE = 1_000_003
 
@@ -88,6 +88,61 @@ def _views(image: np.ndarray, n: int, aug: Mapping[str, float], seed: int, key: 
     gen = torch.Generator().manual_seed(int(seed) * _SEED_STRIDE + int(key))
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     return _augment(x.expand(n, -1, -1, -1).contiguous(), aug, gen)[:, 0].numpy()
+
+
+def pair_embeddings(encoder: PairEncoder, images: np.ndarray, prompts: Sequence[str], *,
+                    views: int = 8, augment: Mapping[str, float] | None = None, seed: int = 0,
+                    keys: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The embeddings :func:`pair_alignment` averages over: each pair's augmented image views
+    and its report (see :func:`pair_alignment` for the parameters).
+
+    Returns
+    -------
+    image_views : ndarray, shape (N, max(views, 1), D), float64
+        Unit-norm embeddings of the views (``views=0``: the plain image).
+    texts : ndarray, shape (N, D), float64
+        Unit-norm report embeddings.
+
+    Raises
+    ------
+    DataError
+        When the numbers of images, prompts and keys differ.
+    """
+    views = check_int("views", views, low=0)
+    images = np.asarray(images)
+    prompts = list(prompts)
+    keys = list(range(len(images))) if keys is None else [int(k) for k in keys]
+    if not (len(images) == len(prompts) == len(keys)):
+        raise DataError(f"got {len(images)} images, {len(prompts)} prompts and {len(keys)} "
+                        "keys; pass one prompt (and key) per image, in the same order")
+    if len(images) == 0:
+        return np.zeros((0, max(views, 1), 0)), np.zeros((0, 0))
+    text = np.asarray(encoder.embed_texts(prompts), dtype=np.float64)
+    if views == 0:
+        emb = np.asarray(encoder.embed_images(images.astype(np.float32)), dtype=np.float64)
+        return emb[:, None, :], text
+    aug = default_augment(encoder) if augment is None else dict(augment)
+    stacked = np.concatenate([_views(im, views, aug, seed, k) for im, k in zip(images, keys)])
+    emb = np.asarray(encoder.embed_images(stacked), dtype=np.float64)
+    return emb.reshape(len(images), views, -1), text
+
+
+def views_alignment(image_views: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """Mean over views of the cosine of each view with its pair's text (Eq. 1 of Wang et al.,
+    ICLR 2025): ``image_views`` (N, V, D) and ``texts`` (N, D), rows need not be unit-norm.
+
+    Examples
+    --------
+    >>> v = np.array([[[1.0, 0.0], [0.0, 1.0]]])      # one pair, two views
+    >>> views_alignment(v, np.array([[1.0, 1.0]])).round(4).tolist()
+    [0.7071]
+    """
+    image_views, texts = np.asarray(image_views), np.asarray(texts)
+    n, v = image_views.shape[:2]
+    if n == 0:
+        return np.zeros(0)
+    cos = alignment_score(image_views.reshape(n * v, -1), np.repeat(texts, v, axis=0))
+    return cos.reshape(n, v).mean(axis=1)
 
 
 def pair_alignment(encoder: PairEncoder, images: np.ndarray, prompts: Sequence[str], *,
@@ -137,48 +192,56 @@ def pair_alignment(encoder: PairEncoder, images: np.ndarray, prompts: Sequence[s
     >>> pair_alignment(Toy(), imgs, ["a", "b"], views=0).round(4).tolist()
     [0.7071, 1.0]
     """
-    views = check_int("views", views, low=0)
-    images = np.asarray(images)
-    prompts = list(prompts)
-    keys = list(range(len(images))) if keys is None else [int(k) for k in keys]
-    if not (len(images) == len(prompts) == len(keys)):
-        raise DataError(f"got {len(images)} images, {len(prompts)} prompts and {len(keys)} "
-                        "keys; pass one prompt (and key) per image, in the same order")
-    if len(images) == 0:
-        return np.zeros(0)
-    text = np.asarray(encoder.embed_texts(prompts), dtype=np.float64)
-    if views == 0:
-        return alignment_score(encoder.embed_images(images.astype(np.float32)), text)
-    aug = default_augment(encoder) if augment is None else dict(augment)
-    stacked = np.concatenate([_views(im, views, aug, seed, k) for im, k in zip(images, keys)])
-    emb = np.asarray(encoder.embed_images(stacked), dtype=np.float64)
-    cos = alignment_score(emb, np.repeat(text, views, axis=0))
-    return cos.reshape(len(images), views).mean(axis=1)
+    return views_alignment(*pair_embeddings(encoder, images, prompts, views=views,
+                                            augment=augment, seed=seed, keys=keys))
+
+
+def _batches(encoder: PairEncoder, dataset: CXRDataset, indices: list[int], *, views: int,
+             augment: Mapping[str, float] | None, seed: int, batch_size: int):
+    """Yield :func:`pair_embeddings` of the records ``indices``, batch by batch (images read at
+    the encoder's side; the dataset index keys each pair's views)."""
+    chunks = dataset.iter_images(size=int(encoder.image_size), batch_size=batch_size,
+                                 indices=indices)
+    for idx, imgs in progress(chunks, desc="embedding pairs", unit="batch",
+                              total=math.ceil(len(indices) / batch_size)):
+        yield pair_embeddings(encoder, imgs.astype(np.float32), [dataset[i].prompt for i in idx],
+                              views=views, augment=augment, seed=seed, keys=idx)
+
+
+def dataset_embeddings(encoder: PairEncoder, dataset: CXRDataset, indices: Sequence[int], *,
+                       views: int = 8, augment: Mapping[str, float] | None = None,
+                       seed: int = 0, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pair_embeddings` of the records ``indices`` of a dataset, streamed in batches and
+    kept (``len(indices) * max(views, 1) * D`` floats: for the scored pairs of one run).
+
+    Returns
+    -------
+    image_views : ndarray, shape (len(indices), max(views, 1), D)
+    texts : ndarray, shape (len(indices), D)
+    """
+    batch_size = check_int("batch_size", batch_size)
+    parts = list(_batches(encoder, dataset, [int(i) for i in indices], views=views,
+                          augment=augment, seed=seed, batch_size=batch_size))
+    if not parts:
+        return np.zeros((0, max(views, 1), 0)), np.zeros((0, 0))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def dataset_alignment(encoder: PairEncoder, dataset: CXRDataset, indices: Sequence[int], *,
                       views: int = 8, augment: Mapping[str, float] | None = None, seed: int = 0,
                       batch_size: int = 32) -> np.ndarray:
     """:func:`pair_alignment` of the records ``indices`` of a dataset, streamed in batches
-    (images are read at the encoder's side; the dataset index keys each pair's views).
+    (memory bounded by one batch; see :func:`dataset_embeddings`).
 
     Returns
     -------
     ndarray, shape (len(indices),), float64
     """
     batch_size = check_int("batch_size", batch_size)
-    indices = [int(i) for i in indices]
-    out = np.zeros(len(indices))
-    pos = 0
-    chunks = dataset.iter_images(size=int(encoder.image_size), batch_size=batch_size,
-                                 indices=indices)
-    for idx, imgs in progress(chunks, desc="aligning pairs", unit="batch",
-                              total=math.ceil(len(indices) / batch_size)):
-        out[pos:pos + len(idx)] = pair_alignment(
-            encoder, imgs.astype(np.float32), [dataset[i].prompt for i in idx], views=views,
-            augment=augment, seed=seed, keys=idx)
-        pos += len(idx)
-    return out
+    out = [views_alignment(v, t) for v, t in _batches(
+        encoder, dataset, [int(i) for i in indices], views=views, augment=augment, seed=seed,
+        batch_size=batch_size)]
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def clipmem_score(alignment_f: np.ndarray, alignment_g: np.ndarray) -> np.ndarray:

@@ -8,9 +8,12 @@ loaded, not trained again; a run's ``alignments.csv`` is reused)::
     OUT/clipmem.csv            one row per scored pair, averaged over seeds
     OUT/summary.json           settings, sizes, timing, AUC and mean by planted kind
     OUT/clipmem.png            CLIPMem by planted kind, and alignment under g vs f
+    OUT/clipmem_towers.csv     CLIPMem with one tower of f swapped into g (which tower
+                               memorizes; :mod:`diffmem.clipmem.towers`), also in summary.json
     OUT/runs/seed-K/split.json       the S_S / S_C / S_I / S_E indices of seed K
     OUT/runs/seed-K/f/ , g/          encoder folders (diffmem.embed.load_encoder)
     OUT/runs/seed-K/alignments.csv   per-pair alignments of seed K
+    OUT/runs/seed-K/towers.csv       per-pair tower-swap alignments of seed K
 
 Both S_C and S_I pairs are scored: an S_I pair is a candidate with the roles of the two models
 swapped (g trained on it, f did not), so every run scores about half the training pairs.
@@ -23,14 +26,15 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffmem.checks import as_dataset, check_int
-from diffmem.clipmem.alignment import clipmem_score, dataset_alignment
+from diffmem.clipmem.alignment import (clipmem_score, dataset_alignment, dataset_embeddings,
+                                       default_augment, views_alignment)
 from diffmem.clipmem.openclip import as_pair_encoder
 from diffmem.clipmem.splits import ClipMemSplit, split_pairs
 from diffmem.data import CXRDataset
@@ -49,6 +53,13 @@ PLOT_NAME = "clipmem.png"
 COLUMNS = ("study_id", "image_id", "prompt", "clipmem", "alignment_f", "alignment_g",
            "plant_kind", "cluster_id", "runs")
 RUN_COLUMNS = ("row", "study_id", "image_id", "part", "alignment_f", "alignment_g", "clipmem")
+TOWERS_NAME = "clipmem_towers.csv"
+TOWER_RUN_COLUMNS = ("row", "part", "variant", "space_map", "alignment_f", "alignment_g",
+                     "clipmem")
+TOWER_COLUMNS = ("variant", "space_map", "pairs", "positives", "clipmem_mean_positive",
+                 "clipmem_mean_rest", "clipmem_mean_all", "auc")
+#: Bump when the tower scoring changes, so that cached run folders are scored again.
+TOWERS_VERSION = 1
 
 
 @dataclass
@@ -83,17 +94,57 @@ def _finished_encoder(folder: Path, fingerprint: str, want: dict[str, Any]):
     if not cfg_path.is_file():
         return None
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    training = cfg.get("training", {})
     have = {"fingerprint": cfg.get("data", {}).get("fingerprint"),
             "preset": cfg.get("preset", {}).get("name"),
-            "seed": cfg.get("training", {}).get("seed"),
-            "steps": cfg.get("training", {}).get("steps")}
+            "seed": training.get("seed"), "steps": training.get("steps"),
+            "caption_augment": training.get("caption_augment"),
+            "text_noise": training.get("text_noise", 0.0)}
     want = {"fingerprint": fingerprint, **want}
-    diffs = {k: (have[k], v) for k, v in want.items() if v is not None and have[k] != v}
+    diffs = {k: (have[k], v) for k, v in want.items() if have[k] != v}
     if diffs:
         detail = ", ".join(f"{k}: folder {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
         raise TrainingError(f"{folder} holds an encoder trained otherwise ({detail}); use "
                             "another --out for these settings")
     return load_encoder(folder)
+
+
+def train_or_load(dataset: CXRDataset, indices: Sequence[int], folder: str | Path, *,
+                  preset: str = "demo", seed: int = 0, steps: int | None = None,
+                  device: str = "cpu", caption_augment: Any = None,
+                  text_noise: float = 0.0) -> tuple[Any, str]:
+    """Train an encoder on the records ``indices`` into ``folder`` with the in-domain recipe
+    (:func:`diffmem.embed.train_encoder`, its text-side mitigation hooks included), or load it
+    when it finished there earlier with the same data and settings.
+
+    Returns
+    -------
+    encoder : InDomainEncoder
+    status : str
+        ``"trained"`` or ``"loaded"``.
+
+    Raises
+    ------
+    TrainingError
+        When ``folder`` holds an encoder trained with other data or settings.
+    """
+    from diffmem.embed import train_encoder
+
+    folder = Path(folder)
+    p = load_preset(preset)
+    want = {"preset": p.name, "seed": seed,
+            "steps": int(p.training["steps"]) if steps is None else steps,
+            "caption_augment": None if caption_augment is None else caption_augment.to_dict(),
+            "text_noise": float(text_noise)}
+    subset = dataset.subset(indices=list(indices))
+    enc = _finished_encoder(folder, subset.fingerprint(), want)
+    if enc is not None:
+        return enc, "loaded"
+    split_names = sorted({s.split for s in subset})
+    enc = train_encoder(subset, folder, preset=preset, steps=steps, seed=seed,
+                        split=split_names[0], device=device, caption_augment=caption_augment,
+                        text_noise=text_noise).encoder
+    return enc, "trained"
 
 
 def train_pair(dataset: CXRDataset, split: ClipMemSplit, out: str | Path, *,
@@ -110,39 +161,43 @@ def train_pair(dataset: CXRDataset, split: ClipMemSplit, out: str | Path, *,
     status : dict
         ``{"f": "trained" | "loaded", "g": ...}``.
     """
-    from diffmem.embed import train_encoder
-
     out = Path(out)
-    p = load_preset(preset)
-    want = {"preset": p.name, "seed": seed,
-            "steps": int(p.training["steps"]) if steps is None else steps}
     encoders, status = {}, {}
     for model, indices in (("f", split.f_train), ("g", split.g_train)):
-        subset = dataset.subset(indices=indices)
-        enc = _finished_encoder(out / model, subset.fingerprint(), want)
-        status[model] = "loaded" if enc is not None else "trained"
-        if enc is None:
-            split_names = sorted({s.split for s in subset})
-            enc = train_encoder(subset, out / model, preset=preset, steps=steps, seed=seed,
-                                split=split_names[0], device=device).encoder
-        encoders[model] = enc
+        encoders[model], status[model] = train_or_load(dataset, indices, out / model,
+                                                       preset=preset, seed=seed, steps=steps,
+                                                       device=device)
     return encoders["f"], encoders["g"], status
 
 
 # -------------------------------------------------------------------------------- scoring
 def _score_run(f, g, dataset: CXRDataset, split: ClipMemSplit, *, views: int,
-               seed: int) -> list[dict[str, Any]]:
-    """Per-pair rows of one run: S_C scored as (f, g), S_I as (g, f)."""
-    rows = []
-    for part, indices, model_in, model_out in (("candidate", split.candidate, f, g),
-                                               ("independent", split.independent, g, f)):
-        a_in = dataset_alignment(model_in, dataset, indices, views=views, seed=seed)
-        a_out = dataset_alignment(model_out, dataset, indices, views=views, seed=seed)
+               seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Per-pair rows of one run: S_C scored as (f, g), S_I as (g, f); the tower-swap rows of
+    :mod:`diffmem.clipmem.towers` from the same embeddings; and the space check on S_S."""
+    from diffmem.clipmem.towers import fit_space_map, space_check, tower_alignments
+
+    aug = default_augment(f)
+    shared = {m: dataset_embeddings(m, dataset, split.shared, views=0) for m in (f, g)}
+    rotation = fit_space_map(shared[f], shared[g])          # f's space -> g's
+    rows, tower_rows = [], []
+    for part, indices, model_in, model_out, rot in (
+            ("candidate", split.candidate, f, g, rotation),
+            ("independent", split.independent, g, f, rotation.T)):
+        emb_in = dataset_embeddings(model_in, dataset, indices, views=views, augment=aug,
+                                    seed=seed)
+        emb_out = dataset_embeddings(model_out, dataset, indices, views=views, augment=aug,
+                                     seed=seed)
+        a_in, a_out = views_alignment(*emb_in), views_alignment(*emb_out)
         for i, ai, ao, c in zip(indices, a_in, a_out, clipmem_score(a_in, a_out)):
             s = dataset[i]
             rows.append({"row": i, "study_id": s.study_id, "image_id": s.image_id, "part": part,
                          "alignment_f": float(ai), "alignment_g": float(ao), "clipmem": float(c)})
-    return rows
+        for (variant, space), (a_h, a_o, c) in tower_alignments(emb_in, emb_out, rot).items():
+            tower_rows += [{"row": i, "part": part, "variant": variant, "space_map": space,
+                            "alignment_f": float(x), "alignment_g": float(y),
+                            "clipmem": float(z)} for i, x, y, z in zip(indices, a_h, a_o, c)]
+    return rows, tower_rows, space_check(shared[f], shared[g], rotation)
 
 
 def _read_run_rows(path: Path) -> list[dict[str, Any]]:
@@ -231,31 +286,67 @@ def summarize(rows: Sequence[dict[str, Any]], *, positive: str = "miscaptioned")
 
 
 # ---------------------------------------------------------------------------- entry points
-def _one_run(dataset: CXRDataset, folder: Path, *, seed: int, preset: str, steps: int | None,
-             views: int, candidates: float, independent: float,
-             device: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Split, train and score seed ``seed`` into ``folder`` (reusing what a run left there)."""
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings every seed of :func:`run_clipmem` shares (see its parameters)."""
+
+    preset: str = "demo"
+    steps: int | None = None
+    views: int = 8
+    candidates: float = 0.25
+    independent: float = 0.25
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_run(dataset: CXRDataset, folder: Path, *, seed: int, settings: RunSettings):
+    """The split and the trained (or loaded) f and g of seed ``seed`` in ``folder``.
+
+    Returns
+    -------
+    split : ClipMemSplit
+    f, g : InDomainEncoder
+    status : dict
+        ``{"f": "trained" | "loaded", "g": ...}``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    split = split_pairs(dataset, seed=seed, candidates=candidates, independent=independent)
+    split = split_pairs(dataset, seed=seed, candidates=settings.candidates,
+                        independent=settings.independent)
     write_json(folder / "split.json", split.to_dict())
+    f, g, status = train_pair(dataset, split, folder, preset=settings.preset, seed=seed,
+                              steps=settings.steps, device=settings.device)
+    return split, f, g, status
+
+
+def _one_run(dataset: CXRDataset, folder: Path, *, seed: int,
+             settings: RunSettings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Split, train and score seed ``seed`` into ``folder`` (reusing what a run left there)."""
     t0 = time.time()
-    f, g, status = train_pair(dataset, split, folder, preset=preset, seed=seed, steps=steps,
-                              device=device)
+    split, f, g, status = load_run(dataset, folder, seed=seed, settings=settings)
     train_s = time.time() - t0
-    cached = folder / "alignments.csv"
-    meta_path = folder / "alignments.json"
-    meta = {"views": views, "f": f.fingerprint(), "g": g.fingerprint()}
-    if cached.is_file() and meta_path.is_file() and \
-            json.loads(meta_path.read_text(encoding="utf-8")) == meta:
-        rows = _read_run_rows(cached)
+    views = settings.views
+    paths = {k: folder / name for k, name in (("rows", "alignments.csv"),
+                                               ("towers", "towers.csv"),
+                                               ("meta", "alignments.json"))}
+    meta = {"views": views, "f": f.fingerprint(), "g": g.fingerprint(),
+            "towers": TOWERS_VERSION}
+    have = json.loads(paths["meta"].read_text(encoding="utf-8")) \
+        if paths["meta"].is_file() else {}
+    if all(p.is_file() for p in paths.values()) and \
+            {k: have.get(k) for k in meta} == meta:
+        rows, tower_rows = _read_run_rows(paths["rows"]), _read_run_rows(paths["towers"])
+        space = have.get("space_check", {})
     else:
-        rows = _score_run(f, g, dataset, split, views=views, seed=seed)
-        write_csv(cached, RUN_COLUMNS, rows)
-        write_json(meta_path, meta)
+        rows, tower_rows, space = _score_run(f, g, dataset, split, views=views, seed=seed)
+        write_csv(paths["rows"], RUN_COLUMNS, rows)
+        write_csv(paths["towers"], TOWER_RUN_COLUMNS, tower_rows)
+        write_json(paths["meta"], {**meta, "space_check": space})
     info = {"seed": seed, "status": status, "train_seconds": round(train_s, 1),
             "score_seconds": round(time.time() - t0 - train_s, 1),
-            "sizes": split.to_dict()["sizes"]}
-    return rows, info
+            "sizes": split.to_dict()["sizes"], "space_check": space}
+    return rows, tower_rows, info
 
 
 def run_clipmem(data: CXRDataset | str | Path, out: str | Path, *, preset: str = "demo",
@@ -294,22 +385,27 @@ def run_clipmem(data: CXRDataset | str | Path, out: str | Path, *, preset: str =
     seeds = check_int("seeds", seeds)
     views = check_int("views", views, low=0)
     out = prepare_out_dir(out, inputs=[dataset.root])
+    settings = RunSettings(preset=preset, steps=steps, views=views, candidates=candidates,
+                           independent=independent, device=device)
     run_rows: list[dict[str, Any]] = []
+    tower_rows: list[dict[str, Any]] = []
     runs = []
     for seed in range(seeds):
-        rows, info = _one_run(dataset, out / "runs" / f"seed-{seed}", seed=seed, preset=preset,
-                              steps=steps, views=views, candidates=candidates,
-                              independent=independent, device=device)
+        rows, towers, info = _one_run(dataset, out / "runs" / f"seed-{seed}", seed=seed,
+                                      settings=settings)
         run_rows += rows
+        tower_rows += towers
         runs.append(info)
     rows = _aggregate(dataset, run_rows)
+    towers_summary = _write_towers(out, dataset, tower_rows)
     summary = {"method": "CLIPMem (Wang et al., ICLR 2025, arXiv 2502.07830)",
                "data": str(dataset.root), "records": len(dataset), "preset": preset,
                "steps": steps, "seeds": seeds, "views": views,
                "fractions": {"candidate": candidates, "independent": independent},
                "scored_pairs": len(rows), "runs": runs, **summarize(rows),
-               "machine": machine_info(), "wall_seconds": round(time.time() - t0, 1)}
-    return _write(out, rows, summary)
+               "towers": towers_summary, "machine": machine_info(),
+               "wall_seconds": round(time.time() - t0, 1)}
+    return _write(out, rows, summary, extra={"towers": str(out / TOWERS_NAME)})
 
 
 def score_pairs(f: Any, g: Any, data: CXRDataset | str | Path, out: str | Path | None = None,
@@ -357,10 +453,30 @@ def score_pairs(f: Any, g: Any, data: CXRDataset | str | Path, out: str | Path |
     return _write(prepare_out_dir(out, inputs=[dataset.root]), rows, summary)
 
 
-def _write(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> ClipMemResult:
+def _write_towers(out: Path, dataset: CXRDataset,
+                  tower_rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate the tower-swap rows over seeds per (pair, variant, space map), write
+    ``clipmem_towers.csv`` and return ``summary["towers"]``."""
+    from diffmem.clipmem.towers import tower_finding, tower_table
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in tower_rows:
+        groups.setdefault((r["variant"], r["space_map"]), []).append(r)
+    per_pair = []
+    for (variant, space), rs in groups.items():
+        per_pair += [{**r, "variant": variant, "space_map": space}
+                     for r in _aggregate(dataset, rs)]
+    table = tower_table(per_pair)
+    write_csv(out / TOWERS_NAME, TOWER_COLUMNS, table)
+    return {"method": "tower swap between f and g (diffmem.clipmem.towers)", "table": table,
+            "finding": tower_finding(table), "file": TOWERS_NAME}
+
+
+def _write(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], *,
+           extra: dict[str, str] | None = None) -> ClipMemResult:
     from diffmem.clipmem.plots import plot_clipmem
 
-    files = {"csv": str(write_csv(out / CSV_NAME, COLUMNS, rows))}
+    files = {"csv": str(write_csv(out / CSV_NAME, COLUMNS, rows)), **(extra or {})}
     if rows:
         files["plot"] = str(plot_clipmem(rows, out / PLOT_NAME))
     summary = {**summary, "files": {k: Path(v).name for k, v in files.items()}}

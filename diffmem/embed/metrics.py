@@ -9,6 +9,8 @@ same encoder folder, never with published FID or CLIPScore numbers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from diffmem.errors import DataError
@@ -180,3 +182,61 @@ def alignment_score(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
     if (na == 0).any() or (nb == 0).any():
         raise DataError("an embedding row is all zeros; its cosine is undefined")
     return (a * b).sum(axis=1) / (na * nb)
+
+
+def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, *, keys=None,
+                     ks=(1, 5, 10), chunk: int = 1024) -> dict[int, float]:
+    """Image-to-report retrieval recall@k on held-out pairs: the share of images whose own
+    report is among the ``k`` reports most similar to it (cosine), the candidates being the
+    distinct reports of the set.
+
+    Parameters
+    ----------
+    image_emb, text_emb : array_like, shape (N, D)
+        Row ``i`` of each belongs to pair ``i``.
+    keys : sequence, optional
+        One hashable per pair naming its report (e.g. the report text): pairs with the same key
+        share one candidate, so an image is not penalized for a different patient's identical
+        report. Default: every pair's report is its own candidate.
+    ks : sequence of int, optional
+    chunk : int, optional
+        Images scored at once (memory ``chunk x distinct reports``).
+
+    Returns
+    -------
+    dict
+        ``k -> recall@k`` in [0, 1].
+
+    Examples
+    --------
+    >>> img = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
+    >>> txt = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    >>> retrieval_recall(img, txt, ks=(1, 2))     # image 3 ranks report 1 above its own
+    {1: 0.6666666666666666, 2: 1.0}
+    >>> retrieval_recall(img, txt, keys=["a", "b", "b"], ks=(1,))
+    {1: 0.6666666666666666}
+    """
+    a, b = _features("image_emb", image_emb), _features("text_emb", text_emb)
+    if a.shape != b.shape or len(a) == 0:
+        raise DataError(f"image_emb has shape {a.shape} and text_emb {b.shape}; pass one report "
+                        "embedding per image, at least one pair")
+    keys = list(range(len(a))) if keys is None else list(keys)
+    if len(keys) != len(a):
+        raise DataError(f"got {len(keys)} keys for {len(a)} pairs; pass one key per pair")
+    first: dict[Any, int] = {}
+    rep: list[int] = []                       # the pair whose embedding stands for each report
+    own = np.zeros(len(keys), dtype=np.int64)
+    for i, k in enumerate(keys):
+        if k not in first:
+            first[k] = len(rep)
+            rep.append(i)
+        own[i] = first[k]
+    cand = b[rep]
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    cand = cand / np.linalg.norm(cand, axis=1, keepdims=True)
+    ranks = np.zeros(len(a), dtype=np.int64)
+    for start in range(0, len(a), chunk):
+        sims = a[start:start + chunk] @ cand.T
+        mine = sims[np.arange(len(sims)), own[start:start + chunk]]
+        ranks[start:start + chunk] = (sims > mine[:, None]).sum(axis=1)
+    return {int(k): float(np.mean(ranks < int(k))) for k in ks}

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -126,6 +127,55 @@ def _augment(x, aug: Mapping[str, float], gen):
     return x.clamp(0.0, 1.0)
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class CaptionAugment:
+    """Text-side augmentation of a report during training (a CLIPMem mitigation, Wang et al.,
+    ICLR 2025, Sec. 6: caption augmentation): its sentences are shuffled and each is dropped
+    with probability ``drop`` (at least one is kept). Reports are split after ``.``, ``!``
+    or ``?`` followed by white space.
+
+    Examples
+    --------
+    >>> aug = CaptionAugment(shuffle=True, drop=0.0)
+    >>> out = aug.apply("A. B. C.", np.random.default_rng(0))
+    >>> sorted(out.split(" ")), out != "A. B. C."
+    (['A.', 'B.', 'C.'], True)
+    >>> CaptionAugment(shuffle=False, drop=0.99).apply("A. B.", np.random.default_rng(0))
+    'A.'
+    """
+
+    shuffle: bool = True
+    drop: float = 0.3
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.drop) < 1.0:
+            raise ConfigError(f"caption augmentation drop={self.drop!r}; use a probability in "
+                              "[0, 1)")
+
+    @staticmethod
+    def sentences(text: str) -> list[str]:
+        """The sentences of a report as :meth:`apply` splits it."""
+        return [p for p in _SENTENCE_END.split(text.strip()) if p]
+
+    def apply(self, text: str, rng: np.random.Generator) -> str:
+        """One augmented copy of ``text``, drawn from ``rng``."""
+        parts = self.sentences(text)
+        if len(parts) < 2:
+            return text
+        keep = [p for p in parts if rng.random() >= self.drop]
+        if not keep:
+            keep = [parts[int(rng.integers(len(parts)))]]
+        if self.shuffle:
+            keep = [keep[i] for i in rng.permutation(len(keep))]
+        return " ".join(keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shuffle": bool(self.shuffle), "drop": float(self.drop)}
+
+
 # -------------------------------------------------------------------------------- training
 class _TrainingImages:
     """Training images at the encoder's side, in RAM when they fit, grouped by pixel identity."""
@@ -157,6 +207,22 @@ class _TrainingImages:
         else:
             arr = np.stack([self.data.load_image(i, size=self.size) for i in indices])
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).unsqueeze(1)
+
+
+class _Texts:
+    """The training reports as token rows (B, L); with a caption augmentation the batch's
+    reports are re-drawn and tokenized at every step (seeded by the training seed and step)."""
+
+    def __init__(self, tokenizer, prompts: Sequence[str], tokens, *,
+                 augment: CaptionAugment | None, seed: int):
+        self.tokenizer, self.prompts, self.tokens = tokenizer, list(prompts), tokens
+        self.augment, self.seed = augment, seed
+
+    def batch(self, idx: Sequence[int], step: int):
+        if self.augment is None:
+            return self.tokens[idx]
+        rng = np.random.default_rng([self.seed, step, 0xCA9])
+        return _tokenize(self.tokenizer, [self.augment.apply(self.prompts[i], rng) for i in idx])
 
 
 def _batch(groups: list[list[int]], batch_size: int, seed: int, step: int) -> list[int]:
@@ -205,6 +271,8 @@ class _Settings:
     size: int
     device: Any
     training: dict[str, Any]
+    caption_augment: CaptionAugment | None = None
+    text_noise: float = 0.0
 
     @property
     def warmup(self) -> int:
@@ -242,7 +310,7 @@ def _settings(p: EncoderPreset, *, steps: Any, batch_size: Any, lr: Any, seed: A
                      device=device, training=tr)
 
 
-def _optimize(model, images: _TrainingImages, texts, augment: Mapping[str, float],
+def _optimize(model, images: _TrainingImages, texts: _Texts, augment: Mapping[str, float],
               s: _Settings) -> list[float]:
     """Steps 4 and 5 of :func:`train_encoder`: AdamW (no weight decay on gains, biases and the
     logit scale), warm-up + cosine schedule, the two contrastive losses; the loss of each step."""
@@ -272,10 +340,12 @@ def _optimize(model, images: _TrainingImages, texts, augment: Mapping[str, float
             feat_a, feat_b = feats[:len(idx)], feats[len(idx):]
             loss = w_image * clip_loss(feat_a, feat_b, scale) if w_image else 0.0
             if w_text:
-                rows = texts[idx]
+                rows = texts.batch(idx, step)
                 first = _first_occurrences(rows)
                 if len(first) >= 2:
                     text_feats = model.encode_text(rows[first].to(s.device), normalize=True)
+                    if s.text_noise > 0:
+                        text_feats = _noisy(text_feats, s.text_noise, gen)
                     loss = loss + w_text * clip_loss(feat_a[first], text_feats, scale)
             if not isinstance(loss, torch.Tensor):
                 raise ConfigError("text_loss_weight and image_loss_weight are both 0; nothing "
@@ -298,6 +368,17 @@ def _optimize(model, images: _TrainingImages, texts, augment: Mapping[str, float
         bar.close()
     model.eval()
     return losses
+
+
+def _noisy(feats, level: float, gen):
+    """Unit-norm text embeddings plus Gaussian noise of expected norm about ``level`` (per
+    coordinate std ``level / sqrt(D)``), renormalized: the CLIPMem mitigation "noise on text
+    embeddings during training" (Wang et al., ICLR 2025, Sec. 6)."""
+    import torch
+
+    noise = torch.randn(feats.shape, generator=gen).to(feats.device)
+    return torch.nn.functional.normalize(feats + noise * (level / math.sqrt(feats.shape[1])),
+                                         dim=-1)
 
 
 def _encoder_config(cfg: Mapping[str, Any], p: EncoderPreset, s: _Settings,
@@ -326,6 +407,9 @@ def _encoder_config(cfg: Mapping[str, Any], p: EncoderPreset, s: _Settings,
                      "weight_decay": s.training["weight_decay"], "warmup_steps": s.warmup,
                      "grad_clip": s.grad_clip, "text_loss_weight": w_text,
                      "image_loss_weight": w_image, "augment": dict(p.augment),
+                     "caption_augment": (None if s.caption_augment is None
+                                         else s.caption_augment.to_dict()),
+                     "text_noise": s.text_noise,
                      "initial_loss": float(np.mean(losses[:k])),
                      "final_loss": float(np.mean(losses[-k:])),
                      "loss_every_10_steps": [round(float(np.mean(losses[i:i + 10])), 4)
@@ -340,7 +424,8 @@ def train_encoder(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, 
                   preset: str | os.PathLike | EncoderPreset = "demo", steps: int | None = None,
                   batch_size: int | None = None, lr: float | None = None, seed: int = 0,
                   image_size: int | None = None, split: str = "train",
-                  device: str = "cpu") -> EncoderResult:
+                  device: str = "cpu", caption_augment: CaptionAugment | None = None,
+                  text_noise: float = 0.0) -> EncoderResult:
     """Train an in-domain open_clip encoder on a dataset's (image, prompt) pairs (CLIP, Radford
     et al., ICML 2021, plus a SimCLR image-image term, Chen et al., ICML 2020; see the module
     docstring for the deviation).
@@ -368,6 +453,12 @@ def train_encoder(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, 
         ``"cpu"`` (default) or a torch device such as ``"cuda"``. Batches and augmentation are
         drawn on the CPU either way; results on different devices agree only up to
         floating-point differences.
+    caption_augment : CaptionAugment, optional
+        Text-side augmentation: shuffle / drop the sentences of each report at every step.
+    text_noise : float, optional
+        Gaussian noise (expected norm) added to the unit-norm text embeddings in the
+        image-report loss during training (0: none). Both are CLIPMem mitigations (Wang et al.,
+        ICLR 2025) and are recorded in ``encoder_config.json`` (``training``).
 
     Returns
     -------
@@ -405,6 +496,11 @@ def train_encoder(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, 
     p = load_preset(preset)
     s = _settings(p, steps=steps, batch_size=batch_size, lr=lr, seed=seed, image_size=image_size,
                   device=device)
+    if caption_augment is not None and not isinstance(caption_augment, CaptionAugment):
+        raise ConfigError(f"caption_augment={caption_augment!r}; pass a CaptionAugment(shuffle, "
+                          "drop) or None")
+    s.caption_augment = caption_augment
+    s.text_noise = 0.0 if text_noise == 0 else check_positive("text_noise", text_noise)
     dataset = as_dataset(data)
     out = prepare_out_dir(out, inputs=[dataset.root])
     train_set = dataset.subset(split=split)
@@ -439,7 +535,9 @@ def train_encoder(data: CXRDataset | str | os.PathLike, out: str | os.PathLike, 
              s.size, cfg["embed_dim"], len(train_set), len(images.groups), s.steps, s.batch_size)
 
     # 4-5. optimizer and training loop
-    losses = _optimize(model, images, texts, p.augment, s)
+    text_batches = _Texts(tokenizer, train_set.prompts, texts, augment=s.caption_augment,
+                          seed=s.seed)
+    losses = _optimize(model, images, text_batches, p.augment, s)
 
     # 6. save: safetensors weights, JSON config, tokenizer folder
     wall = time.time() - t_start

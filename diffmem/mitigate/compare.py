@@ -53,7 +53,7 @@ from diffmem.utils import check_outside, prepare_out_dir, progress, write_csv, w
 log = logging.getLogger(__name__)
 
 __all__ = ["CSV_COLUMNS", "ComparisonConfig", "MitigationComparison", "compare_mitigations",
-           "pareto_front", "points"]
+           "non_dominated", "pareto_front", "points"]
 
 CSV_NAME = "mitigations.csv"
 SUMMARY_NAME = "summary.json"
@@ -1155,11 +1155,21 @@ def pareto_front(rows: Sequence[Mapping[str, Any]], *, utility: str = "fid_in_do
     pts = [(p["method"], p["strength"], float(p["memorization"]), sign * float(p["utility"]))
            for p in points(rows, utility=utility, memorization_set=memorization_set,
                            utility_set=utility_set, memorization=memorization)]
-    front = []
-    for m, s, x, y in pts:
-        if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for _, _, x2, y2 in pts):
-            front.append((x, y, m, s))
-    return [(m, s) for x, y, m, s in sorted(front)]
+    return non_dominated([((m, s), x, y) for m, s, x, y in pts])
+
+
+def non_dominated(pts: Sequence[tuple[Any, float, float]]) -> list[Any]:
+    """The keys of the points ``(key, x, y)`` that no other point dominates (lower is better on
+    both axes: another point at least as low on both and lower on one), sorted by x, y, key.
+
+    Examples
+    --------
+    >>> non_dominated([("a", 1.0, 2.0), ("b", 2.0, 1.0), ("c", 2.0, 2.0)])
+    ['a', 'b']
+    """
+    front = [(x, y, key) for key, x, y in pts
+             if not any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for _, x2, y2 in pts)]
+    return [key for x, y, key in sorted(front)]
 
 
 def _label(method: str, strength: float, multi: set[str]) -> str:

@@ -31,13 +31,15 @@ from typing import Any
 
 from diffmem.errors import DataError, OutputError
 from diffmem.report.images import IMAGE_MODES, check_mode
-from diffmem.report.inputs import (read_detect, read_mitigate, read_reid_eval, read_scan,
-                                   read_study, resolve_inputs, todo_commands)
+from diffmem.report.inputs import (explicit_folder, read_clipmem, read_detect, read_mitigate,
+                                   read_reid_eval, read_scan, read_study, resolve_inputs,
+                                   todo_commands)
 from diffmem.report.render import pictures, render_report
 from diffmem.report.risk import assess_risk
-from diffmem.report.sections import (METHODS, REFERENCES, attribution_facts, dataset_facts,
-                                     detection_facts, jsonable, mitigation_facts, not_measured,
-                                     reid_facts, reproducibility, study_facts, summary_facts)
+from diffmem.report.sections import (METHODS, REFERENCES, attribution_facts, clipmem_facts,
+                                     dataset_facts, detection_facts, jsonable, mitigation_facts,
+                                     not_measured, reid_facts, reproducibility, study_facts,
+                                     summary_facts)
 from diffmem.utils import holds_files, prepare_out_dir, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,8 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
                  overwrite: bool = False, command: str | Sequence[str] | None = None,
                  results: str | os.PathLike | None = None,
                  dtype: str | None = None,
-                 reid_eval: str | os.PathLike | None = None) -> ReportResult:
+                 reid_eval: str | os.PathLike | None = None,
+                 clipmem: str | os.PathLike | None = None) -> ReportResult:
     """Write the privacy report ``out/report.html`` and ``out/report.json``.
 
     Parameters
@@ -131,6 +134,9 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
         (default: ``results/reid/reid_eval.json`` when it exists): its verification AUC is shown
         in the "Patient re-identification" section, which appears when the detection ran
         re-ID verdicts (``--methods ...,reid``).
+    clipmem : path, optional
+        The ``--out`` folder of ``diffmem clipmem`` (default: ``results/clipmem`` when it has a
+        summary.json): adds the section "Image-report encoder memorization".
 
     Returns
     -------
@@ -168,10 +174,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     scn = read_scan(found.scan) if found.scan else None
     mit = read_mitigate(found.mitigate) if found.mitigate else None
     stu = [read_study(s) for s in found.studies]
-    if reid_eval is None and results is not None \
-            and (Path(results) / "reid" / "reid_eval.json").is_file():
-        reid_eval = Path(results) / "reid" / "reid_eval.json"
-    rev = read_reid_eval(reid_eval) if reid_eval is not None else None
+    rev, cm = _optional_inputs(results, reid_eval=reid_eval, clipmem=clipmem)
     ident = _identity(model, dataset, dtype)
     _check_match(ident, dataset, det, scn, mit)
 
@@ -213,6 +216,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
         "reid": reid,
         "attribution": attribution,
         "mitigation": mitigation,
+        "clipmem": clipmem_facts(cm) if cm else None,
         "studies": studies_found,
         "methods": [dict(m) for m in METHODS],
         "references": REFERENCES,
@@ -222,7 +226,7 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
     }
 
     # 4. pictures and HTML
-    view = pictures(facts, dataset, det, scn, mit, stu, mode)
+    view = pictures(facts, dataset, det, scn, mit, stu, mode, cm=cm)
     html = render_report(facts, view)
 
     # 5. files
@@ -237,6 +241,20 @@ def build_report(out: str | os.PathLike, *, model: str | os.PathLike,
 
 
 # ---------------------------------------------------------------------------- 1. inputs
+def _optional_inputs(results: str | os.PathLike | None, *, reid_eval: Any,
+                     clipmem: Any) -> tuple[dict | None, dict | None]:
+    """The re-ID evaluation and the CLIPMem results: explicit paths, else
+    ``results/reid/reid_eval.json`` and ``results/clipmem/`` when they exist, else None."""
+    if reid_eval is None and results is not None \
+            and (Path(results) / "reid" / "reid_eval.json").is_file():
+        reid_eval = Path(results) / "reid" / "reid_eval.json"
+    if clipmem is None and results is not None \
+            and (Path(results) / "clipmem" / "summary.json").is_file():
+        clipmem = Path(results) / "clipmem"
+    return (read_reid_eval(reid_eval) if reid_eval is not None else None,
+            read_clipmem(explicit_folder(clipmem, "clipmem")) if clipmem is not None else None)
+
+
 def _is_report_folder(folder: Path) -> bool:
     try:
         return isinstance(json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))

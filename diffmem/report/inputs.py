@@ -24,8 +24,8 @@ from diffmem.utils import shell_command
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReportInputs", "read_detect", "read_mitigate", "read_reid_eval", "read_scan",
-           "read_study", "resolve_inputs"]
+__all__ = ["ReportInputs", "read_clipmem", "read_detect", "read_mitigate", "read_reid_eval",
+           "read_scan", "read_study", "resolve_inputs"]
 
 #: What to run when a section's results are missing: argument lists whose ``{model}``,
 #: ``{data}`` and ``{results}`` :func:`todo_commands` fills in and shell-quotes.
@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[tuple[str, ...], ...]] = {
                       "--out", "{results}/scan"),),
     "mitigate": (("diffmem", "mitigate", "--model", "{model}", "--data", "{data}",
                   "--out", "{results}/mitigate"),),
+    "clipmem": (("diffmem", "clipmem", "--data", "{data}", "--out", "{results}/clipmem",
+                 "--mitigate"),),
     "study": (("diffmem", "study", "toy", "--out", "{results}/study/toy"),
               ("diffmem", "study", "lr", "--data", "{data}", "--out", "{results}/study/lr"),
               ("diffmem", "study", "train-mitigations", "--data", "{data}",
@@ -52,6 +54,8 @@ COMMANDS_WITHOUT_DATA: dict[str, tuple[tuple[str, ...], ...]] = {
                       "--out", "{results}/scan"),),
     "mitigate": (("diffmem", "mitigate", "--model", "{model}", "--prompts", "{prompts}",
                   "--out", "{results}/mitigate"),),
+    "clipmem": (("diffmem", "clipmem", "--data", "DATA", "--out", "{results}/clipmem",
+                 "--mitigate"),),
     "study": (("diffmem", "study", "toy", "--out", "{results}/study/toy"),),
 }
 #: Said after a command of :data:`COMMANDS`.
@@ -98,6 +102,18 @@ class ReportInputs:
                 "studies": [str(p) for p in self.studies]}
 
 
+def explicit_folder(value: Any, what: str) -> Path | None:
+    """``value`` as a folder path (None stays None); DataError naming ``diffmem what`` when it
+    does not exist or is a file."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        raise DataError(f"{what} folder does not exist (or is a file); pass the --out "
+                        f"folder of `diffmem {what}`", path=path)
+    return path
+
+
 def resolve_inputs(*, results: str | os.PathLike | None = None,
                    detect: str | os.PathLike | None = None,
                    scan: str | os.PathLike | None = None,
@@ -115,19 +131,12 @@ def resolve_inputs(*, results: str | os.PathLike | None = None,
     DataError
         For an explicit folder (or ``results``) that does not exist or is a file.
     """
-    def explicit(value: Any, what: str) -> Path | None:
-        if value is None:
-            return None
-        path = Path(value)
-        if not path.is_dir():
-            raise DataError(f"{what} folder does not exist (or is a file); pass the --out "
-                            f"folder of `diffmem {what}`", path=path)
-        return path
-
+    explicit = explicit_folder
     base = explicit(results, "results") if results is not None else None
     if base is not None and not any((base / name).is_dir() for name in
-                                    ("detect", "scan", "mitigate", "study")):
-        raise DataError("has none of the sub-folders detect/, scan/, mitigate/, study/; "
+                                    ("detect", "scan", "mitigate", "study", "clipmem")):
+        raise DataError("has none of the sub-folders detect/, scan/, mitigate/, study/, "
+                        "clipmem/; "
                         "--results takes a folder laid out like `diffmem demo --out DIR`",
                         path=base)
 
@@ -405,6 +414,59 @@ def read_mitigate(folder: str | os.PathLike) -> dict[str, Any]:
     pareto = folder / "pareto.png"
     return {"folder": folder, "summary": summary, "rows": rows,
             "pareto": pareto if pareto.is_file() else None}
+
+
+# ---------------------------------------------------------------------------- clipmem
+_CLIPMEM_NUMBERS = ("clipmem", "alignment_f", "alignment_g")
+_CLIPMEM_MITIGATION_NUMBERS = ("strength", "clipmem_mean_positive", "clipmem_mean_all",
+                               "clipmem_mean_kept", "auc", "utility", "recall_at_1",
+                               "recall_at_5", "recall_at_10", "seconds")
+
+
+def read_clipmem(folder: str | os.PathLike, *, top: int = 8) -> dict[str, Any]:
+    """The outputs of ``diffmem clipmem --out folder`` (CLIPMem of an image-report encoder,
+    Wang et al., ICLR 2025).
+
+    Returns
+    -------
+    dict
+        ``summary`` (summary.json: ``auc``, ``by_kind``, ``towers``, ``mitigations``... each
+        may be missing), ``top`` (the ``top`` highest-CLIPMem rows of clipmem.csv, numbers
+        parsed), ``mitigations`` (mitigations.csv rows, numbers parsed; [] when not run),
+        ``figure`` and ``mitigations_plot`` (PNG paths or None).
+
+    Raises
+    ------
+    DataError
+        When summary.json or clipmem.csv is missing or malformed.
+    """
+    folder = Path(folder)
+    command = shell_command(["diffmem", "clipmem", "--data", "DATA", "--out", str(folder)])
+    summary = _json(folder / "summary.json", command)
+    if not isinstance(summary, dict) or "by_kind" not in summary:
+        raise DataError(f"is not the summary of `diffmem clipmem` (no by_kind); re-run "
+                        f"`{command}`", path=folder / "summary.json")
+    rows = _csv(folder / "clipmem.csv", command, ("study_id", "prompt", "clipmem"))
+    top_rows = []
+    for r in rows[:top]:
+        row: dict[str, Any] = dict(r)
+        for k in _CLIPMEM_NUMBERS:
+            row[k] = _float(r.get(k))
+        top_rows.append(row)
+    mitigations = []
+    if (folder / "mitigations.csv").is_file():
+        for r in _csv(folder / "mitigations.csv", command + " --mitigate", ("method",)):
+            row = dict(r)
+            for k in _CLIPMEM_MITIGATION_NUMBERS:
+                if k in r:
+                    row[k] = _float(r[k])
+            row["removed"] = _int(r.get("removed"))
+            row["pareto"] = _bool(r.get("pareto"))
+            mitigations.append(row)
+    figure, plot = folder / "clipmem.png", folder / "mitigations.png"
+    return {"folder": folder, "summary": summary, "top": top_rows, "scored": len(rows),
+            "mitigations": mitigations, "figure": figure if figure.is_file() else None,
+            "mitigations_plot": plot if plot.is_file() else None}
 
 
 # ---------------------------------------------------------------------------- study

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.errors import DataError
+from diffmem.errors import DataError, DiffMemError
 from diffmem.report.images import data_uri, patient_image
 from diffmem.report.risk import RISK_CRITERIA
 from diffmem.report.sections import REFERENCES, TABLE_TOKENS, TOP_PROMPTS, leaks_not_copies
@@ -22,11 +22,12 @@ __all__ = ["pictures", "render_report"]
 
 
 def pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit: dict | None,
-             stu: list[dict], mode: str) -> dict[str, Any]:
+             stu: list[dict], mode: str, *, cm: dict | None = None) -> dict[str, Any]:
     """Everything the HTML shows that report.json does not hold: data URIs and HTML snippets
     made by diffmem's own (escaping) renderers."""
     view: dict[str, Any] = {"figures": {}, "panels": [], "orphans": [], "heat": [], "studies": [],
-                            "pareto": None, "tokens_chart": None, "reid_pairs": []}
+                            "pareto": None, "tokens_chart": None, "reid_pairs": [],
+                            "clipmem": _clipmem_pictures(facts, dataset, cm, mode)}
     if det is not None:
         view["figures"] = {name: data_uri(path) for name, path in det["figures"].items()}
         by_study: dict[str, list[Any]] = {}  # no training images to show without data
@@ -43,7 +44,8 @@ def pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit:
             view["reid_pairs"] = [_patient_pair(r, by_study, mode) for r in leaks_not_copies(det)]
     view["patient_images"] = sum(bool(g[k]) for gens in view["panels"] + [view["orphans"]]
                                  + [view["reid_pairs"]]
-                                 for g in gens for k in ("generated", "training"))
+                                 for g in gens for k in ("generated", "training")) + \
+        sum(bool(x) for x in view["clipmem"]["images"])
     if scn is not None:
         view["tokens_chart"] = _tokens_chart(scn)
         if scn["attributions"]:
@@ -56,6 +58,38 @@ def pictures(facts: dict, dataset: Any, det: dict | None, scn: dict | None, mit:
         view["pareto"] = data_uri(mit["pareto"])
     for s in stu:
         view["studies"].append([{"name": p.name, "uri": data_uri(p)} for p in s["figures"]])
+    return view
+
+
+def _clipmem_pictures(facts: dict, dataset: Any, cm: dict | None, mode: str) -> dict[str, Any]:
+    """The CLIPMem figures and the images of its top pairs (found by image id in the report's
+    data, else in the data the CLIPMem run read), as the image mode shows them."""
+    view: dict[str, Any] = {"figure": None, "mitigations_plot": None, "images": []}
+    if cm is None:
+        return view
+    view["figure"] = None if cm["figure"] is None else data_uri(cm["figure"])
+    view["mitigations_plot"] = None if cm["mitigations_plot"] is None \
+        else data_uri(cm["mitigations_plot"])
+    top = facts["clipmem"]["top"]
+    paths: dict[str, str] = {}
+    if mode != "omit":
+        sources = [dataset] if dataset is not None else []
+        root = cm["summary"].get("data")
+        if root and Path(root).exists() and (dataset is None or
+                                             Path(root) != Path(dataset.root)):
+            from diffmem.data import load
+
+            try:
+                sources.append(load(root))
+            except (DiffMemError, OSError) as e:  # a moved dataset only costs the pictures
+                log.warning("CLIPMem pictures: cannot read %s (%s); images left out", root, e)
+        wanted = {r["image_id"] for r in top}
+        for source in sources:
+            for s in source:
+                if s.image_id in wanted and s.image_id not in paths:
+                    paths[s.image_id] = s.image
+    view["images"] = [patient_image(paths[r["image_id"]], mode)
+                      if r["image_id"] in paths else None for r in top]
     return view
 
 

@@ -21,9 +21,9 @@ from diffmem.utils import shell_command
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "REFERENCES", "attribution_facts", "dataset_facts", "detection_facts",
-           "flag_prompts", "jsonable", "mitigation_facts", "not_measured", "reid_facts",
-           "reproducibility", "study_facts", "summary_facts"]
+__all__ = ["METHODS", "REFERENCES", "attribution_facts", "clipmem_facts", "dataset_facts",
+           "detection_facts", "flag_prompts", "jsonable", "mitigation_facts", "not_measured",
+           "reid_facts", "reproducibility", "study_facts", "summary_facts"]
 
 #: Flagged prompts shown with their images and heat-coloured attributions.
 TOP_PROMPTS = 8
@@ -64,6 +64,9 @@ REFERENCES = {
               "Decomposition. 2025.",
     "wu2025": "Y.-H. Wu, P. Marion, G. Biau, C. Boyer. Taking a Big Step: Large Learning Rates "
               "in Denoising Score Matching Prevent Memorization. COLT 2025.",
+    "wang2025": "W. Wang, A. Dziedzic, G. C. Kim, M. Backes, F. Boenisch. Captured by "
+                "Captions: On Memorization and its Mitigation in CLIP Models. ICLR 2025 "
+                "(arXiv:2502.07830).",
     "packhauser2022": "K. Packhäuser, S. Gündel, N. Münster, C. Syben, V. Christlein, A. Maier. "
                       "Deep learning-based patient re-identification is able to exploit the "
                       "biometric nature of medical chest X-ray data. Scientific Reports 12, "
@@ -107,6 +110,12 @@ METHODS = (
             "memorization rate (the same copy verdicts), utility as a Frechet distance in "
             "diffmem's in-domain image embedding (FID-like, not Inception features) and "
             "prompt-image alignment."},
+    {"name": "CLIPMem", "section": "clipmem", "refs": ["wang2025"],
+     "how": "An image-report encoder f trained on a pair and a reference g that was not, same "
+            "recipe and initialization: CLIPMem is the pair's alignment (mean image-report "
+            "cosine over augmented views) under f minus under g. Which tower: f's text or image "
+            "tower swapped into g. Mitigations: f retrained with text-side changes, utility as "
+            "held-out image-to-report retrieval recall@k."},
     {"name": "Training studies", "section": "study", "refs": ["wu2025", "somepalli2023b",
                                                              "wen2024"],
      "how": "Models trained under different settings (learning rate, training-time "
@@ -356,6 +365,34 @@ def mitigation_facts(mit: dict[str, Any]) -> dict[str, Any]:
             "not_measured": [str(x) for x in s.get("not_measured") or []],
             "seconds": s.get("seconds"), "config": s.get("config"),
             "reid": any(r.get("reid_rate") is not None for r in mit["rows"])}
+
+
+def clipmem_facts(cm: dict[str, Any]) -> dict[str, Any]:
+    """The "Image-report encoder memorization" section from
+    :func:`~diffmem.report.inputs.read_clipmem`'s result: AUC and baselines, mean CLIPMem by
+    planted kind, the tower table and finding, the mitigation table, the top pairs."""
+    s = cm["summary"]
+    towers = s.get("towers") if isinstance(s.get("towers"), dict) else {}
+    mit = s.get("mitigations") if isinstance(s.get("mitigations"), dict) else {}
+    return {"folder": str(cm["folder"]), "method": s.get("method"),
+            "preset": s.get("preset"), "seeds": s.get("seeds"), "views": s.get("views"),
+            "scored_pairs": s.get("scored_pairs", cm["scored"]),
+            "positive_kind": s.get("positive_kind"), "auc": s.get("auc"),
+            "positives": s.get("positives"), "negatives": s.get("negatives"),
+            "baseline_auc": s.get("baseline_auc") or {},
+            "by_kind": s.get("by_kind") or {},
+            "towers": [r for r in towers.get("table") or [] if isinstance(r, dict)],
+            "tower_finding": towers.get("finding"),
+            "space_check": [r.get("space_check") for r in s.get("runs") or []
+                            if isinstance(r, dict) and r.get("space_check")],
+            "mitigations": cm["mitigations"],
+            "mitigation_memorization": mit.get("memorization"),
+            "mitigation_utility": mit.get("utility"),
+            "utility_reference_g": mit.get("utility_reference_g"),
+            "top": [{k: r.get(k) for k in ("study_id", "image_id", "prompt", "clipmem",
+                                           "alignment_f", "alignment_g", "plant_kind")}
+                    for r in cm["top"]],
+            "wall_seconds": s.get("wall_seconds")}
 
 
 def not_measured(dataset: Any, det: dict | None, mit: dict | None) -> list[str]:
