@@ -413,9 +413,7 @@ def detect(model: Any, data: Any | None, out: str | os.PathLike, *,
     state, adapter = _open_model(model, config, device, dtype)
     world, rank = state.num_processes, state.process_index
     train_set = None if dataset is None else dataset.subset(split="train")
-    warnings = ([] if inputs.label_source is None else list(inputs.label_source.warnings)) + (
-        mismatch_warnings(adapter, model_source, train_set, inputs.train_map)
-        if train_set is not None else [])
+    warnings = _input_warnings(inputs, adapter, model_source, train_set)
     model_fp = adapter.fingerprint()
     data_fp = (reference_fingerprint(inputs.reference) if inputs.reference is not None
                else train_set.fingerprint() if train_set is not None else "")
@@ -500,6 +498,14 @@ def _open_model(model: Any, config: DetectionConfig, device: str | None,
 
     return state, load_model(model, device=resolve_device(device, process_device=state.device),
                              dtype=dtype)
+
+
+def _input_warnings(inputs: Any, adapter: Any, model_source: Path | None,
+                    train_set: Any) -> list[str]:
+    """Warnings about the inputs: the labels file's, and a model trained on other data."""
+    return ([] if inputs.label_source is None else list(inputs.label_source.warnings)) + (
+        mismatch_warnings(adapter, model_source, train_set, inputs.train_map)
+        if train_set is not None else [])
 
 
 def _log_truncation(adapter: Any, items: list[WorkItem]) -> None:

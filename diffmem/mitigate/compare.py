@@ -457,9 +457,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     if not sets["memorized"] and detect_info is not None:
         notes.append(f"no memorized prompts found among the {detect_info['n_scanned']} prompts "
                      "of the detect run; the comparison ran on the control set only")
-    notes += _setting_notes(config, enc_info if enc is not None else None)
-    if verdicts is not None and verdicts.search_note() is not None:
-        notes.append(verdicts.search_note())
+    notes += _setting_notes(config, enc_info if enc is not None else None, verdicts)
     real = _real_features(enc, inputs, config)
 
     # 4. every configuration on every set, resumable through the store
@@ -495,9 +493,13 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     return result
 
 
-def _setting_notes(config: ComparisonConfig, enc_info: dict[str, Any] | None) -> list[str]:
-    """What a reader of the comparison must know about its utility encoder and its size."""
-    notes = [] if enc_info is None else [
+def _setting_notes(config: ComparisonConfig, enc_info: dict[str, Any] | None,
+                   verdicts: CopyVerdicts | None = None) -> list[str]:
+    """What a reader of the comparison must know about its utility encoder, its size and an
+    approximate reference index."""
+    search = None if verdicts is None else verdicts.search_note()
+    notes = [] if search is None else [search]
+    notes += [] if enc_info is None else [
         f"utility is measured with the in-domain encoder {enc_info['path']} (not Inception FID, "
         "not OpenAI CLIP): compare values only within this encoder"]
     return notes + [f"{config.steps} DDIM steps, {config.generations} generation(s) per prompt, "
