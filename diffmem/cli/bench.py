@@ -84,15 +84,11 @@ def _register_device(sub) -> None:
 
 def _run_device(args: argparse.Namespace) -> int:
     from diffmem.detect.bench_device import bench_device, format_device_bench
-    from diffmem.utils import write_json
 
     result = bench_device(size=args.size, **device_options(args), prompts=args.prompts,
                           images=args.images, steps=args.steps, batch_size=args.batch_size,
                           baseline_prompts=args.baseline_prompts, seed=args.seed)
-    print(format_device_bench(result))
-    if args.out is not None:
-        write_json(args.out, result.to_dict())
-    return 0
+    return _emit(format_device_bench(result), result, args.out)
 
 
 def _register_scale(sub) -> None:
@@ -114,13 +110,9 @@ def _register_scale(sub) -> None:
 
 def _run_scale(args: argparse.Namespace) -> int:
     from diffmem.attribution.bench_scale import DEFAULT_SIZES, bench_scale, format_scale_bench
-    from diffmem.utils import write_json
 
     result = bench_scale(args.sizes or DEFAULT_SIZES, seed=args.seed)
-    print(format_scale_bench(result))
-    if args.out is not None:
-        write_json(args.out, result.to_dict())
-    return 0
+    return _emit(format_scale_bench(result), result, args.out)
 
 
 def _register_index(sub) -> None:
@@ -149,14 +141,10 @@ def _register_index(sub) -> None:
 
 def _run_index(args: argparse.Namespace) -> int:
     from diffmem.detect.bench_index import bench_index, format_index_bench
-    from diffmem.utils import write_json
 
     result = bench_index(args.rows, args.dim, queries=args.queries, seed=args.seed,
                          clusters=args.clusters, data=args.data)
-    print(format_index_bench(result))
-    if args.out is not None:
-        write_json(args.out, result.to_dict())
-    return 0
+    return _emit(format_index_bench(result), result, args.out)
 
 
 #: Benchmark subcommands: name -> function adding its parser to the ``bench`` subparsers.
@@ -178,3 +166,12 @@ def register(subparsers) -> None:
     for register_one in SUBCOMMANDS.values():
         register_one(sub)
 
+
+def _emit(text: str, result, out: str | None) -> int:
+    """Print a bench's table and, with ``--out``, write its numbers as JSON."""
+    from diffmem.utils import write_json
+
+    print(text)
+    if out is not None:
+        write_json(out, result.to_dict())
+    return 0
