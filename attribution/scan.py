@@ -506,7 +506,10 @@ def _bucket_pairs(x: Any, bucket: np.ndarray, threshold: float, comp: np.ndarray
     b = bucket[order]
     starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
     sizes = np.diff(np.r_[starts, len(b)])
-    starts, sizes = starts[sizes >= 2], sizes[sizes >= 2]
+    # a bucket of one row, or whose rows are all in one component already, adds no edge
+    member = comp[order]
+    mixed = np.minimum.reduceat(member, starts) != np.maximum.reduceat(member, starts)
+    starts, sizes = starts[mixed], sizes[mixed]
     out = [np.zeros((0, 2), dtype=np.int64)]
     # chunks: consecutive buckets with about `block` rows together
     cut = np.flatnonzero(np.diff(np.cumsum(sizes) // block, prepend=0)) if len(sizes) else []
@@ -520,12 +523,35 @@ def _bucket_pairs(x: Any, bucket: np.ndarray, threshold: float, comp: np.ndarray
         cols, col = np.unique(codes, return_inverse=True)
         z = csr_matrix((sub.data, col.ravel(), sub.indptr), shape=(len(rows), len(cols)))
         zt = z.T.tocsr()
-        for lo in range(0, len(rows), block):
-            sims = (z[lo:lo + block] @ zt).tocoo()
-            i, j = rows[sims.row + lo], rows[sims.col]
-            keep = (sims.data >= threshold - 1e-9) & (i < j) & (comp[i] != comp[j])
-            out.append(np.stack([i[keep], j[keep]], axis=1))
+        dominant = _in_largest_component(local, comp[rows])
+        left = np.flatnonzero(~dominant)  # a pair inside one component adds no edge
+        for lo in range(0, len(left), block):
+            at = left[lo:lo + block]
+            sims = (z[at] @ zt).tocoo()
+            i, j = rows[at[sims.row]], rows[sims.col]
+            # a pair of two non-dominant rows comes twice: keep it once
+            keep = ((sims.data >= threshold - 1e-9) & (comp[i] != comp[j])
+                    & ((i < j) | dominant[sims.col]))
+            out.append(np.sort(np.stack([i[keep], j[keep]], axis=1), axis=1))
     return np.concatenate(out).astype(np.int64)
+
+
+def _in_largest_component(bucket: np.ndarray, comp: np.ndarray) -> np.ndarray:
+    """Whether each row belongs to the largest component of its bucket (one per bucket, the
+    smallest component id on a tie).
+
+    >>> _in_largest_component(np.array([0, 0, 0, 1, 1]), np.array([5, 5, 7, 2, 3])).tolist()
+    [True, True, False, True, False]
+    """
+    key = bucket.astype(np.int64) * (int(comp.max()) + 1) + comp
+    keys, at, counts = np.unique(key, return_inverse=True, return_counts=True)
+    owner = keys // (int(comp.max()) + 1)
+    # per bucket, the first key (smallest component) with the largest count
+    best = np.lexsort((keys, -counts, owner))
+    first = best[np.r_[True, owner[best][1:] != owner[best][:-1]]]
+    chosen = np.zeros(len(keys), dtype=bool)
+    chosen[first] = True
+    return chosen[at.ravel()]
 
 
 def _unique(a: np.ndarray) -> np.ndarray:

@@ -166,3 +166,22 @@ def test_bench_scale_smoke(tmp_path, capsys):
         from diffmem.attribution.bench_scale import bench_scale
 
         bench_scale([10, 100])
+
+
+def test_bucket_pairs_skip_only_pairs_inside_one_component():
+    """The bucket search leaves out each bucket's largest component from the left side of its
+    product; the edges it returns must be exactly the above-threshold pairs of one bucket
+    whose rows are in different components (brute force over the same buckets)."""
+    from diffmem.attribution.scan import _bucket_pairs
+
+    rng = np.random.default_rng(0)
+    x = _tfidf_of(synthetic_prompts(400, seed=5).prompts)
+    n = x.shape[0]
+    bucket = rng.integers(0, 12, size=n).astype(np.uint64)
+    comp = rng.integers(0, 6, size=n)  # few components: most buckets have a dominant one
+    found = _bucket_pairs(x, bucket, 0.3, comp, block=37)
+    sims = (x @ x.T).toarray()
+    i, j = np.triu_indices(n, k=1)
+    want = (bucket[i] == bucket[j]) & (comp[i] != comp[j]) & (sims[i, j] >= 0.3 - 1e-9)
+    assert want.sum() > 20
+    assert sorted(map(tuple, found.tolist())) == sorted(zip(i[want].tolist(), j[want].tolist()))
