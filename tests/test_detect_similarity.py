@@ -262,3 +262,17 @@ def test_params_identify_the_settings():
     with pytest.raises(ConfigError, match=r"options \['size'\].*already built 'pixel'"):
         get_backend(built, size=4)
     assert repr(get_backend("pixel", size=16)) == "PixelBackend(size=16)"
+
+
+@pytest.mark.parametrize("name", ["pixel", "tiled_l2", "ssim"])
+def test_paired_similarity_is_each_querys_row_of_the_full_matrix(name):
+    """An index's candidates are re-scored per query; the scores must be the entries of the
+    full similarity matrix (the cosine backends compute them in one product, the others per
+    query)."""
+    rng = np.random.default_rng(0)
+    backend = get_backend(name, size=16)
+    feats = backend.features(rng.random((12, 16, 16)))
+    query, cand = feats[:3], rng.integers(0, 12, size=(3, 5))
+    full = backend.similarity(query, feats)
+    got = backend.paired_similarity(query, feats[cand])
+    np.testing.assert_allclose(got, np.take_along_axis(full, cand, 1), rtol=0, atol=1e-12)

@@ -51,8 +51,8 @@ INDEXES = (None, "brute", "faiss")
 
 # Extra FAISS candidates re-ranked exactly (ties among duplicated training images)
 _FAISS_SPARE = 8
-# Queries whose FAISS candidates are re-scored together (bounds a Q x candidates block)
-_RESCORE_QUERIES = 256
+# Queries whose FAISS candidates are gathered and re-scored together (bounds the gather)
+_RESCORE_QUERIES = 1024
 
 
 @dataclass
@@ -503,11 +503,11 @@ def _faiss_search(faiss: Any, reference: ReferenceFeatures, query: np.ndarray, k
     missing = rows < 0  # an IVF index returns -1 past the members of the probed lists
     rows = np.where(missing, 0, rows)
     sims = np.empty(rows.shape)
-    for start in range(0, len(query), _RESCORE_QUERIES):
+    for start in range(0, len(query), _RESCORE_QUERIES):  # each query with its own candidates
         block = slice(start, start + _RESCORE_QUERIES)
-        cand, where = np.unique(rows[block], return_inverse=True)
-        full = backend.similarity(query[block], np.asarray(reference.features[cand]))
-        sims[block] = np.take_along_axis(full, where.reshape(rows[block].shape), 1)
+        cand = np.asarray(reference.features[rows[block].ravel()])
+        sims[block] = backend.paired_similarity(query[block],
+                                                cand.reshape(*rows[block].shape, -1))
     sims[missing] = -np.inf
     idx = np.where(missing, np.iinfo(np.int64).max, reference.indices[rows])
     order = np.lexsort((idx, -sims), axis=1)[:, :k]

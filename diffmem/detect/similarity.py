@@ -251,13 +251,42 @@ class SimilarityBackend(abc.ABC):
         """What identifies the features for an on-disk cache; ``None`` when unknown."""
         return self.params()
 
+    def paired_similarity(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Similarity ``(Q, C)`` float64 of each query row to its own candidates only
+        (``candidates[q]``, ``(Q, C, D)``): how an index's candidates are re-scored. The
+        default calls :meth:`similarity` once per query."""
+        out = np.empty(candidates.shape[:2])
+        for q in range(len(query)):
+            out[q] = self.similarity(query[q:q + 1], candidates[q])[0]
+        return out
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k != "backend")
         return f"{type(self).__name__}({opts})"
 
 
+class CosineBackend(SimilarityBackend):
+    """A backend whose features are unit rows and whose similarity is their cosine (the dot
+    product, renormalized in float64), with the chord distance ``sqrt(2 - 2 s)``."""
+
+    inner_product = True
+
+    def similarity(self, query: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        return _cosine(*_check_pair(query, reference))
+
+    def paired_similarity(self, query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        q = _unit_rows(np.asarray(query, dtype=np.float64))
+        c = np.asarray(candidates, dtype=np.float64)
+        norm = np.linalg.norm(c, axis=2, keepdims=True)
+        c = np.divide(c, norm, out=np.zeros_like(c), where=norm > 1e-12)
+        return np.clip(np.einsum("qd,qcd->qc", q, c), -1.0, 1.0)
+
+    def to_distance(self, similarity: np.ndarray) -> np.ndarray:
+        return _chord(similarity)
+
+
 @register_backend
-class PixelBackend(SimilarityBackend):
+class PixelBackend(CosineBackend):
     """Normalized-L2 pixel similarity of small thumbnails.
 
     Each image is area-resized to ``size`` x ``size``, flattened, its mean removed and the
@@ -275,7 +304,6 @@ class PixelBackend(SimilarityBackend):
     """
 
     name = "pixel"
-    inner_product = True
 
     def __init__(self, *, size: int | None = 32):
         self.size = _check_size(size)
@@ -285,12 +313,6 @@ class PixelBackend(SimilarityBackend):
         x = x.reshape(len(x), -1).astype(np.float64)
         x -= x.mean(axis=1, keepdims=True)
         return _unit_rows(x).astype(np.float32)
-
-    def similarity(self, query: np.ndarray, reference: np.ndarray) -> np.ndarray:
-        return _cosine(*_check_pair(query, reference))
-
-    def to_distance(self, similarity: np.ndarray) -> np.ndarray:
-        return _chord(similarity)
 
     def params(self) -> dict[str, Any]:
         return {"backend": self.name, "size": self.size}
@@ -495,7 +517,7 @@ def _encoder_id(encoder: Any) -> str | None:
 
 
 @register_backend
-class EmbeddingBackend(SimilarityBackend):
+class EmbeddingBackend(CosineBackend):
     """Cosine similarity of image embeddings from an encoder (e.g. diffmem's in-domain
     open_clip model, :mod:`diffmem.embed`).
 
@@ -520,7 +542,6 @@ class EmbeddingBackend(SimilarityBackend):
     """
 
     name = "embedding"
-    inner_product = True
 
     def __init__(self, *, encoder: Any = None, encoder_id: str | None = None,
                  image_size: int | None = None):
@@ -553,12 +574,6 @@ class EmbeddingBackend(SimilarityBackend):
         if not np.all(np.isfinite(out)):
             raise DataError("the encoder returned NaN or infinite embeddings; check its weights")
         return _unit_rows(out.astype(np.float64)).astype(np.float32)
-
-    def similarity(self, query: np.ndarray, reference: np.ndarray) -> np.ndarray:
-        return _cosine(*_check_pair(query, reference))
-
-    def to_distance(self, similarity: np.ndarray) -> np.ndarray:
-        return _chord(similarity)
 
     def params(self) -> dict[str, Any]:
         return {"backend": self.name, "encoder": self.encoder_id}
