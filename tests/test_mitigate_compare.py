@@ -88,7 +88,7 @@ def test_rerun_resumes_from_the_store(run, model, data, encoder, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("recomputed a stored configuration")
 
-    monkeypatch.setattr(compare, "measure", fail)
+    monkeypatch.setattr(compare, "generate", fail)
     again = compare_mitigations(model, data, out, encoder=encoder,
                                 methods=["guidance_delay", "gaussian_noise_embedding"],
                                 strengths={"guidance_delay": [0.5, 1.0]}, **FAST)
