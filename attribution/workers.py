@@ -1,6 +1,6 @@
 """Per-prompt attribution over several processes (``diffmem scan --model M --workers N``).
 
-The process pool is :func:`diffmem.workers.map_in_workers` (shared with ``diffmem mitigate``):
+The process pool is :class:`diffmem.workers.WorkerPool` (shared with ``diffmem mitigate``):
 each worker opens the model folder once and attributes contiguous shards of the prompts
 (:func:`diffmem.workers.shards`); the shards are put back in prompt order, so the parent sees
 the same list as one process computing them one after the other, and everything it derives from
@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from diffmem.errors import PromptError
 from diffmem.utils import progress
-from diffmem.workers import check_workers, map_in_workers, shards
+from diffmem.workers import WorkerPool, check_workers, shards
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def attribute_prompts(adapter: Any, prompts: Sequence[str], *, method: str,
                 for p in progress(prompts, desc=f"attribution ({method})", unit="prompt")]
     tasks = [(method, part, dict(trajectory)) for part in shards(list(prompts), workers=workers)]
     parts: list[list[Attributed]] = [[] for _ in tasks]
-    for i, part in map_in_workers(_attribute_shard, tasks, adapter=adapter, workers=workers,
-                                  threads=threads, desc=f"attribution ({method})", unit="shard"):
-        parts[i] = part
+    with WorkerPool(adapter, workers=workers, threads=threads) as pool:
+        for i, part in pool.imap(_attribute_shard, tasks, desc=f"attribution ({method})",
+                                 unit="shard"):
+            parts[i] = part
     return [a for part in parts for a in part]

@@ -5,7 +5,9 @@ Each worker is a fresh (``spawn``) process that opens the model folder once (on 
 adapter's device and dtype, with ``threads`` torch threads) and then runs tasks
 ``fn(adapter, task)``; ``fn`` is a module-level function (it is pickled by name). The caller
 decides what a task is (a shard of prompts for scan, one mitigation unit for mitigate) and
-keeps everything that must happen once (merging, writing the store) in the parent.
+keeps everything that must happen once (merging, writing the store) in the parent. Workers
+import diffmem afresh: a method registered at run time in the parent (a custom mitigation or
+attribution method) is unknown to them; run those with one worker.
 
 A task's result does not depend on which process runs it as long as the task itself is
 seeded: generations take their noise from :func:`~diffmem.models.generation_seed` (seed,
@@ -33,7 +35,7 @@ from diffmem.checks import check_int
 from diffmem.errors import ConfigError
 from diffmem.utils import progress, progress_bar
 
-__all__ = ["check_workers", "map_in_workers", "shards", "worker_threads"]
+__all__ = ["WorkerPool", "check_workers", "shards", "worker_threads"]
 
 # shards per worker: small enough to balance prompts of different lengths, large enough that
 # the per-task overhead (pickling a few results) stays small
@@ -87,51 +89,79 @@ def _run_task(fn: Callable[[Any, Any], Any], task: Any) -> Any:
     return fn(_worker_adapter, task)
 
 
-def map_in_workers(fn: Callable[[Any, Any], Any], tasks: Sequence[Any], *, adapter: Any,
-                   workers: int, threads: int | None = None, desc: str,
-                   unit: str = "task") -> Iterator[tuple[int, Any]]:
-    """Run ``fn(adapter, task)`` for every task and yield ``(index, result)`` as each finishes.
+class WorkerPool:
+    """Processes that each open the model once and run tasks ``fn(adapter, task)``; use as a
+    context manager, and call :meth:`imap` as often as needed (the workers and their model stay
+    up between calls). With ``workers=1`` the tasks run here, with ``adapter``.
 
     Parameters
     ----------
-    fn : callable
-        A module-level function ``fn(adapter, task)`` (pickled by name for the workers).
-    tasks : sequence
-        Picklable task descriptions.
     adapter : DiffusionModelAdapter
         The model. With ``workers > 1`` it must come from a model folder (``adapter.source``):
         each worker opens that folder on the adapter's device and dtype.
     workers : int
-        Processes; 1 runs the tasks here, in order, with ``adapter``.
+        Processes; 1 runs the tasks in this process, in order.
     threads : int, optional
         Torch threads per worker (default: the CPUs divided among the workers).
-    desc, unit : str
-        The progress bar's label and unit.
-
-    Yields
-    ------
-    (int, object)
-        A task's index in ``tasks`` and its result: in task order with one worker, in order of
-        completion with several (so the caller can store each as soon as it is done).
 
     Raises
     ------
     ConfigError
         From :func:`check_workers` and :func:`worker_threads`.
     """
-    workers = check_workers(workers, adapter)
-    if workers == 1 or len(tasks) <= 1:
-        for i, task in enumerate(progress(tasks, desc=desc, unit=unit)):
-            yield i, fn(adapter, task)
-        return
-    threads = worker_threads(workers, threads)
-    dtype = str(adapter.dtype).replace("torch.", "") if adapter.dtype is not None else None
-    bar = progress_bar(total=len(tasks), desc=f"{desc} ({workers} workers)", unit=unit)
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
-                             mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker,
-                             initargs=(str(adapter.source), str(adapter.device), dtype,
-                                       threads)) as pool:
+
+    def __init__(self, adapter: Any, *, workers: int, threads: int | None = None):
+        self.adapter = adapter
+        self.workers = check_workers(workers, adapter)
+        self.threads = worker_threads(self.workers, threads) if self.workers > 1 else None
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:  # started at the first task, so an empty run spawns nothing
+            a = self.adapter
+            dtype = str(a.dtype).replace("torch.", "") if a.dtype is not None else None
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(str(a.source), str(a.device), dtype, self.threads))
+        return self._pool
+
+    def imap(self, fn: Callable[[Any, Any], Any], tasks: Sequence[Any], *, desc: str,
+             unit: str = "task") -> Iterator[tuple[int, Any]]:
+        """Run ``fn(adapter, task)`` for every task; yield ``(index, result)`` as each finishes.
+
+        Parameters
+        ----------
+        fn : callable
+            A module-level function ``fn(adapter, task)`` (pickled by name for the workers).
+        tasks : sequence
+            Picklable task descriptions.
+        desc, unit : str
+            The progress bar's label and unit.
+
+        Yields
+        ------
+        (int, object)
+            A task's index in ``tasks`` and its result: in task order in this process, in order
+            of completion with several workers (so the caller can store each as soon as it is
+            done).
+        """
+        if self.workers == 1:
+            for i, task in enumerate(progress(tasks, desc=desc, unit=unit)):
+                yield i, fn(self.adapter, task)
+            return
+        if not tasks:
+            return
+        pool = self._executor()
+        bar = progress_bar(total=len(tasks), desc=f"{desc} ({self.workers} workers)", unit=unit)
         pending = {pool.submit(_run_task, fn, task): i for i, task in enumerate(tasks)}
         try:
             while pending:
@@ -144,3 +174,4 @@ def map_in_workers(fn: Callable[[Any, Any], Any], tasks: Sequence[Any], *, adapt
             for future in pending:
                 future.cancel()
             bar.close()
+

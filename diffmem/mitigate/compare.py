@@ -17,7 +17,9 @@ one model and its training data:
    (the same initial noises for every method), their nearest training image (copy verdicts at
    the threshold), the text-conditional noise magnitude at the first step (with the method's
    embedding and attention changes), in-domain embeddings of the images; each unit is
-   committed to ``results.sqlite`` as soon as it is done, so a killed run resumes;
+   committed to ``results.sqlite`` as soon as it is done, so a killed run resumes. With
+   ``workers=N`` the units are generated in N processes (:mod:`diffmem.workers`, the baseline
+   first) and measured and committed here, as they arrive;
 4. **metrics and verdicts**: memorization rate, mean nearest similarity, noise magnitude (and,
    with ``reid``, the re-identification rate: generations whose most similar training patient
    passes the re-ID threshold of :mod:`diffmem.reid.verdicts`, calibrated on held-out patients
@@ -49,7 +51,7 @@ from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.mitigate.registry import get_mitigation, list_mitigations
 from diffmem.store import ResultsStore
 from diffmem.utils import check_outside, prepare_out_dir, write_csv, write_json
-from diffmem.workers import check_workers, map_in_workers, worker_threads
+from diffmem.workers import WorkerPool, check_workers, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ class ComparisonConfig:
         A fixed re-ID threshold instead of calibrating one at ``fpr`` on held-out patients.
     workers : int
         Processes that generate the (method, strength, set) units (default 1: this one). Each
-        opens the model folder again (:func:`diffmem.workers.map_in_workers`), so a model
+        opens the model folder again (:class:`diffmem.workers.WorkerPool`), so a model
         object needs ``workers=1``; copy verdicts, embeddings and the store stay in this
         process. Same results as one process at the same torch thread count.
     threads : int or None
@@ -930,19 +932,21 @@ class _Units:
         peo_target = None
         units: dict[tuple[str, float, str], dict[str, Any]] = {}
         work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
-        for wave in ([w for w in work if w[0] == BASELINE], [w for w in work if w[0] != BASELINE]):
-            todo = []
-            for method, strength, set_name in wave:
-                params = {}
-                if method == "prompt_embedding_optimization" and \
-                        get_mitigation(method).params.get("target") is None:
-                    peo_target = _peo_target(units) if peo_target is None else peo_target
-                    params["target"] = peo_target
-                if method == "nemo_deactivation" and _nemo_needs_reference():
-                    # NeMo's in-distribution statistics come from non-memorized prompts
-                    params["reference_prompts"] = list(sets["control"])
-                todo.append((method, strength, set_name, params))
-            units.update(self._measure(todo, sets))
+        with WorkerPool(self.adapter, workers=config.workers, threads=config.threads) as pool:
+            for wave in ([w for w in work if w[0] == BASELINE],
+                         [w for w in work if w[0] != BASELINE]):
+                todo = []
+                for method, strength, set_name in wave:
+                    params = {}
+                    if method == "prompt_embedding_optimization" and \
+                            get_mitigation(method).params.get("target") is None:
+                        peo_target = _peo_target(units) if peo_target is None else peo_target
+                        params["target"] = peo_target
+                    if method == "nemo_deactivation" and _nemo_needs_reference():
+                        # NeMo's in-distribution statistics come from non-memorized prompts
+                        params["reference_prompts"] = list(sets["control"])
+                    todo.append((method, strength, set_name, params))
+                units.update(self._measure(todo, sets, pool))
         if peo_target is not None:
             notes.append(f"prompt_embedding_optimization stops at the median first-step noise "
                          f"magnitude of the baseline control prompts ({peo_target:.4g})")
@@ -969,10 +973,10 @@ class _Units:
         return self.store.put_params(key)
 
     def _measure(self, todo: list[tuple[str, float, str, dict]], sets: Mapping[str, list[str]],
-                 ) -> dict[tuple[str, float, str], dict[str, Any]]:
+                 pool: WorkerPool) -> dict[tuple[str, float, str], dict[str, Any]]:
         """The units of ``todo`` (method, strength, set, params): read from the store, or
-        generated (:func:`generate`, over the workers) and measured (:func:`judge`) here, each
-        committed as soon as it is done, so a killed run resumes."""
+        generated (:func:`generate`, on the ``pool``'s workers) and measured (:func:`judge`)
+        here, each committed as soon as it is done, so a killed run resumes."""
         config, store = self.config, self.store
         done: dict[tuple[str, float, str], dict[str, Any]] = {}
         missing, tasks = [], []
@@ -989,9 +993,7 @@ class _Units:
                           "generations": config.generations, "steps": config.steps,
                           "guidance": self.guidance, "seed": config.seed,
                           "batch_size": config.batch_size})
-        for i, generated in map_in_workers(_generate_task, tasks, adapter=self.adapter,
-                                           workers=config.workers, threads=config.threads,
-                                           desc="mitigations", unit="config"):
+        for i, generated in pool.imap(_generate_task, tasks, desc="mitigations", unit="config"):
             key, name, h = missing[i]
             value = judge(generated, backend=None if self.verdicts is None else
                           self.verdicts.backend, reference=None if self.verdicts is None else
@@ -1011,8 +1013,8 @@ def _peo_target(units: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> fl
 
 
 def _generate_task(adapter: Any, task: dict[str, Any]) -> dict[str, Any]:
-    """One unit's :func:`generate` call (what a worker of :func:`~diffmem.workers.
-    map_in_workers` runs)."""
+    """One unit's :func:`generate` call (what a worker of :class:`~diffmem.workers.WorkerPool`
+    runs)."""
     return generate(adapter, **task)
 
 
