@@ -130,8 +130,9 @@ class ComparisonConfig:
         else ``alignment``; no utility (no front, no recommendation) without an in-domain
         encoder.
     fid_tolerance : float
-        The recommendation keeps utility within this fraction of the baseline's (default 0.25:
-        in-domain FID at most 25 % worse, or alignment at most 25 % lower).
+        The recommendation keeps every measured utility within this fraction of the baseline's
+        (default 0.25: in-domain FID at most 25 % worse and alignment at most 25 % lower),
+        the chosen ``utility`` and the other one alike.
     reid : bool
         Also measure the re-identification rate of every configuration (default False).
     reid_model : str or None
@@ -1274,31 +1275,48 @@ def _recommend(rows: list[dict[str, Any]], front: list[tuple[str, float]],
     if base is None:
         return None, f"the baseline has no {what} and {u} to compare with"
     higher, tol = UTILITIES[u], float(config.fid_tolerance)
+    # every measured utility must stay within the tolerance, not only the chosen one: a
+    # setting that keeps the Fréchet distance while its images stop following the prompts
+    # (alignment on the control prompts collapses, as pruning 99% of the cross-attention
+    # does) is not a recommendation
+    measured = {v: {(p["method"], p["strength"]): p["utility"] for p in points(
+        rows, utility=v, memorization_set=mem_set, utility_set=use_set, memorization=metric)}
+        for v in UTILITIES}
+    measured = {v: m for v, m in measured.items() if (BASELINE, 0.0) in m}
 
-    def acceptable(p):
-        if higher:
-            return p["utility"] >= base["utility"] - tol * abs(base["utility"])
-        return p["utility"] <= base["utility"] * (1 + tol)
+    def acceptable(key):
+        for v, values in measured.items():
+            b, x = values[(BASELINE, 0.0)], values.get(key)
+            if x is not None and not (x >= b - tol * abs(b) if UTILITIES[v]
+                                      else x <= b * (1 + tol)):
+                return False
+        return True
 
-    options = [by_key[k] for k in front if k[0] != BASELINE
-               and by_key[k]["memorization"] < base["memorization"]
-               and acceptable(by_key[k])]
+    # the lowest memorization among the acceptable settings: on the front of those settings
+    # (a setting off the whole front is chosen only when every one dominating it fails)
+    options = [p for k, p in by_key.items() if k[0] != BASELINE
+               and p["memorization"] < base["memorization"] and acceptable(k)]
     if not options:
         if base["memorization"] == 0 and metric == "memorization_rate":
             return None, (f"the baseline copies nothing on the {mem_set} prompts at this "
                           "threshold: no mitigation is needed there")
         return None, (f"no mitigation lowers the {what} of the {mem_set} prompts below the "
-                      f"baseline's {base['memorization']:.4g} while keeping {u} on the "
-                      f"{use_set} prompts within {tol:.0%} of the baseline's "
-                      f"({base['utility']:.4g})")
+                      f"baseline's {base['memorization']:.4g} while keeping "
+                      f"{' and '.join(measured)} on the {use_set} prompts within {tol:.0%} "
+                      f"of the baseline's ({base['utility']:.4g} for {u})")
     best = min(options, key=lambda p: (p["memorization"],
                                        -p["utility"] if higher else p["utility"]))
     label = _label(best["method"], best["strength"], multi)
     cost = _alignment_change(rows, best, sets)
-    return label, (f"on the Pareto front, lowest {what} on the {mem_set} prompts "
+    others = [v for v in measured if v != u]
+    where = ("on the Pareto front" if (best["method"], best["strength"]) in front else
+             "off the Pareto front (the settings dominating it fail a utility)")
+    return label, (f"{where}, lowest {what} on the {mem_set} prompts "
                    f"({best['memorization']:.4g} vs {base['memorization']:.4g} without "
                    f"mitigation) with {u} on the {use_set} prompts {best['utility']:.4g}, "
-                   f"within {tol:.0%} of the baseline's {base['utility']:.4g}" + cost)
+                   f"within {tol:.0%} of the baseline's {base['utility']:.4g}"
+                   + (f" ({' and '.join(others)} within {tol:.0%} too)" if others else "")
+                   + cost)
 
 
 def _alignment_change(rows: list[dict[str, Any]], best: Mapping[str, Any],
@@ -1307,7 +1325,8 @@ def _alignment_change(rows: list[dict[str, Any]], best: Mapping[str, Any],
     parts = []
     for name in dict.fromkeys(sets):
         pair = {r["method"]: r["alignment"] for r in rows if r["prompt_set"] == name and (
-            (r["method"], r["strength"]) in ((BASELINE, 0.0), (best["method"], best["strength"])))}
+            (r["method"], r["strength"]) in ((BASELINE, 0.0), (best["method"], best["strength"])))
+            and r["alignment"] is not None}
         if len(pair) == 2:
             parts.append(f"{name} {pair[BASELINE]:.3f} -> {pair[best['method']]:.3f}")
     return f"; its alignment changes {', '.join(parts)}" if parts else ""
