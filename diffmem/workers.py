@@ -2,7 +2,8 @@
 M --workers N`` and ``diffmem mitigate --workers N``.
 
 Each worker is a fresh (``spawn``) process that opens the model folder once (on the parent
-adapter's device and dtype, with ``threads`` torch threads) and then runs tasks
+adapter's device and dtype, with ``threads`` torch threads; a bare ``cuda`` device with several
+GPUs visible puts the workers on different GPUs, :func:`worker_devices`) and then runs tasks
 ``fn(adapter, task)``; ``fn`` is a module-level function (it is pickled by name). The caller
 decides what a task is (a shard of prompts for scan, one mitigation unit for mitigate) and
 keeps everything that must happen once (merging, writing the store) in the parent. Workers
@@ -35,7 +36,7 @@ from diffmem.checks import check_int
 from diffmem.errors import ConfigError
 from diffmem.utils import progress, progress_bar
 
-__all__ = ["WorkerPool", "check_workers", "shards", "worker_threads"]
+__all__ = ["WorkerPool", "check_workers", "shards", "worker_devices", "worker_threads"]
 
 # shards per worker: small enough to balance prompts of different lengths, large enough that
 # the per-task overhead (pickling a few results) stays small
@@ -74,7 +75,22 @@ def shards(items: Sequence[Any], *, workers: int) -> list[list[Any]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
-def _init_worker(source: str, device: str, dtype: str | None, threads: int) -> None:
+def worker_devices(device: str, workers: int, cuda_devices: int) -> list[str]:
+    """The device of each worker: a bare ``cuda`` with several GPUs visible spreads the workers
+    over them (worker ``i`` on ``cuda:i mod n``); any other device (``cpu``, ``mps``, an
+    explicit ``cuda:N``) is every worker's.
+
+    >>> worker_devices("cuda", 3, cuda_devices=2)
+    ['cuda:0', 'cuda:1', 'cuda:0']
+    >>> worker_devices("cuda:1", 2, cuda_devices=4), worker_devices("cpu", 2, cuda_devices=0)
+    (['cuda:1', 'cuda:1'], ['cpu', 'cpu'])
+    """
+    if device == "cuda" and cuda_devices > 1:
+        return [f"cuda:{i % cuda_devices}" for i in range(workers)]
+    return [device] * workers
+
+
+def _init_worker(source: str, devices: Any, dtype: str | None, threads: int) -> None:
     global _worker_adapter
     import torch
 
@@ -82,7 +98,8 @@ def _init_worker(source: str, device: str, dtype: str | None, threads: int) -> N
 
     os.environ["DIFFMEM_NO_PROGRESS"] = "1"
     torch.set_num_threads(threads)
-    _worker_adapter = load_model(source, device=device, dtype=dtype)
+    # each worker takes the next device of the queue (one entry per worker)
+    _worker_adapter = load_model(source, device=devices.get(), dtype=dtype)
 
 
 def _run_task(fn: Callable[[Any, Any], Any], task: Any) -> Any:
@@ -126,12 +143,20 @@ class WorkerPool:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:  # started at the first task, so an empty run spawns nothing
+            import torch
+
             a = self.adapter
             dtype = str(a.dtype).replace("torch.", "") if a.dtype is not None else None
+            context = multiprocessing.get_context("spawn")
+            devices = context.Queue()
+            requested = str(a.device)  # a bare "cuda" spreads the workers over the GPUs
+            for device in worker_devices(requested, self.workers,
+                                         torch.cuda.device_count() if requested == "cuda"
+                                         else 0):
+                devices.put(device)
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(str(a.source), str(a.device), dtype, self.threads))
+                max_workers=self.workers, mp_context=context, initializer=_init_worker,
+                initargs=(str(a.source), devices, dtype, self.threads))
         return self._pool
 
     def imap(self, fn: Callable[[Any, Any], Any], tasks: Sequence[Any], *, desc: str,
