@@ -158,7 +158,8 @@ def index_near_duplicates(dataset: CXRDataset, index: str | os.PathLike, *, thre
     component could split only if more than ``k`` rows tie within the threshold around a row
     *and* the chain through its neighbours breaks; with an exact index the result then equals
     the all-pairs clusters at the index's thumbnail size (an IVF index can miss neighbours,
-    at the recall its card records).
+    at the recall its card records). Without a FAISS index the blocked exact search still
+    scores every pair, in bounded memory; an IVF index (``--faiss ivf``) makes it sub-quadratic.
 
     Parameters
     ----------
