@@ -339,6 +339,13 @@ def test_clipmem_ranks_miscaptioned_pairs_on_the_clipmem_preset(tmp_path):
     assert kinds["miscaptioned"]["pairs"] >= 10
     assert kinds["miscaptioned"]["mean_clipmem"] > kinds["none"]["mean_clipmem"]
     assert res.summary["auc"] > 0.5
+    # which tower memorizes: every variant scored, in both spaces, with a finding sentence
+    towers = res.summary["towers"]
+    variants = {(r["variant"], r["space_map"]) for r in towers["table"]}
+    assert variants == {(v, m) for v in ("full", "text_from_f", "image_from_f")
+                        for m in ("none", "procrustes")}
+    assert all(r["pairs"] == res.summary["scored_pairs"] for r in towers["table"])
+    assert "tower contributes more" in towers["finding"]
 
 
 # ---------------------------------------------------------------------------------- mitigations

@@ -88,7 +88,7 @@ def test_rerun_resumes_from_the_store(run, model, data, encoder, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("recomputed a stored configuration")
 
-    monkeypatch.setattr(compare, "measure", fail)
+    monkeypatch.setattr(compare, "generate", fail)
     again = compare_mitigations(model, data, out, encoder=encoder,
                                 methods=["guidance_delay", "gaussian_noise_embedding"],
                                 strengths={"guidance_delay": [0.5, 1.0]}, **FAST)
@@ -216,3 +216,29 @@ def test_nemo_and_pruning_ratios_in_the_comparison(model, data, encoder, tmp_pat
                     ("nemo_deactivation", 1.0), ("none", 0.0)]
     assert any("nemo_deactivation localizes" in n for n in result.notes)
     assert all(0 <= float(r["memorization_rate"]) <= 1 for r in rows)
+
+
+def test_recommendation_keeps_every_measured_utility_within_the_tolerance():
+    """A setting on the front that keeps the Fréchet distance but whose images stop following
+    the prompts (control alignment collapses, like pruning 99% of the cross-attention) is not
+    recommended; the next one that keeps both utilities is."""
+    from diffmem.mitigate.compare import _recommend
+
+    def rows(method, strength, mem, fid, align):
+        return [{"method": method, "strength": strength, "prompt_set": "memorized",
+                 "memorization_rate": mem, "fid_in_domain": fid + 0.2, "alignment": 0.6},
+                {"method": method, "strength": strength, "prompt_set": "control",
+                 "memorization_rate": 0.0, "fid_in_domain": fid, "alignment": align}]
+
+    table = (rows("none", 0.0, 1.0, 1.0, 0.08) + rows("prune", 0.99, 0.3, 0.86, -0.07)
+             + rows("nemo", 1.0, 0.6, 0.88, 0.09))
+    config = ComparisonConfig(utility="fid_in_domain")
+    front = pareto_front(table)
+    assert front == [("prune", 0.99)]  # nemo is dominated in (copies, Fréchet distance)
+    label, why = _recommend(table, front, config, set(), ("memorized", "control"))
+    assert label == "nemo" and "alignment within 25% too" in why
+    assert why.startswith("off the Pareto front")
+    # with alignment unmeasured, the Fréchet distance alone decides
+    for r in table:
+        r["alignment"] = None
+    assert _recommend(table, front, config, set(), ("memorized", "control"))[0] == "prune"

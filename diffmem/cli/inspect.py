@@ -30,8 +30,15 @@ def register(subparsers) -> None:
     p.add_argument("--views", default=None, metavar="LIST",
                    help="keep only these view positions, comma-separated (e.g. PA,AP)")
     p.add_argument("--near-threshold", type=float, default=0.1, metavar="D",
-                   help="near-duplicate distance on normalised 16 px thumbnails "
-                        "(default 0.1, i.e. correlation >= 0.995)")
+                   help="near-duplicate distance on normalised 16 px thumbnails (with "
+                        "--index: the index's size) (default 0.1, i.e. correlation >= 0.995)")
+    p.add_argument("--index", default=None, metavar="INDEX_DIR",
+                   help="a pixel reference index of DATA's training split (`diffmem index "
+                        "build --data DATA --out DIR --backend pixel`): near-duplicate "
+                        "training images are found through its nearest-neighbour search "
+                        "instead of comparing all pairs")
+    p.add_argument("--near-k", type=int, default=16, metavar="K",
+                   help="with --index: nearest images searched per image (default 16)")
     add_on_error(p)
     p.set_defaults(handler=run)
 
@@ -41,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = inspect_dataset(args.data, prompt_section=args.prompt_section, views=args.views,
                               on_error=args.on_error, grid=args.grid,
-                              near_threshold=args.near_threshold)
+                              near_threshold=args.near_threshold, index=args.index,
+                              near_k=args.near_k)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

@@ -66,6 +66,11 @@ def register(subparsers) -> None:
     p.add_argument("--utility", default=None, choices=("fid_in_domain", "alignment"),
                    help="utility axis of the Pareto front (default: fid_in_domain when there are "
                         "held-out real images, else alignment)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes that generate the configurations (default 1); each opens "
+                        "the model folder and takes whole (method, strength, set) units, with "
+                        "the CPU threads divided among them (or --threads each). Same result "
+                        "as one process")
     add_device(p)
     add_index(p)
     p.add_argument("--reid", nargs="?", const="", metavar="REID_DIR",
@@ -105,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
         guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
         backend=args.backend, fpr=args.fpr, threshold=args.threshold, utility=args.utility,
         reid=args.reid is not None, reid_model=args.reid or None,
-        reid_threshold=args.reid_threshold, command=["diffmem", *sys.argv[1:]],
-        index=args.index, **device_options(args))
+        reid_threshold=args.reid_threshold, workers=args.workers, threads=args.threads,
+        command=["diffmem", *sys.argv[1:]], index=args.index, **device_options(args))
     print(format_summary(result))
     return 0
 

@@ -1,4 +1,4 @@
-"""``diffmem study toy|lr|train-mitigations|checkpoints|lora``: training studies of
+"""``diffmem study toy|lr|train-mitigations|checkpoints|lora|prune``: training studies of
 memorization."""
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ def _names(text: str) -> list[str]:
 
 
 def _measure_args(p: argparse.ArgumentParser, checkpoint_every: int | None = 100,
-                  checkpoint_help: str = "trainer checkpoint interval, for resuming killed runs "
-                                         "(100)") -> None:
+                  checkpoint_help: str | None = "trainer checkpoint interval, for resuming killed "
+                                                "runs (100)") -> None:
+    """The measurement options (and ``--checkpoint-every``, unless ``checkpoint_help`` is None:
+    a study that trains nothing)."""
     p.add_argument("--encoder", metavar="ENC_DIR",
                    help="in-domain encoder for the FID (default: the embedded one, when shipped)")
     p.add_argument("--controls", type=int, default=20,
@@ -36,8 +38,9 @@ def _measure_args(p: argparse.ArgumentParser, checkpoint_every: int | None = 100
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per generation (25)")
     p.add_argument("--fid-images", type=int,
                    help="held-out records generated for the FID (default: all)")
-    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
-                   help=checkpoint_help)
+    if checkpoint_help is not None:
+        p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                       help=checkpoint_help)
     add_index(p)
     add_device(p)  # measurement only: training runs where accelerate puts it
 
@@ -62,7 +65,7 @@ def _trainer_args(p: argparse.ArgumentParser, which: str = "") -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "study", help="training studies: score-matching toy, learning rate, training "
-                      "mitigations, checkpoints, LoRA",
+                      "mitigations, checkpoints, LoRA, pruning and NeMo",
         description="Training-time studies of memorization. Each writes OUT/study.json, "
                     "summary.json, a CSV and PNG figures; lr and train-mitigations train one "
                     "model per setting under OUT/runs/ (re-running skips finished runs and "
@@ -131,6 +134,29 @@ def register(subparsers) -> None:
                            "of its steps; every checkpoint is kept)")
     c.set_defaults(handler=run_checkpoints)
     _lora_parser(sub)
+    _prune_parser(sub)
+
+
+def _prune_parser(sub) -> None:
+    pr = _cxr_study(sub, "prune", "magnitude pruning and NeMo neuron deactivation of a model",
+                    "Apply magnitude pruning of the cross-attention projections at each ratio "
+                    "and NeMo's memorization-neuron deactivation (neurons localized on the "
+                    "planted prompts) at each strength to a trained model, through the "
+                    "mitigation registry `diffmem mitigate` uses, and measure each like the "
+                    "other studies; marks the Pareto front of any-image copies against the "
+                    "in-domain FID. Ratio 0 / strength 0 is the plain model.")
+    pr.add_argument("--model", required=True, metavar="MODEL_DIR",
+                    help="trained model folder (diffmem train)")
+    pr.add_argument("--ratios", default="0,0.1,0.3,0.5,0.7",
+                    help="comma-separated pruning ratios in [0, 0.99] (default "
+                         "0,0.1,0.3,0.5,0.7)")
+    pr.add_argument("--nemo", default="0,0.5,1",
+                    help="comma-separated NeMo strengths in [0, 1], 1 = deactivated (default "
+                         "0,0.5,1)")
+    pr.add_argument("--projections", type=_names,
+                    help="cross-attention projections pruned (default to_k,to_v)")
+    _measure_args(pr, checkpoint_help=None)
+    pr.set_defaults(handler=run_prune)
 
 
 def _lora_parser(sub) -> None:
@@ -234,4 +260,14 @@ def run_lora(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, encoder=args.encoder, measure=_measure(args),
         checkpoint_every=args.checkpoint_every, threads=args.threads,
         command=["diffmem", *sys.argv[1:]], index=args.index))
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from diffmem.study.prune import run_prune_study
+
+    _print(run_prune_study(
+        args.model, args.data, args.out, ratios=args.ratios, nemo=args.nemo,
+        projections=args.projections, encoder=args.encoder, measure=_measure(args),
+        threads=args.threads, command=["diffmem", *sys.argv[1:]], index=args.index))
     return 0

@@ -137,6 +137,96 @@ def near_duplicate_clusters(thumbs: np.ndarray, *, threshold: float,
     return _components(n, pairs)
 
 
+def index_near_duplicates(dataset: CXRDataset, index: str | os.PathLike, *, threshold: float,
+                          k: int = 16, batch_size: int = 1024,
+                          ) -> tuple[list[list[int]], dict[str, Any]]:
+    """Near-duplicate clusters of a dataset's training images, from a reference index.
+
+    The ``pixel`` reference index (:mod:`diffmem.detect.index`, ``diffmem index build
+    --backend pixel``) holds the same vectors :func:`near_duplicate_clusters` compares:
+    mean-removed, unit-norm thumbnails, whose distance ``sqrt(2 - 2 s)`` (the backend's
+    ``to_distance`` of the cosine ``s``) is the one thresholded there. Instead of all pairs,
+    every indexed row (read ``batch_size`` at a time from the memory-mapped features) is
+    searched for its ``k`` nearest other rows with
+    :func:`~diffmem.detect.neighbors.search_features` (the index's FAISS index when it carries
+    one, an approximate IVF one too, else the exact blocked search); neighbours within
+    ``threshold`` are joined and the clusters are the connected components, as for all pairs.
+
+    The ``k`` cap rarely splits a cluster: a cluster larger than ``k + 1`` is still joined
+    when its members' k-NN graphs chain (identical images: each finds ``k`` others of its
+    cluster, ties broken by the lower row, so all link to the cluster's first rows). A
+    component could split only if more than ``k`` rows tie within the threshold around a row
+    *and* the chain through its neighbours breaks; with an exact index the result then equals
+    the all-pairs clusters at the index's thumbnail size (an IVF index can miss neighbours,
+    at the recall its card records). Without a FAISS index the blocked exact search still
+    scores every pair, in bounded memory; an IVF index (``--faiss ivf``) makes it sub-quadratic.
+
+    Parameters
+    ----------
+    dataset : CXRDataset
+        The data inspected; the index must have been built from its training split (same
+        fingerprint, the staleness check of :func:`~diffmem.detect.index.open_index`).
+    index : path
+        A reference index folder built with the ``pixel`` backend.
+    threshold : float
+        Largest distance of a near-duplicate pair (see :func:`near_duplicate_clusters`); the
+        thumbnails are the index's size, not 16 px.
+    k : int, optional
+        Nearest other rows searched per row (default 16).
+    batch_size : int, optional
+        Rows searched at a time (memory: ``batch_size`` x ``k`` plus the search's blocks).
+
+    Returns
+    -------
+    clusters : list of list of int
+        Clusters of two or more positions in ``dataset`` (training images only), largest first.
+    info : dict
+        ``method`` ("index"), ``index`` (path), ``k``, ``backend_size``, ``split`` ("train"),
+        ``rows`` (images indexed) and ``approximate`` (the card's IVF entry, or None).
+
+    Raises
+    ------
+    ConfigError
+        A negative threshold, a bad ``k``, or an index of another backend than ``pixel``.
+    DataError
+        A missing, unfinished or damaged index, or one of other data (the difference named).
+    """
+    from diffmem.checks import check_int
+    from diffmem.detect.index import open_index, read_card
+    from diffmem.detect.inputs import reference_images
+    from diffmem.detect.neighbors import one_blas_thread, search_features
+    from diffmem.detect.similarity import get_backend
+
+    if threshold < 0:
+        raise ConfigError(f"near-duplicate threshold must be >= 0, got {threshold!r}")
+    k = check_int("near_k", k, hint=" (nearest rows searched per image, e.g. 16)")
+    card = read_card(index)
+    if card.backend.get("backend") != "pixel":
+        raise ConfigError(f"inspect clusters near-duplicates on pixel thumbnails, but the index "
+                          f"{str(card.path)!r} holds {card.backend.get('backend')!r} features; "
+                          "build a pixel index: diffmem index build --data DATA --out DIR "
+                          "--backend pixel")
+    backend = get_backend("pixel", size=card.backend.get("size"))
+    train_set = reference_images(dataset)
+    ref = open_index(card.path, train_set, backend)
+    rows_in_dataset = np.array([i for i, s in enumerate(dataset) if s.split == "train"],
+                               dtype=np.int64)
+    n = len(ref)
+    fetch = min(k + 1, n)  # the row itself comes back too (or a tied twin in its place)
+    pairs: list[tuple[int, int]] = []
+    with one_blas_thread():
+        for rows, feats in progress(ref.chunks(batch_size), desc="near-duplicates (index)",
+                                    total=-(-n // batch_size), unit="batch"):
+            sims, idx = search_features(feats, ref, backend=backend, k=fetch)
+            near = (backend.to_distance(sims) <= threshold) & (idx != ref.indices[rows][:, None])
+            q, j = np.nonzero(near)
+            pairs.extend(zip(rows[q].tolist(), idx[q, j].tolist(), strict=True))
+    clusters = [rows_in_dataset[c].tolist() for c in _components(n, pairs)]
+    return clusters, {"method": "index", "index": str(card.path), "k": k,
+                      "backend_size": backend.size, "split": "train", "rows": n,
+                      "approximate": ref.source.get("approximate")}
+
+
 def _cluster_report(dataset: CXRDataset, clusters: list[list[int]],
                     examples: int) -> dict[str, Any]:
     def patients(c):
@@ -174,7 +264,8 @@ def dicom_phi_summary(dataset: CXRDataset, *, examples: int = 3) -> dict[str, An
 
 
 def summarize(dataset: CXRDataset, *, images: bool = True, thumb_size: int = 16,
-              near_threshold: float = 0.1, examples: int = 3) -> dict[str, Any]:
+              near_threshold: float = 0.1, examples: int = 3,
+              index: str | os.PathLike | None = None, near_k: int = 16) -> dict[str, Any]:
     """Describe a dataset: sizes, splits, views, prompts, markers, duplicates, skips.
 
     Parameters
@@ -193,6 +284,13 @@ def summarize(dataset: CXRDataset, *, images: bool = True, thumb_size: int = 16,
         position. Distinct patients' radiographs are rarely that close at 16 x 16.
     examples : int
         How many example clusters to list.
+    index : path, optional
+        A ``pixel`` reference index of this dataset's training split: the near-duplicate
+        clusters then come from its nearest-neighbour search (:func:`index_near_duplicates`,
+        ``near_k`` neighbours per image) instead of all pairs, over the training images only
+        and at the index's thumbnail size.
+    near_k : int
+        Neighbours searched per image with ``index``.
 
     Returns
     -------
@@ -202,8 +300,11 @@ def summarize(dataset: CXRDataset, *, images: bool = True, thumb_size: int = 16,
         ``prompt_words`` (min/median/p90/max and a histogram), ``deid_markers`` (rate of
         prompts with a marker, markers per prompt, counts per marker), ``duplicate_prompts``,
         ``duplicate_images`` (identical bytes), ``near_duplicate_images`` (exact copies
-        included), ``skipped`` and the loader's ``info``.
+        included; ``method`` "all_pairs" or "index"), ``skipped`` and the loader's ``info``.
     """
+    if images and index is not None:  # before any image is read: a stale index fails fast
+        near, near_info = index_near_duplicates(dataset, index, threshold=near_threshold,
+                                                k=near_k)
     prompts = dataset.prompts
     per_patient: dict[str, set[str]] = defaultdict(set)
     splits_of: dict[str, set[str]] = defaultdict(set)
@@ -232,22 +333,29 @@ def summarize(dataset: CXRDataset, *, images: bool = True, thumb_size: int = 16,
     }
     if images:
         hashes: dict[str, str] = {}
-        thumbs = np.zeros((len(dataset), thumb_size, thumb_size), np.float32)
-        for i, s in enumerate(progress(dataset, desc="hashing and thumbnailing images",
+        thumbs = np.zeros((len(dataset) if index is None else 0, thumb_size, thumb_size),
+                          np.float32)
+        for i, s in enumerate(progress(dataset, desc="hashing and thumbnailing images"
+                                       if index is None else "hashing images",
                                        total=len(dataset), unit="image")):
             if s.image not in hashes:
                 hashes[s.image] = sha256_file(s.image)
-            thumbs[i] = dataset.load_image(i, size=thumb_size)
+            if index is None:
+                thumbs[i] = dataset.load_image(i, size=thumb_size)
         by_hash: dict[str, list[int]] = defaultdict(list)
         for i, s in enumerate(dataset):
             by_hash[hashes[s.image]].append(i)
         exact = sorted((g for g in by_hash.values() if len(g) > 1),
                        key=lambda g: (-len(g), g[0]))
         out["duplicate_images"] = _cluster_report(dataset, exact, examples)
-        near = near_duplicate_clusters(thumbs, threshold=near_threshold)
+        if index is None:
+            near = near_duplicate_clusters(thumbs, threshold=near_threshold)
+            near_info = {"method": "all_pairs", "thumb_size": thumb_size}
+        else:
+            near_info = {**near_info, "thumb_size": near_info["backend_size"]}
         out["near_duplicate_images"] = {
-            **_cluster_report(dataset, near, examples),
-            "threshold": near_threshold, "thumb_size": thumb_size,
+            **_cluster_report(dataset, near, examples), "threshold": near_threshold,
+            **near_info,
         }
     if dataset.format == "dicom":
         out["dicom_phi"] = dicom_phi_summary(dataset, examples=examples)
@@ -372,7 +480,8 @@ def render_grid(dataset: CXRDataset, out_png: str | os.PathLike, *, n_patients: 
 def inspect_dataset(path: str | os.PathLike, *, prompt_section: str = "impression",
                     views: str | Sequence[str] | None = None, on_error: str = "raise",
                     grid: str | os.PathLike | None = None,
-                    near_threshold: float = 0.1) -> dict[str, Any]:
+                    near_threshold: float = 0.1, index: str | os.PathLike | None = None,
+                    near_k: int = 16) -> dict[str, Any]:
     """What ``diffmem inspect`` does: load, decode every image, summarize, optionally draw.
 
     Parameters
@@ -383,8 +492,8 @@ def inspect_dataset(path: str | os.PathLike, *, prompt_section: str = "impressio
         As for :func:`diffmem.data.load`; ``on_error`` also governs unreadable images.
     grid : path, optional
         Where to write the patient grid PNG (outside the dataset).
-    near_threshold : float
-        See :func:`summarize`.
+    near_threshold, index, near_k
+        See :func:`summarize` (``index``: near-duplicates from a pixel reference index).
 
     Returns
     -------
@@ -400,7 +509,7 @@ def inspect_dataset(path: str | os.PathLike, *, prompt_section: str = "impressio
     if not len(dataset):
         raise DataError(f"no readable images left ({len(dataset.skipped)} record(s) skipped)",
                         path=path)
-    summary = summarize(dataset, near_threshold=near_threshold)
+    summary = summarize(dataset, near_threshold=near_threshold, index=index, near_k=near_k)
     summary["grid"] = str(render_grid(dataset, grid)) if grid is not None else None
     return summary
 
@@ -444,6 +553,12 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{n['cross_patient_clusters']} across patients; distance <= "
                      f"{n['threshold']:g} on {n['thumb_size']}px thumbnails); largest "
                      f"{n['largest']}")
+        if n.get("method") == "index":
+            a = n.get("approximate")
+            lines.append(f"             from the index {n['index']}: {n['rows']} training images, "
+                         f"{n['k']} nearest each, {n['backend_size']}px thumbnails (the "
+                         "index's size)" + (f"; approximate (IVF, recall@1 "
+                                            f"{a['recall_at_1']:.4f})" if a else ""))
     if "dicom_phi" in s:
         d = s["dicom_phi"]
         lines.append(f"DICOM PHI    {d['files_with_phi']} of {d['files']} files carry identifying "

@@ -17,7 +17,9 @@ one model and its training data:
    (the same initial noises for every method), their nearest training image (copy verdicts at
    the threshold), the text-conditional noise magnitude at the first step (with the method's
    embedding and attention changes), in-domain embeddings of the images; each unit is
-   committed to ``results.sqlite`` as soon as it is done, so a killed run resumes;
+   committed to ``results.sqlite`` as soon as it is done, so a killed run resumes. With
+   ``workers=N`` the units are generated in N processes (:mod:`diffmem.workers`, the baseline
+   first) and measured and committed here, as they arrive;
 4. **metrics and verdicts**: memorization rate, mean nearest similarity, noise magnitude (and,
    with ``reid``, the re-identification rate: generations whose most similar training patient
    passes the re-ID threshold of :mod:`diffmem.reid.verdicts`, calibrated on held-out patients
@@ -48,7 +50,8 @@ from diffmem.detect.verdicts import CopyVerdicts, fixed_threshold, is_copy, prep
 from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.mitigate.registry import get_mitigation, list_mitigations
 from diffmem.store import ResultsStore
-from diffmem.utils import check_outside, prepare_out_dir, progress, write_csv, write_json
+from diffmem.utils import check_outside, prepare_out_dir, write_csv, write_json
+from diffmem.workers import WorkerPool, check_workers, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +130,22 @@ class ComparisonConfig:
         else ``alignment``; no utility (no front, no recommendation) without an in-domain
         encoder.
     fid_tolerance : float
-        The recommendation keeps utility within this fraction of the baseline's (default 0.25:
-        in-domain FID at most 25 % worse, or alignment at most 25 % lower).
+        The recommendation keeps every measured utility within this fraction of the baseline's
+        (default 0.25: in-domain FID at most 25 % worse and alignment at most 25 % lower),
+        the chosen ``utility`` and the other one alike.
     reid : bool
         Also measure the re-identification rate of every configuration (default False).
     reid_model : str or None
         Re-ID model folder (default: the embedded one, :func:`diffmem.reid.default_reid_dir`).
     reid_threshold : float or None
         A fixed re-ID threshold instead of calibrating one at ``fpr`` on held-out patients.
+    workers : int
+        Processes that generate the (method, strength, set) units (default 1: this one). Each
+        opens the model folder again (:class:`diffmem.workers.WorkerPool`), so a model
+        object needs ``workers=1``; copy verdicts, embeddings and the store stay in this
+        process. Same results as one process at the same torch thread count.
+    threads : int or None
+        Torch threads per worker (default: the CPUs divided among the workers).
     """
 
     methods: str | Sequence[str] = "all"
@@ -156,6 +167,8 @@ class ComparisonConfig:
     reid: bool = False
     reid_model: str | None = None
     reid_threshold: float | None = None
+    workers: int = 1
+    threads: int | None = None
 
     def validated(self) -> ComparisonConfig:
         """A checked copy with ``methods`` a tuple of names and ``strengths`` a dict
@@ -183,6 +196,9 @@ class ComparisonConfig:
             check_int(name, getattr(self, name), low=low)
         if self.candidates is not None:
             check_int("candidates", self.candidates)
+        check_workers(self.workers)
+        if self.threads is not None:
+            worker_threads(self.workers, self.threads)
         if self.generations * self.n_prompts < 2:
             raise ConfigError("n_prompts * generations must be at least 2 (a Fréchet distance "
                               "needs two images per set)")
@@ -440,6 +456,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
     # 2. model and encoder
     from diffmem.detect.scores import default_guidance
     adapter = as_adapter(model, device=device, dtype=dtype)
+    check_workers(config.workers, adapter)  # several workers reopen the model's folder
     enc, enc_info = _resolve_encoder(encoder, adapter, model_source,
                                      required=inputs.dataset is not None)
     config = replace(config, utility=_resolve_utility(config, enc, inputs))
@@ -887,7 +904,9 @@ def _real_features(enc: Any, inputs: _Inputs, config: ComparisonConfig) -> dict[
 # ---------------------------------------------------------------------------- one unit
 @dataclass
 class _Units:
-    """Generates one (method, strength, set) unit of a comparison, or reads it from the store."""
+    """Generates the (method, strength, set) units of a comparison (in this process or in
+    ``config.workers`` processes), measures them here and commits each to the store as soon as
+    it is done; a unit already in the store is read instead."""
 
     store: ResultsStore
     run_id: int
@@ -903,25 +922,32 @@ class _Units:
     def all(self, sets: Mapping[str, list[str]], notes: list[str],
             ) -> dict[tuple[str, float, str], dict[str, Any]]:
         """Every (method, strength) and the ``none`` baseline on every non-empty set, keyed
-        ``(method, strength, set)``; a note when prompt-embedding optimization's target is
-        taken from the baseline."""
+        ``(method, strength, set)`` in that order; a note when prompt-embedding optimization's
+        target is taken from the baseline.
+
+        The baseline units run first (prompt-embedding optimization stops at the baseline's
+        noise magnitude), then every other unit; within each wave the units are independent."""
         config = self.config
         configs = [(BASELINE, 0.0)] + [(m, s) for m in config.methods
                                        for s in config.strengths[m]]
         peo_target = None
         units: dict[tuple[str, float, str], dict[str, Any]] = {}
         work = [(m, s, name) for m, s in configs for name in SETS if sets[name]]
-        for method, strength, set_name in progress(work, desc="mitigations", unit="config"):
-            params = {}
-            if method == "prompt_embedding_optimization" and \
-                    get_mitigation(method).params.get("target") is None:
-                peo_target = _peo_target(units) if peo_target is None else peo_target
-                params["target"] = peo_target
-            if method == "nemo_deactivation" and _nemo_needs_reference():
-                # NeMo's in-distribution statistics come from non-memorized prompts
-                params["reference_prompts"] = list(sets["control"])
-            units[(method, strength, set_name)] = self.get(method, strength, params,
-                                                           sets[set_name], set_name)
+        with WorkerPool(self.adapter, workers=config.workers, threads=config.threads) as pool:
+            for wave in ([w for w in work if w[0] == BASELINE],
+                         [w for w in work if w[0] != BASELINE]):
+                todo = []
+                for method, strength, set_name in wave:
+                    params = {}
+                    if method == "prompt_embedding_optimization" and \
+                            get_mitigation(method).params.get("target") is None:
+                        peo_target = _peo_target(units) if peo_target is None else peo_target
+                        params["target"] = peo_target
+                    if method == "nemo_deactivation" and _nemo_needs_reference():
+                        # NeMo's in-distribution statistics come from non-memorized prompts
+                        params["reference_prompts"] = list(sets["control"])
+                    todo.append((method, strength, set_name, params))
+                units.update(self._measure(todo, sets, pool))
         if peo_target is not None:
             notes.append(f"prompt_embedding_optimization stops at the median first-step noise "
                          f"magnitude of the baseline control prompts ({peo_target:.4g})")
@@ -929,11 +955,11 @@ class _Units:
             notes.append("nemo_deactivation localizes each prompt's memorization neurons "
                          f"against activation statistics of the {len(sets['control'])} control "
                          "prompts")
-        return units
+        return {key: units[key] for key in work}
 
-    def get(self, method: str, strength: float, params: dict, prompts: list[str],
-            set_name: str) -> dict[str, Any]:
-        config, store = self.config, self.store
+    def _key(self, method: str, strength: float, params: dict, prompts: list[str]) -> str:
+        """The store's parameter hash of a unit: everything its stored value depends on."""
+        config = self.config
         key = {"method": method, "strength": strength, "params": params, "prompts": prompts,
                "generations": config.generations, "steps": config.steps,
                "guidance": self.guidance, "seed": config.seed,
@@ -945,21 +971,39 @@ class _Units:
             key["reid"] = self.reid.params()
         if self.verdicts is not None and self.verdicts.approximate is not None:
             key["search"] = self.verdicts.approximate  # kept apart from exact verdicts
-        h = store.put_params(key)
-        name = f"{set_name}:{method}:{strength:g}"
-        stored = store.get(self.model_fp, name, "mitigate", h)
-        if stored is not None:
-            return stored["value"]
-        value = measure(self.adapter, prompts, method=method, strength=strength, params=params,
-                        generations=config.generations, steps=config.steps,
-                        guidance=self.guidance, seed=config.seed, batch_size=config.batch_size,
-                        backend=None if self.verdicts is None else self.verdicts.backend,
-                        reference=None if self.verdicts is None else self.verdicts.reference,
-                        encoder=self.encoder, reid=self.reid)
-        store.put_many([{"model_fingerprint": self.model_fp, "prompt": name,
-                         "method": "mitigate", "params_hash": h, "value": value}],
-                       run_id=self.run_id)
-        return value
+        return self.store.put_params(key)
+
+    def _measure(self, todo: list[tuple[str, float, str, dict]], sets: Mapping[str, list[str]],
+                 pool: WorkerPool) -> dict[tuple[str, float, str], dict[str, Any]]:
+        """The units of ``todo`` (method, strength, set, params): read from the store, or
+        generated (:func:`generate`, on the ``pool``'s workers) and measured (:func:`judge`)
+        here, each committed as soon as it is done, so a killed run resumes."""
+        config, store = self.config, self.store
+        done: dict[tuple[str, float, str], dict[str, Any]] = {}
+        missing, tasks = [], []
+        for method, strength, set_name, params in todo:
+            h = self._key(method, strength, params, sets[set_name])
+            name = f"{set_name}:{method}:{strength:g}"
+            stored = store.get(self.model_fp, name, "mitigate", h)
+            if stored is not None:
+                done[(method, strength, set_name)] = stored["value"]
+                continue
+            missing.append(((method, strength, set_name), name, h))
+            tasks.append({"prompts": list(sets[set_name]), "method": method,
+                          "strength": strength, "params": params,
+                          "generations": config.generations, "steps": config.steps,
+                          "guidance": self.guidance, "seed": config.seed,
+                          "batch_size": config.batch_size})
+        for i, generated in pool.imap(_generate_task, tasks, desc="mitigations", unit="config"):
+            key, name, h = missing[i]
+            value = judge(generated, backend=None if self.verdicts is None else
+                          self.verdicts.backend, reference=None if self.verdicts is None else
+                          self.verdicts.reference, encoder=self.encoder, reid=self.reid)
+            store.put_many([{"model_fingerprint": self.model_fp, "prompt": name,
+                             "method": "mitigate", "params_hash": h, "value": value}],
+                           run_id=self.run_id)
+            done[key] = value
+        return done
 
 
 def _peo_target(units: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> float:
@@ -969,22 +1013,30 @@ def _peo_target(units: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> fl
     return float(np.median(base["noise_magnitude"]))
 
 
-def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: float,
-            params: Mapping[str, Any] | None = None, generations: int, steps: int,
-            guidance: float, seed: int, batch_size: int, backend: Any, reference: Any,
-            encoder: Any, reid: Any = None) -> dict[str, Any]:
-    """Generate with one mitigation and measure every generation (no files written).
+def _generate_task(adapter: Any, task: dict[str, Any]) -> dict[str, Any]:
+    """One unit's :func:`generate` call (what a worker of :class:`~diffmem.workers.WorkerPool`
+    runs)."""
+    return generate(adapter, **task)
 
-    Returns a JSON-ready dict of per-generation lists: ``prompt_index``, ``similarity``
-    (to the nearest training image; empty when ``reference`` is None), ``study_id``,
-    ``noise_magnitude`` (first step), the image embeddings ``embedding`` (empty when
-    ``encoder`` is None), with a :class:`~diffmem.reid.verdicts.ReIDSetup` ``reid`` also
-    ``reid_score`` and ``reid_patient_id`` (the most similar training patient), and
-    ``seconds`` (wall time of the sampling).
+
+def generate(adapter: Any, prompts: Sequence[str], *, method: str, strength: float,
+             params: Mapping[str, Any] | None = None, generations: int, steps: int,
+             guidance: float, seed: int, batch_size: int) -> dict[str, Any]:
+    """Generate with one mitigation (no measurement, no files written).
+
+    Every generation's initial noise comes from :func:`~diffmem.models.generation_seed` and
+    the methods' own randomness is seeded per generation, so the result does not depend on the
+    process that runs it.
+
+    Returns
+    -------
+    dict
+        ``images`` (float32 ``(N, H, W)``), ``prompt_index`` (list), ``noise_magnitude`` (the
+        text-conditional noise gap at the first step, with the method's embedding and
+        attention changes; one per generation) and ``seconds`` (wall time of the sampling).
     """
     import torch
 
-    from diffmem.detect.neighbors import nearest_neighbors
     from diffmem.mitigate.registry import mitigation_hooks
     from diffmem.models import SamplingHooks, combine_hooks
 
@@ -996,22 +1048,41 @@ def measure(adapter: Any, prompts: Sequence[str], *, method: str, strength: floa
                             guidance=guidance, seed=seed, batch_size=batch_size,
                             hooks=combine_hooks(hooks, probe.hooks()))
     seconds = time.perf_counter() - started
+    magnitudes = torch.cat(probe.values).tolist() if probe.values else []
+    return {"images": sample.images, "prompt_index": sample.prompt_index.tolist(),
+            "noise_magnitude": [float(x) for x in magnitudes], "seconds": round(seconds, 4)}
+
+
+def judge(generated: Mapping[str, Any], *, backend: Any, reference: Any, encoder: Any,
+          reid: Any = None) -> dict[str, Any]:
+    """Measure the generations of :func:`generate` (no files written).
+
+    Returns a JSON-ready dict of per-generation lists (the stored value of a unit):
+    ``prompt_index``, ``similarity`` (to the nearest training image; empty when ``reference``
+    is None), ``study_id``, ``noise_magnitude`` (first step), the image embeddings
+    ``embedding`` (empty when ``encoder`` is None), with a
+    :class:`~diffmem.reid.verdicts.ReIDSetup` ``reid`` also ``reid_score`` and
+    ``reid_patient_id`` (the most similar training patient), and ``seconds`` (wall time of the
+    sampling).
+    """
+    from diffmem.detect.neighbors import nearest_neighbors
+
+    images = generated["images"]
     similarity, study_id = [], []
     if reference is not None:
-        nn = nearest_neighbors(sample.images, reference, backend=backend, k=1)
+        nn = nearest_neighbors(images, reference, backend=backend, k=1)
         similarity = [float(x) for x in nn.similarities[:, 0]]
         study_id = [str(x) for x in nn.study_ids[:, 0]] if nn.study_ids is not None else []
     emb = [] if encoder is None else \
-        np.round(encoder.embed_images(sample.images).astype(np.float64), 6).tolist()
-    magnitudes = torch.cat(probe.values).tolist() if probe.values else []
+        np.round(encoder.embed_images(images).astype(np.float64), 6).tolist()
     extra = {}
     if reid is not None:
-        scores, rows = reid.search(sample.images)
+        scores, rows = reid.search(images)
         extra = {"reid_score": [float(x) for x in scores],
                  "reid_patient_id": [reid.index.patient_ids[r] for r in rows]}
-    return {**extra, "prompt_index": sample.prompt_index.tolist(), "similarity": similarity,
-            "study_id": study_id, "noise_magnitude": [float(x) for x in magnitudes],
-            "embedding": emb, "seconds": round(seconds, 4)}
+    return {**extra, "prompt_index": list(generated["prompt_index"]), "similarity": similarity,
+            "study_id": study_id, "noise_magnitude": list(generated["noise_magnitude"]),
+            "embedding": emb, "seconds": generated["seconds"]}
 
 
 class _FirstStepProbe:
@@ -1204,31 +1275,48 @@ def _recommend(rows: list[dict[str, Any]], front: list[tuple[str, float]],
     if base is None:
         return None, f"the baseline has no {what} and {u} to compare with"
     higher, tol = UTILITIES[u], float(config.fid_tolerance)
+    # every measured utility must stay within the tolerance, not only the chosen one: a
+    # setting that keeps the Fréchet distance while its images stop following the prompts
+    # (alignment on the control prompts collapses, as pruning 99% of the cross-attention
+    # does) is not a recommendation
+    measured = {v: {(p["method"], p["strength"]): p["utility"] for p in points(
+        rows, utility=v, memorization_set=mem_set, utility_set=use_set, memorization=metric)}
+        for v in UTILITIES}
+    measured = {v: m for v, m in measured.items() if (BASELINE, 0.0) in m}
 
-    def acceptable(p):
-        if higher:
-            return p["utility"] >= base["utility"] - tol * abs(base["utility"])
-        return p["utility"] <= base["utility"] * (1 + tol)
+    def acceptable(key):
+        for v, values in measured.items():
+            b, x = values[(BASELINE, 0.0)], values.get(key)
+            if x is not None and not (x >= b - tol * abs(b) if UTILITIES[v]
+                                      else x <= b * (1 + tol)):
+                return False
+        return True
 
-    options = [by_key[k] for k in front if k[0] != BASELINE
-               and by_key[k]["memorization"] < base["memorization"]
-               and acceptable(by_key[k])]
+    # the lowest memorization among the acceptable settings: on the front of those settings
+    # (a setting off the whole front is chosen only when every one dominating it fails)
+    options = [p for k, p in by_key.items() if k[0] != BASELINE
+               and p["memorization"] < base["memorization"] and acceptable(k)]
     if not options:
         if base["memorization"] == 0 and metric == "memorization_rate":
             return None, (f"the baseline copies nothing on the {mem_set} prompts at this "
                           "threshold: no mitigation is needed there")
         return None, (f"no mitigation lowers the {what} of the {mem_set} prompts below the "
-                      f"baseline's {base['memorization']:.4g} while keeping {u} on the "
-                      f"{use_set} prompts within {tol:.0%} of the baseline's "
-                      f"({base['utility']:.4g})")
+                      f"baseline's {base['memorization']:.4g} while keeping "
+                      f"{' and '.join(measured)} on the {use_set} prompts within {tol:.0%} "
+                      f"of the baseline's ({base['utility']:.4g} for {u})")
     best = min(options, key=lambda p: (p["memorization"],
                                        -p["utility"] if higher else p["utility"]))
     label = _label(best["method"], best["strength"], multi)
     cost = _alignment_change(rows, best, sets)
-    return label, (f"on the Pareto front, lowest {what} on the {mem_set} prompts "
+    others = [v for v in measured if v != u]
+    where = ("on the Pareto front" if (best["method"], best["strength"]) in front else
+             "off the Pareto front (the settings dominating it fail a utility)")
+    return label, (f"{where}, lowest {what} on the {mem_set} prompts "
                    f"({best['memorization']:.4g} vs {base['memorization']:.4g} without "
                    f"mitigation) with {u} on the {use_set} prompts {best['utility']:.4g}, "
-                   f"within {tol:.0%} of the baseline's {base['utility']:.4g}" + cost)
+                   f"within {tol:.0%} of the baseline's {base['utility']:.4g}"
+                   + (f" ({' and '.join(others)} within {tol:.0%} too)" if others else "")
+                   + cost)
 
 
 def _alignment_change(rows: list[dict[str, Any]], best: Mapping[str, Any],
@@ -1237,7 +1325,8 @@ def _alignment_change(rows: list[dict[str, Any]], best: Mapping[str, Any],
     parts = []
     for name in dict.fromkeys(sets):
         pair = {r["method"]: r["alignment"] for r in rows if r["prompt_set"] == name and (
-            (r["method"], r["strength"]) in ((BASELINE, 0.0), (best["method"], best["strength"])))}
+            (r["method"], r["strength"]) in ((BASELINE, 0.0), (best["method"], best["strength"])))
+            and r["alignment"] is not None}
         if len(pair) == 2:
             parts.append(f"{name} {pair[BASELINE]:.3f} -> {pair[best['method']]:.3f}")
     return f"; its alignment changes {', '.join(parts)}" if parts else ""

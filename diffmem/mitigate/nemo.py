@@ -47,9 +47,10 @@ from diffmem.errors import ConfigError
 from diffmem.models import SamplingHooks
 from diffmem.models.adapter import generation_seed
 from diffmem.models.attention import cross_attention_layers
+from diffmem.utils import progress
 
 __all__ = ["ReferenceStatistics", "build", "candidate_neurons", "deactivation_hooks",
-           "localize_neurons", "memorization_strength", "neurons_summary",
+           "localize_all", "localize_neurons", "memorization_strength", "neurons_summary",
            "reference_statistics", "select_neurons", "value_activations", "value_layers"]
 
 #: Neurons per layer, by the ``to_v`` module's name in the UNet.
@@ -273,6 +274,36 @@ def select_neurons(activations: Mapping[str, np.ndarray], stats: ReferenceStatis
     info.update(refined=sum(map(len, blocked.values())), strength_after=after,
                 mitigated=after <= tau)
     return blocked, info
+
+
+def localize_all(adapter: Any, prompts: Sequence[str], reference_prompts: Sequence[str], *,
+                 theta: float = 5.0, max_k: int | None = None, n_seeds: int = 4, seed: int = 0,
+                 steps: int = 50) -> tuple[Neurons, dict[str, Any]]:
+    """The memorization neurons of all ``prompts`` together (Hintersdorf et al., NeurIPS 2024,
+    who deactivate the neurons found for every memorized prompt at once): the union of
+    :func:`localize_neurons` over ``prompts`` (a prompt that is not memorized, strength at most
+    ``tau``, adds none), statistics from ``reference_prompts`` (:func:`reference_statistics`).
+
+    Returns
+    -------
+    (dict, dict)
+        ``to_v`` name -> neuron indices, for :func:`deactivation_hooks` or the ``neurons``
+        parameter of :func:`build`; and facts: ``tau``, ``reference_prompts`` (count) and per
+        prompt its search facts (``strength``, ``strength_after``, ``mitigated``, neurons).
+    """
+    stats = reference_statistics(adapter, reference_prompts, n_seeds=n_seeds, seed=seed,
+                                 steps=steps)
+    union: dict[str, set[int]] = {}
+    facts: dict[str, Any] = {}
+    for prompt in progress(list(dict.fromkeys(prompts)), desc="NeMo localization",
+                           unit="prompt"):
+        found, info = localize_neurons(adapter, prompt, stats, theta=theta, max_k=max_k,
+                                       n_seeds=n_seeds, seed=seed, steps=steps)
+        facts[prompt] = {**info, "neurons": sum(len(v) for v in found.values())}
+        for name, idx in found.items():
+            union.setdefault(name, set()).update(idx)
+    return ({name: sorted(idx) for name, idx in union.items()},
+            {"tau": stats.tau, "reference_prompts": stats.prompts, "prompts": facts})
 
 
 def _read_neurons(value: Any) -> Neurons:

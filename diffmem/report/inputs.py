@@ -487,7 +487,7 @@ def read_study(folder: str | os.PathLike) -> dict[str, Any]:
     """
     folder = Path(folder)
     command = shell_command(["diffmem", "study", "NAME", "--out", str(folder)]) + \
-        " (NAME: toy, lr, train-mitigations, checkpoints or lora)"
+        " (NAME: toy, lr, train-mitigations, checkpoints, lora or prune)"
     data = _json(folder / "study.json", command)
     if not isinstance(data, dict):
         raise DataError(f"is not a JSON object; re-run `{command}`", path=folder / "study.json")

@@ -10,6 +10,8 @@ training-time mitigations on chest X-ray models.
   at every checkpoint of one run, and the last step before copying begins;
 * :func:`run_lora_study` (:mod:`diffmem.study.lora`): full fine-tuning against LoRA (``peft``)
   at several ranks from one pretrained base, over seeds (mean and 95% t-interval);
+* :func:`run_prune_study` (:mod:`diffmem.study.prune`): magnitude pruning and NeMo neuron
+  deactivation of one trained model (through the mitigation registry), with the Pareto front;
 * :mod:`diffmem.study.training`: the training-time mitigations as trainer hooks
   (caption randomization, de-id marker randomization, Wen et al.'s loss filter, de-duplication).
 
@@ -29,6 +31,7 @@ _LAZY = {
     "recommend_stop": "diffmem.study.checkpoints",
     "run_lora_study": "diffmem.study.lora",
     "LoraAdapter": "diffmem.study.lora",
+    "run_prune_study": "diffmem.study.prune",
     "MeasureConfig": "diffmem.study.measure",
     "Measurement": "diffmem.study.measure",
     "measure_model": "diffmem.study.measure",

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,13 @@ import numpy as np
 
 from diffmem.checks import as_dataset
 from diffmem.errors import ConfigError, DataError
+from diffmem.models.adapter import module_hooks
 from diffmem.utils import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MeasureConfig", "Measurement", "measure_model", "reid_fields", "resolve_encoder",
-           "skew_fields"]
+__all__ = ["MeasureConfig", "Measurement", "measure_model", "model_hooks", "reid_fields",
+           "resolve_encoder", "skew_fields", "weights_stamp"]
 
 
 @dataclass
@@ -293,7 +295,8 @@ def _fid(adapter, dataset, encoder_dir: Path, cfg: MeasureConfig, guidance: floa
 def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
                   config: MeasureConfig | None = None, encoder: str | os.PathLike | None = None,
                   threads: int | None = None,
-                  index: str | os.PathLike | None = None) -> Measurement:
+                  index: str | os.PathLike | None = None,
+                  mitigation: Mapping[str, Any] | None = None) -> Measurement:
     """Measure memorization (both kinds of copying) and in-domain FID of one model.
 
     Parameters
@@ -312,6 +315,13 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
     index : path, optional
         A reference index of the training features (``diffmem index build``), reused by the
         copy verdicts instead of featurizing the training images (same verdicts).
+    mitigation : mapping, optional
+        ``{"method": name, "strength": s, "params": {...}}``: a registered inference-time
+        mitigation that acts on the UNet's modules alone (``magnitude_pruning``,
+        ``nemo_deactivation`` with fixed ``neurons``), built by
+        :func:`~diffmem.mitigate.mitigation_hooks` and kept on the model for the whole
+        measurement (every generation and noise prediction of the detector and the FID):
+        the model is measured as if its weights were changed. Strength 0 is the plain model.
 
     Returns
     -------
@@ -326,8 +336,10 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     enc = resolve_encoder(encoder)
-    key = {"config": cfg.to_dict(), "model": str(model), "weights": _weights_stamp(model),
+    key = {"config": cfg.to_dict(), "model": str(model), "weights": weights_stamp(model),
            "encoder": str(enc)}
+    if mitigation is not None:  # keys of plain measurements stay as they were
+        key["mitigation"] = json.loads(json.dumps(dict(mitigation), sort_keys=True))
     cached = out / "measure.json"
     if cached.is_file():
         saved = json.loads(cached.read_text(encoding="utf-8"))
@@ -335,21 +347,23 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
             return Measurement(**saved["measurement"])
     prompts, _ = choose_prompts(dataset, controls=cfg.controls, seed=cfg.seed)
     adapter = load_model(model, device=cfg.device, dtype=cfg.dtype)
-    t0 = time.perf_counter()
-    result = detect(adapter, dataset, out / "detect",
-                    config=cfg.detection_config(threads, reid=cfg.reid and _has_patients(dataset)),
-                    prompts=prompts, index=index)
-    detect_s = time.perf_counter() - t0
+    with module_hooks(adapter.unet, model_hooks(adapter, mitigation, seed=cfg.seed)):
+        t0 = time.perf_counter()
+        result = detect(adapter, dataset, out / "detect",
+                        config=cfg.detection_config(threads,
+                                                    reid=cfg.reid and _has_patients(dataset)),
+                        prompts=prompts, index=index)
+        detect_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        fid = None
+        if enc is not None:
+            fid = _fid(adapter, dataset, enc, cfg, default_guidance(adapter))
+        else:
+            log.warning("no in-domain encoder (pass --encoder DIR from `diffmem embed train`): "
+                        "the FID is not measured")
     rates = {**copy_rates(result, _clusters(dataset)), **skew_fields(result.skew),
              **reid_fields(result.reid_counts())}
     evals = result.evaluations
-    t1 = time.perf_counter()
-    fid = None
-    if enc is not None:
-        fid = _fid(adapter, dataset, enc, cfg, default_guidance(adapter))
-    else:
-        log.warning("no in-domain encoder (pass --encoder DIR from `diffmem embed train`): the "
-                    "FID is not measured")
     m = Measurement(
         noise_magnitude_auc=evals["noise_magnitude"].auc if "noise_magnitude" in evals else None,
         nn_similarity_auc=evals["nn_similarity"].auc if "nn_similarity" in evals else None,
@@ -360,7 +374,37 @@ def measure_model(model: str | os.PathLike, data, out: str | os.PathLike, *,
     return m
 
 
-def _weights_stamp(model) -> list[list[Any]]:
+def model_hooks(adapter, mitigation: Mapping[str, Any] | None, *, seed: int = 0):
+    """The :class:`~diffmem.models.SamplingHooks` of ``mitigation`` (``{"method", "strength",
+    "params"}``, see :func:`measure_model`) from the mitigation registry, checked to act on the
+    UNet's modules only (so they can stay on the model for every call); None for None.
+
+    Raises
+    ------
+    ConfigError
+        For a method that edits prompts, guidance or attention per generation (those are
+        compared at sampling time by ``diffmem mitigate``), or a bad name or strength.
+    """
+    from diffmem.mitigate.registry import mitigation_hooks
+
+    if mitigation is None:
+        return None
+    name = mitigation.get("method")
+    hooks = mitigation_hooks(name, adapter, mitigation.get("strength"), seed=seed,
+                             **dict(mitigation.get("params") or {}))
+    per_generation = [f for f in ("prompt_embeds", "guidance_scale", "on_step",
+                                  "attention_logits", "attention_probs", "initial_latents")
+                      if getattr(hooks, f) is not None]
+    if per_generation:
+        raise ConfigError(f"mitigation {name!r} changes {', '.join(per_generation)} per "
+                          "generation, so it cannot be applied to the model as a whole; use a "
+                          "method that changes the UNet's modules only (magnitude_pruning, or "
+                          "nemo_deactivation with fixed neurons), or compare it with "
+                          "`diffmem mitigate`")
+    return hooks
+
+
+def weights_stamp(model) -> list[list[Any]]:
     """Size and modification time of the model's weight files: a retrained model in the same
     folder invalidates the cached measurement."""
     root = Path(model)
