@@ -67,11 +67,22 @@ class _ReplayModel:
                             prompts=list(prompts))
 
 
-def _leaky(dataset) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
-    """Generations for three training prompts: exact training images of two patients (pixel
-    copies), and a third patient's training image rotated by 8 degrees, shifted by 3 px and
-    with less contrast (the same anatomy repositioned: not a pixel copy). Returns the images
-    by prompt, the patient each shows, and the repositioned prompt."""
+def _own_patients(dataset) -> dict[str, set[str]]:
+    """Each training prompt's own patients: those of the training records with that prompt."""
+    own: dict[str, set[str]] = {}
+    for s in dataset:
+        if s.split == "train":
+            own.setdefault(s.prompt, set()).add(s.patient_id)
+    return own
+
+
+def _leaky(dataset) -> tuple[dict[str, np.ndarray], dict[str, str], str, str]:
+    """Generations for four training prompts: exact training images of two patients (pixel
+    copies), a third patient's training image rotated by 8 degrees, shifted by 3 px and
+    with less contrast (the same anatomy repositioned: not a pixel copy), and for a fourth
+    prompt an exact training image of ANOTHER patient than its own (its best match is not its
+    own patient). Returns the images by prompt, the patient each shows, the repositioned
+    prompt and the swapped one."""
     train = [i for i, s in enumerate(dataset) if s.split == "train"]
     prompts: dict[str, int] = {}
     for i in train:
@@ -85,11 +96,30 @@ def _leaky(dataset) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
             image = np.clip(ndimage.shift(image, (3, -3), mode="nearest") * 0.85 + 0.05, 0, 1)
         images[prompt] = image.astype(np.float32)
         patients[prompt] = dataset[i].patient_id
-    return images, patients, chosen[2][0]
+    own = _own_patients(dataset)
+    swapped, shown = next((p, i) for p in list(prompts)[3:] for i in train
+                          if dataset[i].patient_id not in own[p])
+    images[swapped] = dataset.load_image(shown, size=64).astype(np.float32)
+    patients[swapped] = dataset[shown].patient_id
+    return images, patients, chosen[2][0], swapped
+
+
+def _own_score_by_hand(dataset, image: np.ndarray, patients: set[str]) -> float:
+    """Max cosine similarity of the image's re-ID embedding to the training studies of
+    ``patients``, embedded one by one (independent of the detector's batched search)."""
+    from diffmem.reid import default_reid_dir
+    from diffmem.reid.network import load_reid_model
+
+    model = load_reid_model(default_reid_dir())
+    query = model.embed_images(image[None])[0].astype(np.float64)
+    rows = [i for i, s in enumerate(dataset) if s.split == "train" and s.patient_id in patients]
+    refs = model.embed_images(np.stack([dataset.load_image(i, size=model.image_size)
+                                        for i in rows]).astype(np.float32))
+    return float((refs.astype(np.float64) @ query).max())
 
 
 def test_reid_names_the_training_patient_and_counts_agree(dataset, tmp_path):
-    images, patients, moved = _leaky(dataset)
+    images, patients, moved, swapped = _leaky(dataset)
     out = tmp_path / "out"
     result = detect(_ReplayModel(images), dataset, out, config=DetectionConfig(
         methods=("nn", "reid"), nn_generations=2, unconditional=2, unrelated=2, confirm="all"))
@@ -109,6 +139,25 @@ def test_reid_names_the_training_patient_and_counts_agree(dataset, tmp_path):
     assert all(g.reid_score is not None for g in gens)
     assert all(g.reid_match == (g.reid_score > threshold.value) for g in gens)
 
+    # own-patient re-ID: the swapped prompt's best match is another patient, its own-patient
+    # score is the max over its own patient's studies; for the others own == any
+    own = _own_patients(dataset)
+    bad = by_prompt[swapped]
+    assert bad.reid_best.reid_patient_id == patients[swapped] and bad.reid_best.reid_match
+    assert patients[swapped] not in own[swapped]
+    expected = _own_score_by_hand(dataset, images[swapped], own[swapped])
+    assert bad.reid_own_score == pytest.approx(expected, abs=1e-4)
+    assert bad.reid_own_score < bad.reid_score - 0.01
+    for prompt in set(patients) - {swapped}:
+        assert by_prompt[prompt].reid_own_score == by_prompt[prompt].reid_score
+        assert by_prompt[prompt].reid_own_match
+    for p in result.prompts:
+        for g in p.generations:
+            assert (g.reid_own_score is None) == (p.kind != "train")
+            if g.reid_own_score is not None:
+                assert g.reid_own_score <= g.reid_score
+                assert g.reid_own_match == (g.reid_own_score > threshold.value)
+
     rows = _csv(out / "scores.csv")
     assert list(rows[0]) == list(SCORE_COLUMNS)
     assert {"reid_score", "reid_patient_id", "reid_match"} <= set(rows[0])
@@ -116,6 +165,12 @@ def test_reid_names_the_training_patient_and_counts_agree(dataset, tmp_path):
     for prompt, patient in patients.items():
         assert row[prompt]["reid_patient_id"] == patient
     assert all(r["reid_match"] in ("0", "1") and r["reid_score"] for r in row.values())
+    assert all(r["reid_own_match"] in ("0", "1") and r["reid_own_score"] for r in row.values())
+    assert float(row[swapped]["reid_own_score"]) == pytest.approx(expected, abs=1e-4)
+    others = [r for r in rows if r["kind"] != "train"]
+    assert {r["kind"] for r in others} == {"unrelated", "unconditional"}
+    assert all(r["reid_own_score"] == r["reid_own_match"] == "" and r["reid_score"]
+               for r in others)
 
     # reidentified.csv holds exactly the leaking generations; the summary counts them
     leaks = _csv(out / "reidentified.csv")
@@ -129,6 +184,12 @@ def test_reid_names_the_training_patient_and_counts_agree(dataset, tmp_path):
     assert counts["leaking_prompts"]["train"] == sum(r["reid_match"] == "1"
                                                      for r in row.values())
     assert sorted(counts["patients"]) == sorted({r["reid_patient_id"] for r in leaks})
+    assert counts["own_patient_prompts"] == {
+        "train": sum(r["reid_own_match"] == "1" for r in row.values()), "unrelated": 0,
+        "unconditional": 0}
+    assert counts["own_patient_judged"] == {"train": len(row), "unrelated": 0,
+                                            "unconditional": 0}
+    assert counts["own_patient_leaks"] == sum(bool(g.reid_own_match) for g in gens) >= 3
     assert summary["reid"]["threshold"]["value"] == pytest.approx(threshold.value)
     assert summary["reid"]["model_fingerprint"]
     for r in leaks:
@@ -136,6 +197,8 @@ def test_reid_names_the_training_patient_and_counts_agree(dataset, tmp_path):
     text = format_summary(result)
     assert f"{counts['leaks']} of {counts['generations']} generation(s) re-identify" in text
     assert f"({counts['leaks_not_copies']} of them not pixel copies" in text
+    assert (f"re-ID of the prompt's own patient: train {counts['own_patient_prompts']['train']}"
+            f" of {len(row)} prompt(s)") in text
 
 
 def test_two_stage_runs_reid_on_the_generations_that_exist(model, data, tmp_path):

@@ -234,6 +234,53 @@ def test_most_similar_patient_is_the_max_over_that_patients_studies():
         assert patients[r] == best and s == pytest.approx(per_patient[best])
 
 
+def test_own_patient_score_is_that_patients_max_even_when_another_patient_is_closer():
+    from diffmem.reid.verdicts import PatientIndex, search_patients
+
+    # hand-built: patient a has studies along e0 and e1, patient b along e2, c along e3
+    ref = np.eye(4, dtype=np.float32)
+    index = PatientIndex(embeddings=ref, patient_ids=["a", "a", "b", "c"],
+                         study_ids=["s1", "s2", "s3", "s4"], records=[0, 1, 2, 3])
+    q = np.array([[0.1, 0.5, np.sqrt(1 - 0.26 - 0.04), 0.2],  # closest to b, own patient a
+                  [0.0, 0.0, 0.6, 0.8],                        # own a: never near a
+                  [0.6, 0.0, 0.0, 0.8],                        # no own patient
+                  [0.6, 0.0, 0.0, 0.8]])                       # unknown patient only
+    own = [{"a"}, {"a", "b"}, set(), {"zz"}]
+    scores, rows, own_scores = search_patients(q, index, own=own, block=3)
+    assert [index.patient_ids[r] for r in rows] == ["b", "c", "c", "c"]
+    assert scores == pytest.approx([np.sqrt(0.7), 0.8, 0.8, 0.8])
+    assert own_scores[0] == pytest.approx(0.5)  # a's best study (s2), not b's 0.84
+    assert own_scores[1] == pytest.approx(0.6)  # two own patients: the max over both (b)
+    assert np.isnan(own_scores[2]) and np.isnan(own_scores[3])
+    # without own patients: NaN throughout, same search as most_similar_patient
+    _, _, none = search_patients(q, index)
+    assert np.isnan(none).all()
+    with pytest.raises(DataError, match="own patients given for 2 queries, but there are 4"):
+        search_patients(q, index, own=[{"a"}, {"b"}])
+
+
+def test_own_patient_score_never_exceeds_the_reid_score():
+    from diffmem.reid.verdicts import PatientIndex, most_similar_patient, search_patients
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(60, 16))
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    patients = [f"p{i % 7}" for i in range(60)]  # studies of a patient spread over blocks
+    index = PatientIndex(embeddings=ref.astype(np.float32), patient_ids=patients,
+                         study_ids=[f"s{i}" for i in range(60)], records=list(range(60)))
+    q = rng.normal(size=(40, 16))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    own = [index.patients_of([f"s{i}", f"s{(3 * i) % 60}"]) for i in range(40)]
+    scores, rows, own_scores = search_patients(q, index, own=own, block=8)
+    np.testing.assert_array_equal((scores, rows), most_similar_patient(q, index, block=8))
+    assert (own_scores <= scores).all()
+    ref64 = index.embeddings.astype(np.float64)
+    for i, mine in enumerate(own):
+        expected = max(float(q[i] @ ref64[r]) for r in range(60) if patients[r] in mine)
+        assert own_scores[i] == pytest.approx(expected, abs=1e-12)
+        assert (own_scores[i] == scores[i]) == (patients[rows[i]] in mine)
+
+
 def test_reid_verdicts_find_the_training_patient_at_a_calibrated_threshold(reid_model, dataset):
     from diffmem.reid.verdicts import calibrate_reid_threshold, index_patients, reid_verdicts
 

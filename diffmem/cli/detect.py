@@ -166,6 +166,11 @@ def format_summary(result) -> str:
                      f"pixel copies; {counts['copies']} pixel copies); "
                      f"{len(counts['patients'])} patient(s); patient-leaking prompts: "
                      + ", ".join(f"{k} {v}" for k, v in counts["leaking_prompts"].items()))
+        judged = {k: n for k, n in counts["own_patient_judged"].items() if n}
+        if judged:
+            lines.append("re-ID of the prompt's own patient: " + ", ".join(
+                f"{k} {counts['own_patient_prompts'][k]} of {n} prompt(s)"
+                for k, n in judged.items()))
     for name, ev in result.evaluations.items():
         lines.append(f"{name:18s} AUC {ev.auc:.3f}  TPR@1%FPR {ev.tpr_at_1pct_fpr:.3f}  "
                      f"(memorized {ev.n_pos}, not {ev.n_neg})")

@@ -70,6 +70,7 @@ from diffmem.detect.inputs import (
 from diffmem.detect.neighbors import nearest_neighbors, one_blas_thread
 from diffmem.detect.results import (
     KINDS,
+    OWN_PATIENT_KINDS,
     SCORE_COLUMNS,
     DetectionResult,
     GenerationMatch,
@@ -587,7 +588,7 @@ def _method_keys(config: DetectionConfig, guidance: float, verdicts: CopyVerdict
             if verdicts.approximate is not None:  # kept apart from the exact verdicts
                 keys[("nn", kind)]["search"] = verdicts.approximate
             if reid is not None:  # the stored values then carry re-ID scores too
-                keys[("nn", kind)]["reid"] = reid.params()
+                keys[("nn", kind)]["reid"] = {**reid.params(), "own_patient": True}
     return keys
 
 
@@ -693,8 +694,11 @@ def _nearest(run: _Run, items: list[WorkItem], n_per: int,
         nn = nearest_neighbors(sample.images, verdicts.reference, backend=verdicts.backend, k=2)
     copy = verdicts.judge(nn.similarities[:, 0])
     if run.reid is not None:
+        own = [run.reid.index.patients_of(it.study_ids) if it.kind in OWN_PATIENT_KINDS
+               else set() for it in items]
         with one_blas_thread():
-            reid_scores, reid_rows = run.reid.search(sample.images)
+            reid_scores, reid_rows, own_scores = run.reid.search_own(
+                sample.images, [own[p] for p in sample.prompt_index])
         leak = run.reid.judge(reid_scores)
     values, copies = [], []
     for p, it in enumerate(items):
@@ -715,7 +719,9 @@ def _nearest(run: _Run, items: list[WorkItem], n_per: int,
             values[-1].update({
                 "reid_score": [float(reid_scores[r]) for r in rows],
                 "reid_patient_id": [index.patient_ids[reid_rows[r]] for r in rows],
-                "reid_study_id": [index.study_ids[reid_rows[r]] for r in rows]})
+                "reid_study_id": [index.study_ids[reid_rows[r]] for r in rows],
+                "reid_own_score": [None if np.isnan(own_scores[r]) else float(own_scores[r])
+                                   for r in rows]})
             copies += [(reid_image_path(run.out, it.kind, it.prompt,
                                         int(sample.generation_index[r])), sample.images[r])
                        for r in rows if leak[r]]
@@ -828,6 +834,7 @@ def _matches(run: _Run, value: Mapping[str, list], item: WorkItem) -> list[Gener
     copies = run.verdicts.judge(value["similarity"])
     ratio_copies = is_ratio_copy(value["distance1"], value["distance2"], ratio=run.config.ratio)
     leaks = None if run.reid is None else run.reid.judge(value["reid_score"])
+    own = None if run.reid is None else value["reid_own_score"]
     matches = []
     for j, (seed, s1, s2, id1, id2, d1, d2) in enumerate(zip(
             value["seed"], value["similarity"], value["similarity2"], value["study_id"],
@@ -845,6 +852,8 @@ def _matches(run: _Run, value: Mapping[str, list], item: WorkItem) -> list[Gener
                 matches[-1], reid_score=float(value["reid_score"][j]),
                 reid_patient_id=str(value["reid_patient_id"][j]),
                 reid_study_id=str(value["reid_study_id"][j]), reid_match=bool(leaks[j]),
+                reid_own_score=None if own[j] is None else float(own[j]),
+                reid_own_match=None if own[j] is None else bool(run.reid.judge(own[j])),
                 reid_image=str(leak_image.relative_to(run.out))
                 if leaks[j] and leak_image.is_file() else None)
     return matches
@@ -859,7 +868,8 @@ def _evaluate(result: DetectionResult) -> None:
         for name, get in (("noise_magnitude", lambda p: p.noise_magnitude),
                           ("attention_entropy", lambda p: p.attention_entropy),
                           ("nn_similarity", lambda p: p.nn_similarity),
-                          ("reid_score", lambda p: p.reid_score)):
+                          ("reid_score", lambda p: p.reid_score),
+                          ("reid_own_score", lambda p: p.reid_own_score)):
             values = [get(p) for p in labelled]
             if all(v is not None for v in values):
                 result.evaluations[name] = evaluate(np.array(values, dtype=np.float64), y)

@@ -15,16 +15,20 @@ import numpy as np
 if TYPE_CHECKING:
     from diffmem.detect.detector import DetectionConfig
 
-__all__ = ["KINDS", "SCORE_COLUMNS", "DetectionResult", "GenerationMatch", "PromptResult"]
+__all__ = ["KINDS", "OWN_PATIENT_KINDS", "SCORE_COLUMNS", "DetectionResult", "GenerationMatch", "PromptResult"]
 
 #: What a scanned prompt is: a training prompt of the dataset, a prompt from ``--prompts``, a
 #: held-out prompt the model was not trained on, or the empty prompt.
 KINDS = ("train", "prompt", "unrelated", "unconditional")
+#: The kinds whose prompts have an own patient for re-ID (the patients of the training studies
+#: they are the prompt of); unrelated and empty prompts have none.
+OWN_PATIENT_KINDS = ("train", "prompt")
 #: Columns of ``scores.csv`` (one row a prompt, :meth:`PromptResult.to_row`).
 SCORE_COLUMNS = ("kind", "study_id", "n_studies", "prompt", "label", "noise_magnitude",
                  "attention_entropy", "nn_similarity", "nn_study_id", "nn_generation",
                  "nn_d1_d2", "nn_copies", "nn_ratio_copies", "memorized", "copy_image",
-                 "screen", "reid_score", "reid_patient_id", "reid_match")
+                 "screen", "reid_score", "reid_patient_id", "reid_match", "reid_own_score",
+                 "reid_own_match")
 
 
 @dataclass
@@ -59,6 +63,15 @@ class GenerationMatch:
         ``reid_patient_id``.
     reid_image : str or None
         PNG of the generation, saved for re-identifications.
+    reid_own_score : float or None
+        Re-ID score against the generation's own patient: the patient(s) whose training
+        studies have its prompt (max over their studies, and over the patients when several
+        share the prompt; :func:`diffmem.reid.verdicts.search_patients`). At most
+        ``reid_score``; None without re-ID, for unrelated and empty prompts, and for prompts
+        of no indexed patient.
+    reid_own_match : bool or None
+        ``reid_own_score`` is above the re-ID threshold: the generation re-identifies its own
+        patient. None when ``reid_own_score`` is.
     """
 
     index: int
@@ -76,6 +89,8 @@ class GenerationMatch:
     reid_study_id: str | None = None
     reid_match: bool | None = None
     reid_image: str | None = None
+    reid_own_score: float | None = None
+    reid_own_match: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -146,6 +161,19 @@ class PromptResult:
         return None if best is None else best.reid_score
 
     @property
+    def reid_own_score(self) -> float | None:
+        """The largest own-patient re-ID score of its generations (None when none has one)."""
+        scores = [g.reid_own_score for g in self.generations if g.reid_own_score is not None]
+        return max(scores) if scores else None
+
+    @property
+    def reid_own_match(self) -> bool | None:
+        """True when a generation re-identifies the prompt's own patient; None when no
+        generation has an own-patient score."""
+        judged = [g for g in self.generations if g.reid_own_match is not None]
+        return any(g.reid_own_match for g in judged) if judged else None
+
+    @property
     def patient_leaking(self) -> bool | None:
         """True when any generation re-identifies a training patient; None without re-ID."""
         judged = [g for g in self.generations if g.reid_match is not None]
@@ -179,6 +207,8 @@ class PromptResult:
             "reid_score": _fmt(self.reid_score),
             "reid_patient_id": "" if self.reid_best is None else self.reid_best.reid_patient_id,
             "reid_match": "" if self.patient_leaking is None else int(self.patient_leaking),
+            "reid_own_score": _fmt(self.reid_own_score),
+            "reid_own_match": "" if self.reid_own_match is None else int(self.reid_own_match),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -267,7 +297,10 @@ class DetectionResult:
         """Re-ID verdicts counted: judged generations, pixel copies among them, leaks
         (generations that re-identify a training patient), leaks that are not pixel copies,
         the patients re-identified, and patient-leaking prompts per kind (with those that
-        have no copy generation). None without re-ID.
+        have no copy generation); own-patient verdicts (``own_patient_leaks``: generations
+        that re-identify their prompt's own patient; per kind, ``own_patient_prompts``: the
+        prompts with such a generation, of ``own_patient_judged``: the prompts with an own
+        patient). None without re-ID.
         """
         if self.reid is None:
             return None
@@ -285,6 +318,11 @@ class DetectionResult:
             "leaking_prompts_not_memorized": {
                 k: sum(bool(p.patient_leaking) and not p.memorized for p in self.of_kind(k))
                 for k in kinds},
+            "own_patient_leaks": sum(bool(g.reid_own_match) for g in gens),
+            "own_patient_prompts": {k: sum(bool(p.reid_own_match) for p in self.of_kind(k))
+                                    for k in kinds},
+            "own_patient_judged": {k: sum(p.reid_own_match is not None
+                                          for p in self.of_kind(k)) for k in kinds},
         }
 
     def to_dict(self, *, prompts: bool = False) -> dict[str, Any]:

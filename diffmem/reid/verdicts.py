@@ -13,6 +13,11 @@ Dutt et al. do beside copy detection).
   distribution, and the threshold flags at most a fraction ``fpr`` of them.
 * A generation **re-identifies** a training patient when its score is strictly above the
   threshold.
+* The **own-patient score** of a generation of a training prompt is its re-ID score against the
+  patient(s) whose training study has that prompt (max over their studies; over the patients
+  when several share the report text), judged against the same threshold: the patient analogue
+  of an "own-image" copy, where the re-ID score above is the "any-image" one. It is at most the
+  re-ID score (the same similarities, maxed over fewer records).
 
 Nothing here holds all pairs: the reference embeddings are searched in blocks.
 
@@ -24,6 +29,9 @@ Examples
 >>> score, row = most_similar_patient(np.array([[0.0, 0.6, 0.8]]), index)
 >>> float(score[0]), index.patient_ids[int(row[0])]
 (0.8, 'b')
+>>> _, _, own = search_patients(np.array([[0.0, 0.6, 0.8]]), index, own=[{"a"}])
+>>> float(own[0])  # patient a's best study (s2), though b is the most similar patient
+0.6
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -48,7 +58,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PatientIndex", "ReIDSetup", "ReIDVerdicts", "calibrate_reid_threshold",
            "heldout_reid_scores", "index_patients", "most_similar_patient", "prepare_reid",
-           "reid_verdicts"]
+           "reid_verdicts", "search_patients"]
 
 _BLOCK = 4096  # reference rows per similarity block
 
@@ -78,6 +88,38 @@ class PatientIndex:
 
     def __len__(self) -> int:
         return len(self.patient_ids)
+
+    @cached_property
+    def _patient_codes(self) -> tuple[dict[str, int], np.ndarray]:
+        """Each patient's integer code and each row's (computed once; the index is not edited
+        after it is built)."""
+        codes: dict[str, int] = {}
+        rows = np.array([codes.setdefault(p, len(codes)) for p in self.patient_ids],
+                        dtype=np.int64)
+        return codes, rows
+
+    @cached_property
+    def _study_patients(self) -> dict[str, set[str]]:
+        by_study: dict[str, set[str]] = {}
+        for study, patient in zip(self.study_ids, self.patient_ids):
+            by_study.setdefault(study, set()).add(patient)
+        return by_study
+
+    def patients_of(self, study_ids: Iterable[str]) -> set[str]:
+        """The indexed patients who own any of ``study_ids`` (studies not indexed add none).
+
+        Examples
+        --------
+        >>> index = PatientIndex(embeddings=np.eye(3, dtype=np.float32),
+        ...                      patient_ids=["a", "a", "b"], study_ids=["s1", "s2", "s3"],
+        ...                      records=[0, 1, 2])
+        >>> sorted(index.patients_of(["s2", "s3", "s9"]))
+        ['a', 'b']
+        """
+        found: set[str] = set()
+        for study in study_ids:
+            found |= self._study_patients.get(study, set())
+        return found
 
 
 @dataclass
@@ -170,17 +212,64 @@ def index_patients(model: PatientVerifier | str | os.PathLike | None,
 def most_similar_patient(embeddings: np.ndarray, index: PatientIndex, *,
                          block: int = _BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """For each query embedding, the largest cosine similarity to any indexed record and that
-    record's row (whose patient is the most similar patient), searched in blocks.
+    record's row (whose patient is the most similar patient), searched in blocks
+    (:func:`search_patients` without own patients).
 
     Returns
     -------
     (scores, rows) : ndarray (G,) float64, ndarray (G,) int
     """
+    scores, rows, _ = search_patients(embeddings, index, block=block)
+    return scores, rows
+
+
+def search_patients(embeddings: np.ndarray, index: PatientIndex, *,
+                    own: Sequence[Collection[str] | None] | None = None,
+                    block: int = _BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-ID search of query embeddings: the most similar training patient's score and record
+    row, and the score against each query's own patient(s) (Packhäuser et al., Sci. Rep.
+    2022: a patient's score is the max over that patient's studies).
+
+    Parameters
+    ----------
+    embeddings : ndarray, shape (G, D)
+        L2-normalized queries, from the model that built ``index``.
+    index : PatientIndex
+    own : sequence of collections of str, optional
+        One entry per query: the patient id(s) it should be compared with (for a generation,
+        the patient(s) whose training study has its prompt). With several patients (a report
+        text several patients share) the own-patient score is the max over all of them. None,
+        an empty entry, or patients absent from the index give NaN.
+    block : int, optional
+        Reference rows per similarity block.
+
+    Returns
+    -------
+    (scores, rows, own_scores) : ndarray (G,) float64, ndarray (G,) int, ndarray (G,) float64
+        ``own_scores`` is all NaN without ``own``. It is computed from the same similarity
+        blocks as ``scores``, maxed over a subset of their columns, so it never exceeds
+        ``scores``.
+
+    Raises
+    ------
+    DataError
+        When the queries do not fit the index, or ``own`` has another length.
+    """
     q = np.asarray(embeddings, dtype=np.float64)
     if q.ndim != 2 or q.shape[1] != index.embeddings.shape[1]:
         raise DataError(f"query embeddings have shape {q.shape}; expected (G, "
                         f"{index.embeddings.shape[1]}) from the model that built the index")
+    member = None  # (G, patients): which patients are each query's own
+    if own is not None:
+        if len(own) != len(q):
+            raise DataError(f"own patients given for {len(own)} queries, but there are "
+                            f"{len(q)}; pass one entry (possibly empty) per query")
+        codes, row_codes = index._patient_codes
+        member = np.zeros((len(q), len(codes)), dtype=bool)
+        for i, patients in enumerate(own):
+            member[i, [codes[p] for p in (patients or ()) if p in codes]] = True
     best = np.full(len(q), -np.inf)
+    own_best = np.full(len(q), -np.inf)
     rows = np.zeros(len(q), dtype=np.int64)
     for start in range(0, len(index), block):
         sims = q @ index.embeddings[start:start + block].astype(np.float64).T
@@ -188,7 +277,11 @@ def most_similar_patient(embeddings: np.ndarray, index: PatientIndex, *,
         val = sims[np.arange(len(q)), arg]
         better = val > best
         best[better], rows[better] = val[better], arg[better] + start
-    return np.clip(best, -1.0, 1.0), rows
+        if member is not None:
+            mine = member[:, row_codes[start:start + block]]
+            np.maximum(own_best, np.where(mine, sims, -np.inf).max(axis=1), out=own_best)
+    own_scores = np.where(np.isfinite(own_best), np.clip(own_best, -1.0, 1.0), np.nan)
+    return np.clip(best, -1.0, 1.0), rows, own_scores
 
 
 def heldout_reid_scores(model: PatientVerifier | str | os.PathLike | None, index: PatientIndex,
@@ -261,6 +354,13 @@ class ReIDSetup:
         """Each image's re-ID score and the index row of its best-matching training record
         (:func:`most_similar_patient`)."""
         return most_similar_patient(self.model.embed_images(images), self.index)
+
+    def search_own(self, images: np.ndarray, own: Sequence[Collection[str] | None],
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search` plus each image's own-patient score: against the patient(s) in
+        ``own`` (one entry per image; NaN where empty), from the same embeddings and
+        similarities (:func:`search_patients`)."""
+        return search_patients(self.model.embed_images(images), self.index, own=own)
 
     def judge(self, scores: Any) -> Any:
         """Re-ID verdicts of scores: the one threshold rule of
