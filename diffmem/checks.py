@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import math
 import platform
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ import numpy as np
 from diffmem.errors import ConfigError, DiffMemError
 
 __all__ = ["as_adapter", "as_dataset", "check_fraction", "check_int", "check_positive",
-           "package_versions"]
+           "number_list", "package_versions"]
 
 
 def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None, hint: str = "",
@@ -82,6 +83,40 @@ def check_fraction(name: str, value: Any, *, open_low: bool = False, open_high: 
             or (open_high and value == 1):
         raise error(f"{name}={value!r}; use a number in {lo}0, 1{hi}{hint}")
     return float(value)
+
+
+def number_list(values: Sequence[Any] | str, *, name: str, cast: Callable[[Any], Any],
+                accept: Callable[[Any, Any], bool], expected: str, example: str) -> list[Any]:
+    """Distinct numbers from a comma-separated string or a sequence (a CLI option such as
+    ``--ranks 4,16``): each item ``cast`` (``int`` or ``float``) and kept when
+    ``accept(number, item)``; a ConfigError names ``name``, the bad item, what was
+    ``expected`` and ``example``.
+
+    >>> number_list("4, 16", name="--ranks", cast=int, accept=lambda v, x: v >= 1,
+    ...             expected="a positive integer", example="--ranks 4,16")
+    [4, 16]
+    >>> number_list("0.5,2", name="--ratios", cast=float, accept=lambda v, x: v <= 1,
+    ...             expected="in [0, 1]", example="--ratios 0,0.5")
+    Traceback (most recent call last):
+    ...
+    diffmem.errors.ConfigError: --ratios: '2' is not in [0, 1]; give for example --ratios 0,0.5
+    """
+    items = [x.strip() for x in values.split(",") if x.strip()] if isinstance(values, str) \
+        else list(values)
+    out = []
+    for x in items:
+        try:
+            v = cast(x)
+        except (TypeError, ValueError):
+            v = None
+        if v is None or isinstance(x, bool) or not accept(v, x):
+            raise ConfigError(f"{name}: {x!r} is not {expected}; give for example {example}")
+        out.append(v)
+    if not out:
+        raise ConfigError(f"{name}: none given; give for example {example}")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{name}: {out} repeats a value; give each once, e.g. {example}")
+    return out
 
 
 def as_dataset(data: Any) -> Any:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffmem.checks import as_dataset
+from diffmem.checks import as_dataset, number_list
 from diffmem.errors import ConfigError, DataError
 from diffmem.study.measure import MeasureConfig, measure_model, resolve_encoder
 from diffmem.study.results import StudyResult, csv_value, machine_info, mean_ci, write_study
@@ -162,23 +162,9 @@ def parse_ints(values: Sequence[Any] | str, *, name: str, low: int,
     >>> parse_ints("4,16, 64", name="ranks", low=1, example="--ranks 4,16,64")
     [4, 16, 64]
     """
-    items = [x.strip() for x in values.split(",") if x.strip()] if isinstance(values, str) \
-        else list(values)
     kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-    out = []
-    for x in items:
-        try:
-            v = int(x)
-        except (TypeError, ValueError):
-            v = None
-        if v is None or isinstance(x, bool) or v < low or str(v) != str(x).strip():
-            raise ConfigError(f"{name}: {x!r} is not {kind}; give for example {example}")
-        out.append(v)
-    if not out:
-        raise ConfigError(f"{name}: none given; give for example {example}")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"{name}: {out} repeats a value; give each once, e.g. {example}")
-    return out
+    return number_list(values, name=name, cast=int, expected=kind, example=example,
+                       accept=lambda v, x: v >= low and str(v) == str(x).strip())
 
 
 def parse_ranks(ranks: Sequence[Any] | str) -> list[int]:

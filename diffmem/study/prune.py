@@ -32,8 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffmem.checks import as_dataset
-from diffmem.errors import ConfigError
+from diffmem.checks import as_dataset, number_list
 from diffmem.mitigate.compare import non_dominated
 from diffmem.mitigate.registry import get_mitigation
 from diffmem.study.measure import (MeasureConfig, choose_prompts, measure_model,
@@ -67,21 +66,9 @@ def parse_strengths(values: Sequence[Any] | str, *, method: str, option: str) ->
     """
     entry = get_mitigation(method)
     lo, hi = entry.strength_range
-    items = [x.strip() for x in values.split(",") if x.strip()] if isinstance(values, str) \
-        else list(values)
-    out = []
-    for x in items:
-        try:
-            v = float(x)
-        except (TypeError, ValueError):
-            v = None
-        if v is None or isinstance(x, bool) or not lo <= v <= hi:
-            raise ConfigError(f"{option}: {x!r} is not in [{lo:g}, {hi:g}] ({entry.strength}); "
-                              f"give for example {option} 0,0.5,{hi:g}")
-        out.append(v)
-    if len(set(out)) != len(out):
-        raise ConfigError(f"{option}: {items} repeats a value; give each once")
-    return sorted(out)
+    return sorted(number_list(values, name=option, cast=float, example=f"{option} 0,0.5,{hi:g}",
+                              accept=lambda v, x: lo <= v <= hi,
+                              expected=f"in [{lo:g}, {hi:g}] ({entry.strength})"))
 
 
 def _neurons(adapter, model: Path, dataset, out: Path, measure: MeasureConfig,
