@@ -4,6 +4,7 @@ studies end to end on the tiny preset (a few training steps, tiny detector setti
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from diffmem.cli import main
 from diffmem.errors import ConfigError, TrainingError
 from diffmem.study.measure import MeasureConfig, copy_rates
+from diffmem.study.results import mean_ci
 from diffmem.study.training import (
     caption_randomization,
     deduplicate,
@@ -127,8 +129,10 @@ def test_copy_rates_separate_own_image_and_any_image_copies():
 
 
 # ---------------------------------------------------------------------------- studies
-REQUIRED = ("memorization_rate_own", "memorization_rate_any", "noise_magnitude_auc",
-            "fid_in_domain", "final_loss", "train_seconds")
+REQUIRED = ("own_copies_mean", "own_copies_ci95", "any_copies_mean", "fid_mean",
+            "final_loss_mean", "train_seconds_mean", "seeds", "runs")
+RUN_REQUIRED = ("memorization_rate_own", "memorization_rate_any", "noise_magnitude_auc",
+                "fid_in_domain", "final_loss", "train_seconds", "seed")
 
 
 def _check_contract(folder, study):
@@ -139,34 +143,55 @@ def _check_contract(folder, study):
     for rec in doc["records"]:
         for key in REQUIRED:
             assert key in rec
+        assert rec["seeds"] == len(rec["runs"]) == len(doc["config"]["seeds"])
+        for run in rec["runs"]:
+            for key in RUN_REQUIRED:
+                assert key in run
     for name in doc["figures"]:
         assert (folder / name).stat().st_size > 1000
     return doc
 
 
-def test_mitigation_study_trains_measures_and_skips_finished_runs(data, encoder, tmp_path):
-    from diffmem.study.cxr import run_train_mitigation_study
+def _assert_pooled(record, metrics):
+    """Every pooled mean and interval is mean_ci of the record's per-seed runs."""
+    for name, field in metrics.items():
+        mean, half = mean_ci([r.get(field) for r in record["runs"]])
+        assert record[f"{name}_mean"] == (None if mean is None else pytest.approx(mean)), name
+        assert record[f"{name}_ci95"] == (None if half is None else pytest.approx(half)), name
+
+
+def test_mitigation_study_pools_seeds_and_skips_finished_runs(data, encoder, tmp_path):
+    from diffmem.study.cxr import MITIGATION_METRICS, run_train_mitigation_study
 
     out = tmp_path / "mit"
-    kw = dict(methods=["none", "loss_filter"], preset="tiny", steps=2, encoder=encoder,
-              measure=TINY_MEASURE)
+    kw = dict(methods=["none", "loss_filter"], preset="tiny", steps=2, seeds="0,1",
+              encoder=encoder, measure=TINY_MEASURE)
     res = run_train_mitigation_study(data, out, **kw)
     doc = _check_contract(out, "train-mitigations")
     assert [r["name"] for r in doc["records"]] == ["none", "loss_filter"]
-    assert all(r["status"] == "trained" and r["steps"] == 2 for r in res.records)
-    assert all(r["fid_in_domain"] is not None and r["fid_in_domain"] > 0 for r in res.records)
-    # skewed memorization columns (None when the tiny model copies nothing)
-    assert all({"copy_gini", "copy_top1_share", "copy_top10_share"} <= set(r)
-               for r in doc["records"])
-    # patient re-identification beside the copies (the embedded re-ID model, held-out patients)
-    assert all(0 <= r["reid_rate_not_copies"] <= r["reid_rate"] <= 1 for r in res.records)
-    assert (out / "runs" / "none" / "model_index.json").is_file()
-    assert (out / "train_mitigations.csv").read_text().startswith("name,options,lr")
+    assert doc["config"]["seeds"] == [0, 1]
+    for rec in doc["records"]:
+        assert [r["seed"] for r in rec["runs"]] == [0, 1]
+        assert [r["name"] for r in rec["runs"]] == [f"{rec['name']}-s0", f"{rec['name']}-s1"]
+        assert all(r["status"] == "trained" and r["steps"] == 2 for r in rec["runs"])
+        assert all(r["fid_in_domain"] is not None and r["fid_in_domain"] > 0
+                   for r in rec["runs"])
+        _assert_pooled(rec, MITIGATION_METRICS)
+        # two seeds of a real model: the FIDs differ, so the interval is a positive number
+        assert rec["fid_ci95"] > 0
+        # skewed memorization columns (None when the tiny model copies nothing)
+        assert all({"copy_gini", "copy_top1_share", "copy_top10_share"} <= set(r)
+                   for r in rec["runs"])
+        # re-identification beside the copies (the embedded re-ID model, held-out patients)
+        assert all(0 <= r["reid_rate_not_copies"] <= r["reid_rate"] <= 1 for r in rec["runs"])
+    assert (out / "runs" / "none-s1" / "model_index.json").is_file()
+    assert (out / "train_mitigations.csv").read_text().startswith("name,seeds,own_copies_mean")
+    assert len((out / "train_mitigations_runs.csv").read_text().splitlines()) == 5
+    assert any("2 seeds per method" in f for f in doc["findings"])
     again = run_train_mitigation_study(data, out, **kw)
-    assert [r["status"] for r in again.records] == ["skipped", "skipped"]
     for a, b in zip(res.records, again.records):
-        assert a["memorization_rate_any"] == b["memorization_rate_any"]
-        assert a["fid_in_domain"] == b["fid_in_domain"]
+        assert [r["status"] for r in b["runs"]] == ["skipped", "skipped"]
+        assert a["any_copies_mean"] == b["any_copies_mean"] and a["fid_mean"] == b["fid_mean"]
     with pytest.raises(TrainingError, match="holds a finished run of 2 steps"):
         run_train_mitigation_study(data, out, **{**kw, "steps": 3})
     with pytest.raises(TrainingError, match="loss_filter: run 'noise_gap_filter.tau=2.'"):
@@ -175,20 +200,33 @@ def test_mitigation_study_trains_measures_and_skips_finished_runs(data, encoder,
 
 
 def test_lr_study_resumes_a_killed_run_and_applies_the_inverse_rule(data, encoder, tmp_path):
-    from diffmem.study.cxr import run_lr_study
+    from diffmem.study.cxr import LR_METRICS, run_lr_study
     from diffmem.train import TrainConfig, train
 
     out = tmp_path / "lr"
     # a run killed after 2 of its 4 steps (lr 1e-3 is the tiny preset's lr: 4 steps)
-    train(data, out / "runs" / "lr_0.001", resume=False, stop_after=2,
+    train(data, out / "runs" / "lr_0.001-s0", resume=False, stop_after=2,
           config=TrainConfig(preset="tiny", lr=1e-3, steps=4, checkpoint_every=100))
-    res = run_lr_study(data, out, lrs=[1e-3, 4e-3], preset="tiny", steps=4,
+    res = run_lr_study(data, out, lrs=[1e-3, 4e-3], preset="tiny", steps=4, seeds=[0],
                        schedule="inverse-lr", encoder=encoder, measure=TINY_MEASURE)
     by = {r["lr"]: r for r in res.records}
     assert by[1e-3]["status"] == "resumed" and by[1e-3]["steps"] == 4
     assert by[4e-3]["steps"] == 1 and by[4e-3]["samples_seen"] == by[4e-3]["steps"] * 4
     doc = _check_contract(out, "lr")
     assert doc["config"]["schedule"] == "inverse-lr" and doc["findings"]
+    for rec in doc["records"]:
+        _assert_pooled(rec, LR_METRICS)
+        assert rec["fid_ci95"] is None  # one seed: no interval
+    # matched loss: the target is the higher of the two final losses (the tiny runs log their
+    # last step only, so each run matches at its final checkpoint and reuses its measurement)
+    matched = doc["config"]["matched_loss"]
+    runs = [rec["runs"][0] for rec in doc["records"]]
+    assert matched["target_loss"] == pytest.approx(max(r["final_loss"] for r in runs))
+    for r in runs:
+        assert r["matched_loss_step"] == r["steps"]
+        assert r["fid_at_matched_loss"] == r["fid_in_domain"]
+        assert r["own_copies_at_matched_loss"] == r["memorization_rate_own"]
+    assert any(f.startswith("At matched training loss") for f in doc["findings"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == doc["records"]
 
@@ -218,17 +256,34 @@ def test_cli_train_mitigations_in_process(data, encoder, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["-q", "study", "train-mitigations", "--data", str(data), "--out", str(out),
                  "--methods", "caption_randomization", "--preset", "tiny", "--steps", "1",
-                 "--encoder", str(encoder), "--controls", "1", "--nn-generations", "1",
-                 "--sample-steps", "2", "--fid-images", "4",
+                 "--seed", "3", "--encoder", str(encoder), "--controls", "1",
+                 "--nn-generations", "1", "--sample-steps", "2", "--fid-images", "4",
                  "--options", '{"caption_randomization": {"p": 0.5}}'])
     assert code == 0
     assert "caption_randomization" in capsys.readouterr().out
     doc = json.loads((out / "study.json").read_text())
-    assert doc["records"][0]["options"]["p"] == 0.5
+    assert doc["records"][0]["options"]["p"] == 0.5 and doc["config"]["seeds"] == [3]
+    assert (out / "runs" / "caption_randomization-s3" / "model_index.json").is_file()
     code = main(["-q", "study", "train-mitigations", "--data", str(data), "--out", str(out),
                  "--methods", "dropout"])
     assert code == 2 and "unknown training mitigation" in capsys.readouterr().err
     assert np.isfinite(doc["seconds"])
+
+
+@pytest.mark.parametrize("study", ["lr", "train-mitigations"])
+@pytest.mark.parametrize("args, words", [
+    (["--seeds", "0,x"], "seeds.*'x'.*--seeds 0,1,2"),
+    (["--seeds", "-1"], "seeds.*'-1'"),
+    (["--seeds", "1,1"], "seeds.*repeats"),
+    (["--seeds", "0,1", "--seed", "2"], "both --seeds 0,1 and --seed 2"),
+])
+def test_cli_bad_seeds_exit_2_naming_the_option(study, args, words, data, tmp_path, capsys):
+    extra = ["--lrs", "1e-3"] if study == "lr" else []
+    code = main(["-q", "study", study, "--data", str(data), "--out", str(tmp_path / "x"),
+                 "--preset", "tiny", *extra, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(words, err), err
+    assert "Traceback" not in err and not (tmp_path / "x" / "runs").exists()
 
 
 # ---------------------------------------------------------------------------- over training

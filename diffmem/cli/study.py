@@ -53,13 +53,36 @@ def _cxr_study(sub, name: str, help: str, description: str) -> argparse.Argument
     return p
 
 
-def _trainer_args(p: argparse.ArgumentParser, which: str = "") -> None:
-    """Trainer settings shared by the studies that train with one setting per run."""
+def _trainer_args(p: argparse.ArgumentParser, which: str = "", *, seeds: bool = False) -> None:
+    """Trainer settings shared by the studies that train with one setting per run; with
+    ``seeds``, ``--seeds`` (and ``--seed`` as its one-seed synonym)."""
     p.add_argument("--preset", default="demo", help=f"model preset{which} (default demo)")
     p.add_argument("--steps", type=int, help=f"training steps{which} (default: the preset's)")
     p.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0)
+    if seeds:
+        _seed_args(p)
+    else:
+        p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int)
+
+
+def _seed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", help="comma-separated trainer seeds, each setting trained once "
+                                   "per seed and reported as mean and 95%% CI (default 0,1,2)")
+    p.add_argument("--seed", type=int, help="one seed (the same as --seeds N)")
+
+
+def _seeds(args: argparse.Namespace) -> str | list[int]:
+    """``--seeds``, or ``--seed`` as one seed, or the default; both given is an error."""
+    from diffmem.errors import ConfigError
+    from diffmem.study.seeds import DEFAULT_SEEDS
+
+    if args.seeds is not None and args.seed is not None:
+        raise ConfigError(f"both --seeds {args.seeds} and --seed {args.seed} given; use "
+                          "--seeds alone (e.g. --seeds 0,1,2; --seed N means --seeds N)")
+    if args.seed is not None:
+        return [args.seed]
+    return args.seeds if args.seeds is not None else list(DEFAULT_SEEDS)
 
 
 def register(subparsers) -> None:
@@ -67,9 +90,9 @@ def register(subparsers) -> None:
         "study", help="training studies: score-matching toy, learning rate, training "
                       "mitigations, checkpoints, LoRA, pruning and NeMo",
         description="Training-time studies of memorization. Each writes OUT/study.json, "
-                    "summary.json, a CSV and PNG figures; lr and train-mitigations train one "
-                    "model per setting under OUT/runs/ (re-running skips finished runs and "
-                    "resumes killed ones).")
+                    "summary.json, a CSV and PNG figures; lr, train-mitigations and lora train "
+                    "one model per setting and seed under OUT/runs/ (re-running skips finished "
+                    "runs and resumes killed ones) and report mean and 95% CI over the seeds.")
     p.set_defaults(handler=no_subcommand, _parser=p)
     sub = p.add_subparsers(dest="study_command", metavar="STUDY")
 
@@ -98,10 +121,13 @@ def register(subparsers) -> None:
     lr.add_argument("--schedule", default="samples", choices=("samples", "inverse-lr"),
                     help="samples: same steps for every lr (default); inverse-lr: steps x "
                          "preset_lr / lr (Wu et al.'s 1/lr rule)")
-    lr.add_argument("--seed", type=int, default=0)
+    _seed_args(lr)
     lr.add_argument("--batch-size", type=int)
     lr.add_argument("--no-embedded", action="store_true",
                     help="retrain the baseline even when the embedded default model is that run")
+    lr.add_argument("--no-matched-loss", action="store_true",
+                    help="skip the measurement at matched training loss (keeps the trainer's "
+                         "default two checkpoints per run instead of all)")
     _measure_args(lr)
     lr.set_defaults(handler=run_lr)
 
@@ -116,7 +142,7 @@ def register(subparsers) -> None:
     m.add_argument("--options", type=json.loads, default=None,
                    help='JSON: {"loss_filter": {"tau": 2.0}, "caption_randomization": '
                         '{"p": 0.1, "mode": "add"}}')
-    _trainer_args(m)
+    _trainer_args(m, seeds=True)
     _measure_args(m)
     m.set_defaults(handler=run_mitigations)
 
@@ -220,8 +246,9 @@ def run_lr(args: argparse.Namespace) -> int:
     from diffmem.study.cxr import run_lr_study
 
     _print(run_lr_study(args.data, args.out, lrs=args.lrs, preset=args.preset,
-                        steps=args.steps, schedule=args.schedule, seed=args.seed,
+                        steps=args.steps, schedule=args.schedule, seeds=_seeds(args),
                         batch_size=args.batch_size, use_embedded=not args.no_embedded,
+                        matched_loss=not args.no_matched_loss,
                         encoder=args.encoder, measure=_measure(args),
                         checkpoint_every=args.checkpoint_every, threads=args.threads,
                         command=["diffmem", *sys.argv[1:]], index=args.index))
@@ -233,7 +260,7 @@ def run_mitigations(args: argparse.Namespace) -> int:
 
     _print(run_train_mitigation_study(
         args.data, args.out, methods=args.methods, options=args.options, preset=args.preset,
-        steps=args.steps, lr=args.lr, seed=args.seed, batch_size=args.batch_size,
+        steps=args.steps, lr=args.lr, seeds=_seeds(args), batch_size=args.batch_size,
         encoder=args.encoder, measure=_measure(args), checkpoint_every=args.checkpoint_every,
         threads=args.threads, command=["diffmem", *sys.argv[1:]], index=args.index))
     return 0

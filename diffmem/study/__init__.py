@@ -4,8 +4,10 @@ training-time mitigations on chest X-ray models.
 * :func:`run_toy_study` (:mod:`diffmem.study.score_matching`): memorization against the SGD
   learning rate for two-layer ReLU score networks in 1-D / 2-D;
 * :func:`run_lr_study` and :func:`run_train_mitigation_study` (:mod:`diffmem.study.cxr`): train
-  one CXR model per setting (resumable trainer folders) and measure both kinds of copying
-  (:mod:`diffmem.study.measure`) and the in-domain FID;
+  one CXR model per setting and seed (resumable trainer folders), measure both kinds of copying
+  (:mod:`diffmem.study.measure`) and the in-domain FID, and pool the seeds (mean and 95%
+  t-interval, :func:`diffmem.study.seeds.pool_seeds`); the lr sweep also measures every run
+  at matched training loss;
 * :func:`run_checkpoint_study` (:mod:`diffmem.study.checkpoints`): memorization over training
   at every checkpoint of one run, and the last step before copying begins;
 * :func:`run_lora_study` (:mod:`diffmem.study.lora`): full fine-tuning against LoRA (``peft``)
@@ -32,6 +34,8 @@ _LAZY = {
     "run_lora_study": "diffmem.study.lora",
     "LoraAdapter": "diffmem.study.lora",
     "run_prune_study": "diffmem.study.prune",
+    "pool_seeds": "diffmem.study.seeds",
+    "parse_seeds": "diffmem.study.seeds",
     "MeasureConfig": "diffmem.study.measure",
     "Measurement": "diffmem.study.measure",
     "measure_model": "diffmem.study.measure",

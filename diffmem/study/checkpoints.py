@@ -32,7 +32,9 @@ from diffmem.utils import prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["checkpoint_model", "recommend_stop", "run_checkpoint_study", "run_checkpoints"]
+__all__ = ["checkpoint_model", "loss_at", "matched_checkpoint", "measure_checkpoint",
+           "recommend_stop", "run_checkpoint_study", "run_checkpoints", "run_losses",
+           "smoothed_losses"]
 
 RECORD_COLUMNS = ("step", "train_loss", "memorization_rate_own", "memorization_rate_any",
                   "reid_rate", "reid_rate_not_copies", "copy_rate_unconditional",
@@ -99,9 +101,9 @@ def checkpoint_model(run: str | os.PathLike, step_dir: str | os.PathLike,
     return dest
 
 
-def _losses(run: Path) -> dict[int, float]:
+def run_losses(run: str | os.PathLike) -> dict[int, float]:
     """Logged training loss by step (the last record of each step wins: a resumed run)."""
-    path = run / "train_log.jsonl"
+    path = Path(run) / "train_log.jsonl"
     out: dict[int, float] = {}
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -109,6 +111,76 @@ def _losses(run: Path) -> dict[int, float]:
                 rec = json.loads(line)
                 out[int(rec["step"])] = float(rec["loss"])
     return out
+
+
+#: Logged losses averaged by :func:`smoothed_losses` (trailing window).
+SMOOTH_WINDOW = 10
+
+
+def smoothed_losses(losses: Mapping[int, float], *, window: int = SMOOTH_WINDOW,
+                    ) -> dict[int, float]:
+    """Trailing mean of the last ``window`` logged losses at each logged step.
+
+    The trainer logs one batch's loss every ``log_every`` steps; a diffusion loss of one batch
+    swings with the random timesteps and noise drawn for it, so comparing runs by one logged
+    value compares noise. A *trailing* mean (only the steps up to the one it stands for) is
+    used, not a centred one, so a checkpoint's smoothed loss never looks at training that came
+    after it; with the default ``log_every`` = 10 the window spans the last 100 steps.
+
+    Examples
+    --------
+    >>> smoothed_losses({10: 4.0, 20: 2.0, 30: 0.0}, window=2)
+    {10: 4.0, 20: 3.0, 30: 1.0}
+    """
+    if window < 1:
+        raise ConfigError(f"window={window!r}; use a positive number of logged losses, e.g. 10")
+    steps = sorted(losses)
+    out: dict[int, float] = {}
+    for i, step in enumerate(steps):
+        recent = [losses[s] for s in steps[max(0, i - window + 1):i + 1]]
+        out[step] = sum(recent) / len(recent)
+    return out
+
+
+def loss_at(smoothed: Mapping[int, float], step: int) -> float | None:
+    """The smoothed loss of the newest logged step at or before ``step`` (None before the
+    first log)."""
+    logged = [s for s in smoothed if s <= step]
+    return smoothed[max(logged)] if logged else None
+
+
+def matched_checkpoint(smoothed: Mapping[int, float], steps: Sequence[int],
+                       target: float) -> int | None:
+    """The first of the checkpoint ``steps`` whose smoothed loss (:func:`loss_at`) is at most
+    ``target``; None when none is.
+
+    Examples
+    --------
+    >>> matched_checkpoint({10: 3.0, 20: 2.0, 30: 1.5, 40: 1.2}, [20, 40], 1.6)
+    40
+    >>> matched_checkpoint({10: 3.0, 20: 2.0}, [10, 20], 2.0)
+    20
+    """
+    for step in sorted(steps):
+        loss = loss_at(smoothed, step)
+        if loss is not None and loss <= target:
+            return step
+    return None
+
+
+def measure_checkpoint(run: str | os.PathLike, step_dir: str | os.PathLike, data,
+                       out: str | os.PathLike, *, name: str, config: MeasureConfig,
+                       encoder=None, threads: int | None = None,
+                       index: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Measure one checkpoint of a run: its model folder ``OUT/models/<name>/``
+    (:func:`checkpoint_model`) measured by :func:`~diffmem.study.measure.measure_model` into
+    ``OUT/measure/<name>/`` (both reused on a re-run); returns the measurement's fields and
+    ``model``."""
+    out = Path(out)
+    model = checkpoint_model(run, step_dir, out / "models" / name)
+    m = measure_model(model, data, out / "measure" / name, config=config, encoder=encoder,
+                      threads=threads, index=index)
+    return {"model": str(model), **m.to_dict()}
 
 
 def recommend_stop(records: Sequence[Mapping[str, Any]], *, tolerance: float = 0.0,
@@ -203,14 +275,12 @@ def run_checkpoint_study(data, out: str | os.PathLike, *, run: str | os.PathLike
     if len(checkpoints) < 2:
         log.warning("%s kept only %d checkpoint(s): the curve has one point; train with "
                     "--keep-checkpoints to keep more", run, len(checkpoints))
-    losses = _losses(run)
+    losses = run_losses(run)
     records = []
     for step, folder in progress(checkpoints, desc="checkpoints", unit="checkpoint"):
-        name = folder.name
-        model = checkpoint_model(run, folder, out / "models" / name)
-        m = measure_model(model, dataset, out / "measure" / name, config=measure,
-                          encoder=enc, threads=threads)
-        rec = {"step": step, "train_loss": losses.get(step), "model": str(model), **m.to_dict()}
+        m = measure_checkpoint(run, folder, dataset, out, name=folder.name, config=measure,
+                               encoder=enc, threads=threads)
+        rec = {"step": step, "train_loss": losses.get(step), **m}
         rec["copying"] = _copies(rec, tolerance)
         records.append(rec)
     stop = recommend_stop(records, tolerance=tolerance)

@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffmem.checks import as_dataset, number_list
+from diffmem.checks import as_dataset
 from diffmem.errors import ConfigError, DataError
 from diffmem.study.measure import MeasureConfig, measure_model, resolve_encoder
-from diffmem.study.results import StudyResult, csv_value, machine_info, mean_ci, write_study
+from diffmem.study.results import StudyResult, machine_info, write_records_csv, write_study
 from diffmem.study.runs import train_or_resume
-from diffmem.utils import prepare_out_dir, progress, write_csv
+from diffmem.study.seeds import fmt_ci, intervals_apart, parse_ints, parse_seeds, pool_seeds
+from diffmem.utils import prepare_out_dir, progress
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,6 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 #: text-to-image examples fine-tune Stable Diffusion fully at 1e-5 and with LoRA at 1e-4
 #: (LoRA starts from a zero update, B = 0, and trains a rank-r factorization).
 LORA_LR_FACTOR = 10.0
-#: Measured metrics aggregated over seeds: output name -> measurement field.
-METRICS = {"own_copies": "memorization_rate_own", "any_copies": "memorization_rate_any",
-           "reid_leaks": "reid_rate", "reid_leaks_not_copies": "reid_rate_not_copies",
-           "empty_prompt_copies": "copy_rate_unconditional", "fid": "fid_in_domain",
-           "noise_auc": "noise_magnitude_auc", "train_seconds": "train_seconds"}
 #: A setting's fields, in the order the report's table shows them (its first 12).
 SETTING_COLUMNS = ("setting", "trainable_params", "own_copies_mean", "own_copies_ci95",
                    "any_copies_mean", "any_copies_ci95", "reid_leaks_mean", "reid_leaks_ci95",
@@ -152,28 +148,9 @@ def count_trainable(model: str | os.PathLike, adapter: LoraAdapter | None) -> tu
     return trainable, total
 
 
-def parse_ints(values: Sequence[Any] | str, *, name: str, low: int,
-               example: str) -> list[int]:
-    """Distinct integers ``>= low`` from a comma-separated string or a sequence; a
-    ConfigError names ``name``, the bad item and ``example``.
-
-    Examples
-    --------
-    >>> parse_ints("4,16, 64", name="ranks", low=1, example="--ranks 4,16,64")
-    [4, 16, 64]
-    """
-    kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-    return number_list(values, name=name, cast=int, expected=kind, example=example,
-                       accept=lambda v, x: v >= low and str(v) == str(x).strip())
-
-
 def parse_ranks(ranks: Sequence[Any] | str) -> list[int]:
     """LoRA ranks: distinct positive integers (:func:`parse_ints`)."""
     return parse_ints(ranks, name="ranks", low=1, example="--ranks 4,16,64")
-
-
-def _parse_seeds(seeds: Sequence[Any] | str) -> list[int]:
-    return parse_ints(seeds, name="seeds", low=0, example="--seeds 0,1,2")
 
 
 def synthesize_base_data(dataset, dest: str | os.PathLike) -> tuple[Path, str]:
@@ -226,14 +203,9 @@ def _measure_run(name: str, model: str, dataset, out: Path, measure: MeasureConf
                          threads=threads, index=index).to_dict()
 
 
-def aggregate(runs: Sequence[Mapping[str, Any]], setting: Mapping[str, Any]) -> dict[str, Any]:
-    """One setting's row: its fields, and for each of :data:`METRICS` the mean and the half
-    width of the 95% t-interval over the setting's runs (:func:`~diffmem.study.results.
-    mean_ci`); the runs themselves under ``runs``."""
-    row = {**setting, "seeds": len(runs)}
-    for out_name, key in METRICS.items():
-        row[f"{out_name}_mean"], row[f"{out_name}_ci95"] = mean_ci([r.get(key) for r in runs])
-    return {**{k: row.get(k) for k in SETTING_COLUMNS}, "runs": [dict(r) for r in runs]}
+def _aggregate(runs: Sequence[Mapping[str, Any]], setting: Mapping[str, Any]) -> dict[str, Any]:
+    """One setting's row (:func:`~diffmem.study.seeds.pool_seeds`) with the report's columns."""
+    return pool_seeds(runs, setting, columns=SETTING_COLUMNS)
 
 
 @dataclass
@@ -314,7 +286,7 @@ def run_lora_study(data, out: str | os.PathLike, *, base_data=None,
     from diffmem.train import TrainConfig
 
     t0 = time.perf_counter()
-    ranks, seeds = parse_ranks(ranks), _parse_seeds(seeds)
+    ranks, seeds = parse_ranks(ranks), parse_seeds(seeds)
     for name, value in (("lr", lr), ("lora_lr", lora_lr)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value <= 0):
@@ -362,7 +334,7 @@ def run_lora_study(data, out: str | os.PathLike, *, base_data=None,
                 **_measure_run("base", base.model, dataset, out, measure, enc, threads, index)}
 
     # 4. per-setting rows
-    records = [aggregate([base_run], {"setting": "base", "rank": None, "lr": full_lr,
+    records = [_aggregate([base_run], {"setting": "base", "rank": None, "lr": full_lr,
                                       "trainable_params": 0, "trainable_share": 0.0})]
     records[0]["train_seconds_mean"] = None  # pretraining time is not a fine-tuning cost
     for setting, rank, run_lr in settings:
@@ -370,7 +342,7 @@ def run_lora_study(data, out: str | os.PathLike, *, base_data=None,
         trainable, total = count_trainable(base.model, adapter)
         for r in runs[setting]:
             r["trainable_params"] = trainable
-        records.append(aggregate(runs[setting], {
+        records.append(_aggregate(runs[setting], {
             "setting": setting, "rank": rank, "lr": run_lr, "trainable_params": trainable,
             "trainable_share": trainable / total}))
     return _write(records, base_run, out, t0, command, config={
@@ -420,21 +392,13 @@ def _write(records, base_run, out: Path, t0: float, command, *, config) -> Study
         records=records, figures=[fig], findings=_findings(records, config),
         config=config, machine=machine_info(), seconds=time.perf_counter() - t0,
         command=list(command) if command else [])
-    write_csv(out / "lora_runs.csv", RUN_COLUMNS,
-              ({k: csv_value(r.get(k)) for k in RUN_COLUMNS} for r in run_rows))
+    write_records_csv(out / "lora_runs.csv", run_rows, RUN_COLUMNS)
     result = write_study(result, out, csv_name="lora.csv", columns=SETTING_COLUMNS)
     result.files["runs_csv"] = str(out / "lora_runs.csv")
     return result
 
 
 NOT_MEASURED = "not measured"
-
-
-def _fmt(mean: Any, half: Any, pct: bool, missing: str = "n/a") -> str:
-    if mean is None:
-        return missing
-    f = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3g}")
-    return f(mean) + ("" if half is None else f" ± {f(half)}")
 
 
 def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> list[str]:
@@ -445,14 +409,14 @@ def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -
         out.append(
             f"{r['setting']} ({r['trainable_params']:,} trainable parameters, {r['seeds']} "
             f"run{'s' if r['seeds'] != 1 else ''}): own-image copies "
-            f"{_fmt(r['own_copies_mean'], r['own_copies_ci95'], True)}, any-image copies "
-            f"{_fmt(r['any_copies_mean'], r['any_copies_ci95'], True)}, re-ID leaks "
-            f"{_fmt(r['reid_leaks_mean'], r['reid_leaks_ci95'], True, NOT_MEASURED)} of "
+            f"{fmt_ci(r['own_copies_mean'], r['own_copies_ci95'], True)}, any-image copies "
+            f"{fmt_ci(r['any_copies_mean'], r['any_copies_ci95'], True)}, re-ID leaks "
+            f"{fmt_ci(r['reid_leaks_mean'], r['reid_leaks_ci95'], True, NOT_MEASURED)} of "
             "generations, empty-prompt copies "
-            f"{_fmt(r['empty_prompt_copies_mean'], r['empty_prompt_copies_ci95'], True)}, "
-            f"in-domain FID {_fmt(r['fid_mean'], r['fid_ci95'], False)}"
+            f"{fmt_ci(r['empty_prompt_copies_mean'], r['empty_prompt_copies_ci95'], True)}, "
+            f"in-domain FID {fmt_ci(r['fid_mean'], r['fid_ci95'], False)}"
             + ("" if r["train_seconds_mean"] is None else
-               f", {_fmt(r['train_seconds_mean'], r['train_seconds_ci95'], False)} s of "
+               f", {fmt_ci(r['train_seconds_mean'], r['train_seconds_ci95'], False)} s of "
                "fine-tuning") + ".")
     full = next((r for r in records if r["setting"] == "full"), None)
     for r in records:
@@ -461,8 +425,7 @@ def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -
         a, b = r["any_copies_mean"], full["any_copies_mean"]
         if a is None or b is None:
             continue
-        ha, hb = r["any_copies_ci95"], full["any_copies_ci95"]
-        sep = ha is not None and hb is not None and abs(a - b) > ha + hb
+        sep = intervals_apart(r, full, "any_copies")
         out.append(f"{r['setting']} vs full: any-image copy rate {a - b:+.0%} "
                    + ("(the 95% intervals do not overlap)." if sep else
                       "(within the seeds' 95% intervals: not distinguishable with these runs)."))

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_metric_bars", "plot_metrics_vs_lr", "plot_metrics_vs_step", "plot_toy_samples"]
+__all__ = ["plot_metric_bars", "plot_metrics_vs_lr", "plot_metrics_vs_step", "plot_pooled_vs_lr",
+           "plot_toy_samples"]
 
 
 def _plt():
@@ -94,6 +95,41 @@ def plot_metrics_vs_lr(records: Sequence[Mapping[str, Any]], metrics: Sequence[s
         ax.set_xticklabels([f"{lr:g}" for lr in lrs], rotation=30, fontsize=7)
         ax.set_xlabel("learning rate")
         ax.set_title(metric, fontsize=9)
+    return _finish(plt, fig, path, title)
+
+
+def plot_pooled_vs_lr(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, str], path: Path,
+                      *, title: str, log_x: bool = True) -> Path:
+    """One panel per metric against the learning rate, from rows pooled over seeds
+    (:func:`diffmem.study.seeds.pool_seeds`): the mean (``<name>_mean``) as a line with 95%
+    t-interval error bars (``<name>_ci95``, where there is one) and each seed's run
+    (``row["runs"][i][field]``) as a gray dot. ``metrics`` maps a pooled name to its run field;
+    missing or non-finite values are left out."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
+    rs = sorted(rows, key=lambda r: float(r["lr"]))
+    lrs = [float(r["lr"]) for r in rs]
+
+    def num(v):
+        return np.nan if v is None or not math.isfinite(float(v)) else float(v)
+
+    for ax, (name, field) in zip(axes[0], metrics.items()):
+        for r in rs:
+            vals = [num(run.get(field)) for run in r.get("runs", [])]
+            vals = [v for v in vals if math.isfinite(v)]
+            ax.scatter([float(r["lr"])] * len(vals), vals, s=12, color="tab:gray", alpha=0.8)
+        means = [num(r.get(f"{name}_mean")) for r in rs]
+        errs = [0.0 if r.get(f"{name}_ci95") is None else float(r[f"{name}_ci95"]) for r in rs]
+        ax.errorbar(lrs, means, yerr=errs, fmt="o-", color="tab:blue", capsize=3)
+        if log_x:
+            from matplotlib.ticker import NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(lrs)
+        ax.set_xticklabels([f"{lr:g}" for lr in lrs], rotation=30, fontsize=7)
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"{name} (mean, 95% CI)", fontsize=9)
     return _finish(plt, fig, path, title)
 
 

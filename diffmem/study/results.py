@@ -23,7 +23,8 @@ from typing import Any
 from diffmem.errors import OutputError
 from diffmem.utils import write_csv, write_json
 
-__all__ = ["StudyResult", "csv_value", "machine_info", "mean_ci", "write_study"]
+__all__ = ["StudyResult", "csv_value", "machine_info", "mean_ci", "write_records_csv",
+           "write_study"]
 
 STUDY_JSON = "study.json"
 SUMMARY_JSON = "summary.json"
@@ -146,6 +147,13 @@ def csv_value(v: Any) -> Any:
     return v
 
 
+def write_records_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]],
+                      columns: Sequence[str]) -> Path:
+    """Write ``records`` as a CSV of ``columns`` (cells by :func:`csv_value`)."""
+    return write_csv(Path(path), columns,
+                     ({k: csv_value(r.get(k)) for k in columns} for r in records))
+
+
 def write_study(result: StudyResult, out: Path, *, csv_name: str,
                 summary: Any | None = None, columns: Sequence[str] | None = None) -> StudyResult:
     """Write ``study.json``, ``summary.json`` (``summary`` or the study object) and the records'
@@ -154,8 +162,7 @@ def write_study(result: StudyResult, out: Path, *, csv_name: str,
     try:
         if columns is None:
             columns = list(dict.fromkeys(k for r in result.records for k in r))
-        path = write_csv(out / csv_name, columns,
-                         ({k: csv_value(r.get(k)) for k in columns} for r in result.records))
+        path = write_records_csv(out / csv_name, result.records, columns)
         result.files["csv"] = str(path)
         write_json(out / SUMMARY_JSON, _clean(summary if summary is not None
                                               else result.to_dict()))
