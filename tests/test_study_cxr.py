@@ -200,6 +200,7 @@ def test_mitigation_study_pools_seeds_and_skips_finished_runs(data, encoder, tmp
 
 
 def test_lr_study_resumes_a_killed_run_and_applies_the_inverse_rule(data, encoder, tmp_path):
+    from diffmem.study.checkpoints import matched_checkpoint, run_losses, smoothed_losses
     from diffmem.study.cxr import LR_METRICS, run_lr_study
     from diffmem.train import TrainConfig, train
 
@@ -217,15 +218,24 @@ def test_lr_study_resumes_a_killed_run_and_applies_the_inverse_rule(data, encode
     for rec in doc["records"]:
         _assert_pooled(rec, LR_METRICS)
         assert rec["fid_ci95"] is None  # one seed: no interval
-    # matched loss: the target is the higher of the two final losses (the tiny runs log their
-    # last step only, so each run matches at its final checkpoint and reuses its measurement)
+    # matched loss: the target is the higher final smoothed loss of the two runs; the killed
+    # and resumed run logged and kept checkpoints at steps 2 and 4, so it may match at step 2,
+    # which is then measured on its own; a match at the last step reuses the final measurement
     matched = doc["config"]["matched_loss"]
-    runs = [rec["runs"][0] for rec in doc["records"]]
-    assert matched["target_loss"] == pytest.approx(max(r["final_loss"] for r in runs))
-    for r in runs:
-        assert r["matched_loss_step"] == r["steps"]
-        assert r["fid_at_matched_loss"] == r["fid_in_domain"]
-        assert r["own_copies_at_matched_loss"] == r["memorization_rate_own"]
+    runs = {rec["runs"][0]["name"]: rec["runs"][0] for rec in doc["records"]}
+    smooth = {n: smoothed_losses(run_losses(r["model"])) for n, r in runs.items()}
+    target = max(s[max(s)] for s in smooth.values())
+    assert matched["target_loss"] == pytest.approx(target)
+    assert runs["lr_0.001-s0"]["matched_loss_step"] == \
+        matched_checkpoint(smooth["lr_0.001-s0"], [2, 4], target)
+    for name, r in runs.items():
+        step = r["matched_loss_step"]
+        if step == r["steps"]:
+            assert r["fid_at_matched_loss"] == r["fid_in_domain"]
+            assert r["own_copies_at_matched_loss"] == r["memorization_rate_own"]
+        else:
+            assert (out / "measure" / f"{name}-step{step}" / "measure.json").is_file()
+            assert r["fid_at_matched_loss"] > 0
     assert any(f.startswith("At matched training loss") for f in doc["findings"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == doc["records"]

@@ -88,3 +88,31 @@ def test_matched_checkpoint_on_a_hand_built_loss_log(tmp_path):
     assert smoothed_losses(fast)[50] == pytest.approx(sum(fast.values()) / 5)
     with pytest.raises(ConfigError, match="window=0"):
         smoothed_losses(fast, window=0)
+
+
+def test_report_shows_pooled_rows_and_old_single_seed_studies(tmp_path):
+    """The report's training-study table reads study.json generically: a pooled lr study shows
+    the means and intervals first; a study written before seeds were pooled still renders."""
+    from diffmem.report.inputs import read_study
+    from diffmem.report.sections import study_facts
+    from diffmem.study.cxr import LR_COLUMNS, LR_METRICS, _pool
+    from diffmem.study.results import StudyResult, write_study
+
+    runs = [{"name": f"lr_0.001-s{i}", "seed": i, "status": "trained", "steps": 4,
+             "memorization_rate_own": v, "fid_in_domain": 3.0 + i} for i, v in
+            enumerate((0.5, 0.25, 0.0))]
+    row = _pool(runs, {"name": "lr_0.001", "lr": 1e-3}, LR_METRICS, LR_COLUMNS)
+    (tmp_path / "new").mkdir()
+    write_study(StudyResult("lr", "sweep", [row], config={"seeds": [0, 1, 2]}), tmp_path / "new",
+                csv_name="lr.csv", columns=LR_COLUMNS)
+    facts = study_facts(read_study(tmp_path / "new"))
+    assert facts["columns"] == list(LR_COLUMNS[:12])
+    assert facts["records"][0]["own_copies_mean"] == pytest.approx(0.25)
+    assert len(facts["records"][0]["runs"]) == 3
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "study.json").write_text(json.dumps({
+        "study": "lr", "title": "old", "records": [{"name": "lr_0.001", "lr": 1e-3,
+                                                    "memorization_rate_own": 0.5}],
+        "config": {"seed": 0}}))
+    assert study_facts(read_study(old))["columns"] == ["name", "lr", "memorization_rate_own"]

@@ -134,13 +134,15 @@ def _run_record(name: str, setting: str, seed: int, info: RunInfo, base,
 
 
 def _pool(runs: Sequence[Mapping[str, Any]], setting: Mapping[str, Any],
-          metrics: Mapping[str, str]) -> dict[str, Any]:
-    """A setting's row over its seeds, with the fields every seed shares taken from the first
-    run and the runs' statuses joined."""
+          metrics: Mapping[str, str], columns: Sequence[str]) -> dict[str, Any]:
+    """A setting's row over its seeds (:func:`~diffmem.study.seeds.pool_seeds`), with the
+    fields every seed shares taken from the first run and the runs' statuses joined; keys in
+    the order of ``columns`` (the report's table shows the first 12), the others after them."""
     first = runs[0]
     fixed = {k: first.get(k) for k in ("steps", "samples_seen", "train_records")}
     status = ",".join(dict.fromkeys(str(r["status"]) for r in runs))
-    return pool_seeds(runs, {**setting, **fixed, "status": status}, metrics=metrics)
+    row = pool_seeds(runs, {**setting, **fixed, "status": status}, metrics=metrics)
+    return {**{k: row[k] for k in columns if k in row}, **row}
 
 
 def _ci(row: Mapping[str, Any], name: str, pct: bool) -> str:
@@ -314,7 +316,8 @@ def run_lr_study(data, out: str | os.PathLike, *, lrs: Sequence[float],
     runs = [r for lr in lrs for r in by_lr[lr]]
     matched = (_matched_loss(runs, out, dataset, measure, enc, threads, index) if matched_loss
                else {"target_loss": None, "note": "not measured (matched_loss=False)"})
-    records = [_pool(by_lr[lr], {"name": f"lr_{lr:g}", "lr": lr}, LR_METRICS) for lr in lrs]
+    records = [_pool(by_lr[lr], {"name": f"lr_{lr:g}", "lr": lr}, LR_METRICS, LR_COLUMNS)
+               for lr in lrs]
     config = {"preset": preset, "lrs": lrs, "schedule": schedule,
               "schedule_meaning": "samples seen held fixed" if schedule == "samples"
               else "steps x lr held fixed (epochs proportional to 1/lr, Wu et al.)",
@@ -556,7 +559,8 @@ def run_train_mitigation_study(data, out: str | os.PathLike, *,
                                              index)})
     runs = [r for m in methods for r in by_method[m]]
     records = [_pool(by_method[m], {"name": m, "lr": base.lr, "options": dict(mits[m].options),
-                                    **mits[m].info}, MITIGATION_METRICS) for m in methods]
+                                    **mits[m].info}, MITIGATION_METRICS, MITIGATION_COLUMNS)
+               for m in methods]
     config = {"preset": preset, "methods": methods, "options": options, "steps": base.steps,
               "lr": base.lr, "batch_size": base.batch_size, "seeds": seeds,
               "encoder": None if enc is None else str(enc), "measure": measure.to_dict(),
