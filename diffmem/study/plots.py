@@ -65,6 +65,18 @@ def plot_toy_samples(train: np.ndarray, samples: Mapping[str, np.ndarray], path:
     return _finish(plt, fig, path, title)
 
 
+def _lr_axis(ax, lrs: Sequence[float], log_x: bool) -> None:
+    """A learning-rate x axis: log scale (optional), one labelled tick per learning rate."""
+    if log_x:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(lrs)
+    ax.set_xticklabels([f"{lr:g}" for lr in lrs], rotation=30, fontsize=7)
+    ax.set_xlabel("learning rate")
+
+
 def plot_metrics_vs_lr(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path,
                        *, title: str, log_x: bool = True) -> Path:
     """One panel per metric: mean over seeds (line) and each seed (dots) against the learning
@@ -86,14 +98,7 @@ def plot_metrics_vs_lr(records: Sequence[Mapping[str, Any]], metrics: Sequence[s
                 if not diverged:
                     means.append(np.mean(vals) if vals else np.nan)
         ax.plot(lrs, means, "o-", color="tab:blue")
-        if log_x:
-            from matplotlib.ticker import NullFormatter
-
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xticks(lrs)
-        ax.set_xticklabels([f"{lr:g}" for lr in lrs], rotation=30, fontsize=7)
-        ax.set_xlabel("learning rate")
+        _lr_axis(ax, lrs, log_x)
         ax.set_title(metric, fontsize=9)
     return _finish(plt, fig, path, title)
 
@@ -121,14 +126,7 @@ def plot_pooled_vs_lr(rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, s
         means = [num(r.get(f"{name}_mean")) for r in rs]
         errs = [0.0 if r.get(f"{name}_ci95") is None else float(r[f"{name}_ci95"]) for r in rs]
         ax.errorbar(lrs, means, yerr=errs, fmt="o-", color="tab:blue", capsize=3)
-        if log_x:
-            from matplotlib.ticker import NullFormatter
-
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xticks(lrs)
-        ax.set_xticklabels([f"{lr:g}" for lr in lrs], rotation=30, fontsize=7)
-        ax.set_xlabel("learning rate")
+        _lr_axis(ax, lrs, log_x)
         ax.set_title(f"{name} (mean, 95% CI)", fontsize=9)
     return _finish(plt, fig, path, title)
 
