@@ -184,7 +184,7 @@ def test_own_patient_numbers_come_from_the_detection(reports, detect_dir, datase
     words = {"1": "yes", "0": "no: another patient", "": "–"}
     for mode, report in reports.items():
         html = report.html.read_text(encoding="utf-8")
-        assert ("<td>re-identify the prompt&#39;s own patient (own-patient leaks)</td>"
+        assert ("<td>re-identify the prompt's own patient (own-patient leaks)</td>"
                 f'<td class="n">{summary["own_patient_leaks"]}</td>') in html
         for kind, n in judged.items():
             assert (f'<td class="n">{summary["own_patient_prompts"][kind]} of {n}</td>'
