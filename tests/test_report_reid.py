@@ -177,8 +177,10 @@ def test_own_patient_numbers_come_from_the_detection(reports, detect_dir, datase
     values = {r["reid_own_patient"] for r in rows}
     assert "" in values and values - {""}  # empty/unrelated prompts have no own patient
     judged = {k: n for k, n in summary["own_patient_judged"].items() if n}
-    assert judged and summary["own_patient_leaks"] == sum(r["reid_own_patient"] == "1"
-                                                          for r in rows)
+    # at re-ID threshold -1 every generation with an own patient re-identifies it (an
+    # own-patient leak), whichever patient is its best match
+    assert judged and summary["own_patient_leaks"] == sum(r["reid_own_patient"] != ""
+                                                          for r in rows) == 3
     facts = json.loads(reports["include"].json.read_text())["reid"]
     by_key = {(r["prompt"], int(r["index"])): r["reid_own_patient"] for r in rows}
     words = {"1": "yes", "0": "no: another patient", "": "–"}

@@ -48,6 +48,7 @@ def test_cached_measurement_without_the_field_is_reused(data, tmp_path):
     key = {"config": cfg.to_dict(), "model": str(model), "weights": weights_stamp(model),
            "encoder": str(resolve_encoder(None))}
     out = tmp_path / "measure"
+    out.mkdir()
     write_json(out / "measure.json", {"key": key, "measurement": FIELDS})
     m = measure_model(model, data, out, config=cfg)
     assert m.reid_rate_own is None and m.reid_rate == pytest.approx(0.25)
