@@ -184,6 +184,7 @@ def test_mitigation_study_pools_seeds_and_skips_finished_runs(data, encoder, tmp
                    for r in rec["runs"])
         # re-identification beside the copies (the embedded re-ID model, held-out patients)
         assert all(0 <= r["reid_rate_not_copies"] <= r["reid_rate"] <= 1 for r in rec["runs"])
+        assert all(0 <= r["reid_rate_own"] <= r["reid_rate"] for r in rec["runs"])  # a part
     assert (out / "runs" / "none-s1" / "model_index.json").is_file()
     assert (out / "train_mitigations.csv").read_text().startswith("name,seeds,own_copies_mean")
     assert len((out / "train_mitigations_runs.csv").read_text().splitlines()) == 5

@@ -40,7 +40,8 @@ SCHEDULES = ("samples", "inverse-lr")
 #: One run's fields (``<study>_runs.csv``).
 RUN_COLUMNS = ("name", "setting", "seed", "lr", "steps", "samples_seen", "status", "final_loss",
                "train_seconds", "memorization_rate_own", "memorization_rate_any", "reid_rate",
-               "reid_rate_not_copies", "copy_rate_unconditional", "copy_rate_unrelated",
+               "reid_rate_not_copies", "reid_rate_own", "copy_rate_unconditional",
+               "copy_rate_unrelated",
                "control_copy_rate", "noise_magnitude_auc", "nn_similarity_auc",
                "fid_in_domain", "copy_gini", "copy_top10_share", "copy_top1_share",
                "matched_loss_step", "matched_loss", "own_copies_at_matched_loss",

@@ -22,6 +22,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 #: Metrics pooled over seeds: output name (``<name>_mean``, ``<name>_ci95``) -> run field.
 SEED_METRICS = {"own_copies": "memorization_rate_own", "any_copies": "memorization_rate_any",
                 "reid_leaks": "reid_rate", "reid_leaks_not_copies": "reid_rate_not_copies",
+                "reid_leaks_own": "reid_rate_own",
                 "empty_prompt_copies": "copy_rate_unconditional",
                 "unrelated_prompt_copies": "copy_rate_unrelated",
                 "control_copies": "control_copy_rate", "fid": "fid_in_domain",
