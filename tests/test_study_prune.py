@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -70,21 +71,39 @@ def prune_study(data, model, encoder, tmp_path_factory):
     from diffmem.study.prune import run_prune_study
 
     out = tmp_path_factory.mktemp("prune") / "study"
-    kw = dict(ratios=[0, 0.5], nemo=[0, 1], measure=TINY_MEASURE, encoder=encoder, threads=1)
+    kw = dict(ratios=[0, 0.5], nemo=[0, 1], seeds="0,1", measure=TINY_MEASURE, encoder=encoder,
+              threads=1)
     return out, kw, run_prune_study(model, data, out, **kw)
 
 
-def test_ratio_zero_is_the_unmodified_model(prune_study, data, model, encoder, tmp_path):
-    """The plain row (ratio 0 = strength 0, through the registry) equals the model measured
-    without any mitigation; pruning half the k/v weights changes what the model generates."""
+def test_ratio_zero_is_the_unmodified_model_pooled_over_seeds(prune_study, data, model,
+                                                               encoder, tmp_path):
+    """The plain row (ratio 0 = strength 0, through the registry) pools the model measured
+    without any mitigation once per measurement seed: each run equals that measurement and the
+    row's mean and half width equal mean_ci over them; pruning half the k/v weights changes
+    what the model generates."""
+    from dataclasses import replace
+
+    from diffmem.study.prune import PRUNE_METRICS
+    from diffmem.study.results import mean_ci
+
     out, _, res = prune_study
     rows = {r["setting"]: r for r in res.records}
-    plain = measure_model(model, data, tmp_path / "plain", config=TINY_MEASURE,
-                          encoder=encoder, threads=1).to_dict()
-    for k, v in plain.items():
-        if k not in TIMINGS:
-            assert rows["plain"][k] == (pytest.approx(v) if isinstance(v, float) else v), k
-    assert rows["prune-0.5"]["fid_in_domain"] != pytest.approx(plain["fid_in_domain"])
+    plain = [measure_model(model, data, tmp_path / f"plain{s}", config=replace(TINY_MEASURE,
+                                                                              seed=s),
+                           encoder=encoder, threads=1).to_dict() for s in (0, 1)]
+    assert rows["plain"]["seeds"] == 2 and [r["seed"] for r in rows["plain"]["runs"]] == [0, 1]
+    for run, m in zip(rows["plain"]["runs"], plain):
+        for k, v in m.items():
+            if k not in TIMINGS:
+                assert run[k] == (pytest.approx(v) if isinstance(v, float) else v), k
+    for name, key in PRUNE_METRICS.items():
+        mean, half = mean_ci([m[key] for m in plain])
+        for got, want in ((rows["plain"][f"{name}_mean"], mean),
+                          (rows["plain"][f"{name}_ci95"], half)):
+            assert got == (None if want is None else pytest.approx(want)), name
+    assert rows["plain"]["fid_ci95"] is not None  # two seeds: an interval
+    assert rows["prune-0.5"]["fid_mean"] != pytest.approx(rows["plain"]["fid_mean"])
     assert rows["prune-0.5"]["pruned_weights"] > 0 and rows["plain"]["pruned_weights"] == 0
 
 
@@ -98,11 +117,9 @@ def test_prune_study_writes_the_study_contract_and_reuses_measurements(prune_stu
     assert (out / "prune.png").stat().st_size > 0 and (out / "summary.json").is_file()
     names = [r["setting"] for r in doc["records"]]
     assert names == ["plain", "prune-0.5", "nemo-1"]
-    assert list(doc["records"][0])[:4] == ["setting", "method", "strength",
-                                          "memorization_rate_own"]
-    # the front: the settings no other one beats on both any-image copies and FID
-    pts = [(r["setting"], r["memorization_rate_any"], r["fid_in_domain"])
-           for r in doc["records"]]
+    assert list(doc["records"][0])[:4] == ["setting", "method", "strength", "own_copies_mean"]
+    # the front, on the means: the settings no other one beats on both copies and FID
+    pts = [(r["setting"], r["any_copies_mean"], r["fid_mean"]) for r in doc["records"]]
     for name, x, y in pts:
         beaten = any(x2 <= x and y2 <= y and (x2 < x or y2 < y) for _, x2, y2 in pts)
         assert doc["records"][names.index(name)]["pareto"] is (not beaten)
@@ -110,13 +127,14 @@ def test_prune_study_writes_the_study_contract_and_reuses_measurements(prune_stu
     nemo = doc["records"][2]
     assert nemo["neurons_off"] == sum(map(len, neurons.values()))
     if not neurons:  # nothing to deactivate: the plain model's measurement
-        assert nemo["fid_in_domain"] == doc["records"][0]["fid_in_domain"]
+        assert nemo["fid_mean"] == doc["records"][0]["fid_mean"]
     with open(out / "prune.csv", newline="") as f:
         assert [r["setting"] for r in csv.DictReader(f)] == names
     stamps = {p: p.stat().st_mtime_ns for p in (out / "measure").glob("*/measure.json")}
+    measured = ["plain", "prune-0.5"] + (["nemo-1"] if neurons else [])
+    assert {p.parent.name for p in stamps} == {f"{n}-s{s}" for n in measured for s in (0, 1)}
     again = run_prune_study(model, data, out, **kw)
-    assert [r["fid_in_domain"] for r in again.records] == \
-        [r["fid_in_domain"] for r in res.records]
+    assert [r["fid_mean"] for r in again.records] == [r["fid_mean"] for r in res.records]
     assert stamps and {p: p.stat().st_mtime_ns for p in stamps} == stamps  # reused
 
 
@@ -142,18 +160,20 @@ def test_report_shows_the_prune_table(prune_study, model, tmp_path):
     result = build_report(tmp_path / "r", model=model, studies=[out])
     html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
     assert "Pruning and NeMo neuron deactivation" in html and "prune-0.5" in html
-    assert "<th>memorization_rate_any</th>" in html and "<th>pareto</th>" in html
+    assert "<th>any_copies_mean</th>" in html and "<th>pareto</th>" in html
     assert result.sections["study"] == "included"
 
 
 @pytest.mark.parametrize("args, word", [(["--ratios", "0,1.2"], "--ratios: '1.2' is not in"),
                                         (["--ratios", "0,x"], "--ratios: 'x'"),
                                         (["--nemo", "1.5"], "--nemo: '1.5' is not in"),
-                                        (["--projections", "to_out"], "projections=")])
+                                        (["--projections", "to_out"], "projections="),
+                                        (["--seeds", "0,-1"], "seeds: '-1'"),
+                                        (["--seeds", "1,1"], "seeds: .*repeat")])
 def test_cli_rejects_bad_settings(data, model, tmp_path, capsys, args, word):
     out = tmp_path / "o"
     code = main(["-q", "study", "prune", "--model", str(model), "--data", str(data),
                  "--out", str(out), *args])
     err = capsys.readouterr().err
-    assert code == 2 and word in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and re.search(word, err) and len(err.strip().splitlines()) == 1, err
     assert not out.exists()

@@ -170,7 +170,9 @@ def _prune_parser(sub) -> None:
                     "planted prompts) at each strength to a trained model, through the "
                     "mitigation registry `diffmem mitigate` uses, and measure each like the "
                     "other studies; marks the Pareto front of any-image copies against the "
-                    "in-domain FID. Ratio 0 / strength 0 is the plain model.")
+                    "in-domain FID. Ratio 0 / strength 0 is the plain model. Each setting "
+                    "is measured once per --seeds seed (generation noise only: one model) and "
+                    "reported as mean and 95% t-interval; the front uses the means.")
     pr.add_argument("--model", required=True, metavar="MODEL_DIR",
                     help="trained model folder (diffmem train)")
     pr.add_argument("--ratios", default="0,0.1,0.3,0.5,0.7",
@@ -181,6 +183,10 @@ def _prune_parser(sub) -> None:
                          "0,0.5,1)")
     pr.add_argument("--projections", type=_names,
                     help="cross-attention projections pruned (default to_k,to_v)")
+    pr.add_argument("--seeds", default="0,1,2",
+                    help="comma-separated measurement seeds: each setting is measured once per "
+                         "seed (generation noise only, one model) and reported as mean and 95%% "
+                         "t-interval (default 0,1,2)")
     _measure_args(pr, checkpoint_help=None)
     pr.set_defaults(handler=run_prune)
 
@@ -295,6 +301,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     _print(run_prune_study(
         args.model, args.data, args.out, ratios=args.ratios, nemo=args.nemo,
-        projections=args.projections, encoder=args.encoder, measure=_measure(args),
+        projections=args.projections, seeds=args.seeds, encoder=args.encoder,
+        measure=_measure(args),
         threads=args.threads, command=["diffmem", *sys.argv[1:]], index=args.index))
     return 0

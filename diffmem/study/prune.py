@@ -20,6 +20,15 @@ Ratio 0 and strength 0 are the plain model (the registry's strength 0 installs n
 study measures it once, as ``plain``, the baseline every other setting is compared with.
 Memorization (any-image copy rate of the planted prompts) against utility (in-domain FID) gives
 the Pareto front. Measurements and the localized neurons are reused on a rerun.
+
+Seeds (``--seeds``, default 0,1,2; issue 17) are *measurement* seeds: there is one model, so
+each setting is measured once per seed with :class:`~diffmem.study.measure.MeasureConfig`'s
+``seed`` set to it (``measure/<setting>-s<seed>/``). The seed drives the generation noise and
+the seeded samples of a measurement (the control prompts scanned, the held-out FID records);
+it does not retrain anything, so the interval is the spread of the measurement, not of
+training. Each setting's row pools its per-seed measurements with
+:func:`diffmem.study.seeds.pool_seeds` (mean and 95% t-interval); the Pareto front is computed
+on the means. NeMo's neurons are localized once, with the ``measure`` config's own seed.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +48,7 @@ from diffmem.mitigate.registry import get_mitigation
 from diffmem.study.measure import (MeasureConfig, choose_prompts, measure_model,
                                    resolve_encoder, weights_stamp)
 from diffmem.study.results import StudyResult, machine_info, write_study
+from diffmem.study.seeds import DEFAULT_SEEDS, SEED_METRICS, fmt_ci, parse_seeds, pool_seeds
 from diffmem.utils import prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
@@ -45,15 +56,17 @@ log = logging.getLogger(__name__)
 __all__ = ["parse_strengths", "run_prune_study"]
 
 PRUNE, NEMO = "magnitude_pruning", "nemo_deactivation"
+#: Measured fields pooled over the measurement seeds (training-only fields left out).
+PRUNE_METRICS = {k: v for k, v in SEED_METRICS.items() if k not in ("final_loss",
+                                                                     "train_seconds")}
 #: Record fields, in the order the report's table shows them (its first 12).
-RECORD_COLUMNS = ("setting", "method", "strength", "memorization_rate_own",
-                  "memorization_rate_any", "reid_rate", "copy_rate_unconditional",
-                  "noise_magnitude_auc", "fid_in_domain", "pareto", "pruned_weights",
-                  "neurons_off", "reid_rate_not_copies", "reid_rate_own",
-                  "copy_rate_unrelated",
-                  "control_copy_rate", "nn_similarity_auc", "copy_gini", "copy_top10_share",
-                  "copy_top1_share", "copy_threshold", "planted_prompts", "control_prompts",
-                  "detect_seconds", "fid_seconds")
+RECORD_COLUMNS = ("setting", "method", "strength", "own_copies_mean", "own_copies_ci95",
+                  "any_copies_mean", "any_copies_ci95", "reid_leaks_mean", "reid_leaks_ci95",
+                  "fid_mean", "fid_ci95", "pareto", "seeds", "pruned_weights", "neurons_off",
+                  *(f"{k}_{x}" for k in PRUNE_METRICS
+                    if k not in ("own_copies", "any_copies", "reid_leaks", "fid")
+                    for x in ("mean", "ci95")),
+                  "planted_prompts", "control_prompts")
 
 
 def parse_strengths(values: Sequence[Any] | str, *, method: str, option: str) -> list[float]:
@@ -118,6 +131,7 @@ def run_prune_study(model: str | os.PathLike, data, out: str | os.PathLike, *,
                     nemo: Sequence[float] | str = (0, 0.5, 1),
                     projections: Sequence[str] | None = None,
                     encoder: str | os.PathLike | None = None,
+                    seeds: Sequence[int] | str = DEFAULT_SEEDS,
                     measure: MeasureConfig | None = None, threads: int | None = None,
                     command: Sequence[str] | None = None,
                     index: str | os.PathLike | None = None) -> StudyResult:
@@ -133,7 +147,7 @@ def run_prune_study(model: str | os.PathLike, data, out: str | os.PathLike, *,
         Its training data with ``ground_truth.csv`` (planted duplicates) and validate/test
         splits.
     out : path
-        Study folder: ``measure/<setting>/``, ``nemo_neurons.json``, ``prune.csv``,
+        Study folder: ``measure/<setting>-s<seed>/``, ``nemo_neurons.json``, ``prune.csv``,
         ``summary.json``, ``study.json``, ``prune.png``.
     ratios : sequence of float or str
         Pruning ratios in [0, 0.99] (the fraction of each cross-attention projection's weights
@@ -142,19 +156,25 @@ def run_prune_study(model: str | os.PathLike, data, out: str | os.PathLike, *,
         NeMo strengths in [0, 1] (1 = neurons deactivated); empty or only 0: no localization.
     projections : sequence of str, optional
         Projections pruned (default: the registry preset's, ``to_k`` and ``to_v``).
+    seeds : sequence of int or str
+        Measurement seeds (default 0,1,2): every setting is measured once per seed (generation
+        noise and seeded prompt/record samples only: one model) and pooled.
     encoder, measure, threads, command, index
         As in :func:`diffmem.study.cxr.run_lr_study`.
 
     Returns
     -------
     StudyResult
-        ``records``: one row per setting (``plain``, ``prune-<ratio>``, ``nemo-<strength>``).
+        ``records``: one row per setting (``plain``, ``prune-<ratio>``, ``nemo-<strength>``),
+        the mean and 95% t-interval over the seeds of each measured metric
+        (``<metric>_mean``, ``<metric>_ci95``) and the per-seed measurements under ``runs``.
     """
     from diffmem.models import load_model
 
     t0 = time.perf_counter()
     ratios = parse_strengths(ratios, method=PRUNE, option="--ratios")
     strengths = parse_strengths(nemo, method=NEMO, option="--nemo")
+    seeds = parse_seeds(seeds)
     measure = measure or MeasureConfig()
     dataset = as_dataset(data)
     model = Path(model)
@@ -169,23 +189,29 @@ def run_prune_study(model: str | os.PathLike, data, out: str | os.PathLike, *,
             _settings(ratios, strengths, neurons, projections), desc="prune study",
             unit="setting"):
         if method == NEMO and not neurons:  # nothing to deactivate: the plain model
-            m = plain
+            runs = plain
         else:
-            m = measure_model(model, dataset, out / "measure" / name, config=measure,
-                              encoder=enc, threads=threads, index=index, mitigation=mitigation)
-        plain = m if method == "none" else plain
-        rec = {"setting": name, "method": method, "strength": strength, **m.to_dict(),
-               "pruned_weights": pruned.get(strength, 0) if method == PRUNE else 0,
-               "neurons_off": sum(map(len, neurons.values())) if method == NEMO else 0}
-        records.append({**{k: rec.get(k) for k in RECORD_COLUMNS}, **rec})
+            runs = [{"seed": s, **measure_model(
+                model, dataset, out / "measure" / f"{name}-s{s}", config=replace(measure, seed=s),
+                encoder=enc, threads=threads, index=index, mitigation=mitigation).to_dict()}
+                for s in seeds]
+        plain = runs if method == "none" else plain
+        setting = {"setting": name, "method": method, "strength": strength,
+                   "pruned_weights": pruned.get(strength, 0) if method == PRUNE else 0,
+                   "neurons_off": sum(map(len, neurons.values())) if method == NEMO else 0,
+                   "planted_prompts": runs[0].get("planted_prompts"),
+                   "control_prompts": runs[0].get("control_prompts")}
+        row = pool_seeds(runs, setting, metrics=PRUNE_METRICS)
+        records.append({**{k: row.get(k) for k in RECORD_COLUMNS}, **row})
     front = _mark_front(records)
     config = {"model": str(model), "data": str(dataset.root), "ratios": ratios,
-              "nemo": strengths, "projections": list(projections or
+              "nemo": strengths, "seeds": seeds, "projections": list(projections or
                                                      get_mitigation(PRUNE).params["projections"]),
               "nemo_neurons": neurons, "nemo_localization": _nemo_summary(nemo_facts),
               "measure": measure.to_dict(), "encoder": None if enc is None else str(enc),
-              "pareto": {"memorization": "memorization_rate_any (planted prompts)",
-                         "utility": "fid_in_domain (held-out prompts, lower is better)",
+              "pareto": {"memorization": "any_copies_mean (planted prompts, mean over seeds)",
+                         "utility": "fid_mean (held-out prompts, lower is better, mean over "
+                                    "seeds)",
                          "front": front},
               "deviations": _deviations()}
     return _write(records, out, t0, command, config)
@@ -193,8 +219,8 @@ def run_prune_study(model: str | os.PathLike, data, out: str | os.PathLike, *,
 
 def _mark_front(records: list[dict[str, Any]]) -> list[str]:
     """Set each record's ``pareto`` (None without both axes) and return the front's names."""
-    pts = [(r["setting"], r["memorization_rate_any"], r["fid_in_domain"]) for r in records
-           if r["memorization_rate_any"] is not None and r["fid_in_domain"] is not None]
+    pts = [(r["setting"], r["any_copies_mean"], r["fid_mean"]) for r in records
+           if r["any_copies_mean"] is not None and r["fid_mean"] is not None]
     front = non_dominated(pts)
     named = {p[0] for p in pts}
     for r in records:
@@ -220,8 +246,10 @@ def _deviations() -> list[str]:
             "deployer would localize the prompts `diffmem detect` flags), their union "
             "deactivated for every generation; NeMo's own deviations: see "
             "diffmem.mitigate.nemo",
-            "one model, one measurement per setting (no seeds): a copy rate moves by one "
-            "planted prompt at a time; detector restricted for speed (see config.measure)"]
+            "one model: the seeds are measurement seeds (generation noise, control-prompt and "
+            "FID-record samples), not training seeds, so the intervals leave out training "
+            "variance; a copy rate moves by one planted prompt at a time; detector "
+            "restricted for speed (see config.measure)"]
 
 
 def _write(records, out: Path, t0: float, command, config) -> StudyResult:
@@ -229,7 +257,7 @@ def _write(records, out: Path, t0: float, command, config) -> StudyResult:
 
     figures = []
     pts = [{"method": r["method"], "strength": r["strength"], "setting": r["setting"],
-            "memorization": r["memorization_rate_any"], "utility": r["fid_in_domain"]}
+            "memorization": r["any_copies_mean"], "utility": r["fid_mean"]}
            for r in records if r["pareto"] is not None]
     if pts:
         figures.append(plot_pareto(
@@ -246,29 +274,28 @@ def _write(records, out: Path, t0: float, command, config) -> StudyResult:
     return write_study(result, out, csv_name="prune.csv", columns=RECORD_COLUMNS)
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.0%}" if pct else f"{v:.3g}"
+def _ci(r: Mapping[str, Any], metric: str, pct: bool = True) -> str:
+    return fmt_ci(r.get(f"{metric}_mean"), r.get(f"{metric}_ci95"), pct)
 
 
 def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> list[str]:
-    out = []
+    seeds = config["seeds"]
+    out = [f"Mean ± 95% t-interval over {len(seeds)} measurement seeds "
+           f"({','.join(map(str, seeds))}) of one model: generation noise only, not training."]
     for r in records:
         what = {"none": "plain model (ratio 0 = NeMo strength 0)",
                 PRUNE: f"{r['pruned_weights']:,} cross-attention weights zeroed",
                 NEMO: f"{r['neurons_off']} neurons x {1 - r['strength']:g}" if r["neurons_off"]
                 else "no neuron found: the plain model's numbers"}[r["method"]]
-        out.append(f"{r['setting']} ({what}): own-image copies "
-                   f"{_fmt(r['memorization_rate_own'], True)}, any-image "
-                   f"{_fmt(r['memorization_rate_any'], True)}, empty prompt "
-                   f"{_fmt(r['copy_rate_unconditional'], True)}, re-ID leaks "
-                   f"{_fmt(r['reid_rate'], True)} (own patient "
-                   f"{_fmt(r.get('reid_rate_own'), True)}), "
-                   f"noise AUC {_fmt(r['noise_magnitude_auc'])}, "
-                   f"in-domain FID {_fmt(r['fid_in_domain'])}.")
+        out.append(f"{r['setting']} ({what}): own-image copies {_ci(r, 'own_copies')}, "
+                   f"any-image {_ci(r, 'any_copies')}, empty prompt "
+                   f"{_ci(r, 'empty_prompt_copies')}, re-ID leaks {_ci(r, 'reid_leaks')} "
+                   f"(own patient {_ci(r, 'reid_leaks_own')}), "
+                   f"noise AUC {_ci(r, 'noise_auc', False)}, "
+                   f"in-domain FID {_ci(r, 'fid', False)}.")
     front = config["pareto"]["front"]
-    out.append(("Pareto front (any-image copies vs in-domain FID): " + ", ".join(front) + ".")
+    out.append(("Pareto front (mean any-image copies vs mean in-domain FID): "
+                + ", ".join(front) + ".")
                if front else "No Pareto front: the in-domain FID was not measured (pass "
                              "--encoder DIR).")
     loc = config["nemo_localization"]
