@@ -314,29 +314,57 @@ def test_recommend_stop_is_the_checkpoint_before_copying_begins():
 
 
 def test_checkpoint_study_measures_every_checkpoint(data, encoder, tmp_path, capsys):
+    """One tiny run per seed, every checkpoint measured per seed and pooled per step (the
+    row's mean and half width are mean_ci over the seeds' measurements), the stopping step
+    from the pooled means, reused on a rerun; bad seeds exit 2."""
     from safetensors.torch import load_file
 
-    from diffmem.study.checkpoints import run_checkpoint_study
+    from diffmem.study.checkpoints import (CHECKPOINT_METRICS, recommend_stop,
+                                           run_checkpoint_study)
+    from diffmem.study.results import mean_ci
 
     out = tmp_path / "ckpt"
-    res = run_checkpoint_study(data, out, preset="tiny", steps=4, checkpoint_every=2,
-                               encoder=encoder, measure=TINY_MEASURE)
+    kw = dict(preset="tiny", steps=4, checkpoint_every=2, seeds="0,1", encoder=encoder,
+              measure=TINY_MEASURE)
+    res = run_checkpoint_study(data, out, **kw)
     doc = json.loads((out / "study.json").read_text())
     assert doc["study"] == "checkpoints" and [r["step"] for r in doc["records"]] == [2, 4]
     for r in doc["records"]:
-        assert r["fid_in_domain"] > 0 and "copy_gini" in r
-        assert r["noise_magnitude_auc"] is not None
-    assert doc["records"][-1]["train_loss"] > 0  # logged at the last step (and every log_every)
+        assert r["seeds"] == 2 and [x["seed"] for x in r["runs"]] == [0, 1]
+        assert r["fid_mean"] > 0 and r["fid_ci95"] is not None and "copy_gini_mean" in r
+        assert r["noise_auc_mean"] is not None
+        for name, key in CHECKPOINT_METRICS.items():
+            mean, half = mean_ci([x[key] for x in r["runs"]])
+            assert r[f"{name}_mean"] == (None if mean is None else pytest.approx(mean)), name
+            assert r[f"{name}_ci95"] == (None if half is None else pytest.approx(half)), name
+    assert doc["records"][-1]["train_loss_mean"] > 0  # logged at the last step
+    # two seeds train differently: their final checkpoints measure differently
+    last = doc["records"][-1]["runs"]
+    assert last[0]["fid_in_domain"] != pytest.approx(last[1]["fid_in_domain"])
     stop = doc["config"]["recommended_stop"]
-    assert stop == {**stop, "step": res.config["recommended_stop"]["step"]}
+    pooled = [{"step": r["step"], "memorization_rate_any": r["any_copies_mean"],
+               "copy_rate_unconditional": r["empty_prompt_copies_mean"]}
+              for r in doc["records"]]
+    assert stop == recommend_stop(pooled) == res.config["recommended_stop"]
     assert (out / "checkpoints.png").stat().st_size > 1000 and (out / "checkpoints.csv").is_file()
-    # the last checkpoint's model is the run's final model, weight for weight; the first differs
-    final = load_file(str(out / "runs" / "main" / "unet" / "diffusion_pytorch_model.safetensors"))
-    for name, same in (("step-0000004", True), ("step-0000002", False)):
-        w = load_file(str(out / "models" / name / "unet" / "diffusion_pytorch_model.safetensors"))
-        assert all(torch.equal(w[k], final[k]) for k in final) == same, name
-    # the CLI refuses a folder that is not a finished run (exit 2, the fix named)
+    # each seed's last checkpoint model is its run's final model, weight for weight
+    for seed in (0, 1):
+        final = load_file(str(out / "runs" / f"main-s{seed}" / "unet" /
+                              "diffusion_pytorch_model.safetensors"))
+        for name, same in (("step-0000004", True), ("step-0000002", False)):
+            w = load_file(str(out / "models" / f"s{seed}" / name / "unet" /
+                              "diffusion_pytorch_model.safetensors"))
+            assert all(torch.equal(w[k], final[k]) for k in final) == same, (seed, name)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "measure").glob("*/*/measure.json")}
+    assert len(stamps) == 4
+    again = run_checkpoint_study(data, out, **kw)
+    assert [r["fid_mean"] for r in again.records] == [r["fid_mean"] for r in res.records]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # reused
+    # the CLI refuses a folder that is not a finished run, bad seeds, and one run for two
+    # seeds (exit 2, the fix named)
     (tmp_path / "unfinished").mkdir()
-    code = main(["-q", "study", "checkpoints", "--data", str(data), "--out",
-                 str(tmp_path / "cli"), "--model-run", str(tmp_path / "unfinished")])
-    assert code == 2 and "not a finished training run" in capsys.readouterr().err
+    for args, word in (([], "not a finished training run"), (["--seeds", "0,x"], "seeds: 'x'"),
+                       (["--seeds", "0,1"], "is one run but --seeds")):
+        code = main(["-q", "study", "checkpoints", "--data", str(data), "--out",
+                     str(tmp_path / "cli"), "--model-run", str(tmp_path / "unfinished"), *args])
+        assert code == 2 and word in capsys.readouterr().err, args

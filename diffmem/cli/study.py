@@ -149,11 +149,14 @@ def register(subparsers) -> None:
     c = _cxr_study(sub, "checkpoints", "memorization over training, with a stopping step",
                    "Measure copies (own image, any image, empty and unrelated prompts), the "
                    "noise-magnitude AUC, skew and the in-domain FID at every checkpoint of one "
-                   "training run, and recommend the last checkpoint before copying begins.")
+                   "training run per seed (mean and 95% t-interval over the seeds at each "
+                   "step), and recommend the last checkpoint before copying begins, on the "
+                   "mean copy rates.")
     c.add_argument("--model-run", metavar="RUN",
                    help="a finished `diffmem train` folder that kept its checkpoints "
-                        "(--keep-checkpoints); default: train one under OUT/runs/main")
-    _trainer_args(c, " of the run trained here")
+                        "(--keep-checkpoints), measured alone (one seed); default: train "
+                        "one per seed under OUT/runs/main-s<seed>")
+    _trainer_args(c, " of the runs trained here", seeds=True)
     c.add_argument("--tolerance", type=float, default=0.0,
                    help="copy rate still counted as 'not copying' (0)")
     _measure_args(c, None, "checkpoint interval of the run trained here (default: a tenth "
@@ -277,7 +280,8 @@ def run_checkpoints(args: argparse.Namespace) -> int:
 
     _print(run_checkpoint_study(
         args.data, args.out, run=args.model_run, preset=args.preset, steps=args.steps,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, lr=args.lr,
+        checkpoint_every=args.checkpoint_every, lr=args.lr,
+        seeds=None if args.seeds is None and args.seed is None else _seeds(args),
         batch_size=args.batch_size, tolerance=args.tolerance, encoder=args.encoder,
         measure=_measure(args), threads=args.threads, command=["diffmem", *sys.argv[1:]]))
     return 0

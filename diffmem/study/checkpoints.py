@@ -10,6 +10,13 @@ them, as its final model does) under ``OUT/models/step-XXXXXXX/`` and is measure
 stopping step is the last checkpoint before copying begins: before the first checkpoint whose
 planted prompts copy a training image (any-image copy rate above ``tolerance``) or whose
 empty-prompt generations do.
+
+Seeds (issue 17): the study trains one run per seed (``OUT/runs/main-s<seed>/``; default seeds
+0,1,2), measures every checkpoint of each (``OUT/models/s<seed>/step-XXXXXXX/``,
+``OUT/measure/s<seed>/step-XXXXXXX/``) and pools the runs' measurements at each step with
+:func:`diffmem.study.seeds.pool_seeds` (mean and 95% t-interval). The recommended stopping
+step is computed on the *pooled mean* any-image and empty-prompt copy rates. A given
+``--model-run`` is one run, measured alone (one seed, no interval).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from diffmem.errors import ConfigError, DataError
 from diffmem.study.measure import MeasureConfig, measure_model, resolve_encoder
 from diffmem.study.results import StudyResult, machine_info, write_study
 from diffmem.study.runs import finished_steps, train_or_resume
+from diffmem.study.seeds import (DEFAULT_SEEDS, SEED_METRICS, fmt_ci, parse_seeds, pool_seeds,
+                                 seed_run_name)
 from diffmem.utils import prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
@@ -36,15 +45,15 @@ __all__ = ["checkpoint_model", "loss_at", "matched_checkpoint", "measure_checkpo
            "recommend_stop", "run_checkpoint_study", "run_checkpoints", "run_losses",
            "smoothed_losses"]
 
-RECORD_COLUMNS = ("step", "train_loss", "memorization_rate_own", "memorization_rate_any",
-                  "reid_rate", "reid_rate_not_copies", "reid_rate_own",
-                  "copy_rate_unconditional",
-                  "copy_rate_unrelated", "control_copy_rate", "noise_magnitude_auc",
-                  "nn_similarity_auc", "fid_in_domain", "copy_gini", "copy_top10_share",
-                  "copy_top1_share", "copy_threshold", "planted_prompts", "control_prompts",
-                  "detect_seconds", "fid_seconds", "copying", "model")
-PLOT_METRICS = ("memorization_rate_own", "memorization_rate_any", "copy_rate_unconditional",
-                "noise_magnitude_auc", "fid_in_domain", "train_loss")
+#: Measured fields pooled over the seeds' runs at each step (the training loss at the step
+#: instead of the final loss and training time).
+CHECKPOINT_METRICS = {**{k: v for k, v in SEED_METRICS.items()
+                         if k not in ("final_loss", "train_seconds")}, "train_loss": "train_loss"}
+RECORD_COLUMNS = ("step", "seeds", *(f"{k}_{x}" for k in CHECKPOINT_METRICS
+                                     for x in ("mean", "ci95")),
+                  "copying", "planted_prompts", "control_prompts")
+PLOT_METRICS = ("own_copies_mean", "any_copies_mean", "empty_prompt_copies_mean",
+                "noise_auc_mean", "fid_mean", "train_loss_mean")
 
 
 def run_checkpoints(run: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -228,29 +237,35 @@ def _copies(record: Mapping[str, Any], tolerance: float) -> bool:
 
 def run_checkpoint_study(data, out: str | os.PathLike, *, run: str | os.PathLike | None = None,
                          preset: str = "demo", steps: int | None = None,
-                         checkpoint_every: int | None = None, seed: int = 0,
+                         checkpoint_every: int | None = None,
+                         seeds: Sequence[int] | str | None = None,
                          lr: float | None = None, batch_size: int | None = None,
                          tolerance: float = 0.0, encoder: str | os.PathLike | None = None,
                          measure: MeasureConfig | None = None, threads: int | None = None,
                          command: Sequence[str] | None = None) -> StudyResult:
     """Memorization over training (Liu et al., NeurIPS 2020: memorization is learned late):
     copy rates (own image, any image, empty and unrelated prompts), noise-magnitude AUC,
-    skew and in-domain FID at every checkpoint of one run, and the recommended stopping step
-    (:func:`recommend_stop`).
+    skew and in-domain FID at every checkpoint of one run per seed, pooled over the seeds at
+    each step, and the recommended stopping step (:func:`recommend_stop` on the pooled mean
+    copy rates).
 
     Parameters
     ----------
     data : path or CXRDataset
         The run's training data, with ``ground_truth.csv`` and validate/test splits.
     out : path
-        Study folder: ``models/step-*/``, ``measure/step-*/``, ``checkpoints.csv``,
-        ``summary.json``, ``study.json``, ``checkpoints.png`` (and ``runs/main/`` when it
-        trains the run itself).
+        Study folder: ``models/s<seed>/step-*/``, ``measure/s<seed>/step-*/``,
+        ``checkpoints.csv``, ``summary.json``, ``study.json``, ``checkpoints.png`` (and
+        ``runs/main-s<seed>/`` when it trains the runs itself; a finished single-seed
+        ``runs/main/`` of an older study trained with that seed is reused).
     run : path, optional
         A finished ``diffmem train`` folder that kept its checkpoints (``--keep-checkpoints``).
-        Without it, the study trains one (``preset``, ``steps``, ``lr``, ``seed``,
-        ``batch_size``; a checkpoint every ``checkpoint_every`` steps, default a tenth of the
-        run, all kept; a killed run resumes).
+        Measured alone (one seed; ``seeds`` may name at most one). Without it, the study trains
+        one run per seed (``preset``, ``steps``, ``lr``, ``batch_size``; a checkpoint every
+        ``checkpoint_every`` steps, default a tenth of the run, all kept; a killed run
+        resumes).
+    seeds : sequence of int or str, optional
+        Training seeds (default 0,1,2; with ``run``, that run alone).
     tolerance : float
         Any-image copy rate (and empty-prompt copy rate) counted as "not copying yet".
     encoder, measure, threads, command
@@ -259,52 +274,100 @@ def run_checkpoint_study(data, out: str | os.PathLike, *, run: str | os.PathLike
     Returns
     -------
     StudyResult
+        ``records``: one row per checkpoint step, the mean and 95% t-interval over the seeds of
+        each measured metric (``<metric>_mean``, ``<metric>_ci95``), the per-seed measurements
+        under ``runs``.
     """
     t0 = time.perf_counter()
     if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
         raise ConfigError(f"tolerance={tolerance!r}; use a copy rate in [0, 1), e.g. 0")
+    if seeds is not None:
+        seeds = parse_seeds(seeds)
+    elif run is None:
+        seeds = list(DEFAULT_SEEDS)
+    if run is not None and seeds is not None and len(seeds) > 1:
+        raise ConfigError(f"--model-run {run} is one run but --seeds {seeds} names "
+                          f"{len(seeds)}; leave --model-run out to train one run per seed, or "
+                          "give one seed")
     measure = measure or MeasureConfig()
     dataset = as_dataset(data)
     out = prepare_out_dir(out, inputs=[dataset.root] + ([Path(run)] if run else []))
     enc = resolve_encoder(encoder)
-    train_info = None
-    if run is None:
-        run, train_info = _train_run(dataset, out, preset=preset, steps=steps, lr=lr, seed=seed,
-                                     batch_size=batch_size, checkpoint_every=checkpoint_every)
-    run = Path(run)
-    checkpoints = run_checkpoints(run)
-    if len(checkpoints) < 2:
-        log.warning("%s kept only %d checkpoint(s): the curve has one point; train with "
-                    "--keep-checkpoints to keep more", run, len(checkpoints))
-    losses = run_losses(run)
-    records = []
-    for step, folder in progress(checkpoints, desc="checkpoints", unit="checkpoint"):
-        m = measure_checkpoint(run, folder, dataset, out, name=folder.name, config=measure,
-                               encoder=enc, threads=threads)
-        rec = {"step": step, "train_loss": losses.get(step), **m}
-        rec["copying"] = _copies(rec, tolerance)
-        records.append(rec)
+    runs: list[tuple[int | None, Path, str]] = []
+    train_info: list[dict[str, Any]] | None = None
+    if run is not None:
+        runs.append((None if seeds is None else seeds[0], Path(run), ""))
+    else:
+        train_info = []
+        for seed in seeds:
+            path, info = _train_run(dataset, out, preset=preset, steps=steps, lr=lr, seed=seed,
+                                    batch_size=batch_size, checkpoint_every=checkpoint_every)
+            runs.append((seed, path, f"s{seed}/"))
+            train_info.append(info)
+    per_step: dict[int, list[dict[str, Any]]] = {}
+    for seed, path, prefix in runs:
+        for rec in _measure_run(path, dataset, out, prefix, measure=measure, encoder=enc,
+                                threads=threads):
+            per_step.setdefault(rec["step"], []).append({"seed": seed, **rec})
+    records = [_pool_step(step, recs, tolerance) for step, recs in sorted(per_step.items())]
     stop = recommend_stop(records, tolerance=tolerance)
+    run = runs[0][1]
     from diffmem.study import plots
 
     fig = plots.plot_metrics_vs_step(records, PLOT_METRICS, out / "checkpoints.png",
                                      stop=stop["step"], title="memorization and utility over "
-                                     f"training ({run.name})").name
+                                     f"training ({_runs_name(runs)}, mean over seeds)").name
     result = StudyResult(
-        study="checkpoints", title=f"Memorization over training ({run.name}, "
+        study="checkpoints", title=f"Memorization over training ({_runs_name(runs)}, "
                                    f"{len(records)} checkpoints)",
         records=records, figures=[fig], findings=_findings(records, stop),
-        config={"run": str(run), "trained_here": train_info, "tolerance": tolerance,
+        config={"run": str(run), "runs": [str(p) for _, p, _ in runs],
+                "seeds": [s for s, _, _ in runs], "trained_here": train_info,
+                "tolerance": tolerance,
                 "recommended_stop": stop, "measure": measure.to_dict(),
                 "encoder": None if enc is None else str(enc), "data": str(dataset.root),
                 "data_fingerprint": dataset.subset(split="train").fingerprint(),
-                "deviations": ["checkpoints are measured with the restricted study detector "
+                "deviations": ["the stopping step is chosen on the mean copy rates over the "
+                               "seeds (one run per seed), not per run",
+                               "checkpoints are measured with the restricted study detector "
                                "(see config.measure), not a full `diffmem detect`",
                                "copying is judged per checkpoint from a few generations per "
                                "prompt: a rate of 0 bounds copying, it does not exclude it"]},
         machine=machine_info(), seconds=time.perf_counter() - t0,
         command=list(command) if command else [])
     return write_study(result, out, csv_name="checkpoints.csv", columns=RECORD_COLUMNS)
+
+
+def _measure_run(run: Path, dataset, out: Path, prefix: str, *, measure: MeasureConfig,
+                 encoder, threads) -> list[dict[str, Any]]:
+    """Every checkpoint of one run measured (``OUT/measure/<prefix>step-*/``), with its step and
+    logged loss."""
+    checkpoints = run_checkpoints(run)
+    if len(checkpoints) < 2:
+        log.warning("%s kept only %d checkpoint(s): the curve has one point; train with "
+                    "--keep-checkpoints to keep more", run, len(checkpoints))
+    losses = run_losses(run)
+    return [{"step": step, "train_loss": losses.get(step),
+             **measure_checkpoint(run, folder, dataset, out, name=prefix + folder.name,
+                                  config=measure, encoder=encoder, threads=threads)}
+            for step, folder in progress(checkpoints, desc=f"checkpoints of {run.name}",
+                                         unit="checkpoint")]
+
+
+def _pool_step(step: int, runs: Sequence[Mapping[str, Any]], tolerance: float,
+               ) -> dict[str, Any]:
+    """One step's row pooled over the seeds' runs, with ``copying`` judged on the means."""
+    row = pool_seeds(runs, {"step": step}, metrics=CHECKPOINT_METRICS)
+    row["memorization_rate_any"] = row["any_copies_mean"]  # what recommend_stop reads
+    row["copy_rate_unconditional"] = row["empty_prompt_copies_mean"]
+    row["copying"] = _copies(row, tolerance)
+    row["planted_prompts"] = runs[0].get("planted_prompts")
+    row["control_prompts"] = runs[0].get("control_prompts")
+    return {**{k: row.get(k) for k in RECORD_COLUMNS}, **row}
+
+
+def _runs_name(runs) -> str:
+    return runs[0][1].name if len(runs) == 1 else f"{len(runs)} seeds"
 
 
 def _train_run(dataset, out: Path, *, preset, steps, lr, seed, batch_size,
@@ -320,28 +383,28 @@ def _train_run(dataset, out: Path, *, preset, steps, lr, seed, batch_size,
         raise ConfigError(f"checkpoint_every={every!r}; use 1 to the run's {total} steps")
     cfg = TrainConfig(preset=preset, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                       checkpoint_every=every, keep_checkpoints=math.ceil(total / every) + 1)
-    info = train_or_resume(dataset.subset(split="train"), out / "runs" / "main", cfg)
+    info = train_or_resume(dataset.subset(split="train"),
+                           out / "runs" / seed_run_name(out / "runs", "main", seed), cfg)
     return Path(info.model), {**info.to_dict(), "checkpoint_every": every, "preset": preset}
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return f"{v:.0%}" if pct else f"{v:.3g}"
+def _ci(r: Mapping[str, Any], metric: str, pct: bool = True) -> str:
+    return fmt_ci(r.get(f"{metric}_mean"), r.get(f"{metric}_ci95"), pct)
 
 
 def _findings(records: Sequence[Mapping[str, Any]], stop: Mapping[str, Any]) -> list[str]:
     rs = sorted(records, key=lambda r: r["step"])
-    out = ["; ".join(f"step {r['step']}: own-image copies {_fmt(r['memorization_rate_own'], True)}"
-                     f", any-image {_fmt(r['memorization_rate_any'], True)}, empty prompt "
-                     f"{_fmt(r['copy_rate_unconditional'], True)}, noise AUC "
-                     f"{_fmt(r['noise_magnitude_auc'])}, FID {_fmt(r['fid_in_domain'])}"
-                     for r in rs) + "."]
+    n = rs[0]["seeds"] if rs else 0
+    out = [f"Mean ± 95% t-interval over {n} training run(s), one per seed. "
+           + "; ".join(f"step {r['step']}: own-image copies {_ci(r, 'own_copies')}, any-image "
+                       f"{_ci(r, 'any_copies')}, empty prompt {_ci(r, 'empty_prompt_copies')}, "
+                       f"noise AUC {_ci(r, 'noise_auc', False)}, FID {_ci(r, 'fid', False)}"
+                       for r in rs) + "."]
     out.append(f"Recommended stopping step: {stop['step'] if stop['step'] is not None else 'none'}"
-               f" ({stop['reason']}).")
+               f" ({stop['reason']}; on the mean copy rates over the seeds).")
     if stop["step"] is not None and rs and stop["step"] != rs[-1]["step"]:
         at = next(r for r in rs if r["step"] == stop["step"])
-        out.append(f"Stopping there costs utility: in-domain FID {_fmt(at['fid_in_domain'])} "
-                   f"against {_fmt(rs[-1]['fid_in_domain'])} at the last step {rs[-1]['step']} "
+        out.append(f"Stopping there costs utility: in-domain FID {_ci(at, 'fid', False)} "
+                   f"against {_ci(rs[-1], 'fid', False)} at the last step {rs[-1]['step']} "
                    "(lower is better).")
     return out
