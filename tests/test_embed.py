@@ -115,6 +115,38 @@ def test_text_pooling_and_truncation_keep_eos(trained):
     assert not np.allclose(a, b)
 
 
+
+def test_text_rows_cut_after_eos_train_and_embed_like_full_padding(tiny_data, tmp_path,
+                                                                  monkeypatch):
+    """encode_tokens (rows cut after the batch's last [EOS]) is a speed-up only: the same
+    losses, weights and embeddings as open_clip's encode_text over the padded rows."""
+    import torch
+
+    from diffmem.embed import train_encoder
+    from diffmem.embed.model import _tokenize, encode_tokens
+
+    monkeypatch.setenv("DIFFMEM_NO_PROGRESS", "1")
+    cut = train_encoder(tiny_data, tmp_path / "cut", preset="tiny", steps=4, seed=1)
+    monkeypatch.setattr("diffmem.embed.training.encode_tokens",
+                        lambda model, ids: model.encode_text(ids, normalize=True))
+    full = train_encoder(tiny_data, tmp_path / "full", preset="tiny", steps=4, seed=1)
+    np.testing.assert_allclose(cut.losses, full.losses, rtol=1e-5)
+    for (name, a), (_, b) in zip(cut.encoder.model.state_dict().items(),
+                                 full.encoder.model.state_dict().items()):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=name)
+    enc = cut.encoder
+    prompts = load(tiny_data).prompts[:6] + [" ".join(["small left pleural effusion"] * 40)]
+    ids = _tokenize(enc.tokenizer, prompts[:6])
+    with torch.no_grad():
+        short = encode_tokens(enc.model, ids)
+        assert short.shape[1] == enc.dim
+        # the cut was real: the rows end well before the context length
+        assert int((ids == enc.tokenizer.eos_token_id).int().argmax(1).max()) + 1 < ids.shape[1]
+        np.testing.assert_allclose(short.numpy(), enc.model.encode_text(ids, normalize=True),
+                                   atol=1e-6)
+    np.testing.assert_allclose(enc.embed_texts(prompts), enc.model.encode_text(
+        _tokenize(enc.tokenizer, prompts), normalize=True).detach().numpy(), atol=1e-6)
+
 def test_bad_inputs_get_clear_errors(trained):
     enc = trained.encoder
     with pytest.raises(DataError, match=r"image\[None\]"):
