@@ -118,8 +118,8 @@ def test_text_pooling_and_truncation_keep_eos(trained):
 
 def test_text_rows_cut_after_eos_train_and_embed_like_full_padding(tiny_data, tmp_path,
                                                                   monkeypatch):
-    """encode_tokens (rows cut after the batch's last [EOS]) is a speed-up only: the same
-    losses, weights and embeddings as open_clip's encode_text over the padded rows."""
+    """encode_tokens (each row cut after its [EOS]) is a speed-up only: the same losses and
+    embeddings as open_clip's encode_text over the padded rows."""
     import torch
 
     from diffmem.embed import train_encoder
@@ -131,9 +131,15 @@ def test_text_rows_cut_after_eos_train_and_embed_like_full_padding(tiny_data, tm
                         lambda model, ids: model.encode_text(ids, normalize=True))
     full = train_encoder(tiny_data, tmp_path / "full", preset="tiny", steps=4, seed=1)
     np.testing.assert_allclose(cut.losses, full.losses, rtol=1e-5)
-    for (name, a), (_, b) in zip(cut.encoder.model.state_dict().items(),
-                                 full.encoder.model.state_dict().items()):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=name)
+    # Compare what the encoders compute, not raw weights: a parameter whose true gradient is 0
+    # (the attention key bias: softmax ignores a shift shared by a row) gets rounding noise,
+    # which Adam scales up to lr-sized steps in both runs alike, without effect on any output.
+    probe = load(tiny_data).prompts[:8]
+    np.testing.assert_allclose(cut.encoder.embed_texts(probe), full.encoder.embed_texts(probe),
+                               atol=1e-4)
+    images = _images(6)
+    np.testing.assert_allclose(cut.encoder.embed_images(images),
+                               full.encoder.embed_images(images), atol=1e-4)
     enc = cut.encoder
     prompts = load(tiny_data).prompts[:6] + [" ".join(["small left pleural effusion"] * 40)]
     ids = _tokenize(enc.tokenizer, prompts[:6])
@@ -146,6 +152,7 @@ def test_text_rows_cut_after_eos_train_and_embed_like_full_padding(tiny_data, tm
                                    atol=1e-6)
     np.testing.assert_allclose(enc.embed_texts(prompts), enc.model.encode_text(
         _tokenize(enc.tokenizer, prompts), normalize=True).detach().numpy(), atol=1e-6)
+
 
 def test_bad_inputs_get_clear_errors(trained):
     enc = trained.encoder
