@@ -242,7 +242,8 @@ def test_rendered_films_look_like_chest_radiographs():
 
 # -- presets -------------------------------------------------------------------------------------
 def test_presets_are_found_by_name_and_unknown_names_list_them(tmp_path):
-    assert list_presets() == ["benchmark", "clipmem", "demo", "patients", "tiny", "triggers"]
+    assert list_presets() == ["benchmark", "clipmem", "demo", "patients", "reid", "tiny",
+                              "triggers"]
     for name in list_presets():
         cfg = load_preset(name)
         assert cfg.name == name and cfg.description
@@ -250,7 +251,7 @@ def test_presets_are_found_by_name_and_unknown_names_list_them(tmp_path):
     assert demo.image_size == 128 and demo.copies_range() == (30, 30)
     assert demo.planted.exact_clusters + demo.planted.near_clusters == 10
     with pytest.raises(ConfigError,
-                       match="known presets: benchmark, clipmem, demo, patients, tiny"):
+                       match="known presets: benchmark, clipmem, demo, patients, reid, tiny"):
         load_preset("tinny")
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(MINI))

@@ -175,6 +175,14 @@ def test_reid_names_the_training_patient_and_counts_agree(dataset, tmp_path):
     # reidentified.csv holds exactly the leaking generations; the summary counts them
     leaks = _csv(out / "reidentified.csv")
     assert len(leaks) == sum(bool(g.reid_match) for g in gens) >= 2
+    # ... and says whether the patient re-identified is the prompt's own (the swapped prompt's
+    # is another patient)
+    for r in leaks:
+        assert r["reid_own_patient"] == ("" if r["kind"] != "train" else
+                                         str(int(r["reid_patient_id"] in own[r["prompt"]])))
+    assert {r["reid_own_patient"] for r in leaks if r["prompt"] == swapped} == {"0"}
+    assert {r["reid_own_patient"] for r in leaks if r["prompt"] in set(patients) - {swapped}
+            } == {"1"}
     summary = json.loads((out / "summary.json").read_text())
     counts = summary["reid"]["counts"]
     assert counts["leaks"] == len(leaks)

@@ -21,12 +21,13 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
-def test_reid_rate_beside_the_copy_rate(model, data, encoder, tmp_path, capsys):
+def test_reid_rate_beside_the_copy_rate(model, data, dataset, encoder, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["-q", "--threads", "1", "mitigate", "--model", str(model), "--data", str(data),
                  "--out", str(out), "--encoder", str(encoder), "--methods", "guidance_delay",
                  "--n-prompts", "2", "--generations", "2", "--steps", "2", "--reid"]) == 0
-    assert "reid.rate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reid.rate" in printed and "own.reid" in printed
     rows = _csv(out / "mitigations.csv")
     assert list(rows[0]) == list(CSV_COLUMNS)
     summary = json.loads((out / "summary.json").read_text())
@@ -34,6 +35,10 @@ def test_reid_rate_beside_the_copy_rate(model, data, encoder, tmp_path, capsys):
     assert t["method"] == "heldout-quantile" and t["n"] == 16
     threshold = Threshold(value=t["value"], fpr=t["fpr"], n=t["n"], method=t["method"])
     # every rate is the stored re-ID scores judged at the threshold
+    owners: dict[str, set[str]] = {}  # each training prompt's patients, from the data
+    for study in dataset:
+        if study.split == "train":
+            owners.setdefault(study.prompt, set()).add(study.patient_id)
     with ResultsStore(out / "results.sqlite") as store:
         units = {r["prompt"]: r["value"] for r in store.to_rows(method="mitigate")}
     assert len(units) == len(rows)
@@ -46,6 +51,20 @@ def test_reid_rate_beside_the_copy_rate(model, data, encoder, tmp_path, capsys):
         per_prompt = [(scores[index == p] > threshold.value).any()
                       for p in range(int(r["n_prompts"]))]
         assert float(r["prompt_reid_rate"]) == pytest.approx(float(np.mean(per_prompt)))
+        # own-patient rates: the own-patient scores (each prompt's training patients, the
+        # score diffmem detect computes) judged at the same threshold
+        prompts = summary["prompts"][r["prompt_set"]]
+        own = np.array([np.nan if x is None else x for x in unit["reid_own_score"]])
+        assert len(own) == len(scores) and not np.isnan(own).any()  # all training prompts
+        assert (own <= scores).all()
+        for g, p in enumerate(index):  # best match among the prompt's own patients: equal
+            if unit["reid_patient_id"][g] in owners[prompts[p]]:
+                assert own[g] == scores[g]
+        assert float(r["reid_rate_own"]) == pytest.approx(float(np.mean(own > threshold.value)))
+        per_prompt = [(own[index == p] > threshold.value).any()
+                      for p in range(int(r["n_prompts"]))]
+        assert float(r["prompt_reid_rate_own"]) == pytest.approx(float(np.mean(per_prompt)))
+        assert float(r["reid_rate_own"]) <= float(r["reid_rate"])
 
 
 def test_bad_reid_threshold_is_refused():

@@ -134,11 +134,12 @@ def test_mitigation_table_shows_the_reid_rate(model, data, detect_dir, tmp_path)
     folder.mkdir()
     cols = ["method", "strength", "prompt_set", "n_prompts", "n_generations",
             "memorization_rate", "prompt_memorization_rate", "reid_rate", "prompt_reid_rate",
-            "mean_nn_similarity", "noise_magnitude", "fid_in_domain", "alignment",
-            "seconds_per_image", "pareto"]
-    rows = [["none", 0, "control", 2, 4, 0.0, 0.0, 0.75, 1.0, 0.3, 0.5, 9.0, 0.2, 0.1, "true"],
-            ["guidance_delay", 0.5, "control", 2, 4, 0.0, 0.0, 0.25, 0.5, 0.2, 0.5, 9.5, 0.2,
-             0.1, "true"]]
+            "reid_rate_own", "prompt_reid_rate_own", "mean_nn_similarity", "noise_magnitude",
+            "fid_in_domain", "alignment", "seconds_per_image", "pareto"]
+    rows = [["none", 0, "control", 2, 4, 0.0, 0.0, 0.75, 1.0, 0.625, 1.0, 0.3, 0.5, 9.0, 0.2,
+             0.1, "true"],
+            ["guidance_delay", 0.5, "control", 2, 4, 0.0, 0.0, 0.25, 0.5, 0.125, 0.5, 0.2, 0.5,
+             9.5, 0.2, 0.1, "true"]]
     (folder / "mitigations.csv").write_text("\n".join(",".join(map(str, r))
                                                       for r in [cols] + rows) + "\n")
     (folder / "summary.json").write_text(json.dumps({
@@ -148,4 +149,63 @@ def test_mitigation_table_shows_the_reid_rate(model, data, detect_dir, tmp_path)
                           mitigate=folder, images="omit")
     html = result.html.read_text(encoding="utf-8")
     assert "<th>reid rate</th>" in html and "<td class=\"n\">0.75</td>" in html
+    assert "<th>reid rate own</th>" in html
+    assert '<td class="n">0.75</td><td class="n">0.625</td>' in html  # beside reid rate
     assert json.loads(result.json.read_text())["mitigation"]["reid"] is True
+
+
+def _own_cells(html: str) -> list[str]:
+    return re.findall(r'<td class="reid-own">([^<]*)</td>', html)
+
+
+def test_own_patient_numbers_come_from_the_detection(reports, detect_dir, dataset):
+    """The own-patient counts beside the any-patient ones, and each leak's own-patient cell,
+    are the detect run's (summary.json and reidentified.csv), in every image mode."""
+    import csv
+
+    summary = json.loads((detect_dir / "summary.json").read_text())["reid"]["counts"]
+    with open(detect_dir / "reidentified.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    own = {}  # each training prompt's own patients, from the data itself
+    for s in dataset:
+        if s.split == "train":
+            own.setdefault(s.prompt, set()).add(s.patient_id)
+    for r in rows:  # the detection's column is the dataset's patients
+        mine = own.get(r["prompt"]) if r["kind"] in ("train", "prompt") else None
+        expected = "" if not mine else str(int(r["reid_patient_id"] in mine))
+        assert r["reid_own_patient"] == expected
+    values = {r["reid_own_patient"] for r in rows}
+    assert "" in values and values - {""}  # empty/unrelated prompts have no own patient
+    judged = {k: n for k, n in summary["own_patient_judged"].items() if n}
+    # at re-ID threshold -1 every generation with an own patient re-identifies it (an
+    # own-patient leak), whichever patient is its best match
+    assert judged and summary["own_patient_leaks"] == sum(r["reid_own_patient"] != ""
+                                                          for r in rows) == 3
+    facts = json.loads(reports["include"].json.read_text())["reid"]
+    by_key = {(r["prompt"], int(r["index"])): r["reid_own_patient"] for r in rows}
+    words = {"1": "yes", "0": "no: another patient", "": "–"}
+    for mode, report in reports.items():
+        html = report.html.read_text(encoding="utf-8")
+        assert ("<td>re-identify the prompt's own patient (own-patient leaks)</td>"
+                f'<td class="n">{summary["own_patient_leaks"]}</td>') in html
+        for kind, n in judged.items():
+            assert (f'<td class="n">{summary["own_patient_prompts"][kind]} of {n}</td>'
+                    in html)
+        assert "<strong>own-patient</strong> re-identification" in html
+        cells = _own_cells(html)
+        assert cells == [words[by_key[(x["prompt"], x["index"])]]
+                         for x in facts["leaks_not_copies"]]
+        assert len(cells) == 6
+
+
+def test_own_patient_numbers_are_escaped(model, data, detect_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "detect"
+    shutil.copytree(detect_dir, folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["reid"]["counts"]["own_patient_leaks"] = "<b>7</b>"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    html = build_report(tmp_path / "r", model=model, data=data, detect=folder,
+                        images="omit").html.read_text(encoding="utf-8")
+    assert "<b>7</b>" not in html and "&lt;b&gt;7&lt;/b&gt;" in html

@@ -160,6 +160,7 @@ def test_mitigation_study_trains_measures_and_skips_finished_runs(data, encoder,
                for r in doc["records"])
     # patient re-identification beside the copies (the embedded re-ID model, held-out patients)
     assert all(0 <= r["reid_rate_not_copies"] <= r["reid_rate"] <= 1 for r in res.records)
+    assert all(0 <= r["reid_rate_own"] <= r["reid_rate"] for r in res.records)  # own: a part
     assert (out / "runs" / "none" / "model_index.json").is_file()
     assert (out / "train_mitigations.csv").read_text().startswith("name,options,lr")
     again = run_train_mitigation_study(data, out, **kw)

@@ -155,12 +155,13 @@ def test_lora_study_writes_settings_with_ci_and_reuses_runs(lora_study, data):
         assert [x["seed"] for x in r["runs"]] == [0, 1] and r["seeds"] == 2
         for metric, field in (("own_copies", "memorization_rate_own"),
                               ("any_copies", "memorization_rate_any"), ("fid", "fid_in_domain"),
-                              ("reid_leaks", "reid_rate"),
+                              ("reid_leaks", "reid_rate"), ("reid_leaks_own", "reid_rate_own"),
                               ("train_seconds", "train_seconds")):
             m, h = mean_ci([x[field] for x in r["runs"]])
             assert r[f"{metric}_mean"] == pytest.approx(m) and r[f"{metric}_ci95"] == \
                 pytest.approx(h)
         assert all(0 <= x["reid_rate_not_copies"] <= x["reid_rate"] <= 1 for x in r["runs"])
+        assert all(0 <= x["reid_rate_own"] <= x["reid_rate"] for x in r["runs"])
     assert rows["lora-r2"]["trainable_params"] < rows["lora-r4"]["trainable_params"] \
         < rows["full"]["trainable_params"] / 5
     assert rows["lora-r4"]["lr"] == pytest.approx(10 * rows["full"]["lr"])

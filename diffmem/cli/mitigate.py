@@ -162,12 +162,13 @@ def format_summary(result) -> str:
 
     reid = result.reid_threshold is not None
     lines = [f"{'method':32s} {'strength':>8s} {'set':9s} {'mem.rate':>8s} "
-             + (f"{'reid.rate':>9s} " if reid else "") + f"{'nn sim':>7s} "
+             + (f"{'reid.rate':>9s} {'own.reid':>8s} " if reid else "") + f"{'nn sim':>7s} "
              f"{'noise':>7s} {'FID(in)':>8s} {'align':>6s} {'s/img':>6s}"]
     for r in result.rows:
         lines.append(f"{r['method']:32s} {r['strength']:8g} {r['prompt_set']:9s} "
                      f"{num(r['memorization_rate'], 8, 2)} "
-                     + (f"{num(r['reid_rate'], 9, 2)} " if reid else "")
+                     + (f"{num(r['reid_rate'], 9, 2)} {num(r['reid_rate_own'], 8, 2)} "
+                        if reid else "")
                      + f"{num(r['mean_nn_similarity'], 7, 3)} "
                      f"{num(r['noise_magnitude'], 7, 3)} {num(r['fid_in_domain'], 8, 3)} "
                      f"{num(r['alignment'], 6, 3)} {num(r['seconds_per_image'], 6, 3)}"

@@ -694,8 +694,7 @@ def _nearest(run: _Run, items: list[WorkItem], n_per: int,
         nn = nearest_neighbors(sample.images, verdicts.reference, backend=verdicts.backend, k=2)
     copy = verdicts.judge(nn.similarities[:, 0])
     if run.reid is not None:
-        own = [run.reid.index.patients_of(it.study_ids) if it.kind in OWN_PATIENT_KINDS
-               else set() for it in items]
+        own = [_own_patients(run, it) for it in items]
         with one_blas_thread():
             reid_scores, reid_rows, own_scores = run.reid.search_own(
                 sample.images, [own[p] for p in sample.prompt_index])
@@ -829,12 +828,21 @@ def _screen_roles(plan: ScreenPlan | None) -> dict[str | None, str]:
     return roles
 
 
+def _own_patients(run: _Run, item: WorkItem) -> set[str]:
+    """The item's own patients for re-ID: the indexed patients of the training studies whose
+    prompt it is (none for unrelated and empty prompts)."""
+    if item.kind not in OWN_PATIENT_KINDS:
+        return set()
+    return run.reid.index.patients_of(item.study_ids)
+
+
 def _matches(run: _Run, value: Mapping[str, list], item: WorkItem) -> list[GenerationMatch]:
     """An item's stored nearest-neighbour value as matches with their copy verdicts."""
     copies = run.verdicts.judge(value["similarity"])
     ratio_copies = is_ratio_copy(value["distance1"], value["distance2"], ratio=run.config.ratio)
     leaks = None if run.reid is None else run.reid.judge(value["reid_score"])
     own = None if run.reid is None else value["reid_own_score"]
+    mine = set() if run.reid is None else _own_patients(run, item)
     matches = []
     for j, (seed, s1, s2, id1, id2, d1, d2) in enumerate(zip(
             value["seed"], value["similarity"], value["similarity2"], value["study_id"],
@@ -854,6 +862,8 @@ def _matches(run: _Run, value: Mapping[str, list], item: WorkItem) -> list[Gener
                 reid_study_id=str(value["reid_study_id"][j]), reid_match=bool(leaks[j]),
                 reid_own_score=None if own[j] is None else float(own[j]),
                 reid_own_match=None if own[j] is None else bool(run.reid.judge(own[j])),
+                reid_own_patient=None if own[j] is None
+                else str(value["reid_patient_id"][j]) in mine,
                 reid_image=str(leak_image.relative_to(run.out))
                 if leaks[j] and leak_image.is_file() else None)
     return matches

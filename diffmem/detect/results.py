@@ -72,6 +72,9 @@ class GenerationMatch:
     reid_own_match : bool or None
         ``reid_own_score`` is above the re-ID threshold: the generation re-identifies its own
         patient. None when ``reid_own_score`` is.
+    reid_own_patient : bool or None
+        ``reid_patient_id`` (the most similar training patient) is one of the generation's
+        own patients. None when ``reid_own_score`` is.
     """
 
     index: int
@@ -91,6 +94,7 @@ class GenerationMatch:
     reid_image: str | None = None
     reid_own_score: float | None = None
     reid_own_match: bool | None = None
+    reid_own_patient: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -37,9 +37,12 @@ REID_DIR = "reidentified"
 COPY_COLUMNS = ("kind", "prompt", "prompt_study_id", "label", "index", "seed", "similarity",
                 "study_id", "similarity2", "study_id2", "d1_d2", "ratio_copy", "image")
 #: Columns of ``reidentified.csv`` (one row a generation that re-identifies a training
-#: patient; ``copy`` says whether it is also a pixel copy, ``image`` is its PNG).
+#: patient; ``reid_own_patient`` says whether that patient is the prompt's own (1/0, empty for
+#: prompts without an own patient), ``copy`` whether it is also a pixel copy, ``image`` is its
+#: PNG).
 REID_COLUMNS = ("kind", "prompt", "prompt_study_id", "label", "index", "seed", "reid_score",
-                "reid_patient_id", "reid_study_id", "copy", "similarity", "study_id", "image")
+                "reid_patient_id", "reid_study_id", "reid_own_patient", "copy", "similarity",
+                "study_id", "image")
 
 
 def copy_image_path(out: Path, kind: str, prompt: str, generation: int) -> Path:
@@ -107,6 +110,8 @@ def write_outputs(result: DetectionResult, out: Path) -> None:
                       "label": "" if p.label is None else p.label, "index": g.index,
                       "seed": g.seed, "reid_score": g.reid_score,
                       "reid_patient_id": g.reid_patient_id, "reid_study_id": g.reid_study_id,
+                      "reid_own_patient": "" if g.reid_own_patient is None
+                      else int(g.reid_own_patient),
                       "copy": int(g.copy), "similarity": g.similarity, "study_id": g.study_id,
                       "image": g.reid_image or ""}
                      for p in result.prompts for g in p.generations if g.reid_match]

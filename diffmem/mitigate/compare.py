@@ -23,7 +23,8 @@ one model and its training data:
 4. **metrics and verdicts**: memorization rate, mean nearest similarity, noise magnitude (and,
    with ``reid``, the re-identification rate: generations whose most similar training patient
    passes the re-ID threshold of :mod:`diffmem.reid.verdicts`, calibrated on held-out patients
-   like the copy threshold); an
+   like the copy threshold, and the own-patient rate: generations whose similarity to their
+   prompt's own patient passes it, the score ``diffmem detect`` computes); an
    in-domain Fréchet distance to the held-out real images and prompt-image alignment (both with
    the in-domain open_clip encoder: *not* Inception FID or OpenAI CLIPScore), seconds per image;
    the Pareto front of memorization rate against the chosen utility;
@@ -38,7 +39,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,9 @@ MEMORIZATION_METRICS = {"memorization_rate": "memorization rate",
                         "noise_magnitude": "noise magnitude"}
 CSV_COLUMNS = ("method", "strength", "prompt_set", "n_prompts", "n_generations",
                "memorization_rate", "prompt_memorization_rate", "reid_rate",
-               "prompt_reid_rate", "mean_nn_similarity", "noise_magnitude", "fid_in_domain",
-               "alignment", "seconds_per_image", "pareto")
+               "prompt_reid_rate", "reid_rate_own", "prompt_reid_rate_own",
+               "mean_nn_similarity", "noise_magnitude", "fid_in_domain", "alignment",
+               "seconds_per_image", "pareto")
 #: Offset of the seed the comparison detects memorized prompts with, when it does so itself.
 DETECT_SEED_OFFSET = 1000
 
@@ -341,6 +343,12 @@ METRIC_NOTES = {
                  "verification model) scores above the re-ID threshold calibrated on held-out "
                  "patients (empty without --reid)",
     "prompt_reid_rate": "fraction of prompts with at least one re-identifying generation",
+    "reid_rate_own": "fraction of generations that re-identify their prompt's OWN patient (the "
+                     "patient whose training study carries the prompt): the similarity to that "
+                     "patient's studies is above the re-ID threshold; of the same generations "
+                     "as reid_rate, so never above it (empty without --reid)",
+    "prompt_reid_rate_own": "fraction of prompts with at least one generation that "
+                            "re-identifies the prompt's own patient",
     "mean_nn_similarity": "mean similarity of each generation to its nearest training image "
                           "(the threshold's backend)",
     "noise_magnitude": "mean ||eps(x_T, c) - eps(x_T, '')|| at the first sampling step with "
@@ -483,7 +491,7 @@ def compare_mitigations(model: Any, data: Any, out: str | os.PathLike, *,
         run_id = store.start_run(model_fp, data_fingerprint=inputs.data_fp, command=command,
                                  params={**config.to_dict(), "guidance": guidance})
         units = _Units(store, run_id, adapter, config, guidance, verdicts, enc, model_fp,
-                       inputs.data_fp, reid).all(sets, notes)
+                       inputs.data_fp, reid, _own_patients(reid, inputs)).all(sets, notes)
     finally:
         store.close()
 
@@ -773,6 +781,17 @@ def _reid(config: ComparisonConfig, inputs: _Inputs) -> Any:
                         heldout=inputs.real, threshold=config.reid_threshold, fpr=config.fpr)
 
 
+def _own_patients(reid: Any, inputs: _Inputs) -> dict[str, set[str]]:
+    """Each training prompt's own patients for re-ID: the indexed patients of the training
+    studies whose prompt it is, as ``diffmem detect`` defines them (empty without re-ID)."""
+    if reid is None:
+        return {}
+    from diffmem.detect.inputs import training_prompts
+
+    return {prompt: reid.index.patients_of(ids)
+            for prompt, ids in training_prompts(inputs.train_set).items()}
+
+
 def _sets_from_detect(info: dict, config: ComparisonConfig, model_fp: str,
                       notes: list[str]) -> dict[str, list[str]]:
     """The memorized set from a detect run's copy verdicts (most similar first), or, for a run
@@ -918,6 +937,7 @@ class _Units:
     model_fp: str
     data_fp: str
     reid: Any = None
+    own: Mapping[str, set[str]] = field(default_factory=dict)
 
     def all(self, sets: Mapping[str, list[str]], notes: list[str],
             ) -> dict[tuple[str, float, str], dict[str, Any]]:
@@ -968,7 +988,7 @@ class _Units:
                "encoder": None if self.encoder is None else self.encoder.fingerprint(),
                "preset": None if method == BASELINE else dict(get_mitigation(method).params)}
         if self.reid is not None:  # stored values then hold re-ID scores too
-            key["reid"] = self.reid.params()
+            key["reid"] = {**self.reid.params(), "own_patient": True}
         if self.verdicts is not None and self.verdicts.approximate is not None:
             key["search"] = self.verdicts.approximate  # kept apart from exact verdicts
         return self.store.put_params(key)
@@ -998,7 +1018,8 @@ class _Units:
             key, name, h = missing[i]
             value = judge(generated, backend=None if self.verdicts is None else
                           self.verdicts.backend, reference=None if self.verdicts is None else
-                          self.verdicts.reference, encoder=self.encoder, reid=self.reid)
+                          self.verdicts.reference, encoder=self.encoder, reid=self.reid,
+                          own=[self.own.get(p, set()) for p in tasks[i]["prompts"]])
             store.put_many([{"model_fingerprint": self.model_fp, "prompt": name,
                              "method": "mitigate", "params_hash": h, "value": value}],
                            run_id=self.run_id)
@@ -1054,16 +1075,18 @@ def generate(adapter: Any, prompts: Sequence[str], *, method: str, strength: flo
 
 
 def judge(generated: Mapping[str, Any], *, backend: Any, reference: Any, encoder: Any,
-          reid: Any = None) -> dict[str, Any]:
+          reid: Any = None, own: Sequence[Collection[str]] | None = None) -> dict[str, Any]:
     """Measure the generations of :func:`generate` (no files written).
 
     Returns a JSON-ready dict of per-generation lists (the stored value of a unit):
     ``prompt_index``, ``similarity`` (to the nearest training image; empty when ``reference``
     is None), ``study_id``, ``noise_magnitude`` (first step), the image embeddings
     ``embedding`` (empty when ``encoder`` is None), with a
-    :class:`~diffmem.reid.verdicts.ReIDSetup` ``reid`` also ``reid_score`` and
-    ``reid_patient_id`` (the most similar training patient), and ``seconds`` (wall time of the
-    sampling).
+    :class:`~diffmem.reid.verdicts.ReIDSetup` ``reid`` also ``reid_score``,
+    ``reid_patient_id`` (the most similar training patient) and ``reid_own_score`` (the score
+    against the prompt's own patients, ``own``: one collection per prompt; None where a prompt
+    has none; :meth:`~diffmem.reid.verdicts.ReIDSetup.search_own`, as ``diffmem detect``),
+    and ``seconds`` (wall time of the sampling).
     """
     from diffmem.detect.neighbors import nearest_neighbors
 
@@ -1077,9 +1100,11 @@ def judge(generated: Mapping[str, Any], *, backend: Any, reference: Any, encoder
         np.round(encoder.embed_images(images).astype(np.float64), 6).tolist()
     extra = {}
     if reid is not None:
-        scores, rows = reid.search(images)
+        mine = [set() if own is None else own[p] for p in generated["prompt_index"]]
+        scores, rows, own_scores = reid.search_own(images, mine)
         extra = {"reid_score": [float(x) for x in scores],
-                 "reid_patient_id": [reid.index.patient_ids[r] for r in rows]}
+                 "reid_patient_id": [reid.index.patient_ids[r] for r in rows],
+                 "reid_own_score": [None if np.isnan(x) else float(x) for x in own_scores]}
     return {**extra, "prompt_index": list(generated["prompt_index"]), "similarity": similarity,
             "study_id": study_id, "noise_magnitude": list(generated["noise_magnitude"]),
             "embedding": emb, "seconds": generated["seconds"]}
@@ -1131,15 +1156,23 @@ def _rows(units: Mapping[tuple[str, float, str], Mapping[str, Any]],
 
 def _reid_rates(unit: Mapping[str, Any], n_prompts: int, reid: Any) -> dict[str, float | None]:
     """Re-identification rates of one unit at the threshold of ``reid`` (a
-    :class:`~diffmem.reid.verdicts.ReIDSetup`): of its generations, and of its prompts (at
-    least one re-identifying generation); None without re-ID."""
+    :class:`~diffmem.reid.verdicts.ReIDSetup`), any-patient and own-patient: of its
+    generations, and of its prompts (at least one re-identifying generation); None without
+    re-ID. A generation without an own patient does not re-identify it."""
     if reid is None:
-        return {"reid_rate": None, "prompt_reid_rate": None}
-    leaks = reid.judge(np.asarray(unit["reid_score"], dtype=np.float64))
+        return {"reid_rate": None, "prompt_reid_rate": None, "reid_rate_own": None,
+                "prompt_reid_rate_own": None}
     index = np.asarray(unit["prompt_index"], dtype=np.int64)
-    return {"reid_rate": round(float(leaks.mean()), 6),
-            "prompt_reid_rate": round(float(np.mean([bool(leaks[index == p].any())
-                                                     for p in range(n_prompts)])), 6)}
+    own = np.array([np.nan if x is None else x for x in unit["reid_own_score"]],
+                   dtype=np.float64)
+    out = {}
+    for suffix, scores in (("", np.asarray(unit["reid_score"], dtype=np.float64)),
+                           ("_own", own)):
+        leaks = reid.judge(scores)  # NaN (no own patient) is never above the threshold
+        out[f"reid_rate{suffix}"] = round(float(leaks.mean()), 6)
+        out[f"prompt_reid_rate{suffix}"] = round(float(np.mean(
+            [bool(leaks[index == p].any()) for p in range(n_prompts)])), 6)
+    return out
 
 
 def _row(method: str, strength: float, set_name: str, unit: Mapping[str, Any], threshold: Any,

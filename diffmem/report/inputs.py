@@ -271,7 +271,8 @@ def read_detect(folder: str | os.PathLike) -> dict[str, Any]:
              "prompt_study_id": r.get("prompt_study_id") or None,
              "index": _int(r.get("index")), "seed": _int(r.get("seed")),
              "reid_score": _float(r["reid_score"]), "reid_patient_id": r["reid_patient_id"],
-             "reid_study_id": r["reid_study_id"], "copy": _bool(r.get("copy")),
+             "reid_study_id": r["reid_study_id"],
+             "reid_own_patient": _bool(r.get("reid_own_patient")), "copy": _bool(r.get("copy")),
              "similarity": _float(r.get("similarity")), "study_id": r.get("study_id") or None,
              "image": _existing(folder, r.get("image"))}
             for r in _csv(folder / "reidentified.csv", command,
@@ -369,7 +370,8 @@ def read_scan(folder: str | os.PathLike) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- mitigate
 _MITIGATION_NUMBERS = ("strength", "n_prompts", "n_generations", "memorization_rate",
-                       "reid_rate", "prompt_reid_rate", "mean_nn_similarity", "noise_magnitude", "fid_in_domain", "alignment",
+                       "reid_rate", "prompt_reid_rate", "reid_rate_own", "prompt_reid_rate_own",
+                       "mean_nn_similarity", "noise_magnitude", "fid_in_domain", "alignment",
                        "seconds_per_image")
 
 

@@ -297,7 +297,7 @@ def reid_facts(det: dict[str, Any], reid_eval: dict[str, Any] | None = None,
         "leaks_not_copies_total": sum(not r["copy"] for r in det.get("reidentified") or []),
         "leaks_not_copies": [{k: r[k] for k in ("kind", "prompt", "index", "seed", "reid_score",
                                                 "reid_patient_id", "reid_study_id",
-                                                "similarity", "study_id")}
+                                                "reid_own_patient", "similarity", "study_id")}
                              for r in leaks_not_copies(det)],
         "warnings": warnings,
     }

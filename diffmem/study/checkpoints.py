@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 __all__ = ["checkpoint_model", "recommend_stop", "run_checkpoint_study", "run_checkpoints"]
 
 RECORD_COLUMNS = ("step", "train_loss", "memorization_rate_own", "memorization_rate_any",
-                  "reid_rate", "reid_rate_not_copies", "copy_rate_unconditional",
+                  "reid_rate", "reid_rate_not_copies", "reid_rate_own",
+                  "copy_rate_unconditional",
                   "copy_rate_unrelated", "control_copy_rate", "noise_magnitude_auc",
                   "nn_similarity_auc", "fid_in_domain", "copy_gini", "copy_top10_share",
                   "copy_top1_share", "copy_threshold", "planted_prompts", "control_prompts",

@@ -32,7 +32,8 @@ __all__ = ["embedded_baseline", "run_lr_study", "run_train_mitigation_study"]
 SCHEDULES = ("samples", "inverse-lr")
 RECORD_COLUMNS = ("name", "lr", "steps", "samples_seen", "status", "final_loss", "train_seconds",
                   "memorization_rate_own", "memorization_rate_any", "reid_rate",
-                  "reid_rate_not_copies", "copy_rate_unconditional", "copy_rate_unrelated",
+                  "reid_rate_not_copies", "reid_rate_own", "copy_rate_unconditional",
+                  "copy_rate_unrelated",
                   "control_copy_rate", "noise_magnitude_auc", "nn_similarity_auc",
                   "fid_in_domain", "copy_gini", "copy_top10_share", "copy_top1_share",
                   "copy_threshold", "planted_prompts", "control_prompts", "detect_seconds",

@@ -57,6 +57,7 @@ LORA_LR_FACTOR = 10.0
 #: Measured metrics aggregated over seeds: output name -> measurement field.
 METRICS = {"own_copies": "memorization_rate_own", "any_copies": "memorization_rate_any",
            "reid_leaks": "reid_rate", "reid_leaks_not_copies": "reid_rate_not_copies",
+           "reid_leaks_own": "reid_rate_own",
            "empty_prompt_copies": "copy_rate_unconditional", "fid": "fid_in_domain",
            "noise_auc": "noise_magnitude_auc", "train_seconds": "train_seconds"}
 #: A setting's fields, in the order the report's table shows them (its first 12).
@@ -64,11 +65,12 @@ SETTING_COLUMNS = ("setting", "trainable_params", "own_copies_mean", "own_copies
                    "any_copies_mean", "any_copies_ci95", "reid_leaks_mean", "reid_leaks_ci95",
                    "fid_mean", "fid_ci95", "train_seconds_mean", "seeds", "train_seconds_ci95",
                    "rank", "lr", "trainable_share", "reid_leaks_not_copies_mean",
-                   "reid_leaks_not_copies_ci95", "empty_prompt_copies_mean",
+                   "reid_leaks_not_copies_ci95", "reid_leaks_own_mean", "reid_leaks_own_ci95",
+                   "empty_prompt_copies_mean",
                    "empty_prompt_copies_ci95", "noise_auc_mean", "noise_auc_ci95")
 RUN_COLUMNS = ("name", "setting", "rank", "seed", "lr", "steps", "status", "final_loss",
                "train_seconds", "trainable_params", "memorization_rate_own",
-               "memorization_rate_any", "reid_rate", "reid_rate_not_copies",
+               "memorization_rate_any", "reid_rate", "reid_rate_not_copies", "reid_rate_own",
                "copy_rate_unconditional", "copy_rate_unrelated",
                "control_copy_rate", "noise_magnitude_auc", "fid_in_domain", "copy_threshold",
                "planted_prompts", "control_prompts", "detect_seconds", "fid_seconds", "model")
@@ -388,7 +390,9 @@ def run_lora_study(data, out: str | os.PathLike, *, base_data=None,
         "reid_leaks": "share of generations (scanned, unrelated and empty prompts) that the "
                       "embedded re-ID model matches to a training patient (measure_model's "
                       "reid_rate); none when MeasureConfig.reid is off or the data has no "
-                      "patient ids",
+                      "patient ids. Own patient: those that re-identify the patient whose "
+                      "training study carries their prompt (measure_model's reid_rate_own), a "
+                      "part of the re-ID leaks",
         "deviations": _deviations(preset)})
 
 
@@ -448,7 +452,10 @@ def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -
             f"{_fmt(r['own_copies_mean'], r['own_copies_ci95'], True)}, any-image copies "
             f"{_fmt(r['any_copies_mean'], r['any_copies_ci95'], True)}, re-ID leaks "
             f"{_fmt(r['reid_leaks_mean'], r['reid_leaks_ci95'], True, NOT_MEASURED)} of "
-            "generations, empty-prompt copies "
+            "generations (of the prompt's own patient "
+            + _fmt(r.get("reid_leaks_own_mean"), r.get("reid_leaks_own_ci95"), True,
+                   NOT_MEASURED)
+            + "), empty-prompt copies "
             f"{_fmt(r['empty_prompt_copies_mean'], r['empty_prompt_copies_ci95'], True)}, "
             f"in-domain FID {_fmt(r['fid_mean'], r['fid_ci95'], False)}"
             + ("" if r["train_seconds_mean"] is None else

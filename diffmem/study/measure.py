@@ -20,6 +20,11 @@ training prompts, and split into the two kinds of copying:
   threshold calibrated on held-out patients), and those among them that are not pixel copies
   (patient-level memorization the copy verdicts miss); None when the data has no patient ids or
   ``MeasureConfig.reid`` is off.
+* ``reid_rate_own``: generations that re-identify their prompt's *own* patient (the patient
+  whose training study carries the prompt; the detector's own-patient verdict,
+  ``reid_own_match``), of the same generations as ``reid_rate`` (so at most it: unrelated and
+  empty prompts have no own patient); None like ``reid_rate``, and in measurements saved before
+  the field existed.
 
 Utility is the in-domain FID (:func:`diffmem.embed.frechet_distance` on the in-domain encoder's
 features) between one generation per held-out record's prompt and the held-out real images.
@@ -136,6 +141,7 @@ class Measurement:
     copy_top10_share: float | None = None
     reid_rate: float | None = None
     reid_rate_not_copies: float | None = None
+    reid_rate_own: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -242,15 +248,19 @@ def reid_fields(counts: dict[str, Any] | None) -> dict[str, float | None]:
 
     Examples
     --------
-    >>> reid_fields({"generations": 8, "leaks": 2, "leaks_not_copies": 1})
-    {'reid_rate': 0.25, 'reid_rate_not_copies': 0.125}
+    >>> reid_fields({"generations": 8, "leaks": 2, "leaks_not_copies": 1,
+    ...              "own_patient_leaks": 1})
+    {'reid_rate': 0.25, 'reid_rate_not_copies': 0.125, 'reid_rate_own': 0.125}
     >>> reid_fields(None)
-    {'reid_rate': None, 'reid_rate_not_copies': None}
+    {'reid_rate': None, 'reid_rate_not_copies': None, 'reid_rate_own': None}
     """
     if not counts or not counts.get("generations"):
-        return {"reid_rate": None, "reid_rate_not_copies": None}
+        return {"reid_rate": None, "reid_rate_not_copies": None, "reid_rate_own": None}
     n = counts["generations"]
-    return {"reid_rate": counts["leaks"] / n, "reid_rate_not_copies": counts["leaks_not_copies"] / n}
+    own = counts.get("own_patient_leaks")
+    return {"reid_rate": counts["leaks"] / n,
+            "reid_rate_not_copies": counts["leaks_not_copies"] / n,
+            "reid_rate_own": None if own is None else own / n}
 
 
 def _has_patients(dataset) -> bool:

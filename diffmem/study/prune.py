@@ -49,7 +49,8 @@ PRUNE, NEMO = "magnitude_pruning", "nemo_deactivation"
 RECORD_COLUMNS = ("setting", "method", "strength", "memorization_rate_own",
                   "memorization_rate_any", "reid_rate", "copy_rate_unconditional",
                   "noise_magnitude_auc", "fid_in_domain", "pareto", "pruned_weights",
-                  "neurons_off", "reid_rate_not_copies", "copy_rate_unrelated",
+                  "neurons_off", "reid_rate_not_copies", "reid_rate_own",
+                  "copy_rate_unrelated",
                   "control_copy_rate", "nn_similarity_auc", "copy_gini", "copy_top10_share",
                   "copy_top1_share", "copy_threshold", "planted_prompts", "control_prompts",
                   "detect_seconds", "fid_seconds")
@@ -262,7 +263,9 @@ def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -
                    f"{_fmt(r['memorization_rate_own'], True)}, any-image "
                    f"{_fmt(r['memorization_rate_any'], True)}, empty prompt "
                    f"{_fmt(r['copy_rate_unconditional'], True)}, re-ID leaks "
-                   f"{_fmt(r['reid_rate'], True)}, noise AUC {_fmt(r['noise_magnitude_auc'])}, "
+                   f"{_fmt(r['reid_rate'], True)} (own patient "
+                   f"{_fmt(r.get('reid_rate_own'), True)}), "
+                   f"noise AUC {_fmt(r['noise_magnitude_auc'])}, "
                    f"in-domain FID {_fmt(r['fid_in_domain'])}.")
     front = config["pareto"]["front"]
     out.append(("Pareto front (any-image copies vs in-domain FID): " + ", ".join(front) + ".")
