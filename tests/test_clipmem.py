@@ -210,6 +210,23 @@ def test_tower_swap_moves_only_the_perturbed_towers_variant(dataset, encoder, to
     np.testing.assert_allclose(res[(still, "none")][2], 0.0, atol=1e-6)
 
 
+
+def test_models_embeddings_equal_one_model_at_a_time(dataset, encoder):
+    """f and g embedded from one read of each image and one draw of its views (what the run
+    scores with) give exactly what embedding each model on its own gives."""
+    from diffmem.clipmem.alignment import dataset_embeddings, models_embeddings
+
+    f, g = _perturbed(encoder, "image"), _perturbed(encoder, "text", seed=1)
+    idx = list(range(0, len(dataset), 3))[:7]
+    for views in (0, 3):
+        together = models_embeddings((f, g), dataset, idx, views=views, seed=2, batch_size=4)
+        for model, (img, txt) in zip((f, g), together):
+            one_img, one_txt = dataset_embeddings(model, dataset, idx, views=views, seed=2)
+            assert img.shape == (len(idx), max(views, 1), f.dim)
+            np.testing.assert_allclose(img, one_img, atol=1e-6)
+            np.testing.assert_allclose(txt, one_txt, atol=1e-6)
+        assert not np.allclose(together[0][0], together[1][0])  # the models differ
+
 def test_procrustes_map_undoes_a_rotation_of_one_model():
     """g = f rotated: unmapped tower swaps see mismatched spaces; the map fitted on shared pairs
     recovers CLIPMem 0 for every variant."""

@@ -115,6 +115,45 @@ def test_text_pooling_and_truncation_keep_eos(trained):
     assert not np.allclose(a, b)
 
 
+
+def test_text_rows_cut_after_eos_train_and_embed_like_full_padding(tiny_data, tmp_path,
+                                                                  monkeypatch):
+    """encode_tokens (each row cut after its [EOS]) is a speed-up only: the same losses and
+    embeddings as open_clip's encode_text over the padded rows."""
+    import torch
+
+    from diffmem.embed import train_encoder
+    from diffmem.embed.model import _tokenize, encode_tokens
+
+    monkeypatch.setenv("DIFFMEM_NO_PROGRESS", "1")
+    cut = train_encoder(tiny_data, tmp_path / "cut", preset="tiny", steps=4, seed=1)
+    monkeypatch.setattr("diffmem.embed.training.encode_tokens",
+                        lambda model, ids: model.encode_text(ids, normalize=True))
+    full = train_encoder(tiny_data, tmp_path / "full", preset="tiny", steps=4, seed=1)
+    np.testing.assert_allclose(cut.losses, full.losses, rtol=1e-5)
+    # Compare what the encoders compute, not raw weights: a parameter whose true gradient is 0
+    # (the attention key bias: softmax ignores a shift shared by a row) gets rounding noise,
+    # which Adam scales up to lr-sized steps in both runs alike, without effect on any output.
+    probe = load(tiny_data).prompts[:8]
+    np.testing.assert_allclose(cut.encoder.embed_texts(probe), full.encoder.embed_texts(probe),
+                               atol=1e-4)
+    images = _images(6)
+    np.testing.assert_allclose(cut.encoder.embed_images(images),
+                               full.encoder.embed_images(images), atol=1e-4)
+    enc = cut.encoder
+    prompts = load(tiny_data).prompts[:6] + [" ".join(["small left pleural effusion"] * 40)]
+    ids = _tokenize(enc.tokenizer, prompts[:6])
+    with torch.no_grad():
+        short = encode_tokens(enc.model, ids)
+        assert short.shape[1] == enc.dim
+        # the cut was real: the rows end well before the context length
+        assert int((ids == enc.tokenizer.eos_token_id).int().argmax(1).max()) + 1 < ids.shape[1]
+        np.testing.assert_allclose(short.numpy(), enc.model.encode_text(ids, normalize=True),
+                                   atol=1e-6)
+    np.testing.assert_allclose(enc.embed_texts(prompts), enc.model.encode_text(
+        _tokenize(enc.tokenizer, prompts), normalize=True).detach().numpy(), atol=1e-6)
+
+
 def test_bad_inputs_get_clear_errors(trained):
     enc = trained.encoder
     with pytest.raises(DataError, match=r"image\[None\]"):

@@ -46,7 +46,8 @@ from diffmem.errors import DataError
 from diffmem.utils import progress
 
 __all__ = ["PairEncoder", "clipmem_score", "dataset_alignment", "dataset_embeddings",
-           "default_augment", "pair_alignment", "pair_embeddings", "views_alignment"]
+           "default_augment", "models_embeddings", "pair_alignment", "pair_embeddings",
+           "views_alignment"]
 
 _SEED_STRIDE = 1_000_003
 
@@ -108,6 +109,16 @@ def pair_embeddings(encoder: PairEncoder, images: np.ndarray, prompts: Sequence[
     DataError
         When the numbers of images, prompts and keys differ.
     """
+    return _embed_pairs([encoder], images, prompts, views=views, augment=augment, seed=seed,
+                        keys=keys)[0]
+
+
+def _embed_pairs(encoders: Sequence[PairEncoder], images: np.ndarray, prompts: Sequence[str], *,
+                 views: int, augment: Mapping[str, float] | None, seed: int,
+                 keys: Sequence[int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`pair_embeddings` under each of ``encoders`` from one set of views: the views
+    are drawn once and embedded by every encoder (they depend only on the image, ``seed``,
+    the key and ``augment``, which defaults to the first encoder's)."""
     views = check_int("views", views, low=0)
     images = np.asarray(images)
     prompts = list(prompts)
@@ -116,15 +127,18 @@ def pair_embeddings(encoder: PairEncoder, images: np.ndarray, prompts: Sequence[
         raise DataError(f"got {len(images)} images, {len(prompts)} prompts and {len(keys)} "
                         "keys; pass one prompt (and key) per image, in the same order")
     if len(images) == 0:
-        return np.zeros((0, max(views, 1), 0)), np.zeros((0, 0))
-    text = np.asarray(encoder.embed_texts(prompts), dtype=np.float64)
+        return [(np.zeros((0, max(views, 1), 0)), np.zeros((0, 0))) for _ in encoders]
     if views == 0:
-        emb = np.asarray(encoder.embed_images(images.astype(np.float32)), dtype=np.float64)
-        return emb[:, None, :], text
-    aug = default_augment(encoder) if augment is None else dict(augment)
-    stacked = np.concatenate([_views(im, views, aug, seed, k) for im, k in zip(images, keys)])
-    emb = np.asarray(encoder.embed_images(stacked), dtype=np.float64)
-    return emb.reshape(len(images), views, -1), text
+        stacked = images.astype(np.float32)
+    else:
+        aug = default_augment(encoders[0]) if augment is None else dict(augment)
+        stacked = np.concatenate([_views(im, views, aug, seed, k) for im, k in zip(images, keys)])
+    out = []
+    for encoder in encoders:
+        text = np.asarray(encoder.embed_texts(prompts), dtype=np.float64)
+        emb = np.asarray(encoder.embed_images(stacked), dtype=np.float64)
+        out.append((emb.reshape(len(images), max(views, 1), -1), text))
+    return out
 
 
 def views_alignment(image_views: np.ndarray, texts: np.ndarray) -> np.ndarray:
@@ -196,16 +210,17 @@ def pair_alignment(encoder: PairEncoder, images: np.ndarray, prompts: Sequence[s
                                             augment=augment, seed=seed, keys=keys))
 
 
-def _batches(encoder: PairEncoder, dataset: CXRDataset, indices: list[int], *, views: int,
-             augment: Mapping[str, float] | None, seed: int, batch_size: int):
-    """Yield :func:`pair_embeddings` of the records ``indices``, batch by batch (images read at
-    the encoder's side; the dataset index keys each pair's views)."""
-    chunks = dataset.iter_images(size=int(encoder.image_size), batch_size=batch_size,
+def _batches(encoders: Sequence[PairEncoder], dataset: CXRDataset, indices: list[int], *,
+             views: int, augment: Mapping[str, float] | None, seed: int, batch_size: int):
+    """Yield the :func:`pair_embeddings` of the records ``indices`` under each of ``encoders``
+    (one image side), batch by batch: each image is read and its views drawn once for all
+    encoders; the dataset index keys each pair's views."""
+    chunks = dataset.iter_images(size=int(encoders[0].image_size), batch_size=batch_size,
                                  indices=indices)
     for idx, imgs in progress(chunks, desc="embedding pairs", unit="batch",
                               total=math.ceil(len(indices) / batch_size)):
-        yield pair_embeddings(encoder, imgs.astype(np.float32), [dataset[i].prompt for i in idx],
-                              views=views, augment=augment, seed=seed, keys=idx)
+        yield _embed_pairs(encoders, imgs.astype(np.float32), [dataset[i].prompt for i in idx],
+                           views=views, augment=augment, seed=seed, keys=idx)
 
 
 def dataset_embeddings(encoder: PairEncoder, dataset: CXRDataset, indices: Sequence[int], *,
@@ -219,12 +234,34 @@ def dataset_embeddings(encoder: PairEncoder, dataset: CXRDataset, indices: Seque
     image_views : ndarray, shape (len(indices), max(views, 1), D)
     texts : ndarray, shape (len(indices), D)
     """
+    return models_embeddings([encoder], dataset, indices, views=views, augment=augment,
+                             seed=seed, batch_size=batch_size)[0]
+
+
+def models_embeddings(encoders: Sequence[PairEncoder], dataset: CXRDataset,
+                      indices: Sequence[int], *, views: int = 8,
+                      augment: Mapping[str, float] | None = None, seed: int = 0,
+                      batch_size: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`dataset_embeddings` under several encoders at once (e.g. f and g), the same as
+    calling it once per encoder, but every image is read and every view drawn only once
+    (encoders of one image side; others are embedded one by one).
+
+    Returns
+    -------
+    list of (image_views, texts)
+        One per encoder, in order.
+    """
     batch_size = check_int("batch_size", batch_size)
-    parts = list(_batches(encoder, dataset, [int(i) for i in indices], views=views,
+    encoders = list(encoders)
+    if len({int(e.image_size) for e in encoders}) > 1:
+        return [models_embeddings([e], dataset, indices, views=views, augment=augment,
+                                  seed=seed, batch_size=batch_size)[0] for e in encoders]
+    parts = list(_batches(encoders, dataset, [int(i) for i in indices], views=views,
                           augment=augment, seed=seed, batch_size=batch_size))
     if not parts:
-        return np.zeros((0, max(views, 1), 0)), np.zeros((0, 0))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return [(np.zeros((0, max(views, 1), 0)), np.zeros((0, 0))) for _ in encoders]
+    return [(np.concatenate([p[k][0] for p in parts]), np.concatenate([p[k][1] for p in parts]))
+            for k in range(len(encoders))]
 
 
 def dataset_alignment(encoder: PairEncoder, dataset: CXRDataset, indices: Sequence[int], *,
@@ -238,8 +275,8 @@ def dataset_alignment(encoder: PairEncoder, dataset: CXRDataset, indices: Sequen
     ndarray, shape (len(indices),), float64
     """
     batch_size = check_int("batch_size", batch_size)
-    out = [views_alignment(v, t) for v, t in _batches(
-        encoder, dataset, [int(i) for i in indices], views=views, augment=augment, seed=seed,
+    out = [views_alignment(*emb[0]) for emb in _batches(
+        [encoder], dataset, [int(i) for i in indices], views=views, augment=augment, seed=seed,
         batch_size=batch_size)]
     return np.concatenate(out) if out else np.zeros(0)
 

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from diffmem.checks import as_dataset, check_int
-from diffmem.clipmem.alignment import (clipmem_score, dataset_alignment, dataset_embeddings,
-                                       default_augment, views_alignment)
+from diffmem.clipmem.alignment import (clipmem_score, dataset_alignment, default_augment,
+                                       models_embeddings, views_alignment)
 from diffmem.clipmem.openclip import as_pair_encoder
 from diffmem.clipmem.splits import ClipMemSplit, split_pairs
 from diffmem.data import CXRDataset
@@ -178,16 +178,16 @@ def _score_run(f, g, dataset: CXRDataset, split: ClipMemSplit, *, views: int,
     from diffmem.clipmem.towers import fit_space_map, space_check, tower_alignments
 
     aug = default_augment(f)
-    shared = {m: dataset_embeddings(m, dataset, split.shared, views=0) for m in (f, g)}
-    rotation = fit_space_map(shared[f], shared[g])          # f's space -> g's
+    # each image is read, and its views drawn, once for both models
+    shared_f, shared_g = models_embeddings((f, g), dataset, split.shared, views=0)
+    rotation = fit_space_map(shared_f, shared_g)          # f's space -> g's
     rows, tower_rows = [], []
-    for part, indices, model_in, model_out, rot in (
-            ("candidate", split.candidate, f, g, rotation),
-            ("independent", split.independent, g, f, rotation.T)):
-        emb_in = dataset_embeddings(model_in, dataset, indices, views=views, augment=aug,
-                                    seed=seed)
-        emb_out = dataset_embeddings(model_out, dataset, indices, views=views, augment=aug,
-                                     seed=seed)
+    for part, indices, swap, rot in (("candidate", split.candidate, False, rotation),
+                                     ("independent", split.independent, True, rotation.T)):
+        emb_in, emb_out = models_embeddings((f, g), dataset, indices, views=views, augment=aug,
+                                            seed=seed)
+        if swap:                                # S_I: g trained on the pair, f did not
+            emb_in, emb_out = emb_out, emb_in
         a_in, a_out = views_alignment(*emb_in), views_alignment(*emb_out)
         for i, ai, ao, c in zip(indices, a_in, a_out, clipmem_score(a_in, a_out)):
             s = dataset[i]
@@ -197,7 +197,7 @@ def _score_run(f, g, dataset: CXRDataset, split: ClipMemSplit, *, views: int,
             tower_rows += [{"row": i, "part": part, "variant": variant, "space_map": space,
                             "alignment_f": float(x), "alignment_g": float(y),
                             "clipmem": float(z)} for i, x, y, z in zip(indices, a_h, a_o, c)]
-    return rows, tower_rows, space_check(shared[f], shared[g], rotation)
+    return rows, tower_rows, space_check(shared_f, shared_g, rotation)
 
 
 def _read_run_rows(path: Path) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from diffmem.checks import as_dataset, check_int, check_positive, package_versio
 from diffmem.data import CXRDataset
 from diffmem.embed.model import (CONFIG_NAME, FORMAT, FORMAT_VERSION, INPUT_MEAN, INPUT_STD,
                                  TOKENIZER_DIR, WEIGHTS_NAME, InDomainEncoder, _build_model,
-                                 _prepare_images, _tokenize, open_clip_config)
+                                 _prepare_images, _tokenize, encode_tokens, open_clip_config)
 from diffmem.embed.presets import EncoderPreset, check_patch_size, load_preset
 from diffmem.errors import ConfigError, DataError, TrainingError
 from diffmem.utils import prepare_out_dir, progress, progress_bar, write_json
@@ -343,7 +343,7 @@ def _optimize(model, images: _TrainingImages, texts: _Texts, augment: Mapping[st
                 rows = texts.batch(idx, step)
                 first = _first_occurrences(rows)
                 if len(first) >= 2:
-                    text_feats = model.encode_text(rows[first].to(s.device), normalize=True)
+                    text_feats = encode_tokens(model, rows[first].to(s.device))
                     if s.text_noise > 0:
                         text_feats = _noisy(text_feats, s.text_noise, gen)
                     loss = loss + w_text * clip_loss(feat_a[first], text_feats, scale)
