@@ -10,7 +10,7 @@ Examples
 >>> import tempfile
 >>> from diffmem.data.synth import synthesize, list_presets
 >>> list_presets()
-['benchmark', 'clipmem', 'demo', 'patients', 'tiny', 'triggers']
+['benchmark', 'clipmem', 'demo', 'patients', 'reid', 'tiny', 'triggers']
 >>> root = synthesize(tempfile.mkdtemp() + "/tiny", preset="tiny", seed=0)
 >>> (root / "ground_truth.csv").is_file()
 True
