@@ -35,7 +35,7 @@ from diffmem.errors import ConfigError, DataError
 from diffmem.study.measure import MeasureConfig, measure_model, resolve_encoder
 from diffmem.study.results import StudyResult, machine_info, write_study
 from diffmem.study.runs import finished_steps, train_or_resume
-from diffmem.study.seeds import (DEFAULT_SEEDS, SEED_METRICS, fmt_ci, parse_seeds, pool_seeds,
+from diffmem.study.seeds import (DEFAULT_SEEDS, SEED_METRICS, parse_seeds, pool_seeds, row_ci,
                                  seed_run_name)
 from diffmem.utils import prepare_out_dir, progress, write_json
 
@@ -388,23 +388,19 @@ def _train_run(dataset, out: Path, *, preset, steps, lr, seed, batch_size,
     return Path(info.model), {**info.to_dict(), "checkpoint_every": every, "preset": preset}
 
 
-def _ci(r: Mapping[str, Any], metric: str, pct: bool = True) -> str:
-    return fmt_ci(r.get(f"{metric}_mean"), r.get(f"{metric}_ci95"), pct)
-
-
 def _findings(records: Sequence[Mapping[str, Any]], stop: Mapping[str, Any]) -> list[str]:
     rs = sorted(records, key=lambda r: r["step"])
     n = rs[0]["seeds"] if rs else 0
     out = [f"Mean ± 95% t-interval over {n} training run(s), one per seed. "
-           + "; ".join(f"step {r['step']}: own-image copies {_ci(r, 'own_copies')}, any-image "
-                       f"{_ci(r, 'any_copies')}, empty prompt {_ci(r, 'empty_prompt_copies')}, "
-                       f"noise AUC {_ci(r, 'noise_auc', False)}, FID {_ci(r, 'fid', False)}"
+           + "; ".join(f"step {r['step']}: own-image copies {row_ci(r, 'own_copies')}, any-image "
+                       f"{row_ci(r, 'any_copies')}, empty prompt {row_ci(r, 'empty_prompt_copies')}, "
+                       f"noise AUC {row_ci(r, 'noise_auc', False)}, FID {row_ci(r, 'fid', False)}"
                        for r in rs) + "."]
     out.append(f"Recommended stopping step: {stop['step'] if stop['step'] is not None else 'none'}"
                f" ({stop['reason']}; on the mean copy rates over the seeds).")
     if stop["step"] is not None and rs and stop["step"] != rs[-1]["step"]:
         at = next(r for r in rs if r["step"] == stop["step"])
-        out.append(f"Stopping there costs utility: in-domain FID {_ci(at, 'fid', False)} "
-                   f"against {_ci(rs[-1], 'fid', False)} at the last step {rs[-1]['step']} "
+        out.append(f"Stopping there costs utility: in-domain FID {row_ci(at, 'fid', False)} "
+                   f"against {row_ci(rs[-1], 'fid', False)} at the last step {rs[-1]['step']} "
                    "(lower is better).")
     return out

@@ -28,8 +28,8 @@ from diffmem.study.checkpoints import (loss_at, matched_checkpoint, measure_chec
                                        run_checkpoints, run_losses, smoothed_losses)
 from diffmem.study.results import StudyResult, machine_info, write_records_csv, write_study
 from diffmem.study.runs import RunInfo, train_or_resume
-from diffmem.study.seeds import (DEFAULT_SEEDS, SEED_METRICS, fmt_ci, intervals_apart,
-                                 parse_seeds, pool_seeds, seed_run_name)
+from diffmem.study.seeds import (DEFAULT_SEEDS, SEED_METRICS, intervals_apart, parse_seeds,
+                                 pool_seeds, row_ci, seed_run_name)
 from diffmem.utils import prepare_out_dir, progress
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,6 @@ def _pool(runs: Sequence[Mapping[str, Any]], setting: Mapping[str, Any],
     status = ",".join(dict.fromkeys(str(r["status"]) for r in runs))
     row = pool_seeds(runs, {**setting, **fixed, "status": status}, metrics=metrics)
     return {**{k: row[k] for k in columns if k in row}, **row}
-
-
-def _ci(row: Mapping[str, Any], name: str, pct: bool) -> str:
-    """``row``'s pooled ``name`` as ``mean ± half width`` (:func:`~diffmem.study.seeds.fmt_ci`)."""
-    return fmt_ci(row.get(f"{name}_mean"), row.get(f"{name}_ci95"), pct)
 
 
 def _means(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -409,10 +404,10 @@ def _lr_findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
     out.append(f"Mean and 95% t-interval over {n} seed{'s' if n != 1 else ''} "
                f"({', '.join(map(str, config['seeds']))}): " + "; ".join(
                    f"lr {r['lr']:g} ({r['steps']} steps, {r['status']}): own-image copies "
-                   f"{_ci(r, 'own_copies', True)}, any-image "
-                   f"copies {_ci(r, 'any_copies', True)}, noise "
-                   f"AUC {_ci(r, 'noise_auc', False)}, FID "
-                   f"{_ci(r, 'fid', False)}" for r in rs) + ".")
+                   f"{row_ci(r, 'own_copies', True)}, any-image "
+                   f"copies {row_ci(r, 'any_copies', True)}, noise "
+                   f"AUC {row_ci(r, 'noise_auc', False)}, FID "
+                   f"{row_ci(r, 'fid', False)}" for r in rs) + ".")
     if len(rs) >= 2:
         lo, hi = rs[0], rs[-1]
         a, b = lo["own_copies_mean"], hi["own_copies_mean"]
@@ -447,9 +442,9 @@ def _matched_finding(rs: Sequence[Mapping[str, Any]], matched: Mapping[str, Any]
     text = (f"At matched training loss (smoothed loss <= {target:.4g}, the end of "
             f"{matched.get('target_run')}): " + "; ".join(
                 f"lr {r['lr']:g} at step {_fmt(r['matched_loss_step_mean'])} (mean) copies "
-                f"{_ci(r, 'own_copies_at_matched_loss', True)}"
+                f"{row_ci(r, 'own_copies_at_matched_loss', True)}"
                 f" of own images, FID "
-                f"{_ci(r, 'fid_at_matched_loss', False)}"
+                f"{row_ci(r, 'fid_at_matched_loss', False)}"
                 for r in have) + ".")
     out = [text]
     if low is high or low["own_copies_mean"] == high["own_copies_mean"]:
@@ -603,10 +598,10 @@ def _mitigation_findings(records: Sequence[Mapping[str, Any]],
     ref = next((r for r in records if r["name"] == "none"), None)
     for r in records:
         line = (f"{r['name']}: own-image copies "
-                f"{_ci(r, 'own_copies', True)}, any-image copies "
-                f"{_ci(r, 'any_copies', True)}, unconditional "
-                f"copies {_ci(r, 'empty_prompt_copies', True)}"
-                f", FID {_ci(r, 'fid', False)}, "
+                f"{row_ci(r, 'own_copies', True)}, any-image copies "
+                f"{row_ci(r, 'any_copies', True)}, unconditional "
+                f"copies {row_ci(r, 'empty_prompt_copies', True)}"
+                f", FID {row_ci(r, 'fid', False)}, "
                 f"{_fmt(r['train_seconds_mean'])} s of training")
         if ref is not None and r is not ref and r["own_copies_mean"] is not None \
                 and ref["own_copies_mean"] is not None:

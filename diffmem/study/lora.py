@@ -39,7 +39,7 @@ from diffmem.errors import ConfigError, DataError
 from diffmem.study.measure import MeasureConfig, measure_model, resolve_encoder
 from diffmem.study.results import StudyResult, machine_info, write_records_csv, write_study
 from diffmem.study.runs import train_or_resume
-from diffmem.study.seeds import fmt_ci, intervals_apart, parse_ints, parse_seeds, pool_seeds
+from diffmem.study.seeds import intervals_apart, parse_ints, parse_seeds, pool_seeds, row_ci
 from diffmem.utils import prepare_out_dir, progress
 
 log = logging.getLogger(__name__)
@@ -412,17 +412,16 @@ def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -
         out.append(
             f"{r['setting']} ({r['trainable_params']:,} trainable parameters, {r['seeds']} "
             f"run{'s' if r['seeds'] != 1 else ''}): own-image copies "
-            f"{fmt_ci(r['own_copies_mean'], r['own_copies_ci95'], True)}, any-image copies "
-            f"{fmt_ci(r['any_copies_mean'], r['any_copies_ci95'], True)}, re-ID leaks "
-            f"{fmt_ci(r['reid_leaks_mean'], r['reid_leaks_ci95'], True, NOT_MEASURED)} of "
+            f"{row_ci(r, 'own_copies')}, any-image copies "
+            f"{row_ci(r, 'any_copies')}, re-ID leaks "
+            f"{row_ci(r, 'reid_leaks', True, NOT_MEASURED)} of "
             "generations (of the prompt's own patient "
-            + fmt_ci(r.get("reid_leaks_own_mean"), r.get("reid_leaks_own_ci95"), True,
-                   NOT_MEASURED)
+            + row_ci(r, "reid_leaks_own", True, NOT_MEASURED)
             + "), empty-prompt copies "
-            f"{fmt_ci(r['empty_prompt_copies_mean'], r['empty_prompt_copies_ci95'], True)}, "
-            f"in-domain FID {fmt_ci(r['fid_mean'], r['fid_ci95'], False)}"
+            f"{row_ci(r, 'empty_prompt_copies')}, "
+            f"in-domain FID {row_ci(r, 'fid', False)}"
             + ("" if r["train_seconds_mean"] is None else
-               f", {fmt_ci(r['train_seconds_mean'], r['train_seconds_ci95'], False)} s of "
+               f", {row_ci(r, 'train_seconds', False)} s of "
                "fine-tuning") + ".")
     full = next((r for r in records if r["setting"] == "full"), None)
     for r in records:

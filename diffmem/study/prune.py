@@ -48,7 +48,7 @@ from diffmem.mitigate.registry import get_mitigation
 from diffmem.study.measure import (MeasureConfig, choose_prompts, measure_model,
                                    resolve_encoder, weights_stamp)
 from diffmem.study.results import StudyResult, machine_info, write_study
-from diffmem.study.seeds import DEFAULT_SEEDS, SEED_METRICS, fmt_ci, parse_seeds, pool_seeds
+from diffmem.study.seeds import DEFAULT_SEEDS, SEED_METRICS, parse_seeds, pool_seeds, row_ci
 from diffmem.utils import prepare_out_dir, progress, write_json
 
 log = logging.getLogger(__name__)
@@ -274,10 +274,6 @@ def _write(records, out: Path, t0: float, command, config) -> StudyResult:
     return write_study(result, out, csv_name="prune.csv", columns=RECORD_COLUMNS)
 
 
-def _ci(r: Mapping[str, Any], metric: str, pct: bool = True) -> str:
-    return fmt_ci(r.get(f"{metric}_mean"), r.get(f"{metric}_ci95"), pct)
-
-
 def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> list[str]:
     seeds = config["seeds"]
     out = [f"Mean ± 95% t-interval over {len(seeds)} measurement seeds "
@@ -287,12 +283,12 @@ def _findings(records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -
                 PRUNE: f"{r['pruned_weights']:,} cross-attention weights zeroed",
                 NEMO: f"{r['neurons_off']} neurons x {1 - r['strength']:g}" if r["neurons_off"]
                 else "no neuron found: the plain model's numbers"}[r["method"]]
-        out.append(f"{r['setting']} ({what}): own-image copies {_ci(r, 'own_copies')}, "
-                   f"any-image {_ci(r, 'any_copies')}, empty prompt "
-                   f"{_ci(r, 'empty_prompt_copies')}, re-ID leaks {_ci(r, 'reid_leaks')} "
-                   f"(own patient {_ci(r, 'reid_leaks_own')}), "
-                   f"noise AUC {_ci(r, 'noise_auc', False)}, "
-                   f"in-domain FID {_ci(r, 'fid', False)}.")
+        out.append(f"{r['setting']} ({what}): own-image copies {row_ci(r, 'own_copies')}, "
+                   f"any-image {row_ci(r, 'any_copies')}, empty prompt "
+                   f"{row_ci(r, 'empty_prompt_copies')}, re-ID leaks {row_ci(r, 'reid_leaks')} "
+                   f"(own patient {row_ci(r, 'reid_leaks_own')}), "
+                   f"noise AUC {row_ci(r, 'noise_auc', False)}, "
+                   f"in-domain FID {row_ci(r, 'fid', False)}.")
     front = config["pareto"]["front"]
     out.append(("Pareto front (mean any-image copies vs mean in-domain FID): "
                 + ", ".join(front) + ".")

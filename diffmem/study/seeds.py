@@ -14,7 +14,7 @@ from diffmem.checks import number_list
 from diffmem.study.results import mean_ci
 
 __all__ = ["DEFAULT_SEEDS", "SEED_METRICS", "fmt_ci", "intervals_apart", "parse_ints",
-           "parse_seeds", "pool_seeds", "seed_run_name"]
+           "parse_seeds", "pool_seeds", "row_ci", "seed_run_name"]
 
 #: Seeds of every CXR training study unless told otherwise (issue 17: at least three).
 DEFAULT_SEEDS = (0, 1, 2)
@@ -120,6 +120,17 @@ def fmt_ci(mean: Any, half: Any, pct: bool, missing: str = "n/a") -> str:
         return missing
     f = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3g}")
     return f(mean) + ("" if half is None else f" ± {f(half)}")
+
+
+def row_ci(row: Mapping[str, Any], metric: str, pct: bool = True, missing: str = "n/a") -> str:
+    """A pooled row's ``metric`` (``<metric>_mean``, ``<metric>_ci95``) as :func:`fmt_ci` text.
+
+    Examples
+    --------
+    >>> row_ci({"fid_mean": 0.5, "fid_ci95": 0.07}, "fid", pct=False), row_ci({}, "fid")
+    ('0.5 ± 0.07', 'n/a')
+    """
+    return fmt_ci(row.get(f"{metric}_mean"), row.get(f"{metric}_ci95"), pct, missing)
 
 
 def intervals_apart(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> bool:
